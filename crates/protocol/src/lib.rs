@@ -1,0 +1,214 @@
+//! The bus contract between the orchestrator and the agents — and anyone else on the bus.
+//!
+//! Both sides depend on this crate and never on each other. It names the streams, builds and
+//! parses subjects, and fixes the header names. No I/O.
+//!
+//! ```text
+//! subject                         stream        publisher → consumer
+//! nc.events.<aggregate>.<id>      EVENTS        orchestrator leader → orchestrators, CLI audit
+//! nc.cmd.<host>.<vm>              EVENTS        orchestrator leader → that host's agent
+//! nc.report.<host>                REPORTS       agents → orchestrator (work queue)
+//! nc.telemetry.host.<host>        TELEMETRY     agents, other systems → orchestrator
+//! nc.telemetry.vm.<vm>            TELEMETRY     agents, other systems → orchestrator
+//! nc.hb.<host>                    (core NATS)   agents → orchestrator failure detector
+//! nc.deadletter.<source>          DEADLETTER    whoever rejected a malformed message
+//! ```
+
+use novacron_types::{EventKind, HostId, VmId};
+
+/// The log of record: every event and every command.
+pub const EVENTS_STREAM: &str = "EVENTS";
+/// Agents' reports, consumed once each by the orchestrator.
+pub const REPORTS_STREAM: &str = "REPORTS";
+/// Host and VM telemetry samples.
+pub const TELEMETRY_STREAM: &str = "TELEMETRY";
+/// Rejected messages, with the reason.
+pub const DEADLETTER_STREAM: &str = "DEADLETTER";
+
+/// Subjects of the EVENTS stream.
+pub const EVENTS_SUBJECTS: [&str; 2] = ["nc.events.>", "nc.cmd.>"];
+/// Subjects of the REPORTS stream.
+pub const REPORTS_SUBJECTS: [&str; 1] = ["nc.report.>"];
+/// Subjects of the TELEMETRY stream.
+pub const TELEMETRY_SUBJECTS: [&str; 1] = ["nc.telemetry.>"];
+/// Subjects of the DEADLETTER stream.
+pub const DEADLETTER_SUBJECTS: [&str; 1] = ["nc.deadletter.>"];
+
+/// Durable consumer of REPORTS used by the orchestrator.
+pub const ORCHESTRATOR_REPORTS_CONSUMER: &str = "orchestrator-reports";
+/// Durable consumer of TELEMETRY used by the orchestrator.
+pub const ORCHESTRATOR_TELEMETRY_CONSUMER: &str = "orchestrator-telemetry";
+
+/// Header naming the encoding (`application/msgpack` or `application/json`).
+pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
+/// Header carrying the event kind, so tools can filter without decoding.
+pub const HEADER_EVENT_KIND: &str = "Nc-Event-Kind";
+/// Dead letters: why the message was rejected.
+pub const HEADER_DEADLETTER_REASON: &str = "Nc-Deadletter-Reason";
+/// Dead letters: the subject the message was published on.
+pub const HEADER_DEADLETTER_SUBJECT: &str = "Nc-Deadletter-Subject";
+/// Dead letters: the original `Content-Type`, if any.
+pub const HEADER_DEADLETTER_CONTENT_TYPE: &str = "Nc-Deadletter-Content-Type";
+
+/// The subject an event is appended on.
+///
+/// Commands go to the host that must act; everything else to its aggregate.
+#[must_use]
+pub fn event_subject(event: &EventKind) -> String {
+    match event {
+        EventKind::HostRegistered(e) => format!("nc.events.host.{}", e.host),
+        EventKind::VmStartCommanded(c) => command_subject(&c.host, c.vm),
+        EventKind::VmStopCommanded(c) => command_subject(&c.host, c.vm),
+        EventKind::VmRequested(e) => vm_events(e.vm),
+        EventKind::VmPlaced(e) => vm_events(e.vm),
+        EventKind::VmPlacementFailed(e) => vm_events(e.vm),
+        EventKind::VmRunning(e) | EventKind::VmStopped(e) => vm_events(e.vm),
+        EventKind::VmFailed(e) => vm_events(e.vm),
+        EventKind::VmDeleteRequested(e) => vm_events(e.vm),
+        EventKind::VmDeleted(e) => vm_events(e.vm),
+    }
+}
+
+fn vm_events(vm: VmId) -> String {
+    format!("nc.events.vm.{vm}")
+}
+
+/// `nc.cmd.<host>.<vm>`: a command to one host about one VM.
+#[must_use]
+pub fn command_subject(host: &HostId, vm: VmId) -> String {
+    format!("nc.cmd.{host}.{vm}")
+}
+
+/// `nc.cmd.<host>.>`: the filter of a host's command consumer.
+#[must_use]
+pub fn host_commands_filter(host: &HostId) -> String {
+    format!("nc.cmd.{host}.>")
+}
+
+/// The durable consumer name of a host's agent.
+#[must_use]
+pub fn agent_consumer_name(host: &HostId) -> String {
+    format!("agent-{host}")
+}
+
+/// `nc.report.<host>`.
+#[must_use]
+pub fn report_subject(host: &HostId) -> String {
+    format!("nc.report.{host}")
+}
+
+/// `nc.hb.<host>`.
+#[must_use]
+pub fn heartbeat_subject(host: &HostId) -> String {
+    format!("nc.hb.{host}")
+}
+
+/// `nc.hb.*`: every host's heartbeats.
+pub const HEARTBEAT_WILDCARD: &str = "nc.hb.*";
+
+/// `nc.telemetry.host.<host>`.
+#[must_use]
+pub fn host_telemetry_subject(host: &HostId) -> String {
+    format!("nc.telemetry.host.{host}")
+}
+
+/// `nc.telemetry.vm.<vm>`.
+#[must_use]
+pub fn vm_telemetry_subject(vm: VmId) -> String {
+    format!("nc.telemetry.vm.{vm}")
+}
+
+/// `nc.deadletter.<source>`; `source` is a static component name (`reports`, `telemetry`, …).
+#[must_use]
+pub fn deadletter_subject(source: &str) -> String {
+    format!("nc.deadletter.{source}")
+}
+
+/// What a subject is, once parsed. Anything the orchestrator reads is parsed through this so
+/// that the host or VM named in the subject can be checked against the payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// `nc.report.<host>`.
+    Report(HostId),
+    /// `nc.telemetry.host.<host>`.
+    HostTelemetry(HostId),
+    /// `nc.telemetry.vm.<vm>`.
+    VmTelemetry(VmId),
+    /// `nc.hb.<host>`.
+    Heartbeat(HostId),
+}
+
+/// A subject that does not follow the contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("subject {subject:?} does not follow the bus contract: {reason}")]
+pub struct SubjectError {
+    /// The subject.
+    pub subject: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Subject {
+    /// Parses one of the subjects agents and other systems publish on.
+    ///
+    /// # Errors
+    /// When the subject is not one of them or its id token is invalid.
+    pub fn parse(subject: &str) -> Result<Subject, SubjectError> {
+        let err = |reason: String| SubjectError {
+            subject: subject.to_owned(),
+            reason,
+        };
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let host = |t: &str| HostId::new(t).map_err(|e| err(e.to_string()));
+        let vm = |t: &str| {
+            t.parse::<VmId>()
+                .map_err(|e| err(format!("invalid VM id {t:?}: {e}")))
+        };
+        match tokens.as_slice() {
+            ["nc", "report", h] => Ok(Subject::Report(host(h)?)),
+            ["nc", "telemetry", "host", h] => Ok(Subject::HostTelemetry(host(h)?)),
+            ["nc", "telemetry", "vm", v] => Ok(Subject::VmTelemetry(vm(v)?)),
+            ["nc", "hb", h] => Ok(Subject::Heartbeat(host(h)?)),
+            _ => Err(err("not a report, telemetry or heartbeat subject".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip_through_the_parser() {
+        let h = HostId::new("h-1").unwrap();
+        let v = VmId::new_v7();
+        assert_eq!(
+            Subject::parse(&report_subject(&h)).unwrap(),
+            Subject::Report(h.clone())
+        );
+        assert_eq!(
+            Subject::parse(&host_telemetry_subject(&h)).unwrap(),
+            Subject::HostTelemetry(h.clone())
+        );
+        assert_eq!(
+            Subject::parse(&vm_telemetry_subject(v)).unwrap(),
+            Subject::VmTelemetry(v)
+        );
+        assert_eq!(
+            Subject::parse(&heartbeat_subject(&h)).unwrap(),
+            Subject::Heartbeat(h)
+        );
+    }
+
+    #[test]
+    fn malformed_subjects_are_rejected_with_the_reason() {
+        assert!(
+            Subject::parse("nc.telemetry.vm.not-a-uuid")
+                .unwrap_err()
+                .reason
+                .contains("invalid VM id")
+        );
+        assert!(Subject::parse("nc.report").is_err());
+        assert!(Subject::parse("nc.report.a.b").is_err());
+    }
+}

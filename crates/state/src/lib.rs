@@ -1,0 +1,470 @@
+//! NovaCron's projection of the log: [`ClusterState`], folded from events by a pure
+//! [`ClusterState::apply`], and its [`StateHash`].
+//!
+//! `apply` reads no clock, draws no random number and does no I/O; its maps are ordered. So two
+//! replays of the same log agree bit for bit, which [`ClusterState::hash`] proves: it is the
+//! SHA-256 of the state's canonical MessagePack encoding, and it covers the log sequence the
+//! state was folded to.
+//!
+//! An event that does not fit the state (a report about an unknown VM, a stale incarnation) is
+//! not an error of the fold: the log is the truth, so the event is counted as
+//! [`Applied::Ignored`] with a reason and the fold goes on. The writer is expected not to append
+//! such events, and the orchestrator checks before it does.
+
+mod view;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use novacron_types::event::{HostRegistered, VmFailed, VmIncarnationReport, VmPlaced, VmRequested};
+use novacron_types::{
+    Envelope, EventId, EventKind, Generation, HostId, IncarnationId, Labels, Resources, StartVm,
+    StopVm, VmId, VmSpec,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use view::{HostView, StateSummary, VmView};
+
+/// The state of the whole cluster at one log sequence.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The stream sequence of the last event folded in (0 = nothing yet).
+    pub seq: u64,
+    /// Hosts by id.
+    pub hosts: BTreeMap<HostId, HostRecord>,
+    /// VMs by id, including deleted ones (kept so that history stays queryable).
+    pub vms: BTreeMap<VmId, VmRecord>,
+    /// Live (not deleted) VM names, for uniqueness checks.
+    pub names: BTreeMap<String, VmId>,
+    /// How many events were folded in without effect (see [`Applied::Ignored`]).
+    pub ignored_events: u64,
+}
+
+/// What the log knows of one host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// The host.
+    pub id: HostId,
+    /// What it offers.
+    pub capacity: Resources,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its agent's driver.
+    pub driver: String,
+    /// Its scheduling state.
+    pub state: HostState,
+    /// Resources reserved by the VMs assigned to it.
+    pub allocated: Resources,
+    /// The VMs assigned to it.
+    pub vms: BTreeSet<VmId>,
+    /// When it first registered (writer's clock, from the event).
+    pub registered_at_ms: u64,
+}
+
+impl HostRecord {
+    /// Capacity not yet reserved.
+    #[must_use]
+    pub fn free(&self) -> Resources {
+        self.capacity.saturating_sub(self.allocated)
+    }
+}
+
+/// A host's scheduling state. The failure detector, cordon and drain come with the engine issue;
+/// a registered host is `Ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Takes new VMs.
+    Ready,
+    /// Missed heartbeats; not yet declared failed.
+    Suspect,
+    /// Declared failed; its VMs are re-placed.
+    Failed,
+    /// Takes no new VMs.
+    Cordoned,
+    /// Its VMs are being moved away.
+    Draining,
+}
+
+impl HostState {
+    /// The name used in the API and CLI.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Ready => "ready",
+            HostState::Suspect => "suspect",
+            HostState::Failed => "failed",
+            HostState::Cordoned => "cordoned",
+            HostState::Draining => "draining",
+        }
+    }
+}
+
+/// A VM's lifecycle as the API shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    /// Requested, no host yet (or none could take it).
+    Pending,
+    /// A host was chosen; the start command is not yet appended.
+    Placed,
+    /// The start command is in the log; the agent has not reported yet.
+    Starting,
+    /// The agent reported it running.
+    Running,
+    /// Being moved to another host.
+    Migrating,
+    /// The stop command is in the log.
+    Stopping,
+    /// The agent reported it stopped.
+    Stopped,
+    /// The agent reported it failed.
+    Failed,
+    /// Gone for good.
+    Deleted,
+}
+
+impl VmStatus {
+    /// The name used in the API and CLI.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmStatus::Pending => "pending",
+            VmStatus::Placed => "placed",
+            VmStatus::Starting => "starting",
+            VmStatus::Running => "running",
+            VmStatus::Migrating => "migrating",
+            VmStatus::Stopping => "stopping",
+            VmStatus::Stopped => "stopped",
+            VmStatus::Failed => "failed",
+            VmStatus::Deleted => "deleted",
+        }
+    }
+}
+
+/// What the log knows of one VM: the intent and its current incarnation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM.
+    pub id: VmId,
+    /// What was asked for.
+    pub spec: VmSpec,
+    /// Where it is in its lifecycle.
+    pub status: VmStatus,
+    /// The host it is assigned to, if any.
+    pub host: Option<HostId>,
+    /// The current incarnation, if placed.
+    pub incarnation: Option<IncarnationId>,
+    /// The generation of the current assignment (0 before the first placement).
+    pub generation: Generation,
+    /// The operator asked for deletion; it is deleted once stopped.
+    pub delete_requested: bool,
+    /// When it was requested (writer's clock, from the event).
+    pub requested_at_ms: u64,
+    /// The event that last changed it.
+    pub last_event: EventId,
+    /// The sequence of that event.
+    pub last_seq: u64,
+    /// The last placement failure's reason, while pending.
+    pub pending_reason: Option<String>,
+}
+
+/// The outcome of folding one event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The event changed the state.
+    Changed,
+    /// The event did not fit the state and was skipped; the reason says why.
+    Ignored(String),
+}
+
+/// A stable digest of a state: hex SHA-256 of its canonical encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StateHash(pub String);
+
+impl std::fmt::Display for StateHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a snapshot could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot does not decode as a ClusterState")]
+pub struct SnapshotDecodeError(#[source] pub rmp_serde::decode::Error);
+
+impl ClusterState {
+    /// The canonical encoding: MessagePack with field names of ordered maps. Used for the hash
+    /// and for snapshots.
+    #[must_use]
+    pub fn to_canonical_bytes(&self) -> Vec<u8> {
+        novacron_types::encode(self)
+    }
+
+    /// Reads a state back from [`to_canonical_bytes`](Self::to_canonical_bytes).
+    ///
+    /// # Errors
+    /// When the bytes are not such an encoding.
+    pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
+        rmp_serde::from_slice(bytes).map_err(SnapshotDecodeError)
+    }
+
+    /// The state hash. Two states hash equal exactly when their canonical encodings are equal.
+    #[must_use]
+    pub fn hash(&self) -> StateHash {
+        let digest = Sha256::digest(self.to_canonical_bytes());
+        let mut hex = String::with_capacity(64);
+        for b in digest {
+            use std::fmt::Write;
+            let _ = write!(hex, "{b:02x}");
+        }
+        StateHash(hex)
+    }
+
+    /// Counts of hosts and live VMs, with the sequence and hash.
+    #[must_use]
+    pub fn summary(&self) -> StateSummary {
+        StateSummary {
+            seq: self.seq,
+            hash: self.hash().0,
+            hosts: self.hosts.len(),
+            vms: self
+                .vms
+                .values()
+                .filter(|v| v.status != VmStatus::Deleted)
+                .count(),
+        }
+    }
+
+    /// Folds one event, read at stream sequence `seq`, into the state. Pure and total.
+    pub fn apply(&mut self, seq: u64, envelope: &Envelope) -> Applied {
+        self.seq = seq;
+        let outcome = self.apply_kind(seq, envelope);
+        if matches!(outcome, Applied::Ignored(_)) {
+            self.ignored_events += 1;
+        }
+        outcome
+    }
+
+    fn apply_kind(&mut self, seq: u64, env: &Envelope) -> Applied {
+        match &env.event {
+            EventKind::HostRegistered(e) => self.host_registered(env, e),
+            EventKind::VmRequested(e) => self.vm_requested(seq, env, e),
+            EventKind::VmPlaced(e) => self.vm_placed(seq, env, e),
+            EventKind::VmPlacementFailed(e) => self.with_vm(e.vm, seq, env.id, |vm| {
+                if vm.status != VmStatus::Pending {
+                    return Err(format!(
+                        "VmPlacementFailed for a VM that is {}",
+                        vm.status.as_str()
+                    ));
+                }
+                vm.pending_reason = Some(e.reason.clone());
+                Ok(())
+            }),
+            EventKind::VmStartCommanded(c) => self.vm_start_commanded(seq, env.id, c),
+            EventKind::VmRunning(r) => self.vm_observed(seq, env.id, r, VmStatus::Running),
+            EventKind::VmStopCommanded(c) => self.vm_stop_commanded(seq, env.id, c),
+            EventKind::VmStopped(r) => self.vm_observed(seq, env.id, r, VmStatus::Stopped),
+            EventKind::VmFailed(f) => self.vm_failed(seq, env.id, f),
+            EventKind::VmDeleteRequested(e) => self.with_vm(e.vm, seq, env.id, |vm| {
+                if vm.status == VmStatus::Deleted {
+                    return Err("VmDeleteRequested for a deleted VM".into());
+                }
+                vm.delete_requested = true;
+                Ok(())
+            }),
+            EventKind::VmDeleted(e) => self.vm_deleted(seq, env.id, e.vm),
+        }
+    }
+
+    fn host_registered(&mut self, env: &Envelope, e: &HostRegistered) -> Applied {
+        match self.hosts.get_mut(&e.host) {
+            Some(h) => {
+                h.capacity = e.capacity;
+                h.labels = e.labels.clone();
+                h.driver = e.driver.clone();
+            }
+            None => {
+                self.hosts.insert(
+                    e.host.clone(),
+                    HostRecord {
+                        id: e.host.clone(),
+                        capacity: e.capacity,
+                        labels: e.labels.clone(),
+                        driver: e.driver.clone(),
+                        state: HostState::Ready,
+                        allocated: Resources::ZERO,
+                        vms: BTreeSet::new(),
+                        registered_at_ms: env.at_ms,
+                    },
+                );
+            }
+        }
+        Applied::Changed
+    }
+
+    fn vm_requested(&mut self, seq: u64, env: &Envelope, e: &VmRequested) -> Applied {
+        if self.vms.contains_key(&e.vm) {
+            return Applied::Ignored(format!("VmRequested for existing VM {}", e.vm));
+        }
+        if self.names.contains_key(&e.spec.name) {
+            return Applied::Ignored(format!(
+                "VmRequested with a name already in use: {}",
+                e.spec.name
+            ));
+        }
+        self.names.insert(e.spec.name.clone(), e.vm);
+        self.vms.insert(
+            e.vm,
+            VmRecord {
+                id: e.vm,
+                spec: e.spec.clone(),
+                status: VmStatus::Pending,
+                host: None,
+                incarnation: None,
+                generation: Generation(0),
+                delete_requested: false,
+                requested_at_ms: env.at_ms,
+                last_event: env.id,
+                last_seq: seq,
+                pending_reason: None,
+            },
+        );
+        Applied::Changed
+    }
+
+    fn vm_placed(&mut self, seq: u64, env: &Envelope, e: &VmPlaced) -> Applied {
+        let Some(vm) = self.vms.get(&e.vm) else {
+            return Applied::Ignored(format!("VmPlaced for unknown VM {}", e.vm));
+        };
+        if vm.status == VmStatus::Deleted {
+            return Applied::Ignored(format!("VmPlaced for deleted VM {}", e.vm));
+        }
+        if e.generation <= vm.generation {
+            return Applied::Ignored(format!(
+                "VmPlaced with generation {} not above current {}",
+                e.generation, vm.generation
+            ));
+        }
+        if !self.hosts.contains_key(&e.host) {
+            return Applied::Ignored(format!("VmPlaced on unknown host {}", e.host));
+        }
+        let need = vm.spec.resources();
+        let previous = vm.host.clone();
+        if let Some(prev) = previous.and_then(|p| self.hosts.get_mut(&p)) {
+            prev.allocated = prev.allocated.saturating_sub(need);
+            prev.vms.remove(&e.vm);
+        }
+        if let Some(h) = self.hosts.get_mut(&e.host) {
+            h.allocated = h.allocated.checked_add(need).unwrap_or(h.allocated);
+            h.vms.insert(e.vm);
+        }
+        if let Some(vm) = self.vms.get_mut(&e.vm) {
+            vm.status = VmStatus::Placed;
+            vm.host = Some(e.host.clone());
+            vm.incarnation = Some(e.incarnation);
+            vm.generation = e.generation;
+            vm.pending_reason = None;
+            vm.last_event = env.id;
+            vm.last_seq = seq;
+        }
+        Applied::Changed
+    }
+
+    fn vm_start_commanded(&mut self, seq: u64, id: EventId, c: &StartVm) -> Applied {
+        self.with_vm(c.vm, seq, id, |vm| {
+            if vm.incarnation != Some(c.incarnation) || vm.host.as_ref() != Some(&c.host) {
+                return Err("VmStartCommanded for an incarnation that is not current".into());
+            }
+            vm.status = VmStatus::Starting;
+            Ok(())
+        })
+    }
+
+    fn vm_stop_commanded(&mut self, seq: u64, id: EventId, c: &StopVm) -> Applied {
+        self.with_vm(c.vm, seq, id, |vm| {
+            if vm.incarnation != Some(c.incarnation) {
+                return Err("VmStopCommanded for an incarnation that is not current".into());
+            }
+            vm.status = VmStatus::Stopping;
+            Ok(())
+        })
+    }
+
+    fn vm_observed(
+        &mut self,
+        seq: u64,
+        id: EventId,
+        r: &VmIncarnationReport,
+        status: VmStatus,
+    ) -> Applied {
+        self.with_vm(r.vm, seq, id, |vm| {
+            if vm.incarnation != Some(r.incarnation) {
+                return Err(format!(
+                    "{} for an incarnation that is not current",
+                    status.as_str()
+                ));
+            }
+            if vm.status == VmStatus::Deleted {
+                return Err("report for a deleted VM".into());
+            }
+            vm.status = status;
+            Ok(())
+        })
+    }
+
+    fn vm_failed(&mut self, seq: u64, id: EventId, f: &VmFailed) -> Applied {
+        self.with_vm(f.vm, seq, id, |vm| {
+            if vm.incarnation != Some(f.incarnation) {
+                return Err("VmFailed for an incarnation that is not current".into());
+            }
+            vm.status = VmStatus::Failed;
+            Ok(())
+        })
+    }
+
+    fn vm_deleted(&mut self, seq: u64, id: EventId, vm_id: VmId) -> Applied {
+        let Some(vm) = self.vms.get_mut(&vm_id) else {
+            return Applied::Ignored(format!("VmDeleted for unknown VM {vm_id}"));
+        };
+        if vm.status == VmStatus::Deleted {
+            return Applied::Ignored(format!("VmDeleted for deleted VM {vm_id}"));
+        }
+        let need = vm.spec.resources();
+        if let Some(h) = vm.host.take().and_then(|h| self.hosts.get_mut(&h)) {
+            h.allocated = h.allocated.saturating_sub(need);
+            h.vms.remove(&vm_id);
+        }
+        vm.status = VmStatus::Deleted;
+        vm.last_event = id;
+        vm.last_seq = seq;
+        if self.names.get(&vm.spec.name) == Some(&vm_id) {
+            self.names.remove(&vm.spec.name);
+        }
+        Applied::Changed
+    }
+
+    fn with_vm(
+        &mut self,
+        vm_id: VmId,
+        seq: u64,
+        id: EventId,
+        f: impl FnOnce(&mut VmRecord) -> Result<(), String>,
+    ) -> Applied {
+        let Some(vm) = self.vms.get_mut(&vm_id) else {
+            return Applied::Ignored(format!("event for unknown VM {vm_id}"));
+        };
+        match f(vm) {
+            Ok(()) => {
+                vm.last_event = id;
+                vm.last_seq = seq;
+                Applied::Changed
+            }
+            Err(reason) => Applied::Ignored(reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

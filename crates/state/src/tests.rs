@@ -1,0 +1,223 @@
+use novacron_types::event::{
+    HostRegistered, PlacementExplanation, VmDeleteRequested, VmDeleted, VmFailed,
+    VmIncarnationReport, VmPlaced, VmRequested,
+};
+use novacron_types::{
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Resources, StartVm, StopVm,
+    VmId, VmSpec,
+};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::*;
+
+fn host(i: u8) -> HostId {
+    HostId::new(format!("h{i}")).unwrap()
+}
+fn vm(i: u8) -> VmId {
+    VmId(Uuid::from_u128(0x1000 + u128::from(i)))
+}
+fn inc(i: u8, g: u64) -> IncarnationId {
+    IncarnationId(Uuid::from_u128((u128::from(i) << 64) | u128::from(g)))
+}
+fn spec(i: u8) -> VmSpec {
+    VmSpec {
+        name: format!("vm-{i}"),
+        vcpus: 1 + u32::from(i % 4),
+        memory_mib: 512 * (1 + u64::from(i % 3)),
+        disk_gib: 0,
+        group: None,
+        labels: Default::default(),
+    }
+}
+
+/// A compact description of an event, over small pools of hosts and VMs so that sequences hit
+/// both the applied and the ignored paths.
+#[derive(Clone, Debug)]
+enum Op {
+    Register(u8, u32),
+    Request(u8),
+    Place(u8, u8, u64),
+    StartCmd(u8, u8, u64),
+    Running(u8, u8, u64),
+    StopCmd(u8, u8, u64),
+    Stopped(u8, u8, u64),
+    Failed(u8, u8, u64),
+    DeleteRequested(u8),
+    Deleted(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let h = 0u8..4;
+    let v = 0u8..6;
+    let g = 1u64..4;
+    prop_oneof![
+        (h.clone(), 1u32..64).prop_map(|(h, c)| Op::Register(h, c)),
+        v.clone().prop_map(Op::Request),
+        (v.clone(), h.clone(), g.clone()).prop_map(|(v, h, g)| Op::Place(v, h, g)),
+        (v.clone(), h.clone(), g.clone()).prop_map(|(v, h, g)| Op::StartCmd(v, h, g)),
+        (v.clone(), h.clone(), g.clone()).prop_map(|(v, h, g)| Op::Running(v, h, g)),
+        (v.clone(), h.clone(), g.clone()).prop_map(|(v, h, g)| Op::StopCmd(v, h, g)),
+        (v.clone(), h.clone(), g.clone()).prop_map(|(v, h, g)| Op::Stopped(v, h, g)),
+        (v.clone(), h, g).prop_map(|(v, h, g)| Op::Failed(v, h, g)),
+        v.clone().prop_map(Op::DeleteRequested),
+        v.prop_map(Op::Deleted),
+    ]
+}
+
+fn envelope(n: usize, op: &Op) -> Envelope {
+    let report = |v: u8, h: u8, g: u64| VmIncarnationReport {
+        vm: vm(v),
+        host: host(h),
+        incarnation: inc(v, g),
+        generation: Generation(g),
+    };
+    let event = match *op {
+        Op::Register(h, c) => EventKind::HostRegistered(HostRegistered {
+            host: host(h),
+            capacity: Resources {
+                vcpus: c,
+                memory_mib: u64::from(c) * 1024,
+                disk_gib: 0,
+            },
+            labels: Default::default(),
+            driver: "sim".into(),
+        }),
+        Op::Request(v) => EventKind::VmRequested(VmRequested {
+            vm: vm(v),
+            spec: spec(v),
+        }),
+        Op::Place(v, h, g) => EventKind::VmPlaced(VmPlaced {
+            vm: vm(v),
+            host: host(h),
+            incarnation: inc(v, g),
+            generation: Generation(g),
+            explanation: PlacementExplanation::default(),
+        }),
+        Op::StartCmd(v, h, g) => EventKind::VmStartCommanded(StartVm {
+            vm: vm(v),
+            host: host(h),
+            incarnation: inc(v, g),
+            generation: Generation(g),
+            spec: spec(v),
+        }),
+        Op::Running(v, h, g) => EventKind::VmRunning(report(v, h, g)),
+        Op::StopCmd(v, h, g) => EventKind::VmStopCommanded(StopVm {
+            vm: vm(v),
+            host: host(h),
+            incarnation: inc(v, g),
+            generation: Generation(g),
+            reason: "test".into(),
+        }),
+        Op::Stopped(v, h, g) => EventKind::VmStopped(report(v, h, g)),
+        Op::Failed(v, h, g) => EventKind::VmFailed(VmFailed {
+            vm: vm(v),
+            host: host(h),
+            incarnation: inc(v, g),
+            generation: Generation(g),
+            reason: "crashed".into(),
+        }),
+        Op::DeleteRequested(v) => EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm(v) }),
+        Op::Deleted(v) => EventKind::VmDeleted(VmDeleted { vm: vm(v) }),
+    };
+    let mut e = Envelope::new(
+        1_700_000_000_000 + n as u64,
+        Actor::Orchestrator("test".into()),
+        event,
+    );
+    e.id = novacron_types::EventId(Uuid::from_u128(n as u128 + 1));
+    e
+}
+
+fn fold(events: &[Envelope]) -> ClusterState {
+    let mut s = ClusterState::default();
+    for (i, e) in events.iter().enumerate() {
+        s.apply(i as u64 + 1, e);
+    }
+    s
+}
+
+proptest! {
+    #[test]
+    fn replaying_the_same_log_twice_gives_the_same_hash(ops in prop::collection::vec(op(), 0..200)) {
+        let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
+        prop_assert_eq!(fold(&events).hash(), fold(&events).hash());
+    }
+
+    #[test]
+    fn snapshot_plus_tail_equals_full_replay(ops in prop::collection::vec(op(), 1..200), cut in any::<prop::sample::Index>()) {
+        let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
+        let k = cut.index(events.len() + 1);
+        let full = fold(&events);
+        let snap = fold(&events[..k]);
+        let mut restored = ClusterState::from_canonical_bytes(&snap.to_canonical_bytes()).unwrap();
+        for (i, e) in events.iter().enumerate().skip(k) {
+            restored.apply(i as u64 + 1, e);
+        }
+        prop_assert_eq!(restored.hash(), full.hash());
+        prop_assert_eq!(restored, full);
+    }
+
+    #[test]
+    fn allocations_always_equal_the_sum_of_assigned_vms(ops in prop::collection::vec(op(), 0..300)) {
+        let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
+        let s = fold(&events);
+        for h in s.hosts.values() {
+            let mut sum = Resources::ZERO;
+            for v in &h.vms {
+                let rec = &s.vms[v];
+                prop_assert_eq!(rec.host.as_ref(), Some(&h.id));
+                sum = sum.checked_add(rec.spec.resources()).unwrap();
+            }
+            prop_assert_eq!(sum, h.allocated);
+        }
+    }
+}
+
+#[test]
+fn hash_covers_the_sequence_and_the_content() {
+    let e = envelope(0, &Op::Register(1, 8));
+    let mut a = ClusterState::default();
+    a.apply(1, &e);
+    let mut b = ClusterState::default();
+    b.apply(2, &e);
+    assert_ne!(
+        a.hash(),
+        b.hash(),
+        "same content at another sequence must hash differently"
+    );
+    let mut c = ClusterState::default();
+    c.apply(1, &envelope(0, &Op::Register(1, 9)));
+    assert_ne!(a.hash(), c.hash());
+    assert_eq!(a.hash().0.len(), 64);
+}
+
+#[test]
+fn vm_lifecycle_reserves_and_releases_host_capacity() {
+    let ops = [
+        Op::Register(0, 8),
+        Op::Request(1),
+        Op::Place(1, 0, 1),
+        Op::StartCmd(1, 0, 1),
+        Op::Running(1, 0, 1),
+    ];
+    let events: Vec<_> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, o)| envelope(i, o))
+        .collect();
+    let mut s = fold(&events);
+    assert_eq!(s.vms[&vm(1)].status, VmStatus::Running);
+    assert_eq!(s.hosts[&host(0)].allocated, spec(1).resources());
+
+    // a report about an old incarnation is ignored, not applied
+    let stale = envelope(10, &Op::Stopped(1, 0, 2));
+    assert!(matches!(s.apply(6, &stale), Applied::Ignored(_)));
+    assert_eq!(s.vms[&vm(1)].status, VmStatus::Running);
+    assert_eq!(s.ignored_events, 1);
+
+    s.apply(7, &envelope(11, &Op::Deleted(1)));
+    assert_eq!(s.vms[&vm(1)].status, VmStatus::Deleted);
+    assert_eq!(s.hosts[&host(0)].allocated, Resources::ZERO);
+    assert!(s.names.is_empty(), "a deleted VM's name is free again");
+}

@@ -1,0 +1,272 @@
+//! The events of the log.
+//!
+//! ```text
+//! Envelope { schema, id (UUID v7 = Nats-Msg-Id), at_ms (writer's clock), actor,
+//!            causation_id?, correlation_id?, event: { kind, payload } }
+//! ```
+//! `event` is [`EventKind`], one closed enum with one struct per variant, adjacently tagged so
+//! that it reads `{"kind": "VmPlaced", "payload": {...}}` and decodes without buffering (the tag
+//! comes first). It is nested rather than flattened for the same reason: replay speed.
+//! The stream sequence is not in the envelope: JetStream assigns it, and readers take it from the
+//! message metadata.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::command::{AgentCommand, StartVm, StopVm};
+use crate::{
+    EventId, Generation, HostId, IncarnationId, Labels, Resources, SCHEMA_VERSION, VmId, VmSpec,
+};
+
+/// Who caused an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", content = "name", rename_all = "snake_case")]
+pub enum Actor {
+    /// An operator, through the CLI or the API (name as given by the client, `anonymous` if none).
+    User(String),
+    /// An orchestrator replica acting on its own (a planner or reconciler).
+    Orchestrator(String),
+    /// An agent, through one of its reports.
+    Agent(HostId),
+}
+
+/// One event of the log, with its header.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Major schema version, [`SCHEMA_VERSION`] when written by this build.
+    pub schema: u32,
+    /// Unique id, UUID v7; also the message's `Nats-Msg-Id`.
+    pub id: EventId,
+    /// When the writer recorded it, milliseconds since the Unix epoch (the writer's clock,
+    /// recorded once; the fold never reads a clock).
+    pub at_ms: u64,
+    /// Who caused it.
+    pub actor: Actor,
+    /// The event (or report) that directly caused this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    /// Groups the events of one operation (e.g. one API request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// What happened: `{"kind": "...", "payload": {...}}`.
+    pub event: EventKind,
+}
+
+impl Envelope {
+    /// A new envelope with a fresh v7 id. `at_ms` comes from the caller, who owns the clock.
+    #[must_use]
+    pub fn new(at_ms: u64, actor: Actor, event: EventKind) -> Self {
+        Envelope {
+            schema: SCHEMA_VERSION,
+            id: EventId::new_v7(),
+            at_ms,
+            actor,
+            causation_id: None,
+            correlation_id: None,
+            event,
+        }
+    }
+
+    /// Sets the causation id.
+    #[must_use]
+    pub fn caused_by(mut self, cause: Uuid) -> Self {
+        self.causation_id = Some(cause);
+        self
+    }
+
+    /// Sets the correlation id.
+    #[must_use]
+    pub fn correlated(mut self, correlation: Option<Uuid>) -> Self {
+        self.correlation_id = correlation;
+        self
+    }
+
+    /// The command this event carries to an agent, if it is one.
+    #[must_use]
+    pub fn as_command(&self) -> Option<AgentCommand> {
+        match &self.event {
+            EventKind::VmStartCommanded(c) => Some(AgentCommand::Start(c.clone())),
+            EventKind::VmStopCommanded(c) => Some(AgentCommand::Stop(c.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Every kind of event. Closed: a reader that meets an unknown kind dead-letters it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", content = "payload")]
+pub enum EventKind {
+    /// A host's agent registered (first time) or re-registered with new capacity or labels.
+    HostRegistered(HostRegistered),
+    /// An operator asked for a VM. Emitted once per VM, before any placement.
+    VmRequested(VmRequested),
+    /// The placement planner chose a host for a VM; carries the explanation.
+    VmPlaced(VmPlaced),
+    /// No host could take a VM; it stays pending and is retried when capacity appears.
+    VmPlacementFailed(VmPlacementFailed),
+    /// Command to a host to start an incarnation (subject `nc.cmd.<host>.<vm>`).
+    VmStartCommanded(StartVm),
+    /// The agent reported the incarnation running.
+    VmRunning(VmIncarnationReport),
+    /// Command to a host to stop an incarnation (subject `nc.cmd.<host>.<vm>`).
+    VmStopCommanded(StopVm),
+    /// The agent reported the incarnation stopped.
+    VmStopped(VmIncarnationReport),
+    /// The agent reported the incarnation failed (crashed, or could not start).
+    VmFailed(VmFailed),
+    /// An operator asked for a VM to be deleted.
+    VmDeleteRequested(VmDeleteRequested),
+    /// The VM is gone: nothing runs, its resources are released.
+    VmDeleted(VmDeleted),
+}
+
+impl EventKind {
+    /// The variant's name, as it appears in `kind`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::HostRegistered(_) => "HostRegistered",
+            EventKind::VmRequested(_) => "VmRequested",
+            EventKind::VmPlaced(_) => "VmPlaced",
+            EventKind::VmPlacementFailed(_) => "VmPlacementFailed",
+            EventKind::VmStartCommanded(_) => "VmStartCommanded",
+            EventKind::VmRunning(_) => "VmRunning",
+            EventKind::VmStopCommanded(_) => "VmStopCommanded",
+            EventKind::VmStopped(_) => "VmStopped",
+            EventKind::VmFailed(_) => "VmFailed",
+            EventKind::VmDeleteRequested(_) => "VmDeleteRequested",
+            EventKind::VmDeleted(_) => "VmDeleted",
+        }
+    }
+}
+
+/// Payload of [`EventKind::HostRegistered`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostRegistered {
+    /// The host.
+    pub host: HostId,
+    /// What it offers to VMs.
+    pub capacity: Resources,
+    /// Its labels (rack, zone, hardware…).
+    #[serde(default)]
+    pub labels: Labels,
+    /// The hypervisor driver its agent runs (`sim`, `qemu`).
+    pub driver: String,
+}
+
+/// Payload of [`EventKind::VmRequested`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmRequested {
+    /// The new VM's id, chosen by the orchestrator.
+    pub vm: VmId,
+    /// What was asked for.
+    pub spec: VmSpec,
+}
+
+/// Why a planner chose what it chose: inputs, counts, and the best candidates.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementExplanation {
+    /// The planner and its strategy, e.g. `first-fit`.
+    pub planner: String,
+    /// The log sequence of the state the planner read.
+    pub log_seq: u64,
+    /// How many hosts were considered.
+    pub hosts_considered: u32,
+    /// For each filter, how many hosts it eliminated.
+    pub rejections: BTreeMap<String, u32>,
+    /// The best candidates, best first, with their scores.
+    pub candidates: Vec<Candidate>,
+}
+
+/// One host the planner weighed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    /// The host.
+    pub host: HostId,
+    /// Its total score (higher is better).
+    pub score: f64,
+    /// The parts the score is made of.
+    pub components: BTreeMap<String, f64>,
+}
+
+/// Payload of [`EventKind::VmPlaced`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPlaced {
+    /// The VM.
+    pub vm: VmId,
+    /// The chosen host.
+    pub host: HostId,
+    /// The incarnation that will run there.
+    pub incarnation: IncarnationId,
+    /// The assignment's generation.
+    pub generation: Generation,
+    /// Why this host.
+    pub explanation: PlacementExplanation,
+}
+
+/// Payload of [`EventKind::VmPlacementFailed`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPlacementFailed {
+    /// The VM, which stays pending.
+    pub vm: VmId,
+    /// One line for humans, e.g. `no host has 64 vCPUs free (capacity eliminated 4 of 4)`.
+    pub reason: String,
+    /// Which filters eliminated which hosts.
+    pub explanation: PlacementExplanation,
+}
+
+/// Payload of [`EventKind::VmRunning`] and [`EventKind::VmStopped`]: an agent's observation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmIncarnationReport {
+    /// The VM.
+    pub vm: VmId,
+    /// The host that observed it.
+    pub host: HostId,
+    /// The incarnation observed.
+    pub incarnation: IncarnationId,
+    /// Its generation.
+    pub generation: Generation,
+}
+
+/// Payload of [`EventKind::VmFailed`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmFailed {
+    /// The VM.
+    pub vm: VmId,
+    /// The host it failed on.
+    pub host: HostId,
+    /// The incarnation that failed.
+    pub incarnation: IncarnationId,
+    /// Its generation.
+    pub generation: Generation,
+    /// What the agent saw (exit status, driver error…).
+    pub reason: String,
+}
+
+/// Payload of [`EventKind::VmDeleteRequested`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmDeleteRequested {
+    /// The VM.
+    pub vm: VmId,
+}
+
+/// Payload of [`EventKind::VmDeleted`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmDeleted {
+    /// The VM.
+    pub vm: VmId,
+}

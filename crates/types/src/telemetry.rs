@@ -1,0 +1,60 @@
+//! Telemetry and heartbeats: the samples agents and other systems publish.
+//!
+//! `nc.telemetry.host.<host>` carries [`HostTelemetry`], `nc.telemetry.vm.<vm>` carries
+//! [`VmTelemetry`] (stream TELEMETRY, kept ~24 h). `nc.hb.<host>` carries [`Heartbeat`] on core
+//! NATS: losing one is harmless, the next one follows. `schemas/README.md` shows how another
+//! system publishes these.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{HostId, VmId};
+
+/// One sample of a host's load.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostTelemetry {
+    /// Major schema version ([`crate::SCHEMA_VERSION`]).
+    pub schema: u32,
+    /// The host; must match the subject's host token.
+    pub host: HostId,
+    /// Sample time, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// CPU utilisation of the whole host, 0.0–1.0.
+    pub cpu_util: f64,
+    /// Memory in use, MiB.
+    pub memory_used_mib: u64,
+    /// One-minute load average, if the publisher knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load1: Option<f64>,
+}
+
+/// One sample of a VM's load.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmTelemetry {
+    /// Major schema version ([`crate::SCHEMA_VERSION`]).
+    pub schema: u32,
+    /// The VM; must match the subject's VM token.
+    pub vm: VmId,
+    /// Sample time, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// CPU utilisation of the VM's vCPUs, 0.0–1.0.
+    pub cpu_util: f64,
+    /// Memory in use inside the VM, MiB.
+    pub memory_used_mib: u64,
+}
+
+/// "I am alive", every second or so, from each agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Major schema version ([`crate::SCHEMA_VERSION`]).
+    pub schema: u32,
+    /// The host.
+    pub host: HostId,
+    /// Sent at, ms since the Unix epoch (agent's clock).
+    pub at_ms: u64,
+    /// Counts up from 0 at each agent start.
+    pub seq: u64,
+}

@@ -1,0 +1,44 @@
+//! What an operator asks for when creating a VM.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::Resources;
+
+/// Key/value labels on hosts and VMs. Ordered, so that encodings (and state hashes) are stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// The desired shape of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Operator-facing name, 1–128 characters; unique among live VMs.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disk in GiB; 0 for a diskless VM.
+    #[serde(default)]
+    pub disk_gib: u64,
+    /// The group this VM belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Free-form labels, used by placement constraints.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+impl VmSpec {
+    /// What the VM reserves on its host.
+    #[must_use]
+    pub fn resources(&self) -> Resources {
+        Resources {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+        }
+    }
+}
