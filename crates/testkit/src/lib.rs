@@ -90,6 +90,14 @@ impl NatsServer {
         Self::start_with_args(Vec::new())
     }
 
+    /// Starts a server with JetStream *off*, to test how clients report a missing JetStream.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_without_jetstream() -> Result<NatsServer, TestkitError> {
+        Self::start_with_args(vec!["--no-jetstream".into()])
+    }
+
     fn start_with_args(extra_args: Vec<String>) -> Result<NatsServer, TestkitError> {
         let bin = find_nats_server()?;
         let dir = tempfile::Builder::new()
@@ -151,13 +159,19 @@ impl NatsServer {
         let log = self.dir.path().join("server.log");
         let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
         let child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "--store_dir"])
+            .args(["-a", "127.0.0.1", "-p", &port_arg])
+            .args(if self.extra_args.iter().any(|a| a == "--no-jetstream") {
+                &[][..]
+            } else {
+                &["-js"][..]
+            })
+            .arg("--store_dir")
             .arg(self.store_dir())
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .arg("-l")
             .arg(&log)
-            .args(&self.extra_args)
+            .args(self.extra_args.iter().filter(|a| *a != "--no-jetstream"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

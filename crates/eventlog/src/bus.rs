@@ -1,0 +1,293 @@
+//! Connecting to NATS and provisioning the streams.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    stream::{Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use novacron_protocol as proto;
+
+/// How to reach the bus.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    /// One URL or a comma-separated seed list (`nats://a:4222,nats://b:4222`).
+    pub urls: String,
+    /// Client name, shown by the server's monitoring (`novacron-orchestrator`, `novacron-agent-h1`).
+    pub name: String,
+    /// Keep retrying the first connection (agents, services) instead of failing at once (CLI).
+    pub retry_initial_connect: bool,
+    /// Replicas for the streams (1 on a single server, 3 in a cluster).
+    pub replicas: usize,
+    /// Timeout of JetStream API calls and publish acks.
+    pub request_timeout: Duration,
+}
+
+impl BusConfig {
+    /// Defaults for a client called `name` at `urls`.
+    #[must_use]
+    pub fn new(urls: impl Into<String>, name: impl Into<String>) -> Self {
+        BusConfig {
+            urls: urls.into(),
+            name: name.into(),
+            retry_initial_connect: false,
+            replicas: 1,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What can go wrong reaching or setting up the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A URL in the list does not parse.
+    #[error("invalid NATS URL {url:?}")]
+    InvalidUrl {
+        /// The offending URL.
+        url: String,
+        /// The parser's complaint.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No connection.
+    #[error("cannot connect to NATS at {urls}")]
+    Connect {
+        /// Where we tried.
+        urls: String,
+        /// Why it failed.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The server predates what NovaCron relies on.
+    #[error(
+        "nats-server {version} is too old: NovaCron needs 2.10 or newer (run `make tools` for the pinned 2.15.1)"
+    )]
+    ServerTooOld {
+        /// What the server said.
+        version: String,
+    },
+    /// JetStream is off or not enabled for this account.
+    #[error("JetStream is not available on the server (start nats-server with -js)")]
+    JetStreamUnavailable(#[source] async_nats::jetstream::context::AccountError),
+    /// A stream could not be created or updated.
+    #[error("cannot provision stream {stream}")]
+    Provision {
+        /// The stream.
+        stream: &'static str,
+        /// The server's answer.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A connection plus its JetStream context.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    /// Core NATS client.
+    pub client: async_nats::Client,
+    /// JetStream context on it.
+    pub js: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects with settings fit for an orchestrator: pings every 2 s (so a hung server is
+    /// noticed in ~6 s, not minutes), explicit JetStream timeouts, bounded in-flight acks.
+    ///
+    /// # Errors
+    /// Bad URL, no server, or an unsuitable server (see [`BusError`]).
+    pub async fn connect(cfg: &BusConfig) -> Result<Bus, BusError> {
+        let mut addrs = Vec::new();
+        for url in cfg.urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let addr: async_nats::ServerAddr =
+                url.parse().map_err(|source| BusError::InvalidUrl {
+                    url: url.to_owned(),
+                    source,
+                })?;
+            addrs.push(addr);
+        }
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&cfg.name)
+            .ping_interval(Duration::from_secs(2))
+            .connection_timeout(Duration::from_secs(3))
+            .subscription_capacity(256 * 1024);
+        if cfg.retry_initial_connect {
+            opts = opts.retry_on_initial_connect();
+        }
+        let client = opts
+            .connect(addrs)
+            .await
+            .map_err(|source| BusError::Connect {
+                urls: cfg.urls.clone(),
+                source,
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.request_timeout)
+            .max_ack_inflight(4096)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Ok(Bus { client, js })
+    }
+
+    /// Checks the server version and JetStream, then creates or updates the four streams.
+    /// Safe to call from every process at every start.
+    ///
+    /// # Errors
+    /// An old server, no JetStream, or a stream whose existing config cannot be changed.
+    pub async fn provision(&self, replicas: usize) -> Result<(), BusError> {
+        let info = self.client.server_info();
+        if !version_at_least(&info.version, 2, 10) {
+            return Err(BusError::ServerTooOld {
+                version: info.version,
+            });
+        }
+        self.js
+            .query_account()
+            .await
+            .map_err(BusError::JetStreamUnavailable)?;
+        for cfg in stream_configs(replicas) {
+            let name = static_name(&cfg.name);
+            self.ensure_stream(name, cfg).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_stream(&self, name: &'static str, cfg: StreamConfig) -> Result<(), BusError> {
+        let prov = |e: Box<dyn std::error::Error + Send + Sync>| BusError::Provision {
+            stream: name,
+            source: e,
+        };
+        let mut stream = self
+            .js
+            .get_or_create_stream(cfg.clone())
+            .await
+            .map_err(|e| prov(Box::new(e)))?;
+        let current = stream
+            .info()
+            .await
+            .map_err(|e| prov(Box::new(e)))?
+            .config
+            .clone();
+        let differs = current.subjects != cfg.subjects
+            || current.max_age != cfg.max_age
+            || current.max_bytes != cfg.max_bytes
+            || current.max_messages != cfg.max_messages
+            || current.duplicate_window != cfg.duplicate_window
+            || current.allow_direct != cfg.allow_direct
+            || current.discard != cfg.discard;
+        if differs {
+            tracing::info!(stream = name, "updating stream configuration");
+            self.js
+                .update_stream(cfg)
+                .await
+                .map_err(|e| prov(Box::new(e)))?;
+        }
+        Ok(())
+    }
+}
+
+fn static_name(name: &str) -> &'static str {
+    match name {
+        proto::EVENTS_STREAM => proto::EVENTS_STREAM,
+        proto::REPORTS_STREAM => proto::REPORTS_STREAM,
+        proto::TELEMETRY_STREAM => proto::TELEMETRY_STREAM,
+        _ => proto::DEADLETTER_STREAM,
+    }
+}
+
+/// `major.minor` of a `x.y.z[-suffix]` version string is at least the given one.
+#[must_use]
+pub fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    let maj = parts.next().and_then(|p| p.parse::<u64>().ok());
+    let min = parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (maj, min) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
+/// The four streams of the bus contract (see `novacron_protocol`).
+#[must_use]
+pub fn stream_configs(replicas: usize) -> Vec<StreamConfig> {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let subjects = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    vec![
+        StreamConfig {
+            name: proto::EVENTS_STREAM.into(),
+            description: Some("NovaCron's log of record: events and commands".into()),
+            subjects: subjects(&proto::EVENTS_SUBJECTS),
+            storage: StorageType::File,
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::New,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+            max_message_size: 1024 * 1024,
+            allow_direct: true,
+            deny_delete: true,
+            deny_purge: true,
+            num_replicas: replicas,
+            max_bytes: -1,
+            max_messages: -1,
+            ..Default::default()
+        },
+        StreamConfig {
+            name: proto::REPORTS_STREAM.into(),
+            description: Some("Agents' reports; consumed once each by the orchestrator".into()),
+            subjects: subjects(&proto::REPORTS_SUBJECTS),
+            storage: StorageType::File,
+            retention: RetentionPolicy::WorkQueue,
+            discard: DiscardPolicy::New,
+            max_age: 7 * DAY,
+            max_messages: 1_000_000,
+            max_bytes: -1,
+            max_message_size: 256 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        StreamConfig {
+            name: proto::TELEMETRY_STREAM.into(),
+            description: Some("Host and VM telemetry samples".into()),
+            subjects: subjects(&proto::TELEMETRY_SUBJECTS),
+            storage: StorageType::File,
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::Old,
+            max_age: DAY,
+            max_bytes: 1024 * 1024 * 1024,
+            max_messages: -1,
+            max_message_size: 64 * 1024,
+            duplicate_window: Duration::from_secs(60),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        StreamConfig {
+            name: proto::DEADLETTER_STREAM.into(),
+            description: Some("Rejected messages with the reason".into()),
+            subjects: subjects(&proto::DEADLETTER_SUBJECTS),
+            storage: StorageType::File,
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::Old,
+            max_age: 7 * DAY,
+            max_messages: 100_000,
+            max_bytes: -1,
+            max_message_size: 2 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_at_least;
+
+    #[test]
+    fn server_versions_are_compared_by_major_and_minor() {
+        assert!(version_at_least("2.15.1", 2, 10));
+        assert!(version_at_least("2.10.0-beta.1", 2, 10));
+        assert!(version_at_least("3.0.0", 2, 10));
+        assert!(!version_at_least("2.9.10", 2, 10));
+        assert!(!version_at_least("garbage", 2, 10));
+    }
+}

@@ -1,0 +1,320 @@
+//! The event log against a real nats-server.
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage as Publish;
+use futures::StreamExt;
+use novacron_eventlog::{
+    AppendError, Bus, BusConfig, BusError, DeadLetters, EventLog, SnapshotStore, fold_range, replay,
+};
+use novacron_state::ClusterState;
+use novacron_testkit::NatsServer;
+use novacron_types::event::{HostRegistered, VmRequested};
+use novacron_types::{Actor, Envelope, EventKind, HostId, Resources, VmId, VmSpec};
+
+async fn bus(server: &NatsServer) -> Bus {
+    let bus = Bus::connect(&BusConfig::new(server.url(), "test"))
+        .await
+        .expect("connect");
+    bus.provision(1).await.expect("provision");
+    bus
+}
+
+fn host_event(i: usize) -> Envelope {
+    Envelope::new(
+        1_000 + i as u64,
+        Actor::Orchestrator("test".into()),
+        EventKind::HostRegistered(HostRegistered {
+            host: HostId::new(format!("h{i}")).unwrap(),
+            capacity: Resources {
+                vcpus: 8,
+                memory_mib: 16384,
+                disk_gib: 100,
+            },
+            labels: Default::default(),
+            driver: "sim".into(),
+        }),
+    )
+}
+
+fn vm_event(name: &str) -> Envelope {
+    Envelope::new(
+        2_000,
+        Actor::User("alice".into()),
+        EventKind::VmRequested(VmRequested {
+            vm: VmId::new_v7(),
+            spec: VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 0,
+                group: None,
+                labels: Default::default(),
+            },
+        }),
+    )
+}
+
+async fn all_events(log: &EventLog) -> Vec<(u64, Envelope)> {
+    let mut out = Vec::new();
+    let tail = log
+        .stream()
+        .clone()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    replay(log.stream(), 1, tail, |e| {
+        out.push((e.seq, e.envelope.expect("decodes")))
+    })
+    .await
+    .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn provisioning_is_idempotent_and_creates_the_four_streams() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    bus.provision(1).await.expect("second provision is a no-op");
+    for name in ["EVENTS", "REPORTS", "TELEMETRY", "DEADLETTER"] {
+        let mut s = bus
+            .js
+            .get_stream(name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let info = s.info().await.unwrap();
+        assert_eq!(
+            info.config.storage,
+            async_nats::jetstream::stream::StorageType::File,
+            "{name}"
+        );
+    }
+    let mut events = bus.js.get_stream("EVENTS").await.unwrap();
+    let cfg = &events.info().await.unwrap().config;
+    assert_eq!(cfg.duplicate_window, Duration::from_secs(120));
+    assert!(
+        cfg.deny_delete && cfg.deny_purge,
+        "the log of record refuses deletes"
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_jetstream_gets_a_clear_error() {
+    let server = NatsServer::start_without_jetstream().unwrap();
+    let bus = Bus::connect(&BusConfig::new(server.url(), "test"))
+        .await
+        .unwrap();
+    let err = bus.provision(1).await.unwrap_err();
+    assert!(matches!(err, BusError::JetStreamUnavailable(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("-js"),
+        "the error says how to fix it: {err}"
+    );
+}
+
+#[tokio::test]
+async fn appended_events_replay_in_order_and_identical() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    let batch: Vec<Envelope> = (0..500).map(host_event).collect();
+    let seqs = log.append(&batch).await.expect("append");
+    assert_eq!(seqs, (1..=500).collect::<Vec<u64>>());
+    assert_eq!(log.tail().seq, 500);
+    let back = all_events(&log).await;
+    assert_eq!(back.len(), 500);
+    for ((seq, env), (i, sent)) in back.iter().zip(batch.iter().enumerate()) {
+        assert_eq!(*seq, i as u64 + 1);
+        assert_eq!(env, sent);
+    }
+}
+
+#[tokio::test]
+async fn two_writers_with_the_same_view_one_wins_and_history_does_not_fork() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut a = EventLog::open(bus.js.clone()).await.unwrap();
+    let mut b = EventLog::open(bus.js.clone()).await.unwrap();
+    a.append(&[host_event(0)]).await.unwrap();
+    b.refresh_tail().await.unwrap();
+    a.refresh_tail().await.unwrap();
+    assert_eq!(a.tail(), b.tail());
+
+    let batch_a: Vec<Envelope> = (0..20).map(|i| vm_event(&format!("a-{i}"))).collect();
+    let batch_b: Vec<Envelope> = (0..20).map(|i| vm_event(&format!("b-{i}"))).collect();
+    let (ra, rb) = tokio::join!(a.append(&batch_a), b.append(&batch_b));
+    let (winner, loser_err) = match (ra, rb) {
+        (Ok(_), Err(e)) => (&batch_a, e),
+        (Err(e), Ok(_)) => (&batch_b, e),
+        other => panic!("exactly one writer must win: {other:?}"),
+    };
+    let AppendError::Conflict {
+        tail, stored_seqs, ..
+    } = loser_err
+    else {
+        panic!("the loser gets a conflict, got {loser_err:?}");
+    };
+    assert!(
+        stored_seqs.is_empty(),
+        "nothing of the loser's batch was stored"
+    );
+    assert_eq!(tail.seq, 21, "the loser re-read the tail");
+
+    let events = all_events(&a).await;
+    assert_eq!(events.len(), 21);
+    let written: Vec<&Envelope> = events[1..].iter().map(|(_, e)| e).collect();
+    assert_eq!(
+        written,
+        winner.iter().collect::<Vec<_>>(),
+        "the log holds the winner's batch, whole and in order"
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_write_mid_batch_never_tears_the_batch() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    log.append(&[host_event(0)]).await.unwrap();
+    // Someone else appends one event behind our back: our tail is now stale by one.
+    let mut other = EventLog::open(bus.js.clone()).await.unwrap();
+    other.append(&[host_event(1)]).await.unwrap();
+
+    // Without the message-id chain, events 2.. of this batch would land (each expects
+    // tail+i, and the foreign write shifted everything by one). With it, none does.
+    let batch: Vec<Envelope> = (0..10).map(|i| vm_event(&format!("v{i}"))).collect();
+    let err = log.append(&batch).await.unwrap_err();
+    assert!(
+        matches!(err, AppendError::Conflict { ref stored_seqs, .. } if stored_seqs.is_empty()),
+        "{err:?}"
+    );
+    let events = all_events(&log).await;
+    assert_eq!(
+        events.len(),
+        2,
+        "only the two registrations are in the log: {events:?}"
+    );
+
+    // After re-reading the tail the same writer appends fine.
+    log.append(&batch).await.expect("append after catching up");
+    assert_eq!(all_events(&log).await.len(), 12);
+}
+
+#[tokio::test]
+async fn a_retried_append_is_stored_once() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    let e = host_event(0);
+    log.append(std::slice::from_ref(&e)).await.unwrap();
+    // A raw re-publish with the same message id (what a retry after a lost ack does) is
+    // acknowledged as a duplicate and not stored.
+    let ack = bus
+        .js
+        .send_publish(
+            "nc.events.host.h0",
+            Publish::build()
+                .payload(novacron_types::encode(&e).into())
+                .message_id(e.id.to_string()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ack.duplicate);
+    assert_eq!(ack.sequence, 1);
+    assert_eq!(all_events(&log).await.len(), 1);
+}
+
+#[tokio::test]
+async fn snapshot_plus_tail_gives_the_hash_of_a_full_replay() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    let first: Vec<Envelope> = (0..50).map(host_event).collect();
+    log.append(&first).await.unwrap();
+    let created = log
+        .stream()
+        .clone()
+        .info()
+        .await
+        .unwrap()
+        .created
+        .unix_timestamp_nanos();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    let mut state = ClusterState::default();
+    fold_range(log.stream(), &mut state, 50).await.unwrap();
+    store.save(created, &state).unwrap();
+
+    let more: Vec<Envelope> = (0..30).map(|i| vm_event(&format!("v{i}"))).collect();
+    log.append(&more).await.unwrap();
+
+    let mut restored = store.latest(created, 80).unwrap().expect("a snapshot");
+    assert_eq!(restored.seq, 50);
+    let stats = fold_range(log.stream(), &mut restored, 80).await.unwrap();
+    assert_eq!(stats.applied, 30, "only the tail is replayed");
+
+    let mut full = ClusterState::default();
+    fold_range(log.stream(), &mut full, 80).await.unwrap();
+    assert_eq!(restored.hash(), full.hash());
+    assert!(
+        store.latest(created + 1, 80).unwrap().is_none(),
+        "a snapshot of another stream is ignored"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_keep_the_original_bytes_and_the_reason() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    DeadLetters::new(bus.js.clone())
+        .send(
+            "reports",
+            "nc.report.h1",
+            Some("application/json"),
+            "malformed JSON: expected value",
+            "garbage".into(),
+        )
+        .await;
+    let stream = bus.js.get_stream("DEADLETTER").await.unwrap();
+    let msg = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(msg.subject.as_str(), "nc.deadletter.reports");
+    assert_eq!(&msg.payload[..], b"garbage");
+    let reason = msg
+        .headers
+        .get("Nc-Deadletter-Reason")
+        .unwrap()
+        .as_str()
+        .to_owned();
+    assert!(reason.contains("malformed JSON"), "{reason}");
+    assert_eq!(
+        msg.headers.get("Nc-Deadletter-Subject").unwrap().as_str(),
+        "nc.report.h1"
+    );
+}
+
+#[tokio::test]
+async fn follow_delivers_past_and_new_events() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    log.append(&[host_event(0)]).await.unwrap();
+    let mut follow = novacron_eventlog::follow(log.stream(), 1).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), follow.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.seq, 1);
+    log.append(&[host_event(1)]).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), follow.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.seq, 2);
+}
