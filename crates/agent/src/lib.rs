@@ -1,1 +1,549 @@
-//! placeholder
+//! NovaCron's per-host agent.
+//!
+//! An agent registers its host, sends heartbeats and host telemetry, and consumes the commands
+//! addressed to its host (`nc.cmd.<host>.>` in the EVENTS stream, through a durable pull
+//! consumer named `agent-<host>`). Each command is applied **once**: its event id is recorded
+//! in the local [`journal`] in the same transaction as the VM's new record, and the journal is
+//! flushed before the command is acknowledged. A redelivered command is recognised and only
+//! re-reported; a command whose generation is older than the newest the journal has seen for
+//! that VM is refused (fencing off decisions made before a re-placement).
+//!
+//! The agent drives VMs through a [`driver::Driver`]: [`sim::SimDriver`] here (many hosts per
+//! process), a QEMU driver in the agent issue. The code around the driver is the same for both.
+//!
+//! ```text
+//!  command ─► decode ─► for this host? ─► applied before? ─► stale generation? ─► driver
+//!     │ bad: dead letter + term            │ yes: re-report    │ yes: record, ignore
+//!     ▼                                                         ▼
+//!   ack ◄─ report (nc.report.<host>, acked by JetStream) ◄─ journal (flushed)
+//! ```
+
+pub mod driver;
+pub mod journal;
+pub mod metrics;
+pub mod sim;
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{AckKind, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use novacron_eventlog::{Bus, DeadLetters, decode_event, now_ms};
+use novacron_protocol as proto;
+use novacron_types::event::{VmFailed, VmIncarnationReport};
+use novacron_types::report::HostRegistration;
+use novacron_types::telemetry::{Heartbeat, HostTelemetry};
+use novacron_types::{
+    AgentCommand, ContentType, EventId, HostId, Labels, Report, ReportId, ReportKind, Resources,
+    SCHEMA_VERSION, VmId,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::driver::Driver;
+use crate::journal::{Journal, JournalError, JournalVm};
+use crate::metrics as m;
+
+/// How an agent is set up.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The host it manages.
+    pub host: HostId,
+    /// What the host offers to VMs.
+    pub capacity: Resources,
+    /// The host's labels.
+    pub labels: Labels,
+    /// Heartbeat period (default 1 s).
+    pub heartbeat_interval: Duration,
+    /// Host telemetry period (default 10 s).
+    pub telemetry_interval: Duration,
+    /// Stream replicas to provision with (1 single server, 3 cluster).
+    pub replicas: usize,
+}
+
+impl AgentConfig {
+    /// Defaults for a host with this capacity.
+    #[must_use]
+    pub fn new(host: HostId, capacity: Resources) -> Self {
+        AgentConfig {
+            host,
+            capacity,
+            labels: Labels::new(),
+            heartbeat_interval: Duration::from_secs(1),
+            telemetry_interval: Duration::from_secs(10),
+            replicas: 1,
+        }
+    }
+}
+
+/// What stops an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The bus could not be set up.
+    #[error("agent for host {host}: bus")]
+    Bus {
+        /// The host.
+        host: HostId,
+        /// Why.
+        #[source]
+        source: novacron_eventlog::BusError,
+    },
+    /// The command consumer could not be created.
+    #[error("agent for host {host}: cannot create the command consumer")]
+    Consumer {
+        /// The host.
+        host: HostId,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The journal failed.
+    #[error("agent for host {host}: journal")]
+    Journal {
+        /// The host.
+        host: HostId,
+        /// Why.
+        #[source]
+        source: JournalError,
+    },
+}
+
+/// One host's agent.
+pub struct Agent<D: Driver> {
+    cfg: AgentConfig,
+    bus: Bus,
+    driver: D,
+    journal: Journal,
+    dead_letters: DeadLetters,
+}
+
+impl<D: Driver> Agent<D> {
+    /// An agent for `cfg.host`, journaling into `db`.
+    ///
+    /// # Errors
+    /// When the journal's trees cannot be opened.
+    pub fn new(cfg: AgentConfig, bus: Bus, driver: D, db: &sled::Db) -> Result<Self, AgentError> {
+        let journal = Journal::open(db, &cfg.host).map_err(|source| AgentError::Journal {
+            host: cfg.host.clone(),
+            source,
+        })?;
+        let dead_letters = DeadLetters::new(bus.js.clone());
+        Ok(Agent {
+            cfg,
+            bus,
+            driver,
+            journal,
+            dead_letters,
+        })
+    }
+
+    /// Runs until `cancel` fires: registers, then heartbeats, telemetry and commands.
+    ///
+    /// # Errors
+    /// When the bus or the consumer cannot be set up. Per-command trouble never stops it.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), AgentError> {
+        let host = self.cfg.host.clone();
+        self.bus
+            .provision(self.cfg.replicas)
+            .await
+            .map_err(|source| AgentError::Bus {
+                host: host.clone(),
+                source,
+            })?;
+        let consumer = self.command_consumer().await?;
+        let registration = ReportKind::HostRegistration(HostRegistration {
+            capacity: self.cfg.capacity,
+            labels: self.cfg.labels.clone(),
+            driver: self.driver.name().to_owned(),
+        });
+        if !self.report(registration, &cancel).await {
+            return Ok(());
+        }
+        tracing::info!(%host, driver = self.driver.name(), "agent registered");
+
+        let tracker = TaskTracker::new();
+        let agent = std::sync::Arc::new(self);
+        tracker.spawn(agent.clone().liveness_loop(cancel.clone()));
+        agent.command_loop(consumer, cancel.clone()).await;
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+        tracing::info!(%host, "agent stopped");
+        Ok(())
+    }
+
+    async fn command_consumer(&self) -> Result<PullConsumer, AgentError> {
+        let host = &self.cfg.host;
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Consumer {
+            host: host.clone(),
+            source: e,
+        };
+        let stream = self
+            .bus
+            .js
+            .get_stream(proto::EVENTS_STREAM)
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        let name = proto::agent_consumer_name(host);
+        stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: proto::host_commands_filter(host),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    deliver_policy: DeliverPolicy::All,
+                    max_ack_pending: 1024,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| err(Box::new(e)))
+    }
+
+    async fn command_loop(&self, consumer: PullConsumer, cancel: CancellationToken) {
+        let host = &self.cfg.host;
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            let mut messages = match consumer.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(%host, error = %e, "command consumer unavailable; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let next = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(msg)) => self.handle(msg, &cancel).await,
+                    Some(Err(e)) => tracing::debug!(%host, error = %e, "command stream hiccup"),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, msg: Message, cancel: &CancellationToken) {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let logged = decode_event(
+            seq,
+            msg.subject.as_str(),
+            msg.headers.as_ref(),
+            &msg.payload,
+        );
+        let envelope = match logged.envelope {
+            Ok(e) => e,
+            Err(e) => return self.reject(&msg, &e.to_string()).await,
+        };
+        let Some(command) = envelope.as_command() else {
+            return self
+                .reject(&msg, &format!("{} is not a command", envelope.event.name()))
+                .await;
+        };
+        if command.host() != &self.cfg.host {
+            let reason = format!(
+                "command for host {} on the subject of host {}",
+                command.host(),
+                self.cfg.host
+            );
+            return self.reject(&msg, &reason).await;
+        }
+        match self.apply(envelope.id, seq, &command) {
+            Ok(plan) => {
+                let report = self.execute(plan, &command).await;
+                if let Some(report) = report
+                    && !self.report(report, cancel).await
+                {
+                    return; // shutting down: not acked, redelivered to the next run
+                }
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(host = %self.cfg.host, seq, error = %e, "ack lost; the command will be redelivered and recognised");
+                }
+            }
+            Err(e) => {
+                tracing::error!(host = %self.cfg.host, seq, error = %e, "journal failure; command will be retried");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    /// Dead-letters a message that is not a valid command for this host and never redelivers it.
+    async fn reject(&self, msg: &Message, reason: &str) {
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
+            .map(|v| v.as_str().to_owned());
+        self.dead_letters
+            .send(
+                "commands",
+                msg.subject.as_str(),
+                ct.as_deref(),
+                reason,
+                msg.payload.clone(),
+            )
+            .await;
+        let _ = msg.ack_with(AckKind::Term).await;
+    }
+
+    /// Decides what to do with a command, from the journal alone.
+    fn apply(&self, id: EventId, seq: u64, command: &AgentCommand) -> Result<Plan, JournalError> {
+        let vm = command.vm();
+        if self.journal.is_applied(id)? {
+            ::metrics::counter!(m::COMMANDS_DUPLICATE).increment(1);
+            tracing::debug!(host = %self.cfg.host, %vm, event = %id, "command already applied; re-reporting");
+            return Ok(Plan::Rereport);
+        }
+        if let Some(known) = self.journal.vm(vm)?
+            && command.generation() < known.generation
+        {
+            ::metrics::counter!(m::COMMANDS_STALE).increment(1);
+            tracing::info!(
+                host = %self.cfg.host, %vm, generation = %command.generation(), current = %known.generation,
+                "refusing a command with a stale generation"
+            );
+            self.journal.record(id, seq, vm, None)?;
+            return Ok(Plan::Ignore);
+        }
+        Ok(Plan::Execute { id, seq })
+    }
+
+    async fn execute(&self, plan: Plan, command: &AgentCommand) -> Option<ReportKind> {
+        let vm = command.vm();
+        let (id, seq) = match plan {
+            Plan::Ignore => return None,
+            Plan::Rereport => return self.current_report(vm),
+            Plan::Execute { id, seq } => (id, seq),
+        };
+        let (record, report) = match command {
+            AgentCommand::Start(c) => {
+                let observed = VmIncarnationReport {
+                    vm,
+                    host: self.cfg.host.clone(),
+                    incarnation: c.incarnation,
+                    generation: c.generation,
+                };
+                match self.driver.start(c).await {
+                    Ok(()) => (
+                        JournalVm {
+                            incarnation: c.incarnation,
+                            generation: c.generation,
+                            running: true,
+                        },
+                        ReportKind::VmRunning(observed),
+                    ),
+                    Err(e) => (
+                        JournalVm {
+                            incarnation: c.incarnation,
+                            generation: c.generation,
+                            running: false,
+                        },
+                        ReportKind::VmFailed(VmFailed {
+                            vm,
+                            host: observed.host,
+                            incarnation: c.incarnation,
+                            generation: c.generation,
+                            reason: e.to_string(),
+                        }),
+                    ),
+                }
+            }
+            AgentCommand::Stop(c) => {
+                if let Err(e) = self.driver.stop(vm, c.incarnation).await {
+                    tracing::error!(host = %self.cfg.host, %vm, error = %e, "stop failed; reporting failure");
+                    let report = ReportKind::VmFailed(VmFailed {
+                        vm,
+                        host: self.cfg.host.clone(),
+                        incarnation: c.incarnation,
+                        generation: c.generation,
+                        reason: e.to_string(),
+                    });
+                    return Some(report);
+                }
+                (
+                    JournalVm {
+                        incarnation: c.incarnation,
+                        generation: c.generation,
+                        running: false,
+                    },
+                    ReportKind::VmStopped(VmIncarnationReport {
+                        vm,
+                        host: self.cfg.host.clone(),
+                        incarnation: c.incarnation,
+                        generation: c.generation,
+                    }),
+                )
+            }
+        };
+        if let Err(e) = self.journal.record(id, seq, vm, Some(&record)) {
+            // The driver acted but the journal did not record it. The command is not acked, so
+            // it comes back; the driver's idempotence makes the second attempt harmless.
+            tracing::error!(host = %self.cfg.host, %vm, error = %e, "journal write failed after driving the VM");
+            return None;
+        }
+        ::metrics::counter!(m::COMMANDS_APPLIED).increment(1);
+        tracing::info!(host = %self.cfg.host, %vm, seq, kind = report_name(&report), "command applied");
+        Some(report)
+    }
+
+    fn current_report(&self, vm: VmId) -> Option<ReportKind> {
+        let rec = self.journal.vm(vm).ok().flatten()?;
+        let observed = VmIncarnationReport {
+            vm,
+            host: self.cfg.host.clone(),
+            incarnation: rec.incarnation,
+            generation: rec.generation,
+        };
+        Some(if rec.running {
+            ReportKind::VmRunning(observed)
+        } else {
+            ReportKind::VmStopped(observed)
+        })
+    }
+
+    /// Publishes a report through JetStream, retrying until it is stored or we shut down.
+    /// Returns false when cancelled first.
+    async fn report(&self, kind: ReportKind, cancel: &CancellationToken) -> bool {
+        let report = Report {
+            schema: SCHEMA_VERSION,
+            id: ReportId::new_v7(),
+            host: self.cfg.host.clone(),
+            at_ms: now_ms(),
+            report: kind,
+        };
+        let payload = Bytes::from(novacron_types::encode(&report));
+        let subject = proto::report_subject(&self.cfg.host);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                proto::HEADER_CONTENT_TYPE,
+                ContentType::MsgPack.header_value(),
+            );
+            headers.insert("Nats-Msg-Id", report.id.to_string().as_str());
+            let sent = match self
+                .bus
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(host = %self.cfg.host, error = %e, "report not stored yet; retrying")
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Heartbeats on core NATS and periodic host telemetry.
+    async fn liveness_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
+        let mut hb = tokio::time::interval(self.cfg.heartbeat_interval);
+        let mut tele = tokio::time::interval(self.cfg.telemetry_interval);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tele.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = hb.tick() => {
+                    let beat = Heartbeat { schema: SCHEMA_VERSION, host: self.cfg.host.clone(), at_ms: now_ms(), seq };
+                    seq += 1;
+                    // Losing a heartbeat is harmless; the next one follows.
+                    let _ = self.bus.client.publish(proto::heartbeat_subject(&self.cfg.host), novacron_types::encode(&beat).into()).await;
+                }
+                _ = tele.tick() => {
+                    let usage = self.driver.host_usage(self.cfg.capacity);
+                    let sample = HostTelemetry {
+                        schema: SCHEMA_VERSION,
+                        host: self.cfg.host.clone(),
+                        at_ms: now_ms(),
+                        cpu_util: usage.cpu_util,
+                        memory_used_mib: usage.memory_used_mib,
+                        load1: None,
+                    };
+                    let _ = self.bus.js.publish(proto::host_telemetry_subject(&self.cfg.host), novacron_types::encode(&sample).into()).await;
+                }
+            }
+        }
+    }
+}
+
+enum Plan {
+    Execute { id: EventId, seq: u64 },
+    Rereport,
+    Ignore,
+}
+
+fn report_name(r: &ReportKind) -> &'static str {
+    match r {
+        ReportKind::HostRegistration(_) => "HostRegistration",
+        ReportKind::VmRunning(_) => "VmRunning",
+        ReportKind::VmStopped(_) => "VmStopped",
+        ReportKind::VmFailed(_) => "VmFailed",
+    }
+}
+
+/// Runs many simulated hosts in this process, sharing one bus connection and one sled db.
+/// Returns when `cancel` fires and every agent has stopped.
+pub async fn run_sim_fleet(
+    bus: Bus,
+    db: sled::Db,
+    hosts: Vec<AgentConfig>,
+    cancel: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    for cfg in hosts {
+        let host = cfg.host.clone();
+        match Agent::new(cfg, bus.clone(), sim::SimDriver::default(), &db) {
+            Ok(agent) => {
+                let cancel = cancel.clone();
+                tracker.spawn(async move {
+                    if let Err(e) = agent.run(cancel).await {
+                        tracing::error!(%host, error = %ErrorChain(&e), "agent stopped with an error");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%host, error = %ErrorChain(&e), "agent could not start"),
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Prints an error with its whole `source()` chain: `a: b: c`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+//! The real agent code with the simulated driver, against a real nats-server.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use novacron_agent::driver::Driver;
+use novacron_agent::sim::SimDriver;
+use novacron_agent::{Agent, AgentConfig};
+use novacron_eventlog::{Bus, BusConfig, EventLog};
+use novacron_testkit::NatsServer;
+use novacron_types::{
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources,
+    StartVm, VmId, VmSpec,
+};
+use tokio_util::sync::CancellationToken;
+
+async fn wait_for<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Harness {
+    _server: NatsServer,
+    bus: Bus,
+    host: HostId,
+    log: EventLog,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let server = NatsServer::start().unwrap();
+        let bus = Bus::connect(&BusConfig::new(server.url(), "test"))
+            .await
+            .unwrap();
+        bus.provision(1).await.unwrap();
+        let log = EventLog::open(bus.js.clone()).await.unwrap();
+        Harness {
+            _server: server,
+            bus,
+            host: HostId::new("h1").unwrap(),
+            log,
+        }
+    }
+
+    fn spawn_agent(
+        &self,
+        driver: SimDriver,
+        db: &sled::Db,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let cfg = AgentConfig::new(
+            self.host.clone(),
+            Resources {
+                vcpus: 16,
+                memory_mib: 32768,
+                disk_gib: 0,
+            },
+        );
+        let agent = Agent::new(cfg, self.bus.clone(), driver, db).unwrap();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let handle = tokio::spawn(async move { agent.run(c).await.unwrap() });
+        (cancel, handle)
+    }
+
+    fn stop_cmd(&self, vm: VmId, incarnation: IncarnationId, generation: u64) -> Envelope {
+        Envelope::new(
+            2,
+            Actor::Orchestrator("test".into()),
+            EventKind::VmStopCommanded(novacron_types::StopVm {
+                vm,
+                host: self.host.clone(),
+                incarnation,
+                generation: Generation(generation),
+                reason: "test".into(),
+            }),
+        )
+    }
+
+    fn start_cmd(&self, vm: VmId, incarnation: IncarnationId, generation: u64) -> Envelope {
+        Envelope::new(
+            1,
+            Actor::Orchestrator("test".into()),
+            EventKind::VmStartCommanded(StartVm {
+                vm,
+                host: self.host.clone(),
+                incarnation,
+                generation: Generation(generation),
+                spec: VmSpec {
+                    name: "web-1".into(),
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_gib: 0,
+                    group: None,
+                    labels: Default::default(),
+                },
+            }),
+        )
+    }
+
+    /// How many commands the agent's consumer has finished with (acked or terminated).
+    async fn commands_done(&self) -> u64 {
+        let stream = self.bus.js.get_stream("EVENTS").await.unwrap();
+        match stream.consumer_info("agent-h1").await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(_) => 0,
+        }
+    }
+
+    async fn reports(&self) -> Vec<Report> {
+        let stream = self.bus.js.get_stream("REPORTS").await.unwrap();
+        let mut out = Vec::new();
+        let last = stream.clone().info().await.unwrap().state.last_sequence;
+        for seq in 1..=last {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push(rmp_serde::from_slice(&m.payload).unwrap());
+            }
+        }
+        out
+    }
+}
+
+fn running_reports(reports: &[Report]) -> usize {
+    reports
+        .iter()
+        .filter(|r| matches!(r.report, ReportKind::VmRunning(_)))
+        .count()
+}
+
+#[tokio::test]
+async fn a_command_delivered_twice_is_applied_once() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    let cmd = h.start_cmd(vm, inc, 1);
+    h.log
+        .append(&[cmd.clone(), h.stop_cmd(vm, inc, 1)])
+        .await
+        .unwrap();
+    // The start again, as a redelivery would bring it (no message id, so JetStream stores it a
+    // second time). Applying it again would resurrect the stopped VM.
+    h.bus
+        .js
+        .send_publish(
+            format!("nc.cmd.h1.{vm}"),
+            PublishMessage::build().payload(novacron_types::encode(&cmd).into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    wait_for("all deliveries handled", || async {
+        h.commands_done().await >= 3
+    })
+    .await;
+    assert_eq!(driver.start_count(inc), 1, "started exactly once");
+    assert!(driver.running().is_empty(), "the stopped VM stays stopped");
+    wait_for("the reports", || async { h.reports().await.len() >= 4 }).await;
+    let reports = h.reports().await;
+    assert_eq!(running_reports(&reports), 1);
+    assert!(
+        matches!(reports.last().unwrap().report, ReportKind::VmStopped(_)),
+        "the duplicate re-reports the current state"
+    );
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_command_with_a_stale_generation_is_ignored() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+
+    let vm = VmId::new_v7();
+    let (newer, older) = (IncarnationId::new_v7(), IncarnationId::new_v7());
+    h.log
+        .append(&[h.start_cmd(vm, newer, 2), h.start_cmd(vm, older, 1)])
+        .await
+        .unwrap();
+    wait_for("both commands handled", || async {
+        h.commands_done().await >= 2
+    })
+    .await;
+
+    assert_eq!(driver.start_count(newer), 1);
+    assert_eq!(
+        driver.start_count(older),
+        0,
+        "generation 1 after generation 2 must be refused"
+    );
+    let running = driver.running();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].incarnation, newer);
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The hypervisor outlives the agent process, as a real one does.
+    let driver = SimDriver::default();
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+        h.log
+            .append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)])
+            .await
+            .unwrap();
+        wait_for("the commands applied", || async {
+            h.commands_done().await >= 2
+        })
+        .await;
+        cancel.cancel();
+        handle.await.unwrap();
+    }
+    // Lose the consumer's ack state, so the restarted agent is handed the command again — the
+    // worst case of a crash between applying and acknowledging.
+    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    stream.delete_consumer("agent-h1").await.unwrap();
+
+    let db = sled::open(dir.path()).unwrap();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+    wait_for("the redelivered commands handled", || async {
+        h.commands_done().await >= 2
+    })
+    .await;
+    assert_eq!(
+        driver.start_count(inc),
+        1,
+        "the journal recognised the start"
+    );
+    assert_eq!(driver.total_starts(), 1);
+    assert!(driver.running().is_empty());
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_malformed_command_is_dead_lettered_and_the_agent_keeps_working() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+
+    h.bus
+        .js
+        .publish("nc.cmd.h1.garbage", "\u{1}not msgpack".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.refresh_tail().await.unwrap();
+    h.log.append(&[h.start_cmd(vm, inc, 1)]).await.unwrap();
+
+    wait_for("the good command applied", || async {
+        driver.start_count(inc) == 1
+    })
+    .await;
+    let dead = h.bus.js.get_stream("DEADLETTER").await.unwrap();
+    wait_for("a dead letter", || async {
+        dead.clone().info().await.unwrap().state.messages == 1
+    })
+    .await;
+    let msg = dead.get_raw_message(1).await.unwrap();
+    assert_eq!(msg.subject.as_str(), "nc.deadletter.commands");
+    assert!(
+        msg.headers
+            .get("Nc-Deadletter-Reason")
+            .unwrap()
+            .as_str()
+            .contains("MessagePack")
+    );
+    cancel.cancel();
+    handle.await.unwrap();
+}
