@@ -1,1 +1,271 @@
-fn main() {}
+//! `novacron`: the one binary operators, agents and CI use.
+//!
+//! Service commands (`up`, `orchestrator`, `agent`) run long and stop cleanly on Ctrl-C or
+//! SIGTERM. Operator commands talk to the HTTP API (`--server`); audit commands (`events`,
+//! `state`) read JetStream directly (`--nats`) and need no orchestrator. Every command that
+//! prints data takes `-o json` and then prints exactly one JSON document on stdout; errors go to
+//! stderr with a non-zero exit code.
+
+mod audit;
+mod bench;
+mod client;
+mod nats_server;
+mod output;
+mod services;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// NovaCron: an event-sourced orchestrator for virtual machines over NATS JetStream.
+#[derive(Parser, Debug)]
+#[command(
+    name = "novacron",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    /// HTTP API of the orchestrator (operator commands).
+    #[arg(
+        long,
+        global = true,
+        env = "NOVACRON_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// NATS URL(s), comma-separated (services and audit commands).
+    #[arg(
+        long,
+        global = true,
+        env = "NOVACRON_NATS",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+    /// Output format of commands that print data.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Human-readable tables.
+    Text,
+    /// Exactly one JSON document on stdout.
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum DriverKind {
+    /// Simulated hypervisor (many hosts per process).
+    Sim,
+    /// QEMU/KVM through QMP (arrives with the node-agent issue).
+    Qemu,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// All-in-one on this machine: nats-server, the orchestrator, N simulated hosts and the
+    /// dashboard. Ctrl-C stops all of it; a second `up` on the same --data-dir resumes.
+    Up(UpArgs),
+    /// Run an orchestrator against an existing NATS server.
+    Orchestrator(OrchestratorArgs),
+    /// Run a host agent (or, with --count, many simulated hosts in one process).
+    Agent(AgentArgs),
+    /// Create, list, show and delete VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// List and show hosts.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Print events straight from the log (JetStream), optionally following new ones.
+    Events(audit::EventsArgs),
+    /// Replay the log straight from JetStream to a point and print the state's summary and hash.
+    State(audit::StateArgs),
+    /// Benchmarks: fold, append (against raw JetStream publish) and replay.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Number of simulated hosts.
+    #[arg(long, default_value_t = 4)]
+    hosts: u32,
+    /// Hypervisor driver of the hosts.
+    #[arg(long, value_enum, default_value_t = DriverKind::Sim)]
+    driver: DriverKind,
+    /// Where NATS, snapshots and agent journals keep their data.
+    #[arg(long, default_value = ".data")]
+    data_dir: PathBuf,
+    /// HTTP API and dashboard address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// NATS client port (0 picks a free one).
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
+    #[arg(long, env = "NOVACRON_NATS_SERVER")]
+    nats_server: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct OrchestratorArgs {
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// This replica's name, recorded as the actor of its decisions.
+    #[arg(long, default_value = "orchestrator-1")]
+    replica_id: String,
+    /// Local data (snapshots).
+    #[arg(long, default_value = ".data/orchestrator")]
+    data_dir: PathBuf,
+    /// Stream replicas (1 for a single server, 3 for a cluster).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Host id (letters, digits, '-' and '_'); with --count N, the prefix of host-1..N.
+    #[arg(long)]
+    host: String,
+    /// Hypervisor driver.
+    #[arg(long, value_enum, default_value_t = DriverKind::Sim)]
+    driver: DriverKind,
+    /// vCPUs the host offers.
+    #[arg(long)]
+    vcpus: u32,
+    /// Memory the host offers, MiB.
+    #[arg(long)]
+    memory_mib: u64,
+    /// Disk the host offers, GiB.
+    #[arg(long, default_value_t = 0)]
+    disk_gib: u64,
+    /// Host label, repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Local journal directory.
+    #[arg(long, default_value = ".data/agent")]
+    data_dir: PathBuf,
+    /// Number of simulated hosts in this process (sim driver only).
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Create a VM; prints it once its placement is in the log.
+    Create(VmCreateArgs),
+    /// List VMs.
+    List {
+        /// Include deleted VMs.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one VM (by id or name).
+    Show {
+        /// VM id or name.
+        id: String,
+    },
+    /// Delete a VM (by id or name): stops it, then releases its resources.
+    Delete {
+        /// VM id or name.
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct VmCreateArgs {
+    /// Name, unique among live VMs.
+    name: String,
+    /// vCPUs.
+    #[arg(long)]
+    vcpus: u32,
+    /// Memory, MiB.
+    #[arg(long)]
+    memory_mib: u64,
+    /// Disk, GiB (0: diskless).
+    #[arg(long, default_value_t = 0)]
+    disk_gib: u64,
+    /// Group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Label, repeatable: --label tier=web.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCommand {
+    /// List hosts.
+    List,
+    /// Show one host.
+    Show {
+        /// Host id.
+        id: String,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} must look like key=value")),
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOVACRON_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let service = matches!(
+        cli.command,
+        Command::Up(_) | Command::Orchestrator(_) | Command::Agent(_)
+    );
+    init_logging(if service {
+        "info,async_nats=warn"
+    } else {
+        "warn"
+    });
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let fmt = cli.output;
+    match cli.command {
+        Command::Up(a) => services::up(a, fmt).await,
+        Command::Orchestrator(a) => services::orchestrator(&cli.nats, a).await,
+        Command::Agent(a) => services::agent(&cli.nats, a).await,
+        Command::Vm(c) => client::vm(&cli.server, c, fmt).await,
+        Command::Host(c) => client::host(&cli.server, c, fmt).await,
+        Command::Events(a) => audit::events(&cli.nats, a, fmt).await,
+        Command::State(a) => audit::state(&cli.nats, a, fmt).await,
+        Command::Bench(a) => bench::run(a, fmt).await,
+    }
+}

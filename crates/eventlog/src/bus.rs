@@ -120,6 +120,18 @@ impl Bus {
                 urls: cfg.urls.clone(),
                 source,
             })?;
+        if cfg.retry_initial_connect {
+            // The client connects in the background; wait for it, so that the server's INFO
+            // (its version) is known before anyone asks.
+            let mut waited = Duration::ZERO;
+            while client.connection_state() != async_nats::connection::State::Connected {
+                if waited.as_millis() % 5000 == 0 && !waited.is_zero() {
+                    tracing::warn!(urls = %cfg.urls, waited_s = waited.as_secs(), "still waiting for NATS");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                waited += Duration::from_millis(50);
+            }
+        }
         let js = jetstream::ContextBuilder::new()
             .timeout(cfg.request_timeout)
             .max_ack_inflight(4096)

@@ -1,1 +1,243 @@
-//! placeholder
+//! NovaCron's orchestrator.
+//!
+//! A thin I/O shell around the pure core: it recovers the state from the log (snapshot + tail),
+//! turns agents' reports and operators' requests into events through [`decide`], appends them
+//! with the fenced writer of `novacron-eventlog`, and serves the HTTP API.
+//!
+//! ```text
+//!   HTTP API ──► EngineHandle ──► engine task ──► EventLog.append ──► EVENTS stream
+//!   REPORTS ───► ingest::reports ─┘    │ fold            (events and commands, nc.cmd.<host>.<vm>)
+//!   TELEMETRY ─► ingest::telemetry ─► observations (latest per host/VM, not logged)
+//!   nc.hb.* ───► ingest::heartbeats ─┘
+//! ```
+//! One replica for now; leader election (KV lease) comes with the engine issue. The log's
+//! expected-sequence check already makes a second writer harmless: its appends are refused.
+
+pub mod api;
+pub mod decide;
+pub mod engine;
+pub mod ingest;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use novacron_eventlog::{Bus, BusConfig, EventLog, SnapshotStore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use engine::{EngineHandle, SharedState};
+
+/// How to run an orchestrator.
+#[derive(Clone, Debug)]
+pub struct OrchestratorConfig {
+    /// NATS URL(s), comma-separated.
+    pub nats: String,
+    /// Where the HTTP API listens (`127.0.0.1:0` picks a free port).
+    pub http: SocketAddr,
+    /// Local data: snapshots (`<dir>/snapshots`) and the bound address (`<dir>/orchestrator.addr`).
+    pub data_dir: PathBuf,
+    /// This replica's name.
+    pub replica_id: String,
+    /// Stream replicas (1 single server, 3 cluster).
+    pub replicas: usize,
+    /// How often reconcilers run.
+    pub reconcile_interval: Duration,
+    /// Snapshot after this many events.
+    pub snapshot_every: u64,
+}
+
+impl OrchestratorConfig {
+    /// Defaults: `127.0.0.1:8080`, replica `orchestrator-1`, reconcile every 500 ms, snapshot
+    /// every 10,000 events.
+    #[must_use]
+    pub fn new(nats: impl Into<String>, data_dir: PathBuf) -> Self {
+        OrchestratorConfig {
+            nats: nats.into(),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir,
+            replica_id: "orchestrator-1".into(),
+            replicas: 1,
+            reconcile_interval: Duration::from_millis(500),
+            snapshot_every: 10_000,
+        }
+    }
+}
+
+/// What stops an orchestrator from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    /// NATS trouble.
+    #[error("bus")]
+    Bus(#[from] novacron_eventlog::BusError),
+    /// The log could not be opened or replayed.
+    #[error("event log: {0}")]
+    Log(String),
+    /// Local data directory trouble.
+    #[error("data directory {path}")]
+    DataDir {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Snapshot store trouble.
+    #[error("snapshot store")]
+    Snapshots(#[from] novacron_eventlog::SnapshotError),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A background loop could not start.
+    #[error("{0}")]
+    Loop(String),
+}
+
+/// A running orchestrator.
+pub struct Orchestrator {
+    /// Where the HTTP API actually listens.
+    pub http_addr: SocketAddr,
+    /// The engine, for in-process callers.
+    pub engine: EngineHandle,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Orchestrator {
+    /// Connects, provisions, recovers the state and starts every loop and the API. Returns once
+    /// the API listens and the state is caught up.
+    ///
+    /// # Errors
+    /// See [`OrchestratorError`].
+    pub async fn start(
+        cfg: OrchestratorConfig,
+        cancel: CancellationToken,
+    ) -> Result<Orchestrator, OrchestratorError> {
+        let _ = metrics::prometheus();
+        let dir_err = |source| OrchestratorError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
+        let mut bus_cfg = BusConfig::new(cfg.nats.clone(), format!("novacron-{}", cfg.replica_id));
+        bus_cfg.retry_initial_connect = true;
+        let bus = Bus::connect(&bus_cfg).await?;
+        bus.provision(cfg.replicas).await?;
+        let log = EventLog::open(bus.js.clone())
+            .await
+            .map_err(|e| OrchestratorError::Log(e.to_string()))?;
+        let snapshots = SnapshotStore::open(&cfg.data_dir.join("snapshots"))?;
+        let engine_cfg = engine::EngineConfig {
+            replica: cfg.replica_id.clone(),
+            reconcile_interval: cfg.reconcile_interval,
+            snapshot_every: cfg.snapshot_every,
+        };
+        let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
+
+        let tracker = TaskTracker::new();
+        tracker.spawn(engine.run(rx, handle.ready.clone(), cancel.clone()));
+        let observations = Arc::new(Mutex::new(ingest::Observations::default()));
+        spawn_loop(
+            &tracker,
+            &cancel,
+            "reports",
+            ingest::reports(bus.clone(), handle.clone(), cancel.clone()),
+        );
+        spawn_loop(
+            &tracker,
+            &cancel,
+            "telemetry",
+            ingest::telemetry(
+                bus.clone(),
+                handle.clone(),
+                observations.clone(),
+                cancel.clone(),
+            ),
+        );
+        spawn_loop(
+            &tracker,
+            &cancel,
+            "heartbeats",
+            ingest::heartbeats(
+                bus.clone(),
+                handle.clone(),
+                observations.clone(),
+                cancel.clone(),
+            ),
+        );
+
+        let listener = tokio::net::TcpListener::bind(cfg.http)
+            .await
+            .map_err(|source| OrchestratorError::Listen {
+                addr: cfg.http,
+                source,
+            })?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|source| OrchestratorError::Listen {
+                addr: cfg.http,
+                source,
+            })?;
+        std::fs::write(
+            cfg.data_dir.join("orchestrator.addr"),
+            http_addr.to_string(),
+        )
+        .map_err(dir_err)?;
+        let app = api::router(api::Api {
+            engine: handle.clone(),
+            observations,
+            client: bus.client.clone(),
+        });
+        let shutdown = cancel.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracker.close();
+        tracing::info!(%http_addr, replica = %cfg.replica_id, "orchestrator ready");
+        Ok(Orchestrator {
+            http_addr,
+            engine: handle,
+            tracker,
+            cancel,
+        })
+    }
+
+    /// Waits until every task has stopped (after the cancellation token fired).
+    pub async fn wait(self) {
+        self.tracker.wait().await;
+    }
+
+    /// Stops everything and waits.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.wait().await;
+    }
+}
+
+fn spawn_loop(
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    name: &'static str,
+    fut: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+) {
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::error!(loop_name = name, error = %e, "loop could not start; stopping the orchestrator");
+            cancel.cancel();
+        }
+    });
+}

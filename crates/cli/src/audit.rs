@@ -1,0 +1,268 @@
+//! Audit commands that read the log straight from JetStream — no orchestrator needed.
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use futures::StreamExt;
+use novacron_eventlog::{Bus, BusConfig, LoggedEvent, fold_range, replay};
+use novacron_protocol as proto;
+use novacron_state::ClusterState;
+use serde_json::{Value, json};
+
+use crate::Format;
+use crate::output;
+
+/// A point in the log: a stream sequence, or a time (RFC 3339).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// Stream sequence.
+    Seq(u64),
+    /// Milliseconds since the epoch.
+    Time(u64),
+}
+
+fn parse_point(s: &str) -> Result<Point, String> {
+    if let Ok(seq) = s.parse::<u64>() {
+        return Ok(Point::Seq(seq));
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?} is neither a sequence number nor an RFC 3339 time ({e})"))?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s:?} is before 1970"))?
+        .as_millis();
+    Ok(Point::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// First event: a sequence number or an RFC 3339 time (default: the beginning).
+    #[arg(long, value_parser = parse_point)]
+    since: Option<Point>,
+    /// Last event: a sequence number or an RFC 3339 time (default: the end).
+    #[arg(long, value_parser = parse_point)]
+    until: Option<Point>,
+    /// Only subjects matching this NATS filter, e.g. 'nc.events.vm.>' or 'nc.cmd.host-1.>'.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Keep printing new events as they are appended (with -o json: one JSON document per line).
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StateArgs {
+    /// Replay up to this sequence number or RFC 3339 time (default: the end of the log).
+    #[arg(long, value_parser = parse_point)]
+    at: Option<Point>,
+}
+
+async fn events_stream(nats: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+    let bus = Bus::connect(&BusConfig::new(nats, "novacron-cli")).await?;
+    bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| {
+        anyhow!(
+            "no {} stream at {nats} ({e}): has an orchestrator ever run against this server?",
+            proto::EVENTS_STREAM
+        )
+    })
+}
+
+/// Whether `subject` matches the NATS filter (`*` one token, `>` the rest).
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The JSON of one logged event: the envelope's header flattened next to `seq` and `subject`.
+fn event_json(ev: &LoggedEvent) -> Value {
+    match &ev.envelope {
+        Ok(env) => {
+            let event = serde_json::to_value(&env.event).unwrap_or(Value::Null);
+            let at = humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.at_ms),
+            );
+            json!({
+                "seq": ev.seq,
+                "id": env.id,
+                "at": at.to_string(),
+                "at_ms": env.at_ms,
+                "kind": env.event.name(),
+                "subject": ev.subject,
+                "actor": env.actor,
+                "causation_id": env.causation_id,
+                "correlation_id": env.correlation_id,
+                "schema": env.schema,
+                "payload": event.get("payload").cloned().unwrap_or(Value::Null),
+            })
+        }
+        Err(e) => {
+            json!({ "seq": ev.seq, "subject": ev.subject, "kind": null, "error": e.to_string() })
+        }
+    }
+}
+
+fn event_line(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let payload = v.get("payload").map(Value::to_string).unwrap_or_default();
+    let short: String = payload.chars().take(120).collect();
+    format!(
+        "{:>7}  {}  {:<18}  {}  {}",
+        v["seq"],
+        s("at"),
+        s("kind"),
+        s("subject"),
+        short
+    )
+}
+
+fn in_range(ev: &LoggedEvent, since: Option<Point>, until: Option<Point>) -> bool {
+    let at = ev.envelope.as_ref().map(|e| e.at_ms).unwrap_or(0);
+    let after = match since {
+        None => true,
+        Some(Point::Seq(s)) => ev.seq >= s,
+        Some(Point::Time(t)) => at >= t,
+    };
+    let before = match until {
+        None => true,
+        Some(Point::Seq(u)) => ev.seq <= u,
+        Some(Point::Time(t)) => at <= t,
+    };
+    after && before
+}
+
+pub async fn events(nats: &str, a: EventsArgs, fmt: Format) -> anyhow::Result<()> {
+    let mut stream = events_stream(nats).await?;
+    let from = match a.since {
+        Some(Point::Seq(s)) => s.max(1),
+        _ => 1,
+    };
+    let keep = |ev: &LoggedEvent| {
+        in_range(ev, a.since, a.until)
+            && a.subject
+                .as_deref()
+                .is_none_or(|f| subject_matches(f, &ev.subject))
+    };
+    if a.follow {
+        let mut follow = novacron_eventlog::follow(&stream, from).await?;
+        while let Some(ev) = follow.next().await {
+            let ev = ev?;
+            if let Some(Point::Seq(u)) = a.until
+                && ev.seq > u
+            {
+                break;
+            }
+            if keep(&ev) {
+                let v = event_json(&ev);
+                match fmt {
+                    Format::Json => println!("{}", serde_json::to_string(&v)?),
+                    Format::Text => println!("{}", event_line(&v)),
+                }
+            }
+        }
+        return Ok(());
+    }
+    let last = stream
+        .info()
+        .await
+        .context("reading the EVENTS stream")?
+        .state
+        .last_sequence;
+    let to = match a.until {
+        Some(Point::Seq(u)) => u.min(last),
+        _ => last,
+    };
+    let mut out = Vec::new();
+    replay(&stream, from, to, |ev| {
+        if keep(&ev) {
+            out.push(event_json(&ev));
+        }
+    })
+    .await?;
+    match fmt {
+        Format::Json => output::json(&out),
+        Format::Text => {
+            for v in &out {
+                println!("{}", event_line(v));
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn state(nats: &str, a: StateArgs, fmt: Format) -> anyhow::Result<()> {
+    let mut stream = events_stream(nats).await?;
+    let last = stream
+        .info()
+        .await
+        .context("reading the EVENTS stream")?
+        .state
+        .last_sequence;
+    let mut st = ClusterState::default();
+    match a.at {
+        None => {
+            fold_range(&stream, &mut st, last).await?;
+        }
+        Some(Point::Seq(n)) => {
+            if n > last {
+                bail!("--at {n} is past the end of the log (last sequence {last})");
+            }
+            fold_range(&stream, &mut st, n).await?;
+        }
+        Some(Point::Time(t)) => {
+            let mut done = false;
+            replay(&stream, 1, last, |ev| {
+                if done {
+                    return;
+                }
+                match &ev.envelope {
+                    Ok(env) if env.at_ms > t => done = true,
+                    Ok(env) => {
+                        st.apply(ev.seq, env);
+                    }
+                    Err(_) => st.seq = ev.seq,
+                }
+            })
+            .await?;
+        }
+    }
+    let summary = st.summary();
+    match fmt {
+        Format::Json => output::json(&summary),
+        Format::Text => {
+            println!("seq    {}", summary.seq);
+            println!("hash   {}", summary.hash);
+            println!("hosts  {}", summary.hosts);
+            println!("vms    {}", summary.vms);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_filters_follow_nats_wildcards() {
+        assert!(subject_matches("nc.events.vm.>", "nc.events.vm.abc"));
+        assert!(subject_matches("nc.cmd.*.x", "nc.cmd.h1.x"));
+        assert!(!subject_matches("nc.cmd.*.x", "nc.cmd.h1.y"));
+        assert!(!subject_matches("nc.events.vm.>", "nc.events.vm"));
+        assert!(subject_matches("nc.events.host.h1", "nc.events.host.h1"));
+    }
+
+    #[test]
+    fn points_are_sequences_or_times() {
+        assert_eq!(parse_point("42"), Ok(Point::Seq(42)));
+        assert_eq!(parse_point("1970-01-01T00:00:01Z"), Ok(Point::Time(1000)));
+        assert!(parse_point("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+}

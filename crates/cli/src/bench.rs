@@ -1,0 +1,5 @@
+pub async fn run(_a: BenchArgs, _f: crate::Format) -> anyhow::Result<()> {
+    anyhow::bail!("todo")
+}
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {}

@@ -1,0 +1,229 @@
+//! Operator commands over the HTTP API.
+
+use anyhow::{Context, anyhow};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::output::{self, or_dash};
+use crate::{Format, HostCommand, VmCommand};
+
+/// A small blocking HTTP client, run off the async threads.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(server: &str) -> Api {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build();
+        Api {
+            base: server.trim_end_matches('/').to_owned(),
+            agent: config.into(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned + Send + 'static>(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.call_blocking(method, &path, body)).await?
+    }
+
+    fn call_blocking<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let user = std::env::var("USER").unwrap_or_else(|_| "anonymous".into());
+        let sent = match (method, body) {
+            ("POST", Some(b)) => self
+                .agent
+                .post(&url)
+                .header("x-novacron-user", &user)
+                .send_json(b),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("x-novacron-user", &user)
+                .call(),
+            _ => self.agent.get(&url).call(),
+        };
+        let mut resp = sent.with_context(|| {
+            format!(
+                "cannot reach the NovaCron API at {} (is `novacron up` running? set --server)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .context("reading the API's answer")?;
+        if !status.is_success() {
+            let detail: Option<Value> = serde_json::from_str(&text).ok();
+            let msg = detail
+                .as_ref()
+                .and_then(|d| d.get("error"))
+                .and_then(Value::as_str)
+                .map_or_else(|| text.trim().to_owned(), str::to_owned);
+            let field = detail
+                .as_ref()
+                .and_then(|d| d.get("field"))
+                .and_then(Value::as_str);
+            return Err(match field {
+                Some(f) => anyhow!("{method} {path}: {status}: {f}: {msg}"),
+                None => anyhow!("{method} {path}: {status}: {msg}"),
+            });
+        }
+        serde_json::from_str(&text).with_context(|| {
+            format!("the API's answer to {method} {path} is not the JSON expected")
+        })
+    }
+}
+
+fn vm_rows(vms: &[Value]) -> Vec<Vec<String>> {
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    vms.iter()
+        .map(|v| {
+            vec![
+                or_dash(s(v, "id")),
+                or_dash(s(v, "name")),
+                or_dash(s(v, "status")),
+                or_dash(s(v, "host")),
+                or_dash(n(v, "generation")),
+                or_dash(n(v, "vcpus")),
+                or_dash(n(v, "memory_mib")),
+                s(v, "pending_reason").unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+const VM_HEADER: [&str; 8] = [
+    "id",
+    "name",
+    "status",
+    "host",
+    "gen",
+    "vcpus",
+    "memory_mib",
+    "note",
+];
+
+pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()> {
+    let api = Api::new(server);
+    let one = |v: Value| -> anyhow::Result<()> {
+        match fmt {
+            Format::Json => output::json(&v),
+            Format::Text => {
+                output::table(&VM_HEADER, &vm_rows(std::slice::from_ref(&v)));
+                Ok(())
+            }
+        }
+    };
+    match cmd {
+        VmCommand::Create(a) => {
+            let labels: serde_json::Map<String, Value> = a
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            let body = serde_json::json!({
+                "name": a.name, "vcpus": a.vcpus, "memory_mib": a.memory_mib, "disk_gib": a.disk_gib,
+                "group": a.group, "labels": labels,
+            });
+            one(api.call("POST", "/api/v1/vms".into(), Some(body)).await?)
+        }
+        VmCommand::List { all } => {
+            let vms: Vec<Value> = api
+                .call("GET", format!("/api/v1/vms?all={all}"), None)
+                .await?;
+            match fmt {
+                Format::Json => output::json(&vms),
+                Format::Text => {
+                    output::table(&VM_HEADER, &vm_rows(&vms));
+                    Ok(())
+                }
+            }
+        }
+        VmCommand::Show { id } => one(api
+            .call("GET", format!("/api/v1/vms/{}", encode(&id)), None)
+            .await?),
+        VmCommand::Delete { id } => one(api
+            .call("DELETE", format!("/api/v1/vms/{}", encode(&id)), None)
+            .await?),
+    }
+}
+
+pub async fn host(server: &str, cmd: HostCommand, fmt: Format) -> anyhow::Result<()> {
+    let api = Api::new(server);
+    let hosts: Vec<Value> = match cmd {
+        HostCommand::List => api.call("GET", "/api/v1/hosts".into(), None).await?,
+        HostCommand::Show { id } => {
+            let h: Value = api
+                .call("GET", format!("/api/v1/hosts/{}", encode(&id)), None)
+                .await?;
+            if fmt == Format::Json {
+                return output::json(&h);
+            }
+            vec![h]
+        }
+    };
+    if fmt == Format::Json {
+        return output::json(&hosts);
+    }
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                or_dash(s(h, "id")),
+                or_dash(s(h, "state")),
+                or_dash(s(h, "driver")),
+                or_dash(n(h, "vms")),
+                format!(
+                    "{}/{}",
+                    n(h, "allocated_vcpus").unwrap_or(0),
+                    n(h, "vcpus").unwrap_or(0)
+                ),
+                format!(
+                    "{}/{}",
+                    n(h, "allocated_memory_mib").unwrap_or(0),
+                    n(h, "memory_mib").unwrap_or(0)
+                ),
+                h.get("cpu_util")
+                    .and_then(Value::as_f64)
+                    .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+            ]
+        })
+        .collect();
+    output::table(
+        &["id", "state", "driver", "vms", "vcpus", "memory_mib", "cpu"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Percent-encodes a path segment (names may hold spaces or slashes).
+fn encode(segment: &str) -> String {
+    let mut out = String::new();
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

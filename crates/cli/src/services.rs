@@ -1,0 +1,186 @@
+//! The long-running commands: `up`, `orchestrator`, `agent`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use novacron_agent::{AgentConfig, run_sim_fleet};
+use novacron_eventlog::{Bus, BusConfig};
+use novacron_orchestrator::{Orchestrator, OrchestratorConfig};
+use novacron_types::{HostId, Labels, Resources};
+use tokio_util::sync::CancellationToken;
+
+use crate::nats_server::{self, LocalNats};
+use crate::{AgentArgs, DriverKind, Format, OrchestratorArgs, UpArgs, output};
+
+/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn no_qemu_yet(driver: DriverKind) -> anyhow::Result<()> {
+    if driver == DriverKind::Qemu {
+        bail!(
+            "the qemu driver is not available in this build yet (it comes with the node-agent work); use --driver sim"
+        );
+    }
+    Ok(())
+}
+
+/// The simulated hosts of `up`: 16 vCPUs, 64 GiB, 500 GiB each, alternating between two zones.
+fn sim_hosts(n: u32) -> anyhow::Result<Vec<AgentConfig>> {
+    (1..=n)
+        .map(|i| {
+            let mut cfg = AgentConfig::new(
+                HostId::new(format!("host-{i}"))?,
+                Resources {
+                    vcpus: 16,
+                    memory_mib: 65536,
+                    disk_gib: 500,
+                },
+            );
+            cfg.labels.insert(
+                "zone".into(),
+                if i % 2 == 1 {
+                    "zone-a".into()
+                } else {
+                    "zone-b".into()
+                },
+            );
+            Ok(cfg)
+        })
+        .collect()
+}
+
+pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
+    no_qemu_yet(a.driver)?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating --data-dir {}", a.data_dir.display()))?;
+    let data = std::fs::canonicalize(&a.data_dir)?;
+    let bin = nats_server::find(a.nats_server.as_deref())?;
+    let nats = LocalNats::start(&bin, &data.join("nats"), a.nats_port).await?;
+    let cancel = CancellationToken::new();
+
+    let mut cfg = OrchestratorConfig::new(nats.url.clone(), data.join("orchestrator"));
+    cfg.http = a.http;
+    let orchestrator = match Orchestrator::start(cfg, cancel.clone()).await {
+        Ok(o) => o,
+        Err(e) => {
+            nats.stop().await;
+            return Err(anyhow::Error::new(e).context("starting the orchestrator"));
+        }
+    };
+
+    let mut bus_cfg = BusConfig::new(nats.url.clone(), "novacron-agents");
+    bus_cfg.retry_initial_connect = true;
+    let bus = Bus::connect(&bus_cfg).await?;
+    let db = sled::open(data.join("agents")).context("opening the agents' journal")?;
+    let fleet = tokio::spawn(run_sim_fleet(bus, db, sim_hosts(a.hosts)?, cancel.clone()));
+
+    let api = format!("http://{}", orchestrator.http_addr);
+    match fmt {
+        Format::Json => output::json(&serde_json::json!({
+            "api": api, "dashboard": format!("{api}/"), "nats": nats.url,
+            "data_dir": data, "hosts": a.hosts,
+        }))?,
+        Format::Text => {
+            println!("NovaCron is up.");
+            println!("  dashboard  {api}/");
+            println!("  API        {api}/api/v1   (novacron --server {api} vm list)");
+            println!("  NATS       {}", nats.url);
+            println!(
+                "  hosts      {} simulated (host-1 … host-{})",
+                a.hosts, a.hosts
+            );
+            println!("  data       {}", data.display());
+            println!("Try: novacron vm create web-1 --vcpus 2 --memory-mib 2048");
+            println!("Ctrl-C stops everything; `up` again on the same --data-dir resumes.");
+        }
+    }
+
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("shutting down"),
+        () = cancel.cancelled() => tracing::error!("a component stopped; shutting down"),
+    }
+    cancel.cancel();
+    orchestrator.wait().await;
+    let _ = fleet.await;
+    nats.stop().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()> {
+    let mut cfg = OrchestratorConfig::new(nats, a.data_dir);
+    cfg.http = a.http;
+    cfg.replica_id = a.replica_id;
+    cfg.replicas = a.replicas;
+    let cancel = CancellationToken::new();
+    let o = Orchestrator::start(cfg, cancel.clone())
+        .await
+        .context("starting the orchestrator")?;
+    println!("novacron orchestrator: API on http://{}", o.http_addr);
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = cancel.cancelled() => {}
+    }
+    cancel.cancel();
+    o.wait().await;
+    Ok(())
+}
+
+pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
+    no_qemu_yet(a.driver)?;
+    if a.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let labels: Labels = a.labels.into_iter().collect();
+    let capacity = Resources {
+        vcpus: a.vcpus,
+        memory_mib: a.memory_mib,
+        disk_gib: a.disk_gib,
+    };
+    let mut hosts = Vec::new();
+    for i in 1..=a.count {
+        let id = if a.count == 1 {
+            a.host.clone()
+        } else {
+            format!("{}-{i}", a.host)
+        };
+        let host = HostId::new(id).context("--host")?;
+        let mut cfg = AgentConfig::new(host, capacity);
+        cfg.labels = labels.clone();
+        hosts.push(cfg);
+    }
+    std::fs::create_dir_all(&a.data_dir)?;
+    let db = sled::open(&a.data_dir)
+        .with_context(|| format!("opening the journal in {}", a.data_dir.display()))?;
+    let mut bus_cfg = BusConfig::new(nats, format!("novacron-agent-{}", a.host));
+    bus_cfg.retry_initial_connect = true;
+    let bus = tokio::time::timeout(Duration::from_secs(60), Bus::connect(&bus_cfg))
+        .await
+        .context("connecting to NATS timed out")??;
+    let cancel = CancellationToken::new();
+    let fleet = tokio::spawn(run_sim_fleet(bus, db, hosts, cancel.clone()));
+    shutdown_signal().await;
+    cancel.cancel();
+    let _ = fleet.await;
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The HTTP API under `/api/v1`, health, metrics and the dashboard.
+//!
+//! Writes go through the engine and answer only once their events are in the log; reads come
+//! from the folded state. Errors are JSON: `{"error": "...", "field": "vcpus"}` (`field` when
+//! one field is to blame), with 400 for bad input, 404, 409 for conflicts and 503 when the log
+//! is unavailable.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use novacron_state::{HostView, StateSummary};
+use novacron_types::{Actor, Validate, VmSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::decide::{Origin, Refusal};
+use crate::engine::{EngineError, EngineHandle, read};
+use crate::ingest::{SharedObservations, lock};
+use crate::metrics as m;
+
+#[derive(Clone)]
+pub(crate) struct Api {
+    pub engine: EngineHandle,
+    pub observations: SharedObservations,
+    pub client: async_nats::Client,
+}
+
+pub(crate) fn router(api: Api) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/state", get(state))
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{id}", get(show_vm).delete(delete_vm))
+        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts/{id}", get(show_host))
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// A JSON error response.
+#[derive(Debug, Serialize)]
+struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error: error.into(),
+            field: None,
+        }
+    }
+    fn field(field: impl Into<String>, error: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: error.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        count(self.status);
+        (self.status, Json(&self)).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Refused(Refusal::Invalid { field, reason }) => {
+                ApiError::field(field, reason)
+            }
+            EngineError::Refused(r @ Refusal::NotFound(_)) => {
+                ApiError::new(StatusCode::NOT_FOUND, r.to_string())
+            }
+            EngineError::Refused(r @ (Refusal::NameInUse(_) | Refusal::AlreadyDeleted(_))) => {
+                ApiError::new(StatusCode::CONFLICT, r.to_string())
+            }
+            e @ (EngineError::LogUnavailable(_) | EngineError::ShuttingDown) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+        }
+    }
+}
+
+fn count(status: StatusCode) {
+    let class = match status.as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    ::metrics::counter!(m::HTTP_REQUESTS, "status" => class).increment(1);
+}
+
+fn ok<T: Serialize>(status: StatusCode, body: T) -> Response {
+    count(status);
+    (status, Json(body)).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such route; the API lives under /api/v1",
+    )
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(api): State<Api>) -> Response {
+    let engine = api.engine.ready.load(Ordering::SeqCst);
+    let nats = api.client.connection_state() == async_nats::connection::State::Connected;
+    let status = if engine && nats {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "engine": engine, "nats": nats }))).into_response()
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    {
+        let s = read(&api.engine.state);
+        ::metrics::gauge!(m::STATE_SEQ).set(s.seq as f64);
+        ::metrics::gauge!(m::HOSTS).set(s.hosts.len() as f64);
+        ::metrics::gauge!(m::VMS).set(s.summary().vms as f64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m::prometheus().render(),
+    )
+        .into_response()
+}
+
+async fn state(State(api): State<Api>) -> Response {
+    let summary: StateSummary = read(&api.engine.state).summary();
+    ok(StatusCode::OK, summary)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_vms(State(api): State<Api>, Query(q): Query<ListQuery>) -> Response {
+    let views = read(&api.engine.state).vm_views(q.all);
+    ok(StatusCode::OK, views)
+}
+
+async fn show_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let s = read(&api.engine.state);
+    match crate::decide::find_vm(&s, &id) {
+        Some(vm) => ok(StatusCode::OK, novacron_state::VmView::from(vm)),
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no VM {id}")).into_response(),
+    }
+}
+
+/// The body of `POST /api/v1/vms`. Every field optional at the parser so that a missing one is
+/// reported by name; unknown fields are errors.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVmBody {
+    name: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    disk_gib: Option<u64>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let b: CreateVmBody = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        // serde names the field in the message for unknown fields; otherwise the path does.
+        let field = backticked(&msg).filter(|_| path == ".").unwrap_or(path);
+        ApiError::field(field, format!("invalid JSON body: {msg}"))
+    })?;
+    let name = b.name.ok_or_else(|| ApiError::field("name", "required"))?;
+    let vcpus = b
+        .vcpus
+        .ok_or_else(|| ApiError::field("vcpus", "required"))?;
+    let memory_mib = b
+        .memory_mib
+        .ok_or_else(|| ApiError::field("memory_mib", "required"))?;
+    let spec = VmSpec {
+        name,
+        vcpus,
+        memory_mib,
+        disk_gib: b.disk_gib.unwrap_or(0),
+        group: b.group,
+        labels: b.labels.unwrap_or_default(),
+    };
+    spec.validate()
+        .map_err(|e| ApiError::field(e.field, e.reason))?;
+    Ok(spec)
+}
+
+fn backticked(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let len = msg[start..].find('`')?;
+    Some(msg[start..start + len].to_owned())
+}
+
+fn origin(headers: &HeaderMap) -> Origin {
+    let user = headers
+        .get("x-novacron-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .unwrap_or("anonymous");
+    Origin {
+        actor: Actor::User(user.to_owned()),
+        correlation: Some(uuid::Uuid::now_v7()),
+    }
+}
+
+async fn create_vm(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let spec = parse_create(&body)?;
+    let view = api.engine.create_vm(spec, origin(&headers)).await?;
+    Ok(ok(StatusCode::CREATED, view))
+}
+
+async fn delete_vm(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = api.engine.delete_vm(id, origin(&headers)).await?;
+    Ok(ok(StatusCode::ACCEPTED, view))
+}
+
+/// A host as the API shows it: the log's view plus what we last observed.
+#[derive(Serialize)]
+struct HostWithObservation {
+    #[serde(flatten)]
+    host: HostView,
+    last_heartbeat_ms: Option<u64>,
+    cpu_util: Option<f64>,
+    memory_used_mib: Option<u64>,
+}
+
+fn host_views(api: &Api) -> Vec<HostWithObservation> {
+    let views = read(&api.engine.state).host_views();
+    let obs = lock(&api.observations);
+    views
+        .into_iter()
+        .map(|host| {
+            let o = novacron_types::HostId::new(host.id.clone())
+                .ok()
+                .and_then(|id| obs.hosts.get(&id).cloned());
+            let o = o.unwrap_or_default();
+            HostWithObservation {
+                last_heartbeat_ms: o.last_heartbeat_ms,
+                cpu_util: o.telemetry.as_ref().map(|t| t.cpu_util),
+                memory_used_mib: o.telemetry.as_ref().map(|t| t.memory_used_mib),
+                host,
+            }
+        })
+        .collect()
+}
+
+async fn list_hosts(State(api): State<Api>) -> Response {
+    ok(StatusCode::OK, host_views(&api))
+}
+
+async fn show_host(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    match host_views(&api).into_iter().find(|h| h.host.id == id) {
+        Some(h) => ok(StatusCode::OK, h),
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no host {id}")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_bodies_name_the_field() {
+        let cases: [(&[u8], &str); 6] = [
+            (br#"{"vcpus": 2, "memory_mib": 512}"#, "name"),
+            (br#"{"name": "a", "memory_mib": 512}"#, "vcpus"),
+            (
+                br#"{"name": "a", "vcpus": "two", "memory_mib": 512}"#,
+                "vcpus",
+            ),
+            (br#"{"name": "a", "vcpus": -1, "memory_mib": 512}"#, "vcpus"),
+            (br#"{"name": "a", "vcpus": 0, "memory_mib": 512}"#, "vcpus"),
+            (
+                br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "colour": "red"}"#,
+                "colour",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = parse_create(body).unwrap_err();
+            assert_eq!(
+                err.field.as_deref(),
+                Some(field),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                err.error
+            );
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        }
+        assert!(parse_create(b"not json").is_err());
+        assert!(parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512}"#).is_ok());
+    }
+}

@@ -1,0 +1,573 @@
+//! Decisions: from the folded state and one input to the events to append. Pure.
+//!
+//! Ids and the time are drawn by the caller (the engine) through [`Stamp`] before anything is
+//! appended and are recorded in the events, so a replay never decides again. Reconcilers look
+//! only at the state — a crash between two appends is repaired by the next reconcile pass,
+//! through the same code as the happy path.
+
+use std::collections::BTreeMap;
+
+use novacron_scheduler::Placement;
+use novacron_state::{ClusterState, VmRecord, VmStatus};
+use novacron_types::event::{
+    HostRegistered, VmDeleteRequested, VmDeleted, VmPlaced, VmPlacementFailed, VmRequested,
+};
+use novacron_types::report::HostRegistration;
+use novacron_types::{
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources,
+    StartVm, StopVm, VmId, VmSpec,
+};
+use uuid::Uuid;
+
+/// Where time and fresh ids come from. The engine's is the wall clock and UUID v7; tests can
+/// pass a fixed one.
+pub trait Stamp {
+    /// Milliseconds since the epoch.
+    fn now_ms(&mut self) -> u64;
+    /// A fresh VM id.
+    fn vm_id(&mut self) -> VmId;
+    /// A fresh incarnation id.
+    fn incarnation_id(&mut self) -> IncarnationId;
+}
+
+/// The wall clock and UUID v7.
+pub struct WallClock;
+
+impl Stamp for WallClock {
+    fn now_ms(&mut self) -> u64 {
+        novacron_eventlog::now_ms()
+    }
+    fn vm_id(&mut self) -> VmId {
+        VmId::new_v7()
+    }
+    fn incarnation_id(&mut self) -> IncarnationId {
+        IncarnationId::new_v7()
+    }
+}
+
+/// Why a request was refused; mapped to HTTP statuses by the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The request is invalid (400).
+    #[error("field `{field}`: {reason}")]
+    Invalid {
+        /// Which field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The name is taken by a live VM (409).
+    #[error("a VM named {0:?} already exists")]
+    NameInUse(String),
+    /// No such VM (404).
+    #[error("no VM {0}")]
+    NotFound(String),
+    /// The VM is already deleted (409).
+    #[error("VM {0} is already deleted")]
+    AlreadyDeleted(VmId),
+}
+
+/// Context of one decision: who asked, and which request the events belong to.
+pub struct Origin {
+    /// Recorded as the events' actor.
+    pub actor: Actor,
+    /// Recorded as the events' correlation id.
+    pub correlation: Option<Uuid>,
+}
+
+fn envelope(stamp: &mut impl Stamp, origin: &Origin, event: EventKind) -> Envelope {
+    Envelope::new(stamp.now_ms(), origin.actor.clone(), event).correlated(origin.correlation)
+}
+
+/// A new VM: `VmRequested`, then its placement (`VmPlaced` + `VmStartCommanded`, or
+/// `VmPlacementFailed`). Returns the new VM's id with the events.
+///
+/// # Errors
+/// A [`Refusal`] when the name is taken.
+pub fn create_vm(
+    state: &ClusterState,
+    spec: VmSpec,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    if state.names.contains_key(&spec.name) {
+        return Err(Refusal::NameInUse(spec.name));
+    }
+    let vm = stamp.vm_id();
+    let need = spec.resources();
+    let mut events = vec![envelope(
+        stamp,
+        origin,
+        EventKind::VmRequested(VmRequested {
+            vm,
+            spec: spec.clone(),
+        }),
+    )];
+    let decision = novacron_scheduler::place(state, need, &BTreeMap::new());
+    events.extend(placement_events(
+        state,
+        vm,
+        &spec,
+        Generation(0),
+        decision,
+        None,
+        stamp,
+        origin,
+    ));
+    Ok((vm, events))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn placement_events(
+    state: &ClusterState,
+    vm: VmId,
+    spec: &VmSpec,
+    current: Generation,
+    decision: Placement,
+    previous_failure: Option<&str>,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Vec<Envelope> {
+    match decision {
+        Placement::Host {
+            host,
+            mut explanation,
+        } => {
+            explanation.log_seq = state.seq;
+            let incarnation = stamp.incarnation_id();
+            let generation = current.next().unwrap_or(current);
+            let placed = envelope(
+                stamp,
+                origin,
+                EventKind::VmPlaced(VmPlaced {
+                    vm,
+                    host: host.clone(),
+                    incarnation,
+                    generation,
+                    explanation,
+                }),
+            );
+            let cause = placed.id.0;
+            let start = envelope(
+                stamp,
+                origin,
+                EventKind::VmStartCommanded(StartVm {
+                    vm,
+                    host,
+                    incarnation,
+                    generation,
+                    spec: spec.clone(),
+                }),
+            )
+            .caused_by(cause);
+            vec![placed, start]
+        }
+        Placement::Unplaceable {
+            reason,
+            explanation,
+        } => {
+            if previous_failure == Some(reason.as_str()) {
+                return Vec::new(); // nothing new to say; don't flood the log
+            }
+            vec![envelope(
+                stamp,
+                origin,
+                EventKind::VmPlacementFailed(VmPlacementFailed {
+                    vm,
+                    reason,
+                    explanation,
+                }),
+            )]
+        }
+    }
+}
+
+/// Finds a VM by id or by (live) name.
+#[must_use]
+pub fn find_vm<'a>(state: &'a ClusterState, key: &str) -> Option<&'a VmRecord> {
+    if let Ok(id) = key.parse::<VmId>() {
+        return state.vms.get(&id);
+    }
+    state.names.get(key).and_then(|id| state.vms.get(id))
+}
+
+/// An operator's delete: `VmDeleteRequested`, then what it takes (stop command, or `VmDeleted`).
+///
+/// # Errors
+/// A [`Refusal`] when there is no such VM or it is already deleted.
+pub fn delete_vm(
+    state: &ClusterState,
+    key: &str,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
+    if vm.status == VmStatus::Deleted {
+        return Err(Refusal::AlreadyDeleted(vm.id));
+    }
+    let mut events = Vec::new();
+    if !vm.delete_requested {
+        events.push(envelope(
+            stamp,
+            origin,
+            EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm.id }),
+        ));
+    }
+    if let Some(e) = deletion_step(vm, stamp, origin) {
+        events.push(e);
+    }
+    Ok((vm.id, events))
+}
+
+/// The next step of deleting a VM whose deletion was requested: stop it if something may run,
+/// or mark it deleted if nothing does. `None` while a stop is under way.
+fn deletion_step(vm: &VmRecord, stamp: &mut impl Stamp, origin: &Origin) -> Option<Envelope> {
+    match (vm.status, vm.host.as_ref(), vm.incarnation) {
+        (VmStatus::Starting | VmStatus::Running, Some(host), Some(incarnation)) => Some(envelope(
+            stamp,
+            origin,
+            EventKind::VmStopCommanded(StopVm {
+                vm: vm.id,
+                host: host.clone(),
+                incarnation,
+                generation: vm.generation,
+                reason: "deleted by operator".into(),
+            }),
+        )),
+        (VmStatus::Stopping | VmStatus::Migrating | VmStatus::Deleted, _, _) => None,
+        _ => Some(envelope(
+            stamp,
+            origin,
+            EventKind::VmDeleted(VmDeleted { vm: vm.id }),
+        )),
+    }
+}
+
+/// What a report means for the log.
+#[derive(Debug, PartialEq)]
+pub enum ReportOutcome {
+    /// Append these events (possibly none: the report told us nothing new).
+    Events(Vec<Envelope>),
+    /// The report cannot be accepted; dead-letter it with this reason.
+    Reject(String),
+}
+
+/// Turns an agent's report into events, checking it against the state: a report that repeats
+/// what the log already says gives no events, so redelivered reports are harmless.
+pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> ReportOutcome {
+    let origin = Origin {
+        actor: Actor::Agent(report.host.clone()),
+        correlation: Some(report.id.0),
+    };
+    let known_host = state.hosts.get(&report.host);
+    let ev = |stamp: &mut dyn FnMut() -> u64, kind: EventKind| {
+        Envelope::new(stamp(), origin.actor.clone(), kind)
+            .correlated(origin.correlation)
+            .caused_by(report.id.0)
+    };
+    let mut now = || stamp.now_ms();
+    match &report.report {
+        ReportKind::HostRegistration(HostRegistration {
+            capacity,
+            labels,
+            driver,
+        }) => {
+            let unchanged = known_host.is_some_and(|h| {
+                h.capacity == *capacity && h.labels == *labels && h.driver == *driver
+            });
+            if unchanged {
+                return ReportOutcome::Events(Vec::new());
+            }
+            ReportOutcome::Events(vec![ev(
+                &mut now,
+                EventKind::HostRegistered(HostRegistered {
+                    host: report.host.clone(),
+                    capacity: *capacity,
+                    labels: labels.clone(),
+                    driver: driver.clone(),
+                }),
+            )])
+        }
+        _ if known_host.is_none() => ReportOutcome::Reject(format!(
+            "report from unknown host {}: register first",
+            report.host
+        )),
+        ReportKind::VmRunning(r) | ReportKind::VmStopped(r) => {
+            let running = matches!(report.report, ReportKind::VmRunning(_));
+            let Some(vm) = state.vms.get(&r.vm) else {
+                return ReportOutcome::Reject(format!("report about unknown VM {}", r.vm));
+            };
+            if vm.incarnation != Some(r.incarnation) || vm.status == VmStatus::Deleted {
+                tracing::info!(vm = %r.vm, host = %r.host, "report about a stale incarnation; ignored");
+                return ReportOutcome::Events(Vec::new());
+            }
+            let target = if running {
+                VmStatus::Running
+            } else {
+                VmStatus::Stopped
+            };
+            if vm.status == target {
+                return ReportOutcome::Events(Vec::new());
+            }
+            let kind = if running {
+                EventKind::VmRunning(r.clone())
+            } else {
+                EventKind::VmStopped(r.clone())
+            };
+            ReportOutcome::Events(vec![ev(&mut now, kind)])
+        }
+        ReportKind::VmFailed(f) => {
+            let Some(vm) = state.vms.get(&f.vm) else {
+                return ReportOutcome::Reject(format!("report about unknown VM {}", f.vm));
+            };
+            if vm.incarnation != Some(f.incarnation)
+                || matches!(vm.status, VmStatus::Deleted | VmStatus::Failed)
+            {
+                return ReportOutcome::Events(Vec::new());
+            }
+            ReportOutcome::Events(vec![ev(&mut now, EventKind::VmFailed(f.clone()))])
+        }
+    }
+}
+
+/// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch
+/// never double-books a host), command the start of placed VMs, and move deletions along.
+pub fn reconcile(state: &ClusterState, stamp: &mut impl Stamp, origin: &Origin) -> Vec<Envelope> {
+    let mut events = Vec::new();
+    let mut reserved: BTreeMap<HostId, Resources> = BTreeMap::new();
+    for vm in state.vms.values() {
+        if vm.delete_requested {
+            if let Some(e) = deletion_step_if_needed(vm, stamp, origin) {
+                events.push(e);
+            }
+            continue;
+        }
+        match vm.status {
+            VmStatus::Pending => {
+                let decision = novacron_scheduler::place(state, vm.spec.resources(), &reserved);
+                if let Placement::Host { host, .. } = &decision {
+                    let r = reserved.entry(host.clone()).or_default();
+                    *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                }
+                events.extend(placement_events(
+                    state,
+                    vm.id,
+                    &vm.spec,
+                    vm.generation,
+                    decision,
+                    vm.pending_reason.as_deref(),
+                    stamp,
+                    origin,
+                ));
+            }
+            VmStatus::Placed => {
+                if let (Some(host), Some(incarnation)) = (vm.host.clone(), vm.incarnation) {
+                    events.push(envelope(
+                        stamp,
+                        origin,
+                        EventKind::VmStartCommanded(StartVm {
+                            vm: vm.id,
+                            host,
+                            incarnation,
+                            generation: vm.generation,
+                            spec: vm.spec.clone(),
+                        }),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    events
+}
+
+/// Like [`deletion_step`], but only where a step is still missing: a VM already `Stopping`
+/// waits for its report; one `Running` after a stop command is waiting too.
+fn deletion_step_if_needed(
+    vm: &VmRecord,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Option<Envelope> {
+    match vm.status {
+        VmStatus::Deleted | VmStatus::Stopping | VmStatus::Migrating => None,
+        _ => deletion_step(vm, stamp, origin),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use novacron_types::event::HostRegistered;
+    use novacron_types::report::HostRegistration;
+    use novacron_types::{ReportId, SCHEMA_VERSION};
+
+    use super::*;
+
+    struct Fixed(u128);
+    impl Stamp for Fixed {
+        fn now_ms(&mut self) -> u64 {
+            7
+        }
+        fn vm_id(&mut self) -> VmId {
+            self.0 += 1;
+            VmId(Uuid::from_u128(self.0))
+        }
+        fn incarnation_id(&mut self) -> IncarnationId {
+            self.0 += 1;
+            IncarnationId(Uuid::from_u128(self.0))
+        }
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            actor: Actor::User("t".into()),
+            correlation: None,
+        }
+    }
+
+    fn spec(name: &str, vcpus: u32) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            vcpus,
+            memory_mib: 1024,
+            disk_gib: 0,
+            group: None,
+            labels: Default::default(),
+        }
+    }
+
+    fn apply_all(state: &mut ClusterState, events: &[Envelope]) {
+        for e in events {
+            let seq = state.seq + 1;
+            state.apply(seq, e);
+        }
+    }
+
+    fn with_host(vcpus: u32) -> ClusterState {
+        let mut s = ClusterState::default();
+        let e = Envelope::new(
+            0,
+            Actor::Agent(HostId::new("h1").unwrap()),
+            EventKind::HostRegistered(HostRegistered {
+                host: HostId::new("h1").unwrap(),
+                capacity: Resources {
+                    vcpus,
+                    memory_mib: 65536,
+                    disk_gib: 0,
+                },
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        );
+        apply_all(&mut s, &[e]);
+        s
+    }
+
+    #[test]
+    fn create_places_and_commands_the_start_in_one_decision() {
+        let mut s = with_host(8);
+        let (vm, events) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| e.event.name()).collect();
+        assert_eq!(kinds, ["VmRequested", "VmPlaced", "VmStartCommanded"]);
+        apply_all(&mut s, &events);
+        assert_eq!(s.vms[&vm].status, VmStatus::Starting);
+        assert_eq!(s.vms[&vm].generation, Generation(1));
+        assert_eq!(
+            create_vm(&s, spec("a", 1), &mut Fixed(9), &origin()).unwrap_err(),
+            Refusal::NameInUse("a".into())
+        );
+    }
+
+    #[test]
+    fn a_pending_vm_is_placed_when_capacity_appears_and_failure_is_not_repeated() {
+        let mut s = ClusterState::default();
+        let (vm, events) = create_vm(&s, spec("big", 4), &mut Fixed(0), &origin()).unwrap();
+        assert_eq!(events.last().unwrap().event.name(), "VmPlacementFailed");
+        apply_all(&mut s, &events);
+        assert!(
+            reconcile(&s, &mut Fixed(10), &origin()).is_empty(),
+            "same failure is not appended again"
+        );
+
+        let reg = Report {
+            schema: SCHEMA_VERSION,
+            id: ReportId(Uuid::from_u128(99)),
+            host: HostId::new("h1").unwrap(),
+            at_ms: 1,
+            report: ReportKind::HostRegistration(HostRegistration {
+                capacity: Resources {
+                    vcpus: 8,
+                    memory_mib: 8192,
+                    disk_gib: 0,
+                },
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        };
+        let ReportOutcome::Events(reg_events) = report(&s, &reg, &mut Fixed(20)) else {
+            panic!()
+        };
+        apply_all(&mut s, &reg_events);
+        let ReportOutcome::Events(again) = report(&s, &reg, &mut Fixed(30)) else {
+            panic!()
+        };
+        assert!(again.is_empty(), "a repeated registration changes nothing");
+
+        let placed = reconcile(&s, &mut Fixed(40), &origin());
+        apply_all(&mut s, &placed);
+        assert_eq!(s.vms[&vm].status, VmStatus::Starting);
+    }
+
+    #[test]
+    fn reconcile_never_double_books_a_host_in_one_pass() {
+        let mut s = ClusterState::default();
+        for i in 0..5 {
+            let (_, ev) = create_vm(
+                &s,
+                spec(&format!("v{i}"), 2),
+                &mut Fixed(i * 100),
+                &origin(),
+            )
+            .unwrap();
+            apply_all(&mut s, &ev);
+        }
+        let host = with_host(4);
+        apply_all(
+            &mut s,
+            &[Envelope::new(
+                0,
+                Actor::Agent(HostId::new("h1").unwrap()),
+                EventKind::HostRegistered(HostRegistered {
+                    host: HostId::new("h1").unwrap(),
+                    capacity: host.hosts.values().next().unwrap().capacity,
+                    labels: Default::default(),
+                    driver: "sim".into(),
+                }),
+            )],
+        );
+        let events = reconcile(&s, &mut Fixed(1000), &origin());
+        apply_all(&mut s, &events);
+        let h = s.hosts.values().next().unwrap();
+        assert_eq!(h.vms.len(), 2, "4 vCPUs hold two 2-vCPU VMs, no more");
+        assert!(h.allocated.fits_within(h.capacity));
+    }
+
+    #[test]
+    fn deleting_a_running_vm_stops_it_first() {
+        let mut s = with_host(8);
+        let (vm, events) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+        apply_all(&mut s, &events);
+        let (_, del) = delete_vm(&s, "a", &mut Fixed(50), &origin()).unwrap();
+        let kinds: Vec<_> = del.iter().map(|e| e.event.name()).collect();
+        assert_eq!(kinds, ["VmDeleteRequested", "VmStopCommanded"]);
+        apply_all(&mut s, &del);
+        assert!(
+            reconcile(&s, &mut Fixed(60), &origin()).is_empty(),
+            "waits for the stop report"
+        );
+        assert_eq!(
+            delete_vm(&s, "nope", &mut Fixed(70), &origin()).unwrap_err(),
+            Refusal::NotFound("nope".into())
+        );
+        let _ = vm;
+    }
+}

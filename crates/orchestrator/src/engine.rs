@@ -1,0 +1,393 @@
+//! The engine: the one task that owns the folded state and the event log writer.
+//!
+//! Requests (API calls, agents' reports) arrive on a channel; for each, the engine reads the
+//! state, decides ([`crate::decide`]), appends the events, folds them in, and only then
+//! replies — so an acknowledged request is in the log. A periodic tick runs the reconcilers.
+//! When an append is refused (someone else wrote), the engine catches up from the log and
+//! decides again from the new state.
+//!
+//! Readers (the HTTP API) share the state behind an `RwLock` that the engine holds only while
+//! folding, never across an await.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use novacron_eventlog::{AppendError, EventLog, SnapshotStore, fold_range};
+use novacron_state::{ClusterState, VmView};
+use novacron_types::{Actor, Envelope, Report, VmSpec};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::decide::{self, Origin, Refusal, ReportOutcome, WallClock};
+use crate::metrics as m;
+
+/// Shared, read-mostly view of the folded state.
+pub type SharedState = Arc<RwLock<ClusterState>>;
+
+/// Reads the shared state, tolerating a poisoned lock (the engine never leaves it half-written:
+/// each fold step is complete before the next).
+pub fn read(state: &SharedState) -> std::sync::RwLockReadGuard<'_, ClusterState> {
+    state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write(state: &SharedState) -> std::sync::RwLockWriteGuard<'_, ClusterState> {
+    state
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request was refused on its merits.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The log could not take the events; nothing was acknowledged.
+    #[error("the event log is unavailable: {0}")]
+    LogUnavailable(String),
+    /// The engine is shutting down.
+    #[error("the orchestrator is shutting down")]
+    ShuttingDown,
+}
+
+/// What happened to a report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReportVerdict {
+    /// Folded in (or nothing new).
+    Accepted,
+    /// Dead-letter it with this reason.
+    Rejected(String),
+}
+
+pub(crate) enum Request {
+    CreateVm {
+        spec: VmSpec,
+        origin: Origin,
+        reply: oneshot::Sender<Result<VmView, EngineError>>,
+    },
+    DeleteVm {
+        key: String,
+        origin: Origin,
+        reply: oneshot::Sender<Result<VmView, EngineError>>,
+    },
+    Report {
+        report: Box<Report>,
+        reply: oneshot::Sender<Result<ReportVerdict, EngineError>>,
+    },
+}
+
+/// A cheap handle to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Request>,
+    /// The folded state, for readers.
+    pub state: SharedState,
+    /// True once the engine has caught up with the log and runs.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Request,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Creates a VM; returns once its events are in the log.
+    ///
+    /// # Errors
+    /// Refusals, or the log being unavailable.
+    pub async fn create_vm(&self, spec: VmSpec, origin: Origin) -> Result<VmView, EngineError> {
+        self.ask(|reply| Request::CreateVm {
+            spec,
+            origin,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes a VM (by id or name); returns once the request is in the log.
+    ///
+    /// # Errors
+    /// Refusals, or the log being unavailable.
+    pub async fn delete_vm(&self, key: String, origin: Origin) -> Result<VmView, EngineError> {
+        self.ask(|reply| Request::DeleteVm { key, origin, reply })
+            .await
+    }
+
+    /// Hands over an agent's report; returns once its events are in the log.
+    ///
+    /// # Errors
+    /// The log being unavailable.
+    pub async fn report(&self, report: Report) -> Result<ReportVerdict, EngineError> {
+        self.ask(|reply| Request::Report {
+            report: Box::new(report),
+            reply,
+        })
+        .await
+    }
+}
+
+/// The engine's settings.
+pub struct EngineConfig {
+    /// This replica's name, recorded as the actor of its own decisions.
+    pub replica: String,
+    /// How often the reconcilers run.
+    pub reconcile_interval: Duration,
+    /// Save a snapshot after this many new events.
+    pub snapshot_every: u64,
+}
+
+pub(crate) struct Engine {
+    cfg: EngineConfig,
+    state: SharedState,
+    log: EventLog,
+    snapshots: SnapshotStore,
+    stream_created_ns: i128,
+    since_snapshot: u64,
+}
+
+const MAX_ATTEMPTS: usize = 3;
+
+impl Engine {
+    /// Loads the newest usable snapshot and replays the tail. Returns the engine and its handle
+    /// (not yet running).
+    pub(crate) async fn recover(
+        cfg: EngineConfig,
+        log: EventLog,
+        snapshots: SnapshotStore,
+    ) -> Result<(Engine, EngineHandle, mpsc::Receiver<Request>), crate::OrchestratorError> {
+        let mut stream = log.stream().clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| crate::OrchestratorError::Log(e.to_string()))?;
+        let stream_created_ns = info.created.unix_timestamp_nanos();
+        let tail = info.state.last_sequence;
+        let mut state = match snapshots.latest(stream_created_ns, tail) {
+            Ok(Some(s)) => {
+                tracing::info!(seq = s.seq, "loaded snapshot");
+                s
+            }
+            Ok(None) => ClusterState::default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring unusable snapshot; replaying from the start");
+                ClusterState::default()
+            }
+        };
+        let started = std::time::Instant::now();
+        let stats = fold_range(log.stream(), &mut state, tail)
+            .await
+            .map_err(|e| crate::OrchestratorError::Log(e.to_string()))?;
+        tracing::info!(
+            seq = state.seq, replayed = stats.applied, undecodable = stats.undecodable,
+            elapsed_ms = started.elapsed().as_millis() as u64, hash = %state.hash(),
+            "state recovered from the log"
+        );
+        let shared: SharedState = Arc::new(RwLock::new(state));
+        let (tx, rx) = mpsc::channel(1024);
+        let handle = EngineHandle {
+            tx,
+            state: shared.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        let engine = Engine {
+            cfg,
+            state: shared,
+            log,
+            snapshots,
+            stream_created_ns,
+            since_snapshot: stats.applied,
+        };
+        Ok((engine, handle, rx))
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        ready: Arc<AtomicBool>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(self.cfg.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ready.store(true, Ordering::SeqCst);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                req = rx.recv() => match req {
+                    Some(req) => self.handle(req).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.reconcile().await,
+            }
+        }
+        ready.store(false, Ordering::SeqCst);
+        self.snapshot();
+        tracing::info!(seq = read(&self.state).seq, "engine stopped");
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::CreateVm {
+                spec,
+                origin,
+                reply,
+            } => {
+                let r = self
+                    .decide_and_commit(|s| {
+                        decide::create_vm(s, spec.clone(), &mut WallClock, &origin)
+                    })
+                    .await
+                    .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
+                if r.is_ok() {
+                    ::metrics::counter!(m::VMS_CREATED).increment(1);
+                }
+                let _ = reply.send(r);
+            }
+            Request::DeleteVm { key, origin, reply } => {
+                let r = self
+                    .decide_and_commit(|s| decide::delete_vm(s, &key, &mut WallClock, &origin))
+                    .await
+                    .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
+                let _ = reply.send(r);
+            }
+            Request::Report { report, reply } => {
+                let r = self.handle_report(&report).await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn handle_report(&mut self, report: &Report) -> Result<ReportVerdict, EngineError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let outcome = decide::report(&read(&self.state), report, &mut WallClock);
+            match outcome {
+                ReportOutcome::Reject(reason) => return Ok(ReportVerdict::Rejected(reason)),
+                ReportOutcome::Events(events) => match self.commit(&events).await {
+                    Ok(()) => {
+                        if events.iter().any(|e| {
+                            matches!(e.event, novacron_types::EventKind::HostRegistered(_))
+                        }) {
+                            self.reconcile().await; // new capacity: place what waits
+                        }
+                        return Ok(ReportVerdict::Accepted);
+                    }
+                    Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS => continue,
+                    Err(e) => return Err(EngineError::LogUnavailable(e.to_string())),
+                },
+            }
+        }
+        Err(EngineError::LogUnavailable("the log kept moving".into()))
+    }
+
+    /// Decides from the current state and commits; on a conflict, catches up and decides again.
+    async fn decide_and_commit<T>(
+        &mut self,
+        mut decide: impl FnMut(&ClusterState) -> Result<(T, Vec<Envelope>), Refusal>,
+    ) -> Result<T, EngineError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let (out, events) = decide(&read(&self.state))?;
+            match self.commit(&events).await {
+                Ok(()) => return Ok(out),
+                Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS => {}
+                Err(e) => return Err(EngineError::LogUnavailable(e.to_string())),
+            }
+        }
+        Err(EngineError::LogUnavailable("the log kept moving".into()))
+    }
+
+    async fn reconcile(&mut self) {
+        let origin = Origin {
+            actor: Actor::Orchestrator(self.cfg.replica.clone()),
+            correlation: None,
+        };
+        let events = decide::reconcile(&read(&self.state), &mut WallClock, &origin);
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = self.commit(&events).await {
+            tracing::warn!(error = %e, "reconcile pass not committed; the next pass retries");
+        }
+    }
+
+    /// Appends and folds in. On any failure, re-reads the log so that the state is the log's.
+    async fn commit(&mut self, events: &[Envelope]) -> Result<(), CommitError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        match self.log.append(events).await {
+            Ok(seqs) => {
+                let mut state = write(&self.state);
+                for (seq, e) in seqs.iter().zip(events) {
+                    state.apply(*seq, e);
+                }
+                drop(state);
+                self.since_snapshot += seqs.len() as u64;
+                if self.since_snapshot >= self.cfg.snapshot_every {
+                    self.snapshot();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let conflict = matches!(e, AppendError::Conflict { .. });
+                tracing::warn!(error = %e, "append failed; catching up from the log");
+                self.catch_up().await;
+                if conflict {
+                    Err(CommitError::Conflict)
+                } else {
+                    Err(CommitError::Failed(e.to_string()))
+                }
+            }
+        }
+    }
+
+    async fn catch_up(&mut self) {
+        let tail = match self.log.refresh_tail().await {
+            Ok(t) => t.seq,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the log tail");
+                return;
+            }
+        };
+        let mut copy = read(&self.state).clone();
+        match fold_range(self.log.stream(), &mut copy, tail).await {
+            Ok(stats) => {
+                tracing::info!(
+                    seq = copy.seq,
+                    applied = stats.applied,
+                    "caught up with the log"
+                );
+                *write(&self.state) = copy;
+            }
+            Err(e) => tracing::error!(error = %e, "catch-up failed"),
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let state = read(&self.state).clone();
+        match self.snapshots.save(self.stream_created_ns, &state) {
+            Ok(()) => {
+                tracing::debug!(seq = state.seq, "snapshot saved");
+                self.since_snapshot = 0;
+            }
+            Err(e) => tracing::warn!(error = %e, "snapshot not saved"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CommitError {
+    #[error("the log moved")]
+    Conflict,
+    #[error("{0}")]
+    Failed(String),
+}

@@ -1,0 +1,363 @@
+//! What comes in from agents and other systems: reports, telemetry, heartbeats.
+//!
+//! Each message is parsed at the edge — subject, content type, schema, values, and whether its
+//! host or VM is one we know — and anything that fails goes to `nc.deadletter.<source>` with the
+//! reason and the original bytes, and a counter rises. Nothing here panics on input.
+//!
+//! Reports are acknowledged only after the engine has appended their events, so a crash in
+//! between redelivers them; the engine's state check makes the second delivery a no-op.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use bytes::Bytes;
+use futures::StreamExt;
+use novacron_eventlog::{Bus, DeadLetters};
+use novacron_protocol::{self as proto, Subject};
+use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
+use novacron_types::{ContentType, HostId, Report, Validate, VmId};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{EngineError, EngineHandle, ReportVerdict, read};
+use crate::metrics as m;
+
+/// The latest liveness and load we have seen per host and VM. Not part of the log: telemetry
+/// is high-volume and lossy by design; decisions that use it record what they read.
+#[derive(Default)]
+pub struct Observations {
+    /// Per host: last heartbeat and last telemetry sample.
+    pub hosts: BTreeMap<HostId, HostObservation>,
+    /// Per VM: last telemetry sample.
+    pub vms: BTreeMap<VmId, VmTelemetry>,
+}
+
+/// What we last saw of one host.
+#[derive(Clone, Debug, Default)]
+pub struct HostObservation {
+    /// When its last heartbeat was sent (agent clock, ms).
+    pub last_heartbeat_ms: Option<u64>,
+    /// Its last telemetry sample.
+    pub telemetry: Option<HostTelemetry>,
+}
+
+/// Shared observations.
+pub type SharedObservations = Arc<Mutex<Observations>>;
+
+pub(crate) fn lock(o: &SharedObservations) -> std::sync::MutexGuard<'_, Observations> {
+    o.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A message that did not make it past the edge: where it came from and why.
+struct Rejection(String);
+
+fn decode<T: DeserializeOwned + Validate>(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<T, Rejection> {
+    let ct = headers
+        .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned());
+    let ct = ContentType::from_header(ct.as_deref()).map_err(|e| Rejection(e.to_string()))?;
+    let msg: T = novacron_types::decode(payload, ct).map_err(|e| Rejection(e.to_string()))?;
+    msg.validate().map_err(|e| Rejection(e.to_string()))?;
+    Ok(msg)
+}
+
+fn content_type(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    headers
+        .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned())
+}
+
+async fn durable(
+    bus: &Bus,
+    stream: &str,
+    name: &str,
+    filter: &str,
+    ack: AckPolicy,
+    deliver: DeliverPolicy,
+) -> Result<PullConsumer, String> {
+    let s = bus.js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    s.get_or_create_consumer(
+        name,
+        pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: filter.to_owned(),
+            ack_policy: ack,
+            ack_wait: Duration::from_secs(30),
+            deliver_policy: deliver,
+            max_ack_pending: 4096,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Runs `each` on every message of a durable consumer until cancelled, recreating the message
+/// stream after errors with backoff.
+async fn consume<F, Fut>(
+    consumer: PullConsumer,
+    what: &'static str,
+    cancel: CancellationToken,
+    mut each: F,
+) where
+    F: FnMut(async_nats::jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = what, error = %e, "consumer unavailable; retrying");
+                tokio::select! { () = cancel.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let next =
+                tokio::select! { () = cancel.cancelled() => return, n = messages.next() => n };
+            match next {
+                Some(Ok(msg)) => each(msg).await,
+                Some(Err(e)) => tracing::debug!(consumer = what, error = %e, "consumer hiccup"),
+                None => break,
+            }
+        }
+    }
+}
+
+/// Consumes REPORTS: validate, hand to the engine, ack after the append.
+pub(crate) async fn reports(
+    bus: Bus,
+    engine: EngineHandle,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let consumer = durable(
+        &bus,
+        proto::REPORTS_STREAM,
+        proto::ORCHESTRATOR_REPORTS_CONSUMER,
+        "nc.report.>",
+        AckPolicy::Explicit,
+        DeliverPolicy::All,
+    )
+    .await?;
+    let dead = DeadLetters::new(bus.js.clone());
+    consume(consumer, "reports", cancel, |msg| {
+        let engine = engine.clone();
+        let dead = dead.clone();
+        async move {
+            let subject = msg.subject.to_string();
+            let parsed = match Subject::parse(&subject) {
+                Ok(Subject::Report(host)) => decode::<Report>(msg.headers.as_ref(), &msg.payload)
+                    .and_then(|r| {
+                        if r.host == host {
+                            Ok(r)
+                        } else {
+                            Err(Rejection(format!(
+                                "report for host {} on the subject of host {host}",
+                                r.host
+                            )))
+                        }
+                    }),
+                Ok(_) => Err(Rejection("not a report subject".into())),
+                Err(e) => Err(Rejection(e.to_string())),
+            };
+            let report = match parsed {
+                Ok(r) => r,
+                Err(Rejection(reason)) => {
+                    ::metrics::counter!(m::REPORTS, "outcome" => "malformed").increment(1);
+                    dead.send(
+                        "reports",
+                        &subject,
+                        content_type(msg.headers.as_ref()).as_deref(),
+                        &reason,
+                        msg.payload.clone(),
+                    )
+                    .await;
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    return;
+                }
+            };
+            match engine.report(report).await {
+                Ok(ReportVerdict::Accepted) => {
+                    ::metrics::counter!(m::REPORTS, "outcome" => "accepted").increment(1);
+                    let _ = msg.ack().await;
+                }
+                Ok(ReportVerdict::Rejected(reason)) => {
+                    ::metrics::counter!(m::REPORTS, "outcome" => "rejected").increment(1);
+                    dead.send(
+                        "reports",
+                        &subject,
+                        content_type(msg.headers.as_ref()).as_deref(),
+                        &reason,
+                        msg.payload.clone(),
+                    )
+                    .await;
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                Err(EngineError::ShuttingDown) => {} // not acked: redelivered to the next run
+                Err(e) => {
+                    tracing::warn!(error = %e, "report not processed; it will be redelivered");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Consumes TELEMETRY into the observations.
+pub(crate) async fn telemetry(
+    bus: Bus,
+    engine: EngineHandle,
+    obs: SharedObservations,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let consumer = durable(
+        &bus,
+        proto::TELEMETRY_STREAM,
+        proto::ORCHESTRATOR_TELEMETRY_CONSUMER,
+        "nc.telemetry.>",
+        AckPolicy::None,
+        DeliverPolicy::New,
+    )
+    .await?;
+    let dead = DeadLetters::new(bus.js.clone());
+    consume(consumer, "telemetry", cancel, |msg| {
+        let dead = dead.clone();
+        let engine = engine.clone();
+        let obs = obs.clone();
+        async move {
+            let subject = msg.subject.to_string();
+            let outcome =
+                accept_telemetry(&subject, msg.headers.as_ref(), &msg.payload, &engine, &obs);
+            if let Err(Rejection(reason)) = outcome {
+                ::metrics::counter!(m::TELEMETRY, "outcome" => "rejected").increment(1);
+                dead.send(
+                    "telemetry",
+                    &subject,
+                    content_type(msg.headers.as_ref()).as_deref(),
+                    &reason,
+                    msg.payload.clone(),
+                )
+                .await;
+            } else {
+                ::metrics::counter!(m::TELEMETRY, "outcome" => "accepted").increment(1);
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+fn accept_telemetry(
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+    engine: &EngineHandle,
+    obs: &SharedObservations,
+) -> Result<(), Rejection> {
+    match Subject::parse(subject).map_err(|e| Rejection(e.to_string()))? {
+        Subject::HostTelemetry(host) => {
+            let t: HostTelemetry = decode(headers, payload)?;
+            if t.host != host {
+                return Err(Rejection(format!(
+                    "sample for host {} on the subject of host {host}",
+                    t.host
+                )));
+            }
+            if !read(&engine.state).hosts.contains_key(&host) {
+                return Err(Rejection(format!("unknown host {host}")));
+            }
+            lock(obs).hosts.entry(host).or_default().telemetry = Some(t);
+            Ok(())
+        }
+        Subject::VmTelemetry(vm) => {
+            let t: VmTelemetry = decode(headers, payload)?;
+            if t.vm != vm {
+                return Err(Rejection(format!(
+                    "sample for VM {} on the subject of VM {vm}",
+                    t.vm
+                )));
+            }
+            if !read(&engine.state).vms.contains_key(&vm) {
+                return Err(Rejection(format!("unknown VM {vm}")));
+            }
+            lock(obs).vms.insert(vm, t);
+            Ok(())
+        }
+        _ => Err(Rejection("not a telemetry subject".into())),
+    }
+}
+
+/// Subscribes to heartbeats (core NATS; a lost one is harmless).
+pub(crate) async fn heartbeats(
+    bus: Bus,
+    engine: EngineHandle,
+    obs: SharedObservations,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let mut sub = bus
+        .client
+        .subscribe(proto::HEARTBEAT_WILDCARD)
+        .await
+        .map_err(|e| e.to_string())?;
+    let dead = DeadLetters::new(bus.js.clone());
+    loop {
+        let msg = tokio::select! { () = cancel.cancelled() => return Ok(()), m = sub.next() => m };
+        let Some(msg) = msg else { return Ok(()) };
+        let subject = msg.subject.to_string();
+        let parsed = match Subject::parse(&subject) {
+            Ok(Subject::Heartbeat(host)) => decode::<Heartbeat>(msg.headers.as_ref(), &msg.payload)
+                .and_then(|hb| {
+                    if hb.host == host {
+                        Ok(hb)
+                    } else {
+                        Err(Rejection(format!(
+                            "heartbeat for host {} on the subject of host {host}",
+                            hb.host
+                        )))
+                    }
+                }),
+            Ok(_) => Err(Rejection("not a heartbeat subject".into())),
+            Err(e) => Err(Rejection(e.to_string())),
+        };
+        match parsed {
+            Ok(hb) => {
+                if read(&engine.state).hosts.contains_key(&hb.host) {
+                    ::metrics::counter!(m::HEARTBEATS, "outcome" => "accepted").increment(1);
+                    lock(&obs)
+                        .hosts
+                        .entry(hb.host)
+                        .or_default()
+                        .last_heartbeat_ms = Some(hb.at_ms);
+                } else {
+                    // An agent heartbeats before its registration is folded in; not an error.
+                    ::metrics::counter!(m::HEARTBEATS, "outcome" => "unknown_host").increment(1);
+                }
+            }
+            Err(Rejection(reason)) => {
+                ::metrics::counter!(m::HEARTBEATS, "outcome" => "malformed").increment(1);
+                let payload = Bytes::copy_from_slice(&msg.payload);
+                dead.send(
+                    "heartbeats",
+                    &subject,
+                    content_type(msg.headers.as_ref()).as_deref(),
+                    &reason,
+                    payload,
+                )
+                .await;
+            }
+        }
+    }
+}
