@@ -194,7 +194,9 @@ impl<D: Driver> Agent<D> {
                     durable_name: Some(name.clone()),
                     filter_subject: proto::host_commands_filter(host),
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
+                    // A command in flight to a crashed agent comes back after this; the journal
+                    // makes the redelivery harmless.
+                    ack_wait: Duration::from_secs(10),
                     deliver_policy: DeliverPolicy::All,
                     max_ack_pending: 1024,
                     ..Default::default()

@@ -51,6 +51,9 @@ pub(crate) fn lock(o: &SharedObservations) -> std::sync::MutexGuard<'_, Observat
     o.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How long a delivered report may stay unacknowledged before JetStream redelivers it.
+pub const REPORT_ACK_WAIT: Duration = Duration::from_secs(3);
+
 /// A message that did not make it past the edge: where it came from and why.
 struct Rejection(String);
 
@@ -88,9 +91,12 @@ async fn durable(
             durable_name: Some(name.to_owned()),
             filter_subject: filter.to_owned(),
             ack_policy: ack,
-            ack_wait: Duration::from_secs(30),
+            // Reports in flight to a crashed orchestrator come back after ack_wait: keep it short
+            // so a restarted (or standby) orchestrator resumes within seconds. Handling one takes
+            // milliseconds; a bounded number in flight keeps slow periods from expiring them.
+            ack_wait: REPORT_ACK_WAIT,
             deliver_policy: deliver,
-            max_ack_pending: 4096,
+            max_ack_pending: 512,
             ..Default::default()
         },
     )

@@ -1,0 +1,205 @@
+//! Processes and waits for the end-to-end tests: the real `novacron` binary, real nats-server.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use novacron_testkit::wait_until;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, args: &[&str]) -> Proc {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("NOVACRON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc { child, name }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status within the timeout.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let mut status = None;
+        assert!(
+            wait_until(TIMEOUT, || {
+                status = self.child.try_wait().unwrap();
+                status.is_some()
+            }),
+            "{} did not stop on SIGTERM",
+            self.name
+        );
+        status.unwrap()
+    }
+
+    pub fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `novacron ARGS` to completion: (exit success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `novacron ARGS -o json` and parses the one JSON document it must print.
+pub fn cli_json(args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (ok, out, err) = cli(&all);
+    assert!(ok, "novacron {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!("novacron {args:?} printed no single JSON document ({e}): {out}")
+    })
+}
+
+/// An orchestrator child process and the address of its API.
+pub struct Orchestrator {
+    pub proc: Proc,
+    pub api: String,
+}
+
+impl Orchestrator {
+    pub fn start(nats: &str, data_dir: &Path) -> Orchestrator {
+        let addr_file = data_dir.join("orchestrator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let dir = data_dir.to_str().unwrap();
+        let proc = Proc::spawn(
+            "orchestrator",
+            &[
+                "orchestrator",
+                "--nats",
+                nats,
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir,
+            ],
+        );
+        let mut o = Orchestrator {
+            proc,
+            api: String::new(),
+        };
+        let found = wait_until(TIMEOUT, || {
+            std::fs::read_to_string(&addr_file).is_ok_and(|a| !a.is_empty())
+        });
+        if !found {
+            panic!("orchestrator did not start: {}", o.proc.stderr());
+        }
+        o.api = format!(
+            "http://{}",
+            std::fs::read_to_string(&addr_file).unwrap().trim()
+        );
+        assert!(
+            wait_until(TIMEOUT, || get(&o.api, "/readyz").0 == 200),
+            "orchestrator never ready"
+        );
+        o
+    }
+}
+
+/// Starts `count` simulated hosts `<prefix>-1..N` in one agent process.
+pub fn agents(nats: &str, prefix: &str, count: u32, data_dir: &Path) -> Proc {
+    let c = count.to_string();
+    Proc::spawn(
+        "agent",
+        &[
+            "agent",
+            "--nats",
+            nats,
+            "--host",
+            prefix,
+            "--count",
+            &c,
+            "--vcpus",
+            "8",
+            "--memory-mib",
+            "16384",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+    )
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// GET → (status, JSON body or Null). Status 0 when unreachable.
+pub fn get(api: &str, path: &str) -> (u16, Value) {
+    match agent().get(format!("{api}{path}")).call() {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// POST JSON → (status, JSON body). Status 0 when unreachable.
+pub fn post(api: &str, path: &str, body: &Value) -> (u16, Value) {
+    match agent().post(format!("{api}{path}")).send_json(body) {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+pub fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    assert!(wait_until(TIMEOUT, cond), "timed out waiting for {what}");
+}
+
+pub fn vm_status(api: &str, id: &str) -> String {
+    get(api, &format!("/api/v1/vms/{id}")).1["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
