@@ -16,6 +16,7 @@
 //! errors (timeouts, no responders during an election, broken connection) are retried with the
 //! *same* headers, with backoff, for up to [`EventLog::retry_budget`], then reported.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -95,6 +96,14 @@ pub struct EventLog {
     stream: Stream,
     tail: Tail,
     retry_budget: Duration,
+    window: usize,
+}
+
+/// Progress of one `append` call.
+struct Run {
+    stored: Vec<u64>,
+    /// An earlier event needed a retry: later refusals may be artefacts of the reordering.
+    degraded: bool,
 }
 
 /// One event ready to go: subject, encoded body, id.
@@ -103,6 +112,9 @@ struct Outgoing {
     payload: Bytes,
     kind: &'static str,
     id: EventId,
+    /// `id` formatted once: it goes out as this event's message id and as the next one's
+    /// expected last message id.
+    id_text: String,
 }
 
 impl EventLog {
@@ -126,7 +138,16 @@ impl EventLog {
             stream,
             tail: Tail { seq },
             retry_budget: Duration::from_secs(30),
+            window: 1024,
         })
+    }
+
+    /// Most appends in flight at once within one `append` call (default 1024; the client's
+    /// in-flight ack limit is 4096).
+    #[must_use]
+    pub fn window(mut self, window: usize) -> Self {
+        self.window = window.clamp(1, 4096);
+        self
     }
 
     /// How long transient errors are retried before an append gives up (default 30 s).
@@ -165,8 +186,9 @@ impl EventLog {
         Ok(&self.tail)
     }
 
-    /// Appends `events` in order, pipelined, each fenced on its predecessor. Returns their
-    /// stream sequences. The subject of each comes from [`novacron_protocol::event_subject`].
+    /// Appends `events` in order, pipelined with at most [`window`](Self::window) in flight, each
+    /// fenced on its predecessor. Returns their stream sequences. The subject of each comes from
+    /// [`novacron_protocol::event_subject`].
     ///
     /// # Errors
     /// See [`AppendError`]; on any error, the stored prefix is in the error and the tail is
@@ -179,70 +201,94 @@ impl EventLog {
                 payload: Bytes::from(novacron_types::encode(e)),
                 kind: e.event.name(),
                 id: e.id,
+                id_text: e.id.to_string(),
             })
             .collect();
         let base = self.tail.seq;
-        // Send everything first: the acks come back while later messages are still going out.
-        let mut futures: Vec<Option<PublishAckFuture>> = Vec::with_capacity(outgoing.len());
+        let mut run = Run {
+            stored: Vec::with_capacity(outgoing.len()),
+            degraded: false,
+        };
+        let mut inflight: VecDeque<(usize, Option<PublishAckFuture>)> =
+            VecDeque::with_capacity(self.window);
         for i in 0..outgoing.len() {
-            match self.send(&outgoing, i, base).await {
-                Ok(f) => futures.push(Some(f)),
-                Err(_) => futures.push(None), // retried below, in order
+            if inflight.len() >= self.window
+                && let Some((j, fut)) = inflight.pop_front()
+            {
+                self.settle(&outgoing, j, base, fut, &mut run).await?;
             }
+            // A failed send is retried in order when its turn to settle comes.
+            inflight.push_back((i, self.send(&outgoing, i, base).await.ok()));
         }
-        let mut stored = Vec::with_capacity(outgoing.len());
-        let mut degraded = false;
-        for (i, fut) in futures.into_iter().enumerate() {
-            let expected_prev = base + i as u64;
-            let first_try = match fut {
-                Some(f) => f.await,
-                None => Err(async_nats::jetstream::context::PublishError::new(
-                    PublishErrorKind::BrokenPipe,
-                )),
-            };
-            let outcome = match first_try {
-                Ok(ack) => Ok(ack),
-                Err(e) if is_conflict(&e) && !degraded => Err(e),
-                Err(e) => {
-                    // A transient failure, or a refusal caused by one (an earlier message was
-                    // retried, so this one overtook it). Re-send alone; its answer is final.
-                    if !is_conflict(&e) {
-                        degraded = true;
-                    }
-                    self.retry_one(&outgoing, i, base, &stored, e).await
+        while let Some((j, fut)) = inflight.pop_front() {
+            self.settle(&outgoing, j, base, fut, &mut run).await?;
+        }
+        metrics::counter!(m::EVENTS_APPENDED).increment(run.stored.len() as u64);
+        Ok(run.stored)
+    }
+
+    /// Awaits the ack of event `i` (retrying it alone when needed) and records its sequence.
+    async fn settle(
+        &mut self,
+        outgoing: &[Outgoing],
+        i: usize,
+        base: u64,
+        fut: Option<PublishAckFuture>,
+        run: &mut Run,
+    ) -> Result<(), AppendError> {
+        let expected_prev = base + i as u64;
+        let first_try = match fut {
+            Some(f) => f.await,
+            None => Err(async_nats::jetstream::context::PublishError::new(
+                PublishErrorKind::BrokenPipe,
+            )),
+        };
+        let outcome = match first_try {
+            Ok(ack) => Ok(ack),
+            Err(e) if is_conflict(&e) && !run.degraded => Err(e),
+            Err(e) => {
+                // A transient failure, or a refusal caused by one (an earlier message was
+                // retried, so this one overtook it). Re-send alone; its answer is final.
+                if !is_conflict(&e) {
+                    run.degraded = true;
                 }
-            };
-            match outcome {
-                Ok(ack) => {
-                    let want = expected_prev + 1;
-                    if ack.sequence != want {
-                        self.refresh_tail().await?;
-                        return Err(AppendError::Unexpected {
-                            event: outgoing[i].id,
-                            expected: want,
-                            got: ack.sequence,
-                        });
-                    }
-                    stored.push(ack.sequence);
-                    self.tail.seq = ack.sequence;
-                }
-                Err(e) if is_conflict(&e) => {
-                    metrics::counter!(m::APPEND_CONFLICTS).increment(1);
-                    let tail = self.refresh_tail().await?.clone();
-                    return Err(AppendError::Conflict {
-                        expected: expected_prev,
-                        tail,
-                        stored_seqs: stored,
+                self.retry_one(outgoing, i, base, e).await
+            }
+        };
+        match outcome {
+            Ok(ack) => {
+                let want = expected_prev + 1;
+                if ack.sequence != want {
+                    self.refresh_tail().await?;
+                    return Err(AppendError::Unexpected {
+                        event: outgoing[i].id,
+                        expected: want,
+                        got: ack.sequence,
                     });
                 }
-                Err(e) => {
-                    self.refresh_tail().await?;
-                    return Err(classify_final(e, outgoing[i].id, stored, self.retry_budget));
-                }
+                run.stored.push(ack.sequence);
+                self.tail.seq = ack.sequence;
+                Ok(())
+            }
+            Err(e) if is_conflict(&e) => {
+                metrics::counter!(m::APPEND_CONFLICTS).increment(1);
+                let tail = self.refresh_tail().await?.clone();
+                Err(AppendError::Conflict {
+                    expected: expected_prev,
+                    tail,
+                    stored_seqs: std::mem::take(&mut run.stored),
+                })
+            }
+            Err(e) => {
+                self.refresh_tail().await?;
+                Err(classify_final(
+                    e,
+                    outgoing[i].id,
+                    std::mem::take(&mut run.stored),
+                    self.retry_budget,
+                ))
             }
         }
-        metrics::counter!(m::EVENTS_APPENDED).increment(stored.len() as u64);
-        Ok(stored)
     }
 
     async fn send(
@@ -261,10 +307,10 @@ impl EventLog {
         let mut msg = PublishMessage::build()
             .payload(o.payload.clone())
             .headers(headers)
-            .message_id(o.id.to_string())
+            .message_id(&o.id_text)
             .expected_last_sequence(base + i as u64);
         if i > 0 {
-            msg = msg.expected_last_message_id(outgoing[i - 1].id.to_string());
+            msg = msg.expected_last_message_id(&outgoing[i - 1].id_text);
         }
         self.js.send_publish(o.subject.clone(), msg).await
     }
@@ -274,7 +320,6 @@ impl EventLog {
         outgoing: &[Outgoing],
         i: usize,
         base: u64,
-        _stored: &[u64],
         first: async_nats::jetstream::context::PublishError,
     ) -> Result<
         async_nats::jetstream::publish::PublishAck,

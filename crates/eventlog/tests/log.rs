@@ -176,7 +176,8 @@ async fn two_writers_with_the_same_view_one_wins_and_history_does_not_fork() {
 async fn a_foreign_write_mid_batch_never_tears_the_batch() {
     let server = NatsServer::start().unwrap();
     let bus = bus(&server).await;
-    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    // A window smaller than the batch: the fence must hold across window refills too.
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap().window(4);
     log.append(&[host_event(0)]).await.unwrap();
     // Someone else appends one event behind our back: our tail is now stale by one.
     let mut other = EventLog::open(bus.js.clone()).await.unwrap();
