@@ -463,7 +463,12 @@ impl<D: Driver> Agent<D> {
     /// Heartbeats on core NATS and periodic host telemetry.
     async fn liveness_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
         let mut hb = tokio::time::interval(self.cfg.heartbeat_interval);
-        let mut tele = tokio::time::interval(self.cfg.telemetry_interval);
+        // The first sample waits one period: sent at once, it could reach the orchestrator
+        // before the registration is folded in, and be dead-lettered as from an unknown host.
+        let mut tele = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.cfg.telemetry_interval,
+            self.cfg.telemetry_interval,
+        );
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tele.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
