@@ -1,0 +1,326 @@
+//! The checked-in schemas and golden fixtures under `schemas/` must match today's code.
+//!
+//! - `schemas/*.schema.json` equal what the Rust types generate;
+//! - `schemas/fixtures/<name>.json` and `.msgpack` equal today's encoding of a fixed sample, and
+//!   both decode back to that sample.
+//!
+//! After an intended change: `make schemas` (sets NOVACRON_UPDATE_SCHEMAS=1) rewrites them;
+//! review the diff — a changed fixture means old readers may misread new messages (bump the
+//! schema version if so).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::PathBuf;
+
+use novacron_types::event::*;
+use novacron_types::report::HostRegistration;
+use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
+use novacron_types::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+}
+
+fn updating() -> bool {
+    std::env::var_os("NOVACRON_UPDATE_SCHEMAS").is_some()
+}
+
+/// Compares (or, when updating, writes) one file; returns a drift message.
+fn check_file(path: PathBuf, want: &[u8]) -> Option<String> {
+    if updating() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, want).unwrap();
+        return None;
+    }
+    match std::fs::read(&path) {
+        Ok(have) if have == want => None,
+        Ok(_) => Some(format!(
+            "{} differs from what the code produces",
+            path.display()
+        )),
+        Err(e) => Some(format!("{}: {e}", path.display())),
+    }
+}
+
+#[test]
+fn checked_in_schemas_match_the_types() {
+    let drift: Vec<String> = novacron_types::schema::all()
+        .into_iter()
+        .filter_map(|(name, text)| check_file(dir().join(name), text.as_bytes()))
+        .collect();
+    assert!(
+        drift.is_empty(),
+        "schemas drifted (run `make schemas` and review):\n{}",
+        drift.join("\n")
+    );
+}
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n)
+}
+
+fn host() -> HostId {
+    HostId::new("rack1-h07").unwrap()
+}
+
+fn spec() -> VmSpec {
+    VmSpec {
+        name: "web-1".into(),
+        vcpus: 2,
+        memory_mib: 2048,
+        disk_gib: 20,
+        group: Some("web".into()),
+        labels: [("tier".to_owned(), "frontend".to_owned())].into(),
+    }
+}
+
+fn envelope(n: u128, event: EventKind) -> Envelope {
+    Envelope {
+        schema: SCHEMA_VERSION,
+        id: EventId(id(n)),
+        at_ms: 1_780_000_000_000 + n as u64,
+        actor: Actor::User("alice".into()),
+        causation_id: Some(id(100)),
+        correlation_id: Some(id(101)),
+        event,
+    }
+}
+
+fn report(n: u128, report: ReportKind) -> Report {
+    Report {
+        schema: SCHEMA_VERSION,
+        id: ReportId(id(n)),
+        host: host(),
+        at_ms: 1_780_000_000_000,
+        report,
+    }
+}
+
+struct Fixtures {
+    drift: Vec<String>,
+    count: usize,
+}
+
+impl Fixtures {
+    fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(
+        &mut self,
+        name: &str,
+        value: &T,
+    ) {
+        let mut json = serde_json::to_string_pretty(value).unwrap();
+        json.push('\n');
+        let msgpack = novacron_types::encode(value);
+        // Both encodings decode back to the same value with today's code.
+        let from_json: T = decode(json.as_bytes(), ContentType::Json).unwrap();
+        let from_msgpack: T = decode(&msgpack, ContentType::MsgPack).unwrap();
+        assert_eq!(&from_json, value, "{name}.json round trip");
+        assert_eq!(&from_msgpack, value, "{name}.msgpack round trip");
+        let base = dir().join("fixtures");
+        self.drift.extend(check_file(
+            base.join(format!("{name}.json")),
+            json.as_bytes(),
+        ));
+        self.drift
+            .extend(check_file(base.join(format!("{name}.msgpack")), &msgpack));
+        // And what is checked in decodes too (an old fixture must stay readable).
+        if !updating()
+            && let Ok(bytes) = std::fs::read(base.join(format!("{name}.msgpack")))
+        {
+            let old: Result<T, _> = decode(&bytes, ContentType::MsgPack);
+            assert!(
+                old.is_ok(),
+                "checked-in {name}.msgpack no longer decodes: {:?}",
+                old.err()
+            );
+        }
+        self.count += 1;
+    }
+}
+
+#[test]
+fn golden_fixtures_decode_and_match_the_encoding() {
+    let mut f = Fixtures {
+        drift: Vec::new(),
+        count: 0,
+    };
+    let vm = VmId(id(1));
+    let inc = IncarnationId(id(2));
+    let observed = VmIncarnationReport {
+        vm,
+        host: host(),
+        incarnation: inc,
+        generation: Generation(1),
+    };
+    let explanation = PlacementExplanation {
+        planner: "first-fit".into(),
+        log_seq: 41,
+        hosts_considered: 3,
+        rejections: BTreeMap::from([("capacity".to_owned(), 2)]),
+        candidates: vec![Candidate {
+            host: host(),
+            score: 1.0,
+            components: BTreeMap::from([("free_vcpus_after".to_owned(), 14.0)]),
+        }],
+    };
+    let events = [
+        (
+            "event-host-registered",
+            EventKind::HostRegistered(HostRegistered {
+                host: host(),
+                capacity: Resources {
+                    vcpus: 16,
+                    memory_mib: 65536,
+                    disk_gib: 500,
+                },
+                labels: [("zone".to_owned(), "zone-a".to_owned())].into(),
+                driver: "sim".into(),
+            }),
+        ),
+        (
+            "event-vm-requested",
+            EventKind::VmRequested(VmRequested { vm, spec: spec() }),
+        ),
+        (
+            "event-vm-placed",
+            EventKind::VmPlaced(VmPlaced {
+                vm,
+                host: host(),
+                incarnation: inc,
+                generation: Generation(1),
+                explanation: explanation.clone(),
+            }),
+        ),
+        (
+            "event-vm-placement-failed",
+            EventKind::VmPlacementFailed(VmPlacementFailed {
+                vm,
+                reason: "no host can take 64 vCPUs".into(),
+                explanation,
+            }),
+        ),
+        (
+            "event-vm-start-commanded",
+            EventKind::VmStartCommanded(StartVm {
+                vm,
+                host: host(),
+                incarnation: inc,
+                generation: Generation(1),
+                spec: spec(),
+            }),
+        ),
+        ("event-vm-running", EventKind::VmRunning(observed.clone())),
+        (
+            "event-vm-stop-commanded",
+            EventKind::VmStopCommanded(StopVm {
+                vm,
+                host: host(),
+                incarnation: inc,
+                generation: Generation(1),
+                reason: "deleted by operator".into(),
+            }),
+        ),
+        ("event-vm-stopped", EventKind::VmStopped(observed.clone())),
+        (
+            "event-vm-failed",
+            EventKind::VmFailed(VmFailed {
+                vm,
+                host: host(),
+                incarnation: inc,
+                generation: Generation(1),
+                reason: "exit 1".into(),
+            }),
+        ),
+        (
+            "event-vm-delete-requested",
+            EventKind::VmDeleteRequested(VmDeleteRequested { vm }),
+        ),
+        ("event-vm-deleted", EventKind::VmDeleted(VmDeleted { vm })),
+    ];
+    for (i, (name, kind)) in events.into_iter().enumerate() {
+        f.check(name, &envelope(i as u128 + 10, kind));
+    }
+    f.check(
+        "report-host-registration",
+        &report(
+            30,
+            ReportKind::HostRegistration(HostRegistration {
+                capacity: Resources {
+                    vcpus: 16,
+                    memory_mib: 65536,
+                    disk_gib: 500,
+                },
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        ),
+    );
+    f.check(
+        "report-vm-running",
+        &report(31, ReportKind::VmRunning(observed.clone())),
+    );
+    f.check(
+        "report-vm-stopped",
+        &report(32, ReportKind::VmStopped(observed)),
+    );
+    f.check(
+        "report-vm-failed",
+        &report(
+            33,
+            ReportKind::VmFailed(VmFailed {
+                vm,
+                host: host(),
+                incarnation: inc,
+                generation: Generation(1),
+                reason: "exit 1".into(),
+            }),
+        ),
+    );
+    f.check(
+        "host-telemetry",
+        &HostTelemetry {
+            schema: SCHEMA_VERSION,
+            host: host(),
+            at_ms: 1_780_000_000_000,
+            cpu_util: 0.42,
+            memory_used_mib: 12288,
+            load1: Some(1.5),
+        },
+    );
+    f.check(
+        "vm-telemetry",
+        &VmTelemetry {
+            schema: SCHEMA_VERSION,
+            vm,
+            at_ms: 1_780_000_000_000,
+            cpu_util: 0.8,
+            memory_used_mib: 1536,
+        },
+    );
+    f.check(
+        "heartbeat",
+        &Heartbeat {
+            schema: SCHEMA_VERSION,
+            host: host(),
+            at_ms: 1_780_000_000_000,
+            seq: 7,
+        },
+    );
+    assert!(f.count >= 18);
+    assert!(
+        f.drift.is_empty(),
+        "fixtures drifted (run `make schemas` and review):\n{}",
+        f.drift.join("\n")
+    );
+}
+
+#[test]
+fn every_schema_is_valid_json_with_a_title() {
+    for (name, text) in novacron_types::schema::all() {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(v.get("title").is_some(), "{name} has no title");
+    }
+}
