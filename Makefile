@@ -44,8 +44,9 @@ up: tools ## start NATS, the orchestrator, $(HOSTS) simulated hosts and the dash
 	NOVACRON_NATS_SERVER="$(NATS_SERVER)" $(CARGO) run --locked -q -p novacron-cli -- up \
 	  --hosts $(HOSTS) --data-dir "$(DATA_DIR)" --http $(HTTP)
 
-test: tools ## the whole suite (unit, property, integration, end-to-end) against real nats-server
+test: tools ## the whole suite (format, lints, unit, property, integration, end-to-end) against real nats-server
 	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  NOVACRON_NATS_SERVER="$(NATS_SERVER)" $(CARGO) nextest run --workspace --locked --no-fail-fast; \
 	else \

@@ -125,7 +125,7 @@ impl Bus {
             // (its version) is known before anyone asks.
             let mut waited = Duration::ZERO;
             while client.connection_state() != async_nats::connection::State::Connected {
-                if waited.as_millis() % 5000 == 0 && !waited.is_zero() {
+                if waited.as_millis().is_multiple_of(5000) && !waited.is_zero() {
                     tracing::warn!(urls = %cfg.urls, waited_s = waited.as_secs(), "still waiting for NATS");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

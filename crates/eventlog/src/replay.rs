@@ -99,7 +99,7 @@ pub async fn replay(
         .map_err(boxed)?;
     let mut seen = 0u64;
     while let Some(msg) = messages.try_next().await.map_err(boxed)? {
-        let info = msg.info().map_err(|e| ReplayError::Stream(e))?;
+        let info = msg.info().map_err(ReplayError::Stream)?;
         let seq = info.stream_sequence;
         let pending = info.pending;
         if seq > to {
@@ -182,10 +182,7 @@ pub async fn follow(
     let messages = consumer.messages().await.map_err(boxed)?;
     Ok(messages.map(|m| {
         let msg = m.map_err(boxed)?;
-        let seq = msg
-            .info()
-            .map_err(|e| ReplayError::Stream(e))?
-            .stream_sequence;
+        let seq = msg.info().map_err(ReplayError::Stream)?.stream_sequence;
         Ok(decode_event(
             seq,
             msg.subject.as_str(),

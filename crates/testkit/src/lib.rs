@@ -323,3 +323,37 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use std::process::Command;
+
+    use super::find_nats_server;
+
+    #[test]
+    fn nats_configs_in_the_repo_are_accepted_by_nats_server() {
+        let bin = find_nats_server().expect("nats-server");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "conf") {
+                let out = Command::new(&bin)
+                    .arg("-t")
+                    .arg("-c")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{} rejected: {}{}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "expected the example configs under nats/");
+    }
+}
