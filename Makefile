@@ -19,7 +19,7 @@ CARGO        ?= cargo
 # nats-server to use: one on PATH if it is new enough, else the pinned wheel in .tools.
 NATS_SERVER = $(shell $(CURDIR)/deploy/find-nats-server.sh "$(NATS_MIN)" "$(NATS_LOCAL)")
 
-.PHONY: help tools nats-server build up test test-quick fmt lint schemas bench clean
+.PHONY: help tools nats-server build up test fmt lint schemas bench chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -65,6 +65,10 @@ schemas: ## regenerate schemas/ (JSON Schemas and golden fixtures) from the Rust
 
 bench: tools ## the benchmarks of docs/benchmarks.md (release build)
 	NOVACRON_NATS_SERVER="$(NATS_SERVER)" $(CARGO) run --release --locked -q -p novacron-cli -- bench all
+
+chaos: tools ## crash the orchestrator at random moments and check the invariants (chaos/)
+	$(CARGO) build --locked -p novacron-cli
+	NOVACRON_NATS_SERVER="$(NATS_SERVER)" NOVACRON_BIN="$${CARGO_TARGET_DIR:-target}/debug/novacron" chaos/orchestrator-crashes.sh
 
 clean: ## remove build output, tools and local data
 	rm -rf target $(TOOLS) $(DATA_DIR)

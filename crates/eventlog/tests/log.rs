@@ -319,3 +319,30 @@ async fn follow_delivers_past_and_new_events() {
         .unwrap();
     assert_eq!(second.seq, 2);
 }
+
+#[tokio::test]
+async fn the_log_works_on_a_three_node_cluster_with_three_replicas() {
+    let cluster = novacron_testkit::NatsCluster::start().unwrap();
+    let mut cfg = BusConfig::new(cluster.urls().join(","), "test");
+    cfg.retry_initial_connect = true;
+    let bus = Bus::connect(&cfg).await.unwrap();
+    // The meta leader is elected shortly after the third node starts; until then stream
+    // creation is refused. Retry with a deadline rather than sleeping.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match bus.provision(3).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cluster never accepted the streams: {e:?}"),
+        }
+    }
+    let mut events = bus.js.get_stream("EVENTS").await.unwrap();
+    assert_eq!(events.info().await.unwrap().config.num_replicas, 3);
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    let batch: Vec<Envelope> = (0..100).map(host_event).collect();
+    log.append(&batch).await.expect("append to an R3 stream");
+    assert_eq!(all_events(&log).await.len(), 100);
+}

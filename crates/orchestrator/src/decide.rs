@@ -552,6 +552,31 @@ mod tests {
     }
 
     #[test]
+    fn reports_from_unknown_hosts_or_about_unknown_vms_are_rejected() {
+        let s = with_host(8);
+        let r = |host: &str| Report {
+            schema: SCHEMA_VERSION,
+            id: ReportId(Uuid::from_u128(3)),
+            host: HostId::new(host).unwrap(),
+            at_ms: 1,
+            report: ReportKind::VmRunning(novacron_types::event::VmIncarnationReport {
+                vm: VmId(Uuid::from_u128(1)),
+                host: HostId::new(host).unwrap(),
+                incarnation: IncarnationId(Uuid::from_u128(2)),
+                generation: Generation(1),
+            }),
+        };
+        let ReportOutcome::Reject(why) = report(&s, &r("stranger"), &mut Fixed(0)) else {
+            panic!("a report from an unknown host must be rejected")
+        };
+        assert!(why.contains("unknown host stranger"), "{why}");
+        let ReportOutcome::Reject(why) = report(&s, &r("h1"), &mut Fixed(0)) else {
+            panic!("a report about an unknown VM must be rejected")
+        };
+        assert!(why.contains("unknown VM"), "{why}");
+    }
+
+    #[test]
     fn deleting_a_running_vm_stops_it_first() {
         let mut s = with_host(8);
         let (vm, events) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
