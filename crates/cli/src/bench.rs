@@ -62,8 +62,8 @@ struct AppendArgs {
     /// the log's appends; other sets show what each header costs the server.
     #[arg(long, default_value = "ciksl")]
     fence_headers: String,
-    /// nats-server binary.
-    #[arg(long, env = "NOVACRON_NATS_SERVER")]
+    /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
+    #[arg(long)]
     nats_server: Option<std::path::PathBuf>,
 }
 

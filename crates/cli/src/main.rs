@@ -107,7 +107,7 @@ struct UpArgs {
     #[arg(long, default_value_t = 4222)]
     nats_port: u16,
     /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
-    #[arg(long, env = "NOVACRON_NATS_SERVER")]
+    #[arg(long)]
     nats_server: Option<PathBuf>,
 }
 

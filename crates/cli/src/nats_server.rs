@@ -7,12 +7,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use tokio::process::{Child, Command};
 
-/// Finds nats-server ≥ 2.10: the explicit path, `.tools/nats/bin/nats-server` next to the
-/// working directory or above the executable, then `PATH`.
+/// Finds nats-server ≥ 2.10: the explicit path, `$NOVACRON_NATS_SERVER`,
+/// `.tools/nats/bin/nats-server` under the working directory or above the executable, then
+/// `PATH`.
 pub fn find(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         candidates.push(p.to_path_buf());
+    }
+    // An empty variable counts as unset (Makefiles and CI often export empty values).
+    if let Some(p) = std::env::var_os("NOVACRON_NATS_SERVER").filter(|p| !p.is_empty()) {
+        candidates.push(PathBuf::from(p));
     }
     candidates.push(PathBuf::from(".tools/nats/bin/nats-server"));
     if let Ok(exe) = std::env::current_exe() {
