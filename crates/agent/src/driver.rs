@@ -3,10 +3,14 @@
 //! Drivers are idempotent per incarnation: starting an incarnation that already runs, or
 //! stopping one that is already gone, succeeds without doing anything twice. The agent relies
 //! on this to recover from a crash between driving the hypervisor and writing its journal.
+//!
+//! A driver also tells the agent when a VM ends on its own ([`Driver::exits`]), finds the VMs
+//! that outlived a previous agent process ([`Driver::adopt`]), and measures load.
 
 use std::future::Future;
 
-use novacron_types::{IncarnationId, Resources, StartVm, VmId};
+use novacron_types::{IncarnationId, Labels, Resources, StartVm, VmId};
+use tokio::sync::broadcast;
 
 /// What a driver can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +31,16 @@ pub enum DriverError {
         /// Why.
         reason: String,
     },
+    /// Pause or resume failed, or the VM is not running here.
+    #[error("{op} of VM {vm} failed: {reason}")]
+    ControlFailed {
+        /// `pause` or `resume`.
+        op: &'static str,
+        /// The VM.
+        vm: VmId,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One VM the hypervisor is running.
@@ -38,26 +52,15 @@ pub struct RunningVm {
     pub incarnation: IncarnationId,
 }
 
-/// A hypervisor, real (QEMU) or simulated.
-pub trait Driver: Send + Sync + 'static {
-    /// The driver's name, reported at registration (`sim`, `qemu`).
-    fn name(&self) -> &'static str;
-
-    /// Starts the incarnation; a no-op if it already runs.
-    fn start(&self, cmd: &StartVm) -> impl Future<Output = Result<(), DriverError>> + Send;
-
-    /// Stops and forgets the incarnation; a no-op if it is not running.
-    fn stop(
-        &self,
-        vm: VmId,
-        incarnation: IncarnationId,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send;
-
-    /// What runs now.
-    fn running(&self) -> Vec<RunningVm>;
-
-    /// The host's load as the hypervisor sees it, given the host's capacity.
-    fn host_usage(&self, capacity: Resources) -> HostUsage;
+/// A VM that ended without being told to: crashed, killed, or shut down from inside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmExit {
+    /// The VM.
+    pub vm: VmId,
+    /// Which run of it.
+    pub incarnation: IncarnationId,
+    /// What the driver saw, for the `VmFailed` report.
+    pub reason: String,
 }
 
 /// A host's load, for telemetry.
@@ -67,4 +70,71 @@ pub struct HostUsage {
     pub cpu_util: f64,
     /// Memory in use, MiB.
     pub memory_used_mib: u64,
+}
+
+/// One VM's load, for telemetry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VmUsage {
+    /// The VM.
+    pub vm: VmId,
+    /// CPU utilisation of its vCPUs, 0.0–1.0.
+    pub cpu_util: f64,
+    /// Memory in use, MiB.
+    pub memory_used_mib: u64,
+}
+
+/// A hypervisor, real (QEMU) or simulated.
+pub trait Driver: Send + Sync + 'static {
+    /// The driver's name, reported at registration (`sim`, `qemu`).
+    fn name(&self) -> &'static str;
+
+    /// Labels the driver adds to the host's registration (e.g. `accel=kvm`).
+    fn host_labels(&self) -> Labels {
+        Labels::new()
+    }
+
+    /// Starts the incarnation; a no-op if it already runs.
+    fn start(&self, cmd: &StartVm) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Stops the incarnation (gracefully, then by force) and removes its process and files;
+    /// a no-op if it is not running.
+    fn stop(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Pauses the incarnation's vCPUs.
+    fn pause(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Resumes a paused incarnation.
+    fn resume(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Finds the VMs that outlived a previous agent process and takes them over; returns
+    /// everything that runs now. Leftovers of dead VMs are cleaned up.
+    fn adopt(&self) -> impl Future<Output = Vec<RunningVm>> + Send;
+
+    /// What runs now.
+    fn running(&self) -> Vec<RunningVm>;
+
+    /// The host's load as the hypervisor sees it, given the host's capacity.
+    fn host_usage(&self, capacity: Resources) -> HostUsage;
+
+    /// Each running VM's load.
+    fn vm_usage(&self) -> Vec<VmUsage>;
+
+    /// VMs that end without being told to, from now on.
+    fn exits(&self) -> broadcast::Receiver<VmExit>;
+
+    /// Lets go of the VMs without stopping them (the agent is shutting down; the next agent
+    /// adopts them). The driver controls nothing afterwards.
+    fn detach(&self) {}
 }

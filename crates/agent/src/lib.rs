@@ -21,6 +21,7 @@
 pub mod driver;
 pub mod journal;
 pub mod metrics;
+pub mod qemu;
 pub mod sim;
 
 use std::time::Duration;

@@ -4,41 +4,65 @@
 //! every real start, so tests can prove that no incarnation was started twice. Its state lives
 //! in an `Arc`, so one `SimDriver` can outlive an agent and be handed to the next — exactly as
 //! a real hypervisor outlives a crashed agent.
+//!
+//! Failure injection drives the agent's failure paths with the same code as QEMU would:
+//! [`SimDriver::crash`] (a VM dies), [`SimDriver::crash_all`] (the hypervisor loses every VM),
+//! [`SimDriver::fail_next_starts`] and [`SimDriver::set_start_delay`] (slow or failing starts).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use novacron_types::{IncarnationId, Resources, StartVm, VmId};
+use novacron_types::{IncarnationId, Labels, Resources, StartVm, VmId};
+use tokio::sync::broadcast;
 
-use crate::driver::{Driver, DriverError, HostUsage, RunningVm};
+use crate::driver::{Driver, DriverError, HostUsage, RunningVm, VmExit, VmUsage};
 
-#[derive(Default)]
+struct SimVm {
+    incarnation: IncarnationId,
+    resources: Resources,
+    paused: bool,
+}
+
 struct Inner {
-    running: BTreeMap<VmId, (IncarnationId, Resources)>,
+    running: BTreeMap<VmId, SimVm>,
     starts: BTreeMap<IncarnationId, u32>,
+    fail_starts: u32,
+    start_delay: Duration,
 }
 
 /// An in-memory hypervisor. Cloning shares the same simulated machine.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SimDriver {
     inner: Arc<Mutex<Inner>>,
-    start_delay: Duration,
+    exits: broadcast::Sender<VmExit>,
+}
+
+impl Default for SimDriver {
+    fn default() -> Self {
+        SimDriver {
+            inner: Arc::new(Mutex::new(Inner {
+                running: BTreeMap::new(),
+                starts: BTreeMap::new(),
+                fail_starts: 0,
+                start_delay: Duration::ZERO,
+            })),
+            exits: broadcast::channel(1024).0,
+        }
+    }
 }
 
 impl SimDriver {
     /// A simulated host whose VMs start after `start_delay`.
     #[must_use]
     pub fn with_start_delay(start_delay: Duration) -> Self {
-        SimDriver {
-            inner: Arc::default(),
-            start_delay,
-        }
+        let d = SimDriver::default();
+        d.set_start_delay(start_delay);
+        d
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding this lock cannot leave the maps half-updated (each critical
-        // section is one insert/remove), so a poisoned lock is still consistent.
+        // Each critical section is a single map update, so a poisoned lock is still consistent.
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -55,6 +79,50 @@ impl SimDriver {
     pub fn total_starts(&self) -> u32 {
         self.lock().starts.values().sum()
     }
+
+    /// Whether the VM is running and paused.
+    #[must_use]
+    pub fn is_paused(&self, vm: VmId) -> bool {
+        self.lock().running.get(&vm).is_some_and(|v| v.paused)
+    }
+
+    /// Fault: the VM dies now. Returns false if it was not running.
+    pub fn crash(&self, vm: VmId) -> bool {
+        let gone = self.lock().running.remove(&vm);
+        match gone {
+            Some(v) => {
+                let _ = self.exits.send(VmExit {
+                    vm,
+                    incarnation: v.incarnation,
+                    reason: "simulated crash".into(),
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fault: every VM dies at once (a hypervisor crash).
+    pub fn crash_all(&self) {
+        let all = std::mem::take(&mut self.lock().running);
+        for (vm, v) in all {
+            let _ = self.exits.send(VmExit {
+                vm,
+                incarnation: v.incarnation,
+                reason: "simulated host crash".into(),
+            });
+        }
+    }
+
+    /// Fault: the next `n` starts fail.
+    pub fn fail_next_starts(&self, n: u32) {
+        self.lock().fail_starts = n;
+    }
+
+    /// Fault: starts take this long.
+    pub fn set_start_delay(&self, delay: Duration) {
+        self.lock().start_delay = delay;
+    }
 }
 
 impl Driver for SimDriver {
@@ -62,45 +130,84 @@ impl Driver for SimDriver {
         "sim"
     }
 
+    fn host_labels(&self) -> Labels {
+        [("accel".to_owned(), "sim".to_owned())].into()
+    }
+
     async fn start(&self, cmd: &StartVm) -> Result<(), DriverError> {
-        if self.lock().running.get(&cmd.vm).map(|r| r.0) == Some(cmd.incarnation) {
-            return Ok(());
-        }
-        if !self.start_delay.is_zero() {
-            tokio::time::sleep(self.start_delay).await;
+        let delay = {
+            let mut inner = self.lock();
+            if inner.running.get(&cmd.vm).map(|r| r.incarnation) == Some(cmd.incarnation) {
+                return Ok(());
+            }
+            if inner.fail_starts > 0 {
+                inner.fail_starts -= 1;
+                return Err(DriverError::StartFailed {
+                    vm: cmd.vm,
+                    reason: "simulated start failure".into(),
+                });
+            }
+            inner.start_delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         let mut inner = self.lock();
-        inner
-            .running
-            .insert(cmd.vm, (cmd.incarnation, cmd.spec.resources()));
+        inner.running.insert(
+            cmd.vm,
+            SimVm {
+                incarnation: cmd.incarnation,
+                resources: cmd.spec.resources(),
+                paused: false,
+            },
+        );
         *inner.starts.entry(cmd.incarnation).or_default() += 1;
         Ok(())
     }
 
     async fn stop(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
         let mut inner = self.lock();
-        if inner.running.get(&vm).map(|r| r.0) == Some(incarnation) {
+        if inner.running.get(&vm).map(|r| r.incarnation) == Some(incarnation) {
             inner.running.remove(&vm);
         }
         Ok(())
+    }
+
+    async fn pause(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
+        self.set_paused(vm, incarnation, true, "pause")
+    }
+
+    async fn resume(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
+        self.set_paused(vm, incarnation, false, "resume")
+    }
+
+    async fn adopt(&self) -> Vec<RunningVm> {
+        self.running()
     }
 
     fn running(&self) -> Vec<RunningVm> {
         self.lock()
             .running
             .iter()
-            .map(|(vm, (inc, _))| RunningVm {
+            .map(|(vm, v)| RunningVm {
                 vm: *vm,
-                incarnation: *inc,
+                incarnation: v.incarnation,
             })
             .collect()
     }
 
-    /// Simulated load: each vCPU reserved keeps 60% of a host vCPU busy; memory is fully used.
+    /// Simulated load: each reserved vCPU keeps 60% of a host vCPU busy; memory is fully used.
     fn host_usage(&self, capacity: Resources) -> HostUsage {
         let inner = self.lock();
-        let (vcpus, mem) = inner.running.values().fold((0u64, 0u64), |(c, m), (_, r)| {
-            (c + u64::from(r.vcpus), m + r.memory_mib)
+        let (vcpus, mem) = inner.running.values().fold((0u64, 0u64), |(c, m), v| {
+            (
+                c + if v.paused {
+                    0
+                } else {
+                    u64::from(v.resources.vcpus)
+                },
+                m + v.resources.memory_mib,
+            )
         });
         let cpu_util = if capacity.vcpus == 0 {
             0.0
@@ -110,6 +217,44 @@ impl Driver for SimDriver {
         HostUsage {
             cpu_util,
             memory_used_mib: mem,
+        }
+    }
+
+    fn vm_usage(&self) -> Vec<VmUsage> {
+        self.lock()
+            .running
+            .iter()
+            .map(|(vm, v)| VmUsage {
+                vm: *vm,
+                cpu_util: if v.paused { 0.0 } else { 0.6 },
+                memory_used_mib: v.resources.memory_mib,
+            })
+            .collect()
+    }
+
+    fn exits(&self) -> broadcast::Receiver<VmExit> {
+        self.exits.subscribe()
+    }
+}
+
+impl SimDriver {
+    fn set_paused(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+        paused: bool,
+        op: &'static str,
+    ) -> Result<(), DriverError> {
+        match self.lock().running.get_mut(&vm) {
+            Some(v) if v.incarnation == incarnation => {
+                v.paused = paused;
+                Ok(())
+            }
+            _ => Err(DriverError::ControlFailed {
+                op,
+                vm,
+                reason: "not running here".into(),
+            }),
         }
     }
 }
