@@ -23,10 +23,7 @@ impl Proc {
             .args(args)
             .env("NOVACRON_LOG", "info")
             // The same nats-server the testkit uses, wherever the target dir is.
-            .env(
-                "NOVACRON_NATS_SERVER",
-                novacron_testkit::find_nats_server().expect("nats-server"),
-            )
+            .env("NOVACRON_NATS_SERVER", novacron_testkit::find_nats_server().expect("nats-server"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -75,11 +72,7 @@ impl Drop for Proc {
 
 /// Runs `novacron ARGS` to completion: (exit success, stdout, stderr).
 pub fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -93,9 +86,8 @@ pub fn cli_json(args: &[&str]) -> Value {
     all.extend(["-o", "json"]);
     let (ok, out, err) = cli(&all);
     assert!(ok, "novacron {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| {
-        panic!("novacron {args:?} printed no single JSON document ({e}): {out}")
-    })
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("novacron {args:?} printed no single JSON document ({e}): {out}"))
 }
 
 /// An orchestrator child process and the address of its API.
@@ -109,36 +101,15 @@ impl Orchestrator {
         let addr_file = data_dir.join("orchestrator.addr");
         let _ = std::fs::remove_file(&addr_file);
         let dir = data_dir.to_str().unwrap();
-        let proc = Proc::spawn(
-            "orchestrator",
-            &[
-                "orchestrator",
-                "--nats",
-                nats,
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-                dir,
-            ],
-        );
-        let mut o = Orchestrator {
-            proc,
-            api: String::new(),
-        };
-        let found = wait_until(TIMEOUT, || {
-            std::fs::read_to_string(&addr_file).is_ok_and(|a| !a.is_empty())
-        });
+        let proc =
+            Proc::spawn("orchestrator", &["orchestrator", "--nats", nats, "--http", "127.0.0.1:0", "--data-dir", dir]);
+        let mut o = Orchestrator { proc, api: String::new() };
+        let found = wait_until(TIMEOUT, || std::fs::read_to_string(&addr_file).is_ok_and(|a| !a.is_empty()));
         if !found {
             panic!("orchestrator did not start: {}", o.proc.stderr());
         }
-        o.api = format!(
-            "http://{}",
-            std::fs::read_to_string(&addr_file).unwrap().trim()
-        );
-        assert!(
-            wait_until(TIMEOUT, || get(&o.api, "/readyz").0 == 200),
-            "orchestrator never ready"
-        );
+        o.api = format!("http://{}", std::fs::read_to_string(&addr_file).unwrap().trim());
+        assert!(wait_until(TIMEOUT, || get(&o.api, "/readyz").0 == 200), "orchestrator never ready");
         o
     }
 }
@@ -203,8 +174,5 @@ pub fn wait_for(what: &str, cond: impl FnMut() -> bool) {
 }
 
 pub fn vm_status(api: &str, id: &str) -> String {
-    get(api, &format!("/api/v1/vms/{id}")).1["status"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned()
+    get(api, &format!("/api/v1/vms/{id}")).1["status"].as_str().unwrap_or("").to_owned()
 }

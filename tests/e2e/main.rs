@@ -14,18 +14,9 @@ fn a_vm_created_through_the_api_runs_and_the_replayed_state_matches() {
     let dir = tempfile::tempdir().unwrap();
     let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
     let _agents = agents(&nats.url(), "host", 2, &dir.path().join("agents"));
-    wait_for("two hosts", || {
-        get(&o.api, "/api/v1/hosts")
-            .1
-            .as_array()
-            .is_some_and(|h| h.len() == 2)
-    });
+    wait_for("two hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 2));
 
-    let (status, vm) = post(
-        &o.api,
-        "/api/v1/vms",
-        &json!({"name": "web-1", "vcpus": 2, "memory_mib": 2048}),
-    );
+    let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "web-1", "vcpus": 2, "memory_mib": 2048}));
     assert_eq!(status, 201, "{vm}");
     let id = vm["id"].as_str().unwrap().to_owned();
     assert!(vm["host"].is_string(), "placed at once: {vm}");
@@ -34,61 +25,26 @@ fn a_vm_created_through_the_api_runs_and_the_replayed_state_matches() {
 
     // The CLI speaks the contract: vm show -o json has the fixed fields.
     let shown = cli_json(&["--server", &o.api, "vm", "show", "web-1"]);
-    for field in [
-        "id",
-        "name",
-        "status",
-        "host",
-        "generation",
-        "vcpus",
-        "memory_mib",
-    ] {
+    for field in ["id", "name", "status", "host", "generation", "vcpus", "memory_mib"] {
         assert!(shown.get(field).is_some(), "vm show lacks {field}: {shown}");
     }
     assert_eq!(shown["status"], "running");
     let hosts = cli_json(&["--server", &o.api, "host", "list"]);
-    assert_eq!(
-        hosts
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["vms"].as_u64().unwrap())
-            .sum::<u64>(),
-        1
-    );
+    assert_eq!(hosts.as_array().unwrap().iter().map(|h| h["vms"].as_u64().unwrap()).sum::<u64>(), 1);
 
     // The log says why: VmPlaced with its explanation, then the command to the host.
     let events = cli_json(&["--nats", &nats.url(), "events"]);
-    let kinds: Vec<&str> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["kind"].as_str())
-        .collect();
-    for k in [
-        "HostRegistered",
-        "VmRequested",
-        "VmPlaced",
-        "VmStartCommanded",
-        "VmRunning",
-    ] {
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    for k in ["HostRegistered", "VmRequested", "VmPlaced", "VmStartCommanded", "VmRunning"] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
     }
-    let placed = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "VmPlaced")
-        .unwrap();
+    let placed = events.as_array().unwrap().iter().find(|e| e["kind"] == "VmPlaced").unwrap();
     assert_eq!(placed["payload"]["explanation"]["hosts_considered"], 2);
 
     // Replayed straight from JetStream, without the orchestrator, the state hashes the same.
     let replayed = cli_json(&["--nats", &nats.url(), "state"]);
     let (_, live) = get(&o.api, "/api/v1/state");
-    assert_eq!(
-        replayed, live,
-        "novacron state (replay) vs GET /api/v1/state"
-    );
+    assert_eq!(replayed, live, "novacron state (replay) vs GET /api/v1/state");
     assert_eq!(live["vms"], 1);
     assert_eq!(live["hosts"], 2);
 }
@@ -100,23 +56,15 @@ fn a_killed_orchestrator_restarts_with_the_same_state_and_every_acknowledged_vm(
     let orch_dir = dir.path().join("orch");
     let mut o = Orchestrator::start(&nats.url(), &orch_dir);
     let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
-    wait_for("three hosts", || {
-        get(&o.api, "/api/v1/hosts")
-            .1
-            .as_array()
-            .is_some_and(|h| h.len() == 3)
-    });
+    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
 
     // Create VMs from another thread while we kill the orchestrator under it.
     let api = o.api.clone();
     let creator = std::thread::spawn(move || {
         let mut acknowledged = Vec::new();
         for i in 0..200 {
-            let (status, vm) = post(
-                &api,
-                "/api/v1/vms",
-                &json!({"name": format!("vm-{i}"), "vcpus": 1, "memory_mib": 128}),
-            );
+            let (status, vm) =
+                post(&api, "/api/v1/vms", &json!({"name": format!("vm-{i}"), "vcpus": 1, "memory_mib": 128}));
             match status {
                 201 => acknowledged.push(vm["id"].as_str().unwrap().to_owned()),
                 _ => break, // the orchestrator is gone
@@ -124,9 +72,7 @@ fn a_killed_orchestrator_restarts_with_the_same_state_and_every_acknowledged_vm(
         }
         acknowledged
     });
-    wait_for("some VMs acknowledged", || {
-        get(&o.api, "/api/v1/state").1["vms"].as_u64().unwrap_or(0) >= 10
-    });
+    wait_for("some VMs acknowledged", || get(&o.api, "/api/v1/state").1["vms"].as_u64().unwrap_or(0) >= 10);
     o.proc.kill9();
     let acknowledged = creator.join().unwrap();
     assert!(acknowledged.len() >= 10);
@@ -137,11 +83,7 @@ fn a_killed_orchestrator_restarts_with_the_same_state_and_every_acknowledged_vm(
         assert_eq!(status, 200, "acknowledged VM {id} lost after a crash");
         assert_ne!(vm["status"], "deleted");
     }
-    wait_for("every acknowledged VM running", || {
-        acknowledged
-            .iter()
-            .all(|id| vm_status(&o.api, id) == "running")
-    });
+    wait_for("every acknowledged VM running", || acknowledged.iter().all(|id| vm_status(&o.api, id) == "running"));
 
     // Quiet now: a second crash and restart, this time from the snapshot, agrees bit for bit.
     let before = get(&o.api, "/api/v1/state").1;
@@ -150,11 +92,7 @@ fn a_killed_orchestrator_restarts_with_the_same_state_and_every_acknowledged_vm(
     let o = Orchestrator::start(&nats.url(), &orch_dir);
     let after = get(&o.api, "/api/v1/state").1;
     assert_eq!(before, after, "same sequence and hash after restart");
-    assert_eq!(
-        cli_json(&["--nats", &nats.url(), "state"]),
-        after,
-        "and a fresh replay agrees"
-    );
+    assert_eq!(cli_json(&["--nats", &nats.url(), "state"]), after, "and a fresh replay agrees");
 }
 
 #[test]
@@ -163,12 +101,7 @@ fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
     let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
     let _agents = agents(&nats.url(), "host", 1, &dir.path().join("agents"));
-    wait_for("a host", || {
-        get(&o.api, "/api/v1/hosts")
-            .1
-            .as_array()
-            .is_some_and(|h| h.len() == 1)
-    });
+    wait_for("a host", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 1));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = nats.url();
@@ -201,18 +134,12 @@ fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
         ];
         for (subject, headers, payload) in bad {
             let ack = match headers {
-                Some(h) => {
-                    js.publish_with_headers(subject, h, payload.to_vec().into())
-                        .await
-                }
+                Some(h) => js.publish_with_headers(subject, h, payload.to_vec().into()).await,
                 None => js.publish(subject, payload.to_vec().into()).await,
             };
             ack.unwrap().await.unwrap();
         }
-        client
-            .publish("nc.hb.host", "not a heartbeat".into())
-            .await
-            .unwrap();
+        client.publish("nc.hb.host", "not a heartbeat".into()).await.unwrap();
         client.flush().await.unwrap();
 
         let stream = js.get_stream("DEADLETTER").await.unwrap();
@@ -228,75 +155,39 @@ fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
         let last = stream.clone().info().await.unwrap().state.last_sequence;
         for seq in 1..=last {
             let m = stream.get_raw_message(seq).await.unwrap();
-            let reason = m
-                .headers
-                .get("Nc-Deadletter-Reason")
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
+            let reason = m.headers.get("Nc-Deadletter-Reason").map(|v| v.as_str().to_owned()).unwrap_or_default();
             out.push((m.subject.to_string(), reason));
         }
         out
     });
     assert_eq!(dead_letters.len(), 6, "{dead_letters:#?}");
     let reasons = |subject: &str| -> Vec<String> {
-        dead_letters
-            .iter()
-            .filter(|(s, _)| s == subject)
-            .map(|(_, r)| r.clone())
-            .collect()
+        dead_letters.iter().filter(|(s, _)| s == subject).map(|(_, r)| r.clone()).collect()
     };
     let reports = reasons("nc.deadletter.reports").join(" | ");
-    assert!(
-        reports.contains("MessagePack") && reports.contains("JSON"),
-        "{reports}"
-    );
+    assert!(reports.contains("MessagePack") && reports.contains("JSON"), "{reports}");
     let telemetry = reasons("nc.deadletter.telemetry").join(" | ");
     for needle in ["schema version 2", "cpu_util", "unknown host nobody"] {
-        assert!(
-            telemetry.contains(needle),
-            "telemetry dead letters lack {needle:?}: {telemetry}"
-        );
+        assert!(telemetry.contains(needle), "telemetry dead letters lack {needle:?}: {telemetry}");
     }
     assert_eq!(reasons("nc.deadletter.heartbeats").len(), 1);
 
     let metrics = harness_metrics(&o.api);
-    assert!(
-        metrics.contains("novacron_deadletters_total"),
-        "the counter is exported"
-    );
+    assert!(metrics.contains("novacron_deadletters_total"), "the counter is exported");
 
-    let (status, vm) = post(
-        &o.api,
-        "/api/v1/vms",
-        &json!({"name": "after", "vcpus": 1, "memory_mib": 256}),
-    );
+    let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "after", "vcpus": 1, "memory_mib": 256}));
     assert_eq!(status, 201);
     let id = vm["id"].as_str().unwrap().to_owned();
-    wait_for("the system still places and runs VMs", || {
-        vm_status(&o.api, &id) == "running"
-    });
+    wait_for("the system still places and runs VMs", || vm_status(&o.api, &id) == "running");
 
-    let (status, err) = post(
-        &o.api,
-        "/api/v1/vms",
-        &json!({"name": "x", "vcpus": 1, "memory_mib": "lots"}),
-    );
+    let (status, err) = post(&o.api, "/api/v1/vms", &json!({"name": "x", "vcpus": 1, "memory_mib": "lots"}));
     assert_eq!(status, 400);
     assert_eq!(err["field"], "memory_mib", "{err}");
 }
 
 fn harness_metrics(api: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    agent
-        .get(format!("{api}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    agent.get(format!("{api}/metrics")).call().unwrap().body_mut().read_to_string().unwrap()
 }
 
 #[test]
@@ -307,30 +198,14 @@ fn up_runs_a_cluster_that_places_web_1_and_a_second_up_resumes() {
     let start_up = || {
         let mut p = Proc::spawn(
             "up",
-            &[
-                "up",
-                "--hosts",
-                "3",
-                "--data-dir",
-                d,
-                "--http",
-                "127.0.0.1:0",
-                "--nats-port",
-                "0",
-                "-o",
-                "json",
-            ],
+            &["up", "--hosts", "3", "--data-dir", d, "--http", "127.0.0.1:0", "--nats-port", "0", "-o", "json"],
         );
         let mut out = std::io::BufReader::new(p.child.stdout.take().unwrap());
         let mut text = String::new();
         let banner: Value = loop {
             let mut line = String::new();
             let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-            assert!(
-                n > 0,
-                "up exited before printing its banner: {}",
-                p.stderr()
-            );
+            assert!(n > 0, "up exited before printing its banner: {}", p.stderr());
             text.push_str(&line);
             if let Ok(v) = serde_json::from_str::<Value>(&text) {
                 break v;
@@ -341,37 +216,16 @@ fn up_runs_a_cluster_that_places_web_1_and_a_second_up_resumes() {
 
     let (mut up, banner) = start_up();
     let api = banner["api"].as_str().unwrap().to_owned();
-    wait_for("three hosts", || {
-        get(&api, "/api/v1/hosts")
-            .1
-            .as_array()
-            .is_some_and(|h| h.len() == 3)
-    });
-    let vm = cli_json(&[
-        "--server",
-        &api,
-        "vm",
-        "create",
-        "web-1",
-        "--vcpus",
-        "2",
-        "--memory-mib",
-        "2048",
-    ]);
+    wait_for("three hosts", || get(&api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let vm = cli_json(&["--server", &api, "vm", "create", "web-1", "--vcpus", "2", "--memory-mib", "2048"]);
     assert_eq!(vm["name"], "web-1");
-    wait_for("web-1 running", || {
-        cli_json(&["--server", &api, "vm", "show", "web-1"])["status"] == "running"
-    });
+    wait_for("web-1 running", || cli_json(&["--server", &api, "vm", "show", "web-1"])["status"] == "running");
     let (status, page) = get_text(&api, "/");
     assert_eq!(status, 200);
     assert!(page.contains("NovaCron"), "the dashboard is served");
     let before = get(&api, "/api/v1/state").1;
 
-    assert!(
-        up.terminate().success(),
-        "up exits 0 on SIGTERM: {}",
-        up.stderr()
-    );
+    assert!(up.terminate().success(), "up exits 0 on SIGTERM: {}", up.stderr());
     let (mut up, banner) = start_up();
     let api = banner["api"].as_str().unwrap().to_owned();
     wait_for("the same state", || get(&api, "/api/v1/state").1 == before);
@@ -379,10 +233,7 @@ fn up_runs_a_cluster_that_places_web_1_and_a_second_up_resumes() {
 }
 
 fn get_text(api: &str, path: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let mut r = agent.get(format!("{api}{path}")).call().unwrap();
     (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
 }
@@ -393,17 +244,8 @@ fn cli_errors_go_to_stderr_with_a_non_zero_exit() {
     assert!(!ok);
     assert!(out.is_empty());
     assert!(err.contains("cannot reach the NovaCron API"), "{err}");
-    let (ok, _, err) = cli(&[
-        "agent",
-        "--host",
-        "bad.host",
-        "--vcpus",
-        "1",
-        "--memory-mib",
-        "1",
-        "--nats",
-        "nats://127.0.0.1:9",
-    ]);
+    let (ok, _, err) =
+        cli(&["agent", "--host", "bad.host", "--vcpus", "1", "--memory-mib", "1", "--nats", "nats://127.0.0.1:9"]);
     assert!(!ok);
     assert!(err.contains("invalid host id"), "{err}");
 }

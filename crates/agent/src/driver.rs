@@ -98,25 +98,13 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Stops the incarnation (gracefully, then by force) and removes its process and files;
     /// a no-op if it is not running.
-    fn stop(
-        &self,
-        vm: VmId,
-        incarnation: IncarnationId,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+    fn stop(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Pauses the incarnation's vCPUs.
-    fn pause(
-        &self,
-        vm: VmId,
-        incarnation: IncarnationId,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+    fn pause(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Resumes a paused incarnation.
-    fn resume(
-        &self,
-        vm: VmId,
-        incarnation: IncarnationId,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+    fn resume(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Finds the VMs that outlived a previous agent process and takes them over; returns
     /// everything that runs now. Leftovers of dead VMs are cleaned up.

@@ -53,10 +53,7 @@ impl Journal {
     /// # Errors
     /// When sled cannot open them.
     pub fn open(db: &sled::Db, host: &HostId) -> Result<Journal, JournalError> {
-        Ok(Journal {
-            applied: db.open_tree(format!("{host}/applied"))?,
-            vms: db.open_tree(format!("{host}/vms"))?,
-        })
+        Ok(Journal { applied: db.open_tree(format!("{host}/applied"))?, vms: db.open_tree(format!("{host}/vms"))? })
     }
 
     /// Whether the command with this event id was already applied.
@@ -74,9 +71,9 @@ impl Journal {
     pub fn vm(&self, vm: VmId) -> Result<Option<JournalVm>, JournalError> {
         match self.vms.get(vm.0.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => rmp_serde::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| JournalError::Corrupt { vm, source }),
+            Some(bytes) => {
+                rmp_serde::from_slice(&bytes).map(Some).map_err(|source| JournalError::Corrupt { vm, source })
+            }
         }
     }
 
@@ -85,16 +82,10 @@ impl Journal {
     ///
     /// # Errors
     /// When sled fails.
-    pub fn record(
-        &self,
-        id: EventId,
-        seq: u64,
-        vm: VmId,
-        record: Option<&JournalVm>,
-    ) -> Result<(), JournalError> {
+    pub fn record(&self, id: EventId, seq: u64, vm: VmId, record: Option<&JournalVm>) -> Result<(), JournalError> {
         let value = record.map(novacron_types::encode);
-        let result: sled::transaction::TransactionResult<(), ()> = (&self.applied, &self.vms)
-            .transaction(|(applied, vms)| {
+        let result: sled::transaction::TransactionResult<(), ()> =
+            (&self.applied, &self.vms).transaction(|(applied, vms)| {
                 applied.insert(id.0.as_bytes(), &seq.to_be_bytes())?;
                 if let Some(v) = &value {
                     vms.insert(vm.0.as_bytes(), v.as_slice())?;
@@ -113,6 +104,17 @@ impl Journal {
         Ok(())
     }
 
+    /// Replaces what the journal says of a VM outside any command (a crash the driver saw, a
+    /// reconciliation, a self-fence). Flushed before returning.
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn set_vm(&self, vm: VmId, record: &JournalVm) -> Result<(), JournalError> {
+        self.vms.insert(vm.0.as_bytes(), novacron_types::encode(record))?;
+        self.vms.flush()?;
+        Ok(())
+    }
+
     /// Every VM the journal knows, for reconciliation at start.
     ///
     /// # Errors
@@ -122,8 +124,7 @@ impl Journal {
         for item in &self.vms {
             let (k, v) = item?;
             let vm = VmId(uuid::Uuid::from_slice(&k).unwrap_or_default());
-            let rec =
-                rmp_serde::from_slice(&v).map_err(|source| JournalError::Corrupt { vm, source })?;
+            let rec = rmp_serde::from_slice(&v).map_err(|source| JournalError::Corrupt { vm, source })?;
             out.push((vm, rec));
         }
         Ok(out)

@@ -19,9 +19,11 @@
 //! ```
 
 pub mod driver;
+mod fencing;
 pub mod journal;
 pub mod metrics;
 pub mod qemu;
+mod reconcile;
 pub mod sim;
 
 use std::time::Duration;
@@ -35,10 +37,9 @@ use novacron_eventlog::{Bus, DeadLetters, decode_event, now_ms};
 use novacron_protocol as proto;
 use novacron_types::event::{VmFailed, VmIncarnationReport};
 use novacron_types::report::HostRegistration;
-use novacron_types::telemetry::{Heartbeat, HostTelemetry};
+use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
 use novacron_types::{
-    AgentCommand, ContentType, EventId, HostId, Labels, Report, ReportId, ReportKind, Resources,
-    SCHEMA_VERSION, VmId,
+    AgentCommand, ContentType, EventId, HostId, Labels, Report, ReportId, ReportKind, Resources, SCHEMA_VERSION, VmId,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,7 +63,28 @@ pub struct AgentConfig {
     pub telemetry_interval: Duration,
     /// Stream replicas to provision with (1 single server, 3 cluster).
     pub replicas: usize,
+    /// How long the agent may be cut off from the bus before it fences its VMs (default 10 s).
+    pub lease: Duration,
+    /// What fencing does to the VMs.
+    pub fence_action: FenceAction,
+    /// The orchestrator's host-failure timeout (default 30 s): the lease must end, and the VMs
+    /// be fenced, strictly before it.
+    pub host_failure_timeout: Duration,
 }
+
+/// What an agent does to its VMs when it fences itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceAction {
+    /// Stop them (the default: nothing can run twice).
+    Stop,
+    /// Pause them; they stay paused until the orchestrator decides (resume by a start of the
+    /// same incarnation, or stop).
+    Pause,
+}
+
+/// Slack between the end of the lease and the orchestrator's host-failure timeout: the probe
+/// period, the time to stop the VMs, and clock-rate differences between the two machines.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(5);
 
 impl AgentConfig {
     /// Defaults for a host with this capacity.
@@ -75,13 +97,42 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(1),
             telemetry_interval: Duration::from_secs(10),
             replicas: 1,
+            lease: Duration::from_secs(10),
+            fence_action: FenceAction::Stop,
+            host_failure_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Checks the timing invariant: `lease + FENCE_MARGIN < host_failure_timeout`.
+    ///
+    /// # Errors
+    /// A message naming both values and the margin.
+    pub fn check(&self) -> Result<(), String> {
+        if self.lease.is_zero() {
+            return Err("the lease must be longer than zero".into());
+        }
+        if self.lease + FENCE_MARGIN >= self.host_failure_timeout {
+            return Err(format!(
+                "lease {:?} + fence margin {:?} must be shorter than the host-failure timeout {:?}: \
+                 otherwise the orchestrator could restart this host's VMs elsewhere while they still run here",
+                self.lease, FENCE_MARGIN, self.host_failure_timeout
+            ));
+        }
+        Ok(())
     }
 }
 
 /// What stops an agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The configuration breaks an invariant.
+    #[error("agent for host {host}: {reason}")]
+    Config {
+        /// The host.
+        host: HostId,
+        /// What is wrong.
+        reason: String,
+    },
     /// The bus could not be set up.
     #[error("agent for host {host}: bus")]
     Bus {
@@ -126,18 +177,11 @@ impl<D: Driver> Agent<D> {
     /// # Errors
     /// When the journal's trees cannot be opened.
     pub fn new(cfg: AgentConfig, bus: Bus, driver: D, db: &sled::Db) -> Result<Self, AgentError> {
-        let journal = Journal::open(db, &cfg.host).map_err(|source| AgentError::Journal {
-            host: cfg.host.clone(),
-            source,
-        })?;
+        cfg.check().map_err(|reason| AgentError::Config { host: cfg.host.clone(), reason })?;
+        let journal =
+            Journal::open(db, &cfg.host).map_err(|source| AgentError::Journal { host: cfg.host.clone(), source })?;
         let dead_letters = DeadLetters::new(bus.js.clone());
-        Ok(Agent {
-            cfg,
-            bus,
-            driver,
-            journal,
-            dead_letters,
-        })
+        Ok(Agent { cfg, bus, driver, journal, dead_letters })
     }
 
     /// Runs until `cancel` fires: registers, then heartbeats, telemetry and commands.
@@ -146,47 +190,52 @@ impl<D: Driver> Agent<D> {
     /// When the bus or the consumer cannot be set up. Per-command trouble never stops it.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), AgentError> {
         let host = self.cfg.host.clone();
-        self.bus
-            .provision(self.cfg.replicas)
-            .await
-            .map_err(|source| AgentError::Bus {
-                host: host.clone(),
-                source,
-            })?;
+        self.bus.provision(self.cfg.replicas).await.map_err(|source| AgentError::Bus { host: host.clone(), source })?;
         let consumer = self.command_consumer().await?;
+
+        // What outlived the previous agent, settled against the journal before anything else.
+        let running = self.driver.adopt().await;
+        let settled = self
+            .reconcile_at_start(&running)
+            .await
+            .map_err(|source| AgentError::Journal { host: host.clone(), source })?;
+
+        let mut labels = self.driver.host_labels();
+        labels.extend(self.cfg.labels.clone());
         let registration = ReportKind::HostRegistration(HostRegistration {
             capacity: self.cfg.capacity,
-            labels: self.cfg.labels.clone(),
+            labels,
             driver: self.driver.name().to_owned(),
         });
         if !self.report(registration, &cancel).await {
             return Ok(());
         }
-        tracing::info!(%host, driver = self.driver.name(), "agent registered");
+        tracing::info!(%host, driver = self.driver.name(), adopted = running.len(), "agent registered");
+        for report in settled {
+            if !self.report(report, &cancel).await {
+                return Ok(());
+            }
+        }
 
         let tracker = TaskTracker::new();
         let agent = std::sync::Arc::new(self);
         tracker.spawn(agent.clone().liveness_loop(cancel.clone()));
+        tracker.spawn(agent.clone().exit_watcher(cancel.clone()));
+        tracker.spawn(agent.clone().fence_loop(cancel.clone()));
         agent.command_loop(consumer, cancel.clone()).await;
         cancel.cancel();
         tracker.close();
         tracker.wait().await;
+        // The VMs keep running; the next agent adopts them.
+        agent.driver.detach();
         tracing::info!(%host, "agent stopped");
         Ok(())
     }
 
     async fn command_consumer(&self) -> Result<PullConsumer, AgentError> {
         let host = &self.cfg.host;
-        let err = |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Consumer {
-            host: host.clone(),
-            source: e,
-        };
-        let stream = self
-            .bus
-            .js
-            .get_stream(proto::EVENTS_STREAM)
-            .await
-            .map_err(|e| err(Box::new(e)))?;
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Consumer { host: host.clone(), source: e };
+        let stream = self.bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| err(Box::new(e)))?;
         let name = proto::agent_consumer_name(host);
         stream
             .get_or_create_consumer(
@@ -240,27 +289,16 @@ impl<D: Driver> Agent<D> {
 
     async fn handle(&self, msg: Message, cancel: &CancellationToken) {
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let logged = decode_event(
-            seq,
-            msg.subject.as_str(),
-            msg.headers.as_ref(),
-            &msg.payload,
-        );
+        let logged = decode_event(seq, msg.subject.as_str(), msg.headers.as_ref(), &msg.payload);
         let envelope = match logged.envelope {
             Ok(e) => e,
             Err(e) => return self.reject(&msg, &e.to_string()).await,
         };
         let Some(command) = envelope.as_command() else {
-            return self
-                .reject(&msg, &format!("{} is not a command", envelope.event.name()))
-                .await;
+            return self.reject(&msg, &format!("{} is not a command", envelope.event.name())).await;
         };
         if command.host() != &self.cfg.host {
-            let reason = format!(
-                "command for host {} on the subject of host {}",
-                command.host(),
-                self.cfg.host
-            );
+            let reason = format!("command for host {} on the subject of host {}", command.host(), self.cfg.host);
             return self.reject(&msg, &reason).await;
         }
         match self.apply(envelope.id, seq, &command) {
@@ -277,29 +315,15 @@ impl<D: Driver> Agent<D> {
             }
             Err(e) => {
                 tracing::error!(host = %self.cfg.host, seq, error = %e, "journal failure; command will be retried");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             }
         }
     }
 
     /// Dead-letters a message that is not a valid command for this host and never redelivers it.
     async fn reject(&self, msg: &Message, reason: &str) {
-        let ct = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
-            .map(|v| v.as_str().to_owned());
-        self.dead_letters
-            .send(
-                "commands",
-                msg.subject.as_str(),
-                ct.as_deref(),
-                reason,
-                msg.payload.clone(),
-            )
-            .await;
+        let ct = msg.headers.as_ref().and_then(|h| h.get(proto::HEADER_CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+        self.dead_letters.send("commands", msg.subject.as_str(), ct.as_deref(), reason, msg.payload.clone()).await;
         let _ = msg.ack_with(AckKind::Term).await;
     }
 
@@ -340,21 +364,22 @@ impl<D: Driver> Agent<D> {
                     incarnation: c.incarnation,
                     generation: c.generation,
                 };
-                match self.driver.start(c).await {
+                let was_fenced =
+                    self.journal.vm(vm).ok().flatten().is_some_and(|j| j.incarnation == c.incarnation && !j.running);
+                let started = match self.driver.start(c).await {
+                    // A start of an incarnation that was paused by a fence resumes it.
+                    Ok(()) if was_fenced && self.cfg.fence_action == FenceAction::Pause => {
+                        self.driver.resume(vm, c.incarnation).await.or(Ok(()))
+                    }
+                    other => other,
+                };
+                match started {
                     Ok(()) => (
-                        JournalVm {
-                            incarnation: c.incarnation,
-                            generation: c.generation,
-                            running: true,
-                        },
+                        JournalVm { incarnation: c.incarnation, generation: c.generation, running: true },
                         ReportKind::VmRunning(observed),
                     ),
                     Err(e) => (
-                        JournalVm {
-                            incarnation: c.incarnation,
-                            generation: c.generation,
-                            running: false,
-                        },
+                        JournalVm { incarnation: c.incarnation, generation: c.generation, running: false },
                         ReportKind::VmFailed(VmFailed {
                             vm,
                             host: observed.host,
@@ -378,11 +403,7 @@ impl<D: Driver> Agent<D> {
                     return Some(report);
                 }
                 (
-                    JournalVm {
-                        incarnation: c.incarnation,
-                        generation: c.generation,
-                        running: false,
-                    },
+                    JournalVm { incarnation: c.incarnation, generation: c.generation, running: false },
                     ReportKind::VmStopped(VmIncarnationReport {
                         vm,
                         host: self.cfg.host.clone(),
@@ -411,11 +432,7 @@ impl<D: Driver> Agent<D> {
             incarnation: rec.incarnation,
             generation: rec.generation,
         };
-        Some(if rec.running {
-            ReportKind::VmRunning(observed)
-        } else {
-            ReportKind::VmStopped(observed)
-        })
+        Some(if rec.running { ReportKind::VmRunning(observed) } else { ReportKind::VmStopped(observed) })
     }
 
     /// Publishes a report through JetStream, retrying until it is stored or we shut down.
@@ -433,17 +450,9 @@ impl<D: Driver> Agent<D> {
         let mut delay = Duration::from_millis(50);
         loop {
             let mut headers = HeaderMap::new();
-            headers.insert(
-                proto::HEADER_CONTENT_TYPE,
-                ContentType::MsgPack.header_value(),
-            );
+            headers.insert(proto::HEADER_CONTENT_TYPE, ContentType::MsgPack.header_value());
             headers.insert("Nats-Msg-Id", report.id.to_string().as_str());
-            let sent = match self
-                .bus
-                .js
-                .publish_with_headers(subject.clone(), headers, payload.clone())
-                .await
-            {
+            let sent = match self.bus.js.publish_with_headers(subject.clone(), headers, payload.clone()).await {
                 Ok(ack) => ack.await.map(|_| ()),
                 Err(e) => Err(e),
             };
@@ -483,6 +492,16 @@ impl<D: Driver> Agent<D> {
                     let _ = self.bus.client.publish(proto::heartbeat_subject(&self.cfg.host), novacron_types::encode(&beat).into()).await;
                 }
                 _ = tele.tick() => {
+                    for u in self.driver.vm_usage() {
+                        let sample = VmTelemetry {
+                            schema: SCHEMA_VERSION,
+                            vm: u.vm,
+                            at_ms: now_ms(),
+                            cpu_util: u.cpu_util,
+                            memory_used_mib: u.memory_used_mib,
+                        };
+                        let _ = self.bus.js.publish(proto::vm_telemetry_subject(u.vm), novacron_types::encode(&sample).into()).await;
+                    }
                     let usage = self.driver.host_usage(self.cfg.capacity);
                     let sample = HostTelemetry {
                         schema: SCHEMA_VERSION,
@@ -516,16 +535,18 @@ fn report_name(r: &ReportKind) -> &'static str {
 
 /// Runs many simulated hosts in this process, sharing one bus connection and one sled db.
 /// Returns when `cancel` fires and every agent has stopped.
-pub async fn run_sim_fleet(
-    bus: Bus,
-    db: sled::Db,
-    hosts: Vec<AgentConfig>,
-    cancel: CancellationToken,
-) {
+pub async fn run_sim_fleet(bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, cancel: CancellationToken) {
     let tracker = TaskTracker::new();
     for cfg in hosts {
         let host = cfg.host.clone();
-        match Agent::new(cfg, bus.clone(), sim::SimDriver::default(), &db) {
+        let driver = match db.open_tree(format!("{host}/sim")) {
+            Ok(tree) => sim::SimDriver::persistent(tree),
+            Err(e) => {
+                tracing::error!(%host, error = %e, "simulated host state not persistent");
+                sim::SimDriver::default()
+            }
+        };
+        match Agent::new(cfg, bus.clone(), driver, &db) {
             Ok(agent) => {
                 let cancel = cancel.clone();
                 tracker.spawn(async move {

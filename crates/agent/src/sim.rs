@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 
 use crate::driver::{Driver, DriverError, HostUsage, RunningVm, VmExit, VmUsage};
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct SimVm {
     incarnation: IncarnationId,
     resources: Resources,
@@ -36,6 +37,8 @@ struct Inner {
 pub struct SimDriver {
     inner: Arc<Mutex<Inner>>,
     exits: broadcast::Sender<VmExit>,
+    /// Where a persistent simulated host keeps its VMs, so they outlive the agent process.
+    store: Option<sled::Tree>,
 }
 
 impl Default for SimDriver {
@@ -48,6 +51,7 @@ impl Default for SimDriver {
                 start_delay: Duration::ZERO,
             })),
             exits: broadcast::channel(1024).0,
+            store: None,
         }
     }
 }
@@ -61,11 +65,28 @@ impl SimDriver {
         d
     }
 
+    /// A simulated host whose VMs are kept in `store` and so outlive the agent process, as VMs
+    /// on a real hypervisor do; the next agent finds them with [`Driver::adopt`].
+    #[must_use]
+    pub fn persistent(store: sled::Tree) -> Self {
+        SimDriver { store: Some(store), ..SimDriver::default() }
+    }
+
+    fn persist(&self, vm: VmId, v: Option<&SimVm>) {
+        if let Some(store) = &self.store {
+            let result = match v {
+                Some(v) => store.insert(vm.0.as_bytes(), novacron_types::encode(v)).map(|_| ()),
+                None => store.remove(vm.0.as_bytes()).map(|_| ()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(%vm, error = %e, "simulated hypervisor state not persisted");
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Each critical section is a single map update, so a poisoned lock is still consistent.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// How many times this incarnation was really started (0 or 1, unless something is wrong).
@@ -91,11 +112,8 @@ impl SimDriver {
         let gone = self.lock().running.remove(&vm);
         match gone {
             Some(v) => {
-                let _ = self.exits.send(VmExit {
-                    vm,
-                    incarnation: v.incarnation,
-                    reason: "simulated crash".into(),
-                });
+                self.persist(vm, None);
+                let _ = self.exits.send(VmExit { vm, incarnation: v.incarnation, reason: "simulated crash".into() });
                 true
             }
             None => false,
@@ -106,11 +124,8 @@ impl SimDriver {
     pub fn crash_all(&self) {
         let all = std::mem::take(&mut self.lock().running);
         for (vm, v) in all {
-            let _ = self.exits.send(VmExit {
-                vm,
-                incarnation: v.incarnation,
-                reason: "simulated host crash".into(),
-            });
+            self.persist(vm, None);
+            let _ = self.exits.send(VmExit { vm, incarnation: v.incarnation, reason: "simulated host crash".into() });
         }
     }
 
@@ -142,33 +157,32 @@ impl Driver for SimDriver {
             }
             if inner.fail_starts > 0 {
                 inner.fail_starts -= 1;
-                return Err(DriverError::StartFailed {
-                    vm: cmd.vm,
-                    reason: "simulated start failure".into(),
-                });
+                return Err(DriverError::StartFailed { vm: cmd.vm, reason: "simulated start failure".into() });
             }
             inner.start_delay
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let v = SimVm { incarnation: cmd.incarnation, resources: cmd.spec.resources(), paused: false };
+        self.persist(cmd.vm, Some(&v));
         let mut inner = self.lock();
-        inner.running.insert(
-            cmd.vm,
-            SimVm {
-                incarnation: cmd.incarnation,
-                resources: cmd.spec.resources(),
-                paused: false,
-            },
-        );
+        inner.running.insert(cmd.vm, v);
         *inner.starts.entry(cmd.incarnation).or_default() += 1;
         Ok(())
     }
 
     async fn stop(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
-        let mut inner = self.lock();
-        if inner.running.get(&vm).map(|r| r.incarnation) == Some(incarnation) {
-            inner.running.remove(&vm);
+        let removed = {
+            let mut inner = self.lock();
+            if inner.running.get(&vm).map(|r| r.incarnation) == Some(incarnation) {
+                inner.running.remove(&vm)
+            } else {
+                None
+            }
+        };
+        if removed.is_some() {
+            self.persist(vm, None);
         }
         Ok(())
     }
@@ -182,42 +196,31 @@ impl Driver for SimDriver {
     }
 
     async fn adopt(&self) -> Vec<RunningVm> {
+        if let Some(store) = &self.store {
+            let mut inner = self.lock();
+            for (k, v) in store.iter().flatten() {
+                let (Ok(id), Ok(v)) = (uuid::Uuid::from_slice(&k), rmp_serde::from_slice::<SimVm>(&v)) else {
+                    continue;
+                };
+                inner.running.entry(VmId(id)).or_insert(v);
+            }
+        }
         self.running()
     }
 
     fn running(&self) -> Vec<RunningVm> {
-        self.lock()
-            .running
-            .iter()
-            .map(|(vm, v)| RunningVm {
-                vm: *vm,
-                incarnation: v.incarnation,
-            })
-            .collect()
+        self.lock().running.iter().map(|(vm, v)| RunningVm { vm: *vm, incarnation: v.incarnation }).collect()
     }
 
     /// Simulated load: each reserved vCPU keeps 60% of a host vCPU busy; memory is fully used.
     fn host_usage(&self, capacity: Resources) -> HostUsage {
         let inner = self.lock();
         let (vcpus, mem) = inner.running.values().fold((0u64, 0u64), |(c, m), v| {
-            (
-                c + if v.paused {
-                    0
-                } else {
-                    u64::from(v.resources.vcpus)
-                },
-                m + v.resources.memory_mib,
-            )
+            (c + if v.paused { 0 } else { u64::from(v.resources.vcpus) }, m + v.resources.memory_mib)
         });
-        let cpu_util = if capacity.vcpus == 0 {
-            0.0
-        } else {
-            (vcpus as f64 * 0.6 / f64::from(capacity.vcpus)).min(1.0)
-        };
-        HostUsage {
-            cpu_util,
-            memory_used_mib: mem,
-        }
+        let cpu_util =
+            if capacity.vcpus == 0 { 0.0 } else { (vcpus as f64 * 0.6 / f64::from(capacity.vcpus)).min(1.0) };
+        HostUsage { cpu_util, memory_used_mib: mem }
     }
 
     fn vm_usage(&self) -> Vec<VmUsage> {
@@ -245,16 +248,14 @@ impl SimDriver {
         paused: bool,
         op: &'static str,
     ) -> Result<(), DriverError> {
-        match self.lock().running.get_mut(&vm) {
+        let mut inner = self.lock();
+        match inner.running.get_mut(&vm) {
             Some(v) if v.incarnation == incarnation => {
                 v.paused = paused;
+                self.persist(vm, Some(v));
                 Ok(())
             }
-            _ => Err(DriverError::ControlFailed {
-                op,
-                vm,
-                reason: "not running here".into(),
-            }),
+            _ => Err(DriverError::ControlFailed { op, vm, reason: "not running here".into() }),
         }
     }
 }

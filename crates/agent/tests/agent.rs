@@ -10,24 +10,20 @@ use novacron_agent::{Agent, AgentConfig};
 use novacron_eventlog::{Bus, BusConfig, EventLog};
 use novacron_testkit::NatsServer;
 use novacron_types::{
-    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources,
-    StartVm, VmId, VmSpec,
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources, StartVm, VmId, VmSpec,
 };
 use tokio_util::sync::CancellationToken;
 
 async fn wait_for<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 struct Harness {
-    _server: NatsServer,
+    server: NatsServer,
     bus: Bus,
     host: HostId,
     log: EventLog,
@@ -36,32 +32,26 @@ struct Harness {
 impl Harness {
     async fn new() -> Harness {
         let server = NatsServer::start().unwrap();
-        let bus = Bus::connect(&BusConfig::new(server.url(), "test"))
-            .await
-            .unwrap();
+        let mut cfg = BusConfig::new(server.url(), "test");
+        cfg.retry_initial_connect = true;
+        let bus = Bus::connect(&cfg).await.unwrap();
         bus.provision(1).await.unwrap();
         let log = EventLog::open(bus.js.clone()).await.unwrap();
-        Harness {
-            _server: server,
-            bus,
-            host: HostId::new("h1").unwrap(),
-            log,
-        }
+        Harness { server, bus, host: HostId::new("h1").unwrap(), log }
     }
 
-    fn spawn_agent(
+    fn spawn_agent(&self, driver: SimDriver, db: &sled::Db) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        self.spawn_with(driver, db, |_| {})
+    }
+
+    fn spawn_with<D: Driver>(
         &self,
-        driver: SimDriver,
+        driver: D,
         db: &sled::Db,
+        tune: impl FnOnce(&mut AgentConfig),
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let cfg = AgentConfig::new(
-            self.host.clone(),
-            Resources {
-                vcpus: 16,
-                memory_mib: 32768,
-                disk_gib: 0,
-            },
-        );
+        let mut cfg = AgentConfig::new(self.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
+        tune(&mut cfg);
         let agent = Agent::new(cfg, self.bus.clone(), driver, db).unwrap();
         let cancel = CancellationToken::new();
         let c = cancel.clone();
@@ -127,10 +117,7 @@ impl Harness {
 }
 
 fn running_reports(reports: &[Report]) -> usize {
-    reports
-        .iter()
-        .filter(|r| matches!(r.report, ReportKind::VmRunning(_)))
-        .count()
+    reports.iter().filter(|r| matches!(r.report, ReportKind::VmRunning(_))).count()
 }
 
 #[tokio::test]
@@ -143,27 +130,18 @@ async fn a_command_delivered_twice_is_applied_once() {
 
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
     let cmd = h.start_cmd(vm, inc, 1);
-    h.log
-        .append(&[cmd.clone(), h.stop_cmd(vm, inc, 1)])
-        .await
-        .unwrap();
+    h.log.append(&[cmd.clone(), h.stop_cmd(vm, inc, 1)]).await.unwrap();
     // The start again, as a redelivery would bring it (no message id, so JetStream stores it a
     // second time). Applying it again would resurrect the stopped VM.
     h.bus
         .js
-        .send_publish(
-            format!("nc.cmd.h1.{vm}"),
-            PublishMessage::build().payload(novacron_types::encode(&cmd).into()),
-        )
+        .send_publish(format!("nc.cmd.h1.{vm}"), PublishMessage::build().payload(novacron_types::encode(&cmd).into()))
         .await
         .unwrap()
         .await
         .unwrap();
 
-    wait_for("all deliveries handled", || async {
-        h.commands_done().await >= 3
-    })
-    .await;
+    wait_for("all deliveries handled", || async { h.commands_done().await >= 3 }).await;
     assert_eq!(driver.start_count(inc), 1, "started exactly once");
     assert!(driver.running().is_empty(), "the stopped VM stays stopped");
     wait_for("the reports", || async { h.reports().await.len() >= 4 }).await;
@@ -187,21 +165,11 @@ async fn a_command_with_a_stale_generation_is_ignored() {
 
     let vm = VmId::new_v7();
     let (newer, older) = (IncarnationId::new_v7(), IncarnationId::new_v7());
-    h.log
-        .append(&[h.start_cmd(vm, newer, 2), h.start_cmd(vm, older, 1)])
-        .await
-        .unwrap();
-    wait_for("both commands handled", || async {
-        h.commands_done().await >= 2
-    })
-    .await;
+    h.log.append(&[h.start_cmd(vm, newer, 2), h.start_cmd(vm, older, 1)]).await.unwrap();
+    wait_for("both commands handled", || async { h.commands_done().await >= 2 }).await;
 
     assert_eq!(driver.start_count(newer), 1);
-    assert_eq!(
-        driver.start_count(older),
-        0,
-        "generation 1 after generation 2 must be refused"
-    );
+    assert_eq!(driver.start_count(older), 0, "generation 1 after generation 2 must be refused");
     let running = driver.running();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].incarnation, newer);
@@ -219,14 +187,8 @@ async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
     {
         let db = sled::open(dir.path()).unwrap();
         let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
-        h.log
-            .append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)])
-            .await
-            .unwrap();
-        wait_for("the commands applied", || async {
-            h.commands_done().await >= 2
-        })
-        .await;
+        h.log.append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)]).await.unwrap();
+        wait_for("the commands applied", || async { h.commands_done().await >= 2 }).await;
         cancel.cancel();
         handle.await.unwrap();
     }
@@ -237,15 +199,8 @@ async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
 
     let db = sled::open(dir.path()).unwrap();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
-    wait_for("the redelivered commands handled", || async {
-        h.commands_done().await >= 2
-    })
-    .await;
-    assert_eq!(
-        driver.start_count(inc),
-        1,
-        "the journal recognised the start"
-    );
+    wait_for("the redelivered commands handled", || async { h.commands_done().await >= 2 }).await;
+    assert_eq!(driver.start_count(inc), 1, "the journal recognised the start");
     assert_eq!(driver.total_starts(), 1);
     assert!(driver.running().is_empty());
     cancel.cancel();
@@ -260,35 +215,208 @@ async fn a_malformed_command_is_dead_lettered_and_the_agent_keeps_working() {
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
 
-    h.bus
-        .js
-        .publish("nc.cmd.h1.garbage", "\u{1}not msgpack".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    h.bus.js.publish("nc.cmd.h1.garbage", "\u{1}not msgpack".into()).await.unwrap().await.unwrap();
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
     h.log.refresh_tail().await.unwrap();
     h.log.append(&[h.start_cmd(vm, inc, 1)]).await.unwrap();
 
-    wait_for("the good command applied", || async {
-        driver.start_count(inc) == 1
-    })
-    .await;
+    wait_for("the good command applied", || async { driver.start_count(inc) == 1 }).await;
     let dead = h.bus.js.get_stream("DEADLETTER").await.unwrap();
-    wait_for("a dead letter", || async {
-        dead.clone().info().await.unwrap().state.messages == 1
-    })
-    .await;
+    wait_for("a dead letter", || async { dead.clone().info().await.unwrap().state.messages == 1 }).await;
     let msg = dead.get_raw_message(1).await.unwrap();
     assert_eq!(msg.subject.as_str(), "nc.deadletter.commands");
-    assert!(
-        msg.headers
-            .get("Nc-Deadletter-Reason")
-            .unwrap()
-            .as_str()
-            .contains("MessagePack")
-    );
+    assert!(msg.headers.get("Nc-Deadletter-Reason").unwrap().as_str().contains("MessagePack"));
     cancel.cancel();
     handle.await.unwrap();
+}
+
+fn failures(reports: &[Report]) -> Vec<String> {
+    reports
+        .iter()
+        .filter_map(|r| match &r.report {
+            ReportKind::VmFailed(f) => Some(f.reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn simulated_crashes_and_failed_starts_are_reported_as_failures() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.append(&[h.start_cmd(vm, inc, 1)]).await.unwrap();
+    wait_for("the VM running", || async { driver.start_count(inc) == 1 }).await;
+    assert!(driver.crash(vm));
+    wait_for("the crash reported", || async { failures(&h.reports().await).iter().any(|r| r == "simulated crash") })
+        .await;
+
+    driver.fail_next_starts(1);
+    let (vm2, inc2) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.append(&[h.start_cmd(vm2, inc2, 1)]).await.unwrap();
+    wait_for("the failed start reported", || async {
+        failures(&h.reports().await).iter().any(|r| r.contains("simulated start failure"))
+    })
+    .await;
+    assert_eq!(driver.start_count(inc2), 0);
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (alive, alive_inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    let (dead, dead_inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let driver = SimDriver::persistent(db.open_tree("h1/sim").unwrap());
+        let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+        h.log.append(&[h.start_cmd(alive, alive_inc, 1), h.start_cmd(dead, dead_inc, 1)]).await.unwrap();
+        wait_for("both VMs running", || async { driver.running().len() == 2 }).await;
+        cancel.cancel();
+        handle.await.unwrap();
+        // While no agent runs, one VM dies on the (simulated) hypervisor.
+        assert!(driver.crash(dead));
+    }
+    let reports_before = h.reports().await.len();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::persistent(db.open_tree("h1/sim").unwrap());
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+    wait_for("the restart's reports", || async { h.reports().await.len() >= reports_before + 3 }).await;
+    let reports = h.reports().await;
+    let after = &reports[reports_before..];
+    assert!(
+        after.iter().any(|r| matches!(&r.report, ReportKind::VmRunning(v) if v.vm == alive)),
+        "the survivor is adopted and reported running: {after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|r| matches!(&r.report, ReportKind::VmFailed(f) if f.vm == dead && f.reason.contains("not running"))),
+        "the dead one is reported failed: {after:?}"
+    );
+    assert_eq!(driver.start_count(alive_inc), 0, "adopted, not started again");
+    assert_eq!(driver.running().len(), 1);
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[test]
+fn a_lease_that_does_not_end_before_the_host_failure_timeout_is_refused() {
+    let mut cfg = AgentConfig::new(HostId::new("h1").unwrap(), Resources { vcpus: 1, memory_mib: 1, disk_gib: 0 });
+    assert!(cfg.check().is_ok(), "the defaults keep the invariant");
+    cfg.lease = Duration::from_secs(26);
+    let err = cfg.check().unwrap_err();
+    assert!(err.contains("host-failure timeout"), "{err}");
+}
+
+mod qemu {
+    use novacron_agent::qemu::{QemuConfig, QemuDriver};
+
+    use super::*;
+
+    fn qemu_driver(dir: &std::path::Path) -> QemuDriver {
+        let mut cfg = QemuConfig::detect(dir.join("q")).expect("QEMU must be installed (make tools)");
+        cfg.powerdown_timeout = Duration::from_millis(300);
+        QemuDriver::new(cfg)
+    }
+
+    fn tiny(h: &Harness, vm: VmId, inc: IncarnationId) -> Envelope {
+        let mut e = h.start_cmd(vm, inc, 1);
+        if let EventKind::VmStartCommanded(c) = &mut e.event {
+            c.spec.vcpus = 1;
+            c.spec.memory_mib = 64;
+        }
+        e
+    }
+
+    fn qemu_processes_of(vm: VmId) -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("guest={vm}")))
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn commands_start_and_stop_a_real_qemu_vm() {
+        let mut h = Harness::new().await;
+        let dir = tempfile::Builder::new().prefix("nca").tempdir_in("/tmp").unwrap();
+        let db = sled::open(dir.path().join("journal")).unwrap();
+        let driver = qemu_driver(dir.path());
+        let (cancel, handle) = h.spawn_with(driver.clone(), &db, |_| {});
+        let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+        h.log.append(&[tiny(&h, vm, inc)]).await.unwrap();
+        wait_for("VmRunning from a real QEMU", || async {
+            h.reports().await.iter().any(|r| matches!(&r.report, ReportKind::VmRunning(v) if v.vm == vm))
+        })
+        .await;
+        assert_eq!(qemu_processes_of(vm), 1);
+        assert_eq!(driver.qmp_status(vm).await.unwrap(), "running");
+        let registration = h.reports().await.into_iter().find_map(|r| match r.report {
+            ReportKind::HostRegistration(reg) => Some(reg),
+            _ => None,
+        });
+        let accel = registration.unwrap().labels.get("accel").cloned().unwrap_or_default();
+        assert!(accel == "kvm" || accel == "tcg", "acceleration reported at registration: {accel:?}");
+
+        h.log.append(&[h.stop_cmd(vm, inc, 1)]).await.unwrap();
+        wait_for("VmStopped", || async {
+            h.reports().await.iter().any(|r| matches!(&r.report, ReportKind::VmStopped(v) if v.vm == vm))
+        })
+        .await;
+        assert_eq!(qemu_processes_of(vm), 0);
+        cancel.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_cut_off_from_nats_longer_than_its_lease_stops_its_vms() {
+        let mut h = Harness::new().await;
+        let dir = tempfile::Builder::new().prefix("ncf").tempdir_in("/tmp").unwrap();
+        let db = sled::open(dir.path().join("journal")).unwrap();
+        let driver = qemu_driver(dir.path());
+        let lease = Duration::from_millis(1500);
+        let host_failure_timeout = Duration::from_secs(10);
+        let (cancel, handle) = h.spawn_with(driver.clone(), &db, |c| {
+            c.lease = lease;
+            c.host_failure_timeout = host_failure_timeout;
+        });
+        let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+        h.log.append(&[tiny(&h, vm, inc)]).await.unwrap();
+        wait_for("VmRunning reported", || async {
+            h.reports().await.iter().any(|r| matches!(&r.report, ReportKind::VmRunning(v) if v.vm == vm))
+        })
+        .await;
+        assert_eq!(qemu_processes_of(vm), 1);
+
+        // The partition: the agent's NATS server goes away.
+        h.server.kill();
+        let cut = std::time::Instant::now();
+        wait_for("the VM fenced", || async { qemu_processes_of(vm) == 0 }).await;
+        let fenced_after = cut.elapsed();
+        assert!(fenced_after >= lease, "fenced only after the lease ran out ({fenced_after:?})");
+        assert!(
+            fenced_after < host_failure_timeout,
+            "fenced ({fenced_after:?}) before the orchestrator would declare the host failed ({host_failure_timeout:?})"
+        );
+
+        // The bus comes back: the agent says what it did.
+        h.server.restart().unwrap();
+        wait_for("the fence reported", || async {
+            failures(&h.reports().await).iter().any(|r| r.contains("self-fenced"))
+        })
+        .await;
+        cancel.cancel();
+        handle.await.unwrap();
+    }
 }

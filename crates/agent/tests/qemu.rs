@@ -8,8 +8,7 @@ use novacron_agent::qemu::{QemuConfig, QemuDriver};
 use novacron_types::{Generation, HostId, IncarnationId, StartVm, VmId, VmSpec};
 
 fn driver(dir: &std::path::Path) -> QemuDriver {
-    let mut cfg = QemuConfig::detect(dir.join("qemu"))
-        .expect("QEMU must be installed for these tests (make tools)");
+    let mut cfg = QemuConfig::detect(dir.join("qemu")).expect("QEMU must be installed for these tests (make tools)");
     // Firmware ignores ACPI power-down; don't wait long for it.
     cfg.powerdown_timeout = Duration::from_millis(300);
     QemuDriver::new(cfg)
@@ -34,10 +33,7 @@ fn start_cmd(vm: VmId, incarnation: IncarnationId, disk_gib: u64) -> StartVm {
 
 fn short_tempdir() -> tempfile::TempDir {
     // Unix socket paths are short; keep the directory near the root.
-    tempfile::Builder::new()
-        .prefix("ncq")
-        .tempdir_in("/tmp")
-        .unwrap()
+    tempfile::Builder::new().prefix("ncq").tempdir_in("/tmp").unwrap()
 }
 
 fn qemu_processes_of(vm: VmId) -> usize {
@@ -55,10 +51,7 @@ fn qemu_processes_of(vm: VmId) -> usize {
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -70,18 +63,12 @@ async fn a_qemu_vm_runs_pauses_resumes_and_stops_leaving_nothing_behind() {
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
     d.start(&start_cmd(vm, inc, 1)).await.expect("start");
     assert_eq!(d.qmp_status(vm).await.unwrap(), "running");
-    assert_eq!(
-        qemu_processes_of(vm),
-        1,
-        "one QEMU process, findable by its name"
-    );
+    assert_eq!(qemu_processes_of(vm), 1, "one QEMU process, findable by its name");
     let vm_dir = d.config().data_dir.join(vm.to_string());
     assert!(vm_dir.join("disk.qcow2").is_file(), "the disk was created");
     assert!(vm_dir.join("qemu.pid").is_file());
 
-    d.start(&start_cmd(vm, inc, 1))
-        .await
-        .expect("starting the same incarnation again is a no-op");
+    d.start(&start_cmd(vm, inc, 1)).await.expect("starting the same incarnation again is a no-op");
     assert_eq!(qemu_processes_of(vm), 1);
 
     d.pause(vm, inc).await.unwrap();
@@ -91,10 +78,7 @@ async fn a_qemu_vm_runs_pauses_resumes_and_stops_leaving_nothing_behind() {
 
     let usage = d.vm_usage();
     assert_eq!(usage.len(), 1);
-    assert!(
-        usage[0].memory_used_mib > 0,
-        "RSS of the QEMU process is measured"
-    );
+    assert!(usage[0].memory_used_mib > 0, "RSS of the QEMU process is measured");
 
     d.stop(vm, inc).await.expect("stop");
     assert_eq!(qemu_processes_of(vm), 0, "the process is gone");
@@ -111,20 +95,10 @@ async fn a_killed_qemu_is_noticed_and_reported_with_a_reason() {
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
     d.start(&start_cmd(vm, inc, 0)).await.unwrap();
     let pid = d.pid(vm).unwrap();
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(10), exits.recv())
-        .await
-        .expect("an exit")
-        .unwrap();
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), exits.recv()).await.expect("an exit").unwrap();
     assert_eq!((exit.vm, exit.incarnation), (vm, inc));
-    assert!(
-        exit.reason.contains("exited unexpectedly"),
-        "{}",
-        exit.reason
-    );
+    assert!(exit.reason.contains("exited unexpectedly"), "{}", exit.reason);
     assert!(d.running().is_empty());
 }
 
@@ -141,28 +115,15 @@ async fn a_new_driver_adopts_running_vms_and_cleans_up_dead_ones() {
     // them dies while no agent watches.
     first.detach();
     drop(first);
-    std::process::Command::new("kill")
-        .args(["-9", &dead_pid.to_string()])
-        .status()
-        .unwrap();
-    wait_for("the killed QEMU to disappear", || {
-        qemu_processes_of(dead) == 0
-    })
-    .await;
+    std::process::Command::new("kill").args(["-9", &dead_pid.to_string()]).status().unwrap();
+    wait_for("the killed QEMU to disappear", || qemu_processes_of(dead) == 0).await;
 
     let second = driver(dir.path());
     let running = second.adopt().await;
     assert_eq!(running.len(), 1, "{running:?}");
     assert_eq!((running[0].vm, running[0].incarnation), (vm, inc));
-    assert_eq!(
-        second.qmp_status(vm).await.unwrap(),
-        "running",
-        "controllable after adoption"
-    );
-    assert!(
-        !second.config().data_dir.join(dead.to_string()).exists(),
-        "leftovers of the dead VM removed"
-    );
+    assert_eq!(second.qmp_status(vm).await.unwrap(), "running", "controllable after adoption");
+    assert!(!second.config().data_dir.join(dead.to_string()).exists(), "leftovers of the dead VM removed");
     assert_eq!(qemu_processes_of(vm), 1, "adopted, not restarted");
     second.stop(vm, inc).await.unwrap();
     assert_eq!(qemu_processes_of(vm), 0);
@@ -173,9 +134,7 @@ async fn a_bad_configuration_fails_the_start_with_qemus_reason() {
     let dir = short_tempdir();
     let d = driver(dir.path());
     let mut cmd = start_cmd(VmId::new_v7(), IncarnationId::new_v7(), 0);
-    cmd.spec
-        .labels
-        .insert("image".into(), "/nonexistent/base.qcow2".into());
+    cmd.spec.labels.insert("image".into(), "/nonexistent/base.qcow2".into());
     let err = d.start(&cmd).await.unwrap_err();
     assert!(err.to_string().contains("qemu-img create failed"), "{err}");
     assert!(d.running().is_empty());

@@ -26,10 +26,7 @@ fn parse_point(s: &str) -> Result<Point, String> {
     }
     let t = humantime::parse_rfc3339_weak(s)
         .map_err(|e| format!("{s:?} is neither a sequence number nor an RFC 3339 time ({e})"))?;
-    let ms = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("{s:?} is before 1970"))?
-        .as_millis();
+    let ms = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("{s:?} is before 1970"))?.as_millis();
     Ok(Point::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
 }
 
@@ -59,21 +56,13 @@ pub struct StateArgs {
 async fn events_stream(nats: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
     let bus = Bus::connect(&BusConfig::new(nats, "novacron-cli")).await?;
     bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| {
-        anyhow!(
-            "no {} stream at {nats} ({e}): has an orchestrator ever run against this server?",
-            proto::EVENTS_STREAM
-        )
+        anyhow!("no {} stream at {nats} ({e}): has an orchestrator ever run against this server?", proto::EVENTS_STREAM)
     })
 }
 
 /// The sequence of the last message in the EVENTS stream.
 async fn tail(stream: &mut async_nats::jetstream::stream::Stream) -> anyhow::Result<u64> {
-    Ok(stream
-        .info()
-        .await
-        .context("reading the EVENTS stream")?
-        .state
-        .last_sequence)
+    Ok(stream.info().await.context("reading the EVENTS stream")?.state.last_sequence)
 }
 
 /// Whether `subject` matches the NATS filter (`*` one token, `>` the rest).
@@ -96,9 +85,8 @@ fn event_json(ev: &LoggedEvent) -> Value {
     match &ev.envelope {
         Ok(env) => {
             let event = serde_json::to_value(&env.event).unwrap_or(Value::Null);
-            let at = humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.at_ms),
-            );
+            let at =
+                humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.at_ms));
             json!({
                 "seq": ev.seq,
                 "id": env.id,
@@ -123,14 +111,7 @@ fn event_line(v: &Value) -> String {
     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
     let payload = v.get("payload").map(Value::to_string).unwrap_or_default();
     let short: String = payload.chars().take(120).collect();
-    format!(
-        "{:>7}  {}  {:<18}  {}  {}",
-        v["seq"],
-        s("at"),
-        s("kind"),
-        s("subject"),
-        short
-    )
+    format!("{:>7}  {}  {:<18}  {}  {}", v["seq"], s("at"), s("kind"), s("subject"), short)
 }
 
 fn in_range(ev: &LoggedEvent, since: Option<Point>, until: Option<Point>) -> bool {
@@ -155,10 +136,7 @@ pub async fn events(nats: &str, a: EventsArgs, fmt: Format) -> anyhow::Result<()
         _ => 1,
     };
     let keep = |ev: &LoggedEvent| {
-        in_range(ev, a.since, a.until)
-            && a.subject
-                .as_deref()
-                .is_none_or(|f| subject_matches(f, &ev.subject))
+        in_range(ev, a.since, a.until) && a.subject.as_deref().is_none_or(|f| subject_matches(f, &ev.subject))
     };
     if a.follow {
         let mut follow = novacron_eventlog::follow(&stream, from).await?;

@@ -15,12 +15,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use novacron_eventlog::{Bus, BusConfig, EventLog, fold_range};
 use novacron_state::ClusterState;
-use novacron_types::event::{
-    HostRegistered, PlacementExplanation, VmIncarnationReport, VmPlaced, VmRequested,
-};
-use novacron_types::{
-    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Resources, StartVm, VmId, VmSpec,
-};
+use novacron_types::event::{HostRegistered, PlacementExplanation, VmIncarnationReport, VmPlaced, VmRequested};
+use novacron_types::{Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Resources, StartVm, VmId, VmSpec};
 use serde_json::{Value, json};
 
 use crate::nats_server::{self, LocalNats};
@@ -69,9 +65,7 @@ struct AppendArgs {
 
 /// A realistic mix: hosts register, then VMs are requested, placed, commanded and run.
 fn workload(n: usize) -> Vec<Envelope> {
-    let hosts: Vec<HostId> = (0..64)
-        .filter_map(|i| HostId::new(format!("host-{i}")).ok())
-        .collect();
+    let hosts: Vec<HostId> = (0..64).filter_map(|i| HostId::new(format!("host-{i}")).ok()).collect();
     let actor = Actor::Orchestrator("bench".into());
     let mut out = Vec::with_capacity(n);
     for h in &hosts {
@@ -80,11 +74,7 @@ fn workload(n: usize) -> Vec<Envelope> {
             actor.clone(),
             EventKind::HostRegistered(HostRegistered {
                 host: h.clone(),
-                capacity: Resources {
-                    vcpus: 1_000_000,
-                    memory_mib: 1 << 40,
-                    disk_gib: 0,
-                },
+                capacity: Resources { vcpus: 1_000_000, memory_mib: 1 << 40, disk_gib: 0 },
                 labels: [("zone".to_owned(), "a".to_owned())].into(),
                 driver: "sim".into(),
             }),
@@ -104,17 +94,9 @@ fn workload(n: usize) -> Vec<Envelope> {
             labels: Default::default(),
         };
         let g = Generation::FIRST;
-        let report = VmIncarnationReport {
-            vm,
-            host: host.clone(),
-            incarnation,
-            generation: g,
-        };
+        let report = VmIncarnationReport { vm, host: host.clone(), incarnation, generation: g };
         for kind in [
-            EventKind::VmRequested(VmRequested {
-                vm,
-                spec: spec.clone(),
-            }),
+            EventKind::VmRequested(VmRequested { vm, spec: spec.clone() }),
             EventKind::VmPlaced(VmPlaced {
                 vm,
                 host: host.clone(),
@@ -127,20 +109,10 @@ fn workload(n: usize) -> Vec<Envelope> {
                     ..Default::default()
                 },
             }),
-            EventKind::VmStartCommanded(StartVm {
-                vm,
-                host: host.clone(),
-                incarnation,
-                generation: g,
-                spec,
-            }),
+            EventKind::VmStartCommanded(StartVm { vm, host: host.clone(), incarnation, generation: g, spec }),
             EventKind::VmRunning(report),
         ] {
-            out.push(Envelope::new(
-                1_700_000_000_000 + out.len() as u64,
-                actor.clone(),
-                kind,
-            ));
+            out.push(Envelope::new(1_700_000_000_000 + out.len() as u64, actor.clone(), kind));
         }
         i += 1;
     }
@@ -194,9 +166,7 @@ async fn raw_publish(
         })
         .await
         .context("creating the raw benchmark stream")?;
-    let ids: Vec<String> = (0..payloads.len())
-        .map(|_| uuid::Uuid::now_v7().to_string())
-        .collect();
+    let ids: Vec<String> = (0..payloads.len()).map(|_| uuid::Uuid::now_v7().to_string()).collect();
     let mut inflight = VecDeque::with_capacity(window);
     let t = Instant::now();
     for (i, p) in payloads.iter().enumerate() {
@@ -262,7 +232,12 @@ async fn append_and_replay(a: &AppendArgs) -> anyhow::Result<(Value, Value)> {
         let t = Instant::now();
         let stats = fold_range(log.stream(), &mut state, log.tail().seq).await?;
         let replay_secs = t.elapsed().as_secs_f64();
-        anyhow::ensure!(stats.applied as usize == events.len(), "replay read {} of {} events", stats.applied, events.len());
+        anyhow::ensure!(
+            stats.applied as usize == events.len(),
+            "replay read {} of {} events",
+            stats.applied,
+            events.len()
+        );
 
         let append = json!({
             "events": events.len(), "window": a.window, "avg_message_bytes": avg,
@@ -284,9 +259,7 @@ async fn append_and_replay(a: &AppendArgs) -> anyhow::Result<(Value, Value)> {
 fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
-        c.lines()
-            .find(|l| l.starts_with("model name"))
-            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
     });
     json!({ "cores": cores, "cpu": cpu, "profile": if cfg!(debug_assertions) { "debug" } else { "release" } })
 }
@@ -361,16 +334,8 @@ mod tests {
         for (i, e) in events.iter().enumerate() {
             state.apply(i as u64 + 1, e);
         }
-        assert_eq!(
-            state.ignored_events, 0,
-            "the benchmark exercises real transitions"
-        );
+        assert_eq!(state.ignored_events, 0, "the benchmark exercises real transitions");
         assert_eq!(state.vms.len(), 10);
-        assert!(
-            state
-                .vms
-                .values()
-                .all(|v| v.status == novacron_state::VmStatus::Running)
-        );
+        assert!(state.vms.values().all(|v| v.status == novacron_state::VmStatus::Running));
     }
 }

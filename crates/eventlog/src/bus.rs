@@ -59,9 +59,7 @@ pub enum BusError {
         source: async_nats::ConnectError,
     },
     /// The server predates what NovaCron relies on.
-    #[error(
-        "nats-server {version} is too old: NovaCron needs 2.10 or newer (run `make tools` for the pinned 2.15.1)"
-    )]
+    #[error("nats-server {version} is too old: NovaCron needs 2.10 or newer (run `make tools` for the pinned 2.15.1)")]
     ServerTooOld {
         /// What the server said.
         version: String,
@@ -99,10 +97,7 @@ impl Bus {
         let mut addrs = Vec::new();
         for url in cfg.urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
             let addr: async_nats::ServerAddr =
-                url.parse().map_err(|source| BusError::InvalidUrl {
-                    url: url.to_owned(),
-                    source,
-                })?;
+                url.parse().map_err(|source| BusError::InvalidUrl { url: url.to_owned(), source })?;
             addrs.push(addr);
         }
         let mut opts = async_nats::ConnectOptions::new()
@@ -113,13 +108,8 @@ impl Bus {
         if cfg.retry_initial_connect {
             opts = opts.retry_on_initial_connect();
         }
-        let client = opts
-            .connect(addrs)
-            .await
-            .map_err(|source| BusError::Connect {
-                urls: cfg.urls.clone(),
-                source,
-            })?;
+        let client =
+            opts.connect(addrs).await.map_err(|source| BusError::Connect { urls: cfg.urls.clone(), source })?;
         if cfg.retry_initial_connect {
             // The client connects in the background; wait for it, so that the server's INFO
             // (its version) is known before anyone asks.
@@ -148,14 +138,9 @@ impl Bus {
     pub async fn provision(&self, replicas: usize) -> Result<(), BusError> {
         let info = self.client.server_info();
         if !version_at_least(&info.version, 2, 10) {
-            return Err(BusError::ServerTooOld {
-                version: info.version,
-            });
+            return Err(BusError::ServerTooOld { version: info.version });
         }
-        self.js
-            .query_account()
-            .await
-            .map_err(BusError::JetStreamUnavailable)?;
+        self.js.query_account().await.map_err(BusError::JetStreamUnavailable)?;
         for cfg in stream_configs(replicas) {
             let name = static_name(&cfg.name);
             self.ensure_stream(name, cfg).await?;
@@ -164,21 +149,9 @@ impl Bus {
     }
 
     async fn ensure_stream(&self, name: &'static str, cfg: StreamConfig) -> Result<(), BusError> {
-        let prov = |e: Box<dyn std::error::Error + Send + Sync>| BusError::Provision {
-            stream: name,
-            source: e,
-        };
-        let mut stream = self
-            .js
-            .get_or_create_stream(cfg.clone())
-            .await
-            .map_err(|e| prov(Box::new(e)))?;
-        let current = stream
-            .info()
-            .await
-            .map_err(|e| prov(Box::new(e)))?
-            .config
-            .clone();
+        let prov = |e: Box<dyn std::error::Error + Send + Sync>| BusError::Provision { stream: name, source: e };
+        let mut stream = self.js.get_or_create_stream(cfg.clone()).await.map_err(|e| prov(Box::new(e)))?;
+        let current = stream.info().await.map_err(|e| prov(Box::new(e)))?.config.clone();
         let differs = current.subjects != cfg.subjects
             || current.max_age != cfg.max_age
             || current.max_bytes != cfg.max_bytes
@@ -188,10 +161,7 @@ impl Bus {
             || current.discard != cfg.discard;
         if differs {
             tracing::info!(stream = name, "updating stream configuration");
-            self.js
-                .update_stream(cfg)
-                .await
-                .map_err(|e| prov(Box::new(e)))?;
+            self.js.update_stream(cfg).await.map_err(|e| prov(Box::new(e)))?;
         }
         Ok(())
     }

@@ -38,30 +38,16 @@ impl DeadLetters {
         payload: Bytes,
     ) {
         metrics::counter!(m::DEADLETTERS, "source" => source).increment(1);
-        tracing::warn!(
-            source,
-            subject,
-            reason,
-            bytes = payload.len(),
-            "dead-lettering a malformed message"
-        );
+        tracing::warn!(source, subject, reason, bytes = payload.len(), "dead-lettering a malformed message");
         let mut headers = HeaderMap::new();
         // Header values must be one line; keep the reason readable but bounded.
-        let reason_line: String = reason
-            .replace(['\r', '\n'], " ")
-            .chars()
-            .take(1000)
-            .collect();
+        let reason_line: String = reason.replace(['\r', '\n'], " ").chars().take(1000).collect();
         headers.insert(proto::HEADER_DEADLETTER_REASON, reason_line.as_str());
         headers.insert(proto::HEADER_DEADLETTER_SUBJECT, subject);
         if let Some(ct) = content_type {
             headers.insert(proto::HEADER_DEADLETTER_CONTENT_TYPE, ct);
         }
-        let result = match self
-            .js
-            .publish_with_headers(proto::deadletter_subject(source), headers, payload)
-            .await
-        {
+        let result = match self.js.publish_with_headers(proto::deadletter_subject(source), headers, payload).await {
             Ok(ack) => ack.await.map(|_| ()),
             Err(e) => Err(e),
         };

@@ -123,23 +123,9 @@ impl EventLog {
     /// # Errors
     /// When the stream does not exist (provision first) or cannot be read.
     pub async fn open(js: jetstream::Context) -> Result<EventLog, AppendError> {
-        let mut stream = js
-            .get_stream(proto::EVENTS_STREAM)
-            .await
-            .map_err(|e| AppendError::Info(Box::new(e)))?;
-        let seq = stream
-            .info()
-            .await
-            .map_err(|e| AppendError::Info(Box::new(e)))?
-            .state
-            .last_sequence;
-        Ok(EventLog {
-            js,
-            stream,
-            tail: Tail { seq },
-            retry_budget: Duration::from_secs(30),
-            window: 1024,
-        })
+        let mut stream = js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| AppendError::Info(Box::new(e)))?;
+        let seq = stream.info().await.map_err(|e| AppendError::Info(Box::new(e)))?.state.last_sequence;
+        Ok(EventLog { js, stream, tail: Tail { seq }, retry_budget: Duration::from_secs(30), window: 1024 })
     }
 
     /// Most appends in flight at once within one `append` call (default 1024; the client's
@@ -175,13 +161,7 @@ impl EventLog {
     /// # Errors
     /// When the stream cannot be read.
     pub async fn refresh_tail(&mut self) -> Result<&Tail, AppendError> {
-        let seq = self
-            .stream
-            .info()
-            .await
-            .map_err(|e| AppendError::Info(Box::new(e)))?
-            .state
-            .last_sequence;
+        let seq = self.stream.info().await.map_err(|e| AppendError::Info(Box::new(e)))?.state.last_sequence;
         self.tail = Tail { seq };
         Ok(&self.tail)
     }
@@ -205,12 +185,8 @@ impl EventLog {
             })
             .collect();
         let base = self.tail.seq;
-        let mut run = Run {
-            stored: Vec::with_capacity(outgoing.len()),
-            degraded: false,
-        };
-        let mut inflight: VecDeque<(usize, Option<PublishAckFuture>)> =
-            VecDeque::with_capacity(self.window);
+        let mut run = Run { stored: Vec::with_capacity(outgoing.len()), degraded: false };
+        let mut inflight: VecDeque<(usize, Option<PublishAckFuture>)> = VecDeque::with_capacity(self.window);
         for i in 0..outgoing.len() {
             if inflight.len() >= self.window
                 && let Some((j, fut)) = inflight.pop_front()
@@ -239,9 +215,7 @@ impl EventLog {
         let expected_prev = base + i as u64;
         let first_try = match fut {
             Some(f) => f.await,
-            None => Err(async_nats::jetstream::context::PublishError::new(
-                PublishErrorKind::BrokenPipe,
-            )),
+            None => Err(async_nats::jetstream::context::PublishError::new(PublishErrorKind::BrokenPipe)),
         };
         let outcome = match first_try {
             Ok(ack) => Ok(ack),
@@ -260,11 +234,7 @@ impl EventLog {
                 let want = expected_prev + 1;
                 if ack.sequence != want {
                     self.refresh_tail().await?;
-                    return Err(AppendError::Unexpected {
-                        event: outgoing[i].id,
-                        expected: want,
-                        got: ack.sequence,
-                    });
+                    return Err(AppendError::Unexpected { event: outgoing[i].id, expected: want, got: ack.sequence });
                 }
                 run.stored.push(ack.sequence);
                 self.tail.seq = ack.sequence;
@@ -281,12 +251,7 @@ impl EventLog {
             }
             Err(e) => {
                 self.refresh_tail().await?;
-                Err(classify_final(
-                    e,
-                    outgoing[i].id,
-                    std::mem::take(&mut run.stored),
-                    self.retry_budget,
-                ))
+                Err(classify_final(e, outgoing[i].id, std::mem::take(&mut run.stored), self.retry_budget))
             }
         }
     }
@@ -299,10 +264,7 @@ impl EventLog {
     ) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
         let o = &outgoing[i];
         let mut headers = HeaderMap::new();
-        headers.insert(
-            proto::HEADER_CONTENT_TYPE,
-            ContentType::MsgPack.header_value(),
-        );
+        headers.insert(proto::HEADER_CONTENT_TYPE, ContentType::MsgPack.header_value());
         headers.insert(proto::HEADER_EVENT_KIND, o.kind);
         let mut msg = PublishMessage::build()
             .payload(o.payload.clone())
@@ -321,10 +283,7 @@ impl EventLog {
         i: usize,
         base: u64,
         first: async_nats::jetstream::context::PublishError,
-    ) -> Result<
-        async_nats::jetstream::publish::PublishAck,
-        async_nats::jetstream::context::PublishError,
-    > {
+    ) -> Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(25);
         let mut last = first;
@@ -352,10 +311,7 @@ impl EventLog {
 }
 
 fn is_conflict(e: &async_nats::jetstream::context::PublishError) -> bool {
-    matches!(
-        e.kind(),
-        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
-    )
+    matches!(e.kind(), PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId)
 }
 
 /// Errors worth retrying with the same message id: the message may or may not have been stored,
@@ -369,9 +325,7 @@ fn is_transient(e: &async_nats::jetstream::context::PublishError) -> bool {
         // 10158 "duplicate message id is in process" and "JetStream system temporarily
         // unavailable" (503) during elections arrive as Other; so do permanent refusals such as
         // an oversized message, which retrying cannot fix.
-        PublishErrorKind::Other => {
-            server_error_code(e).is_none_or(|(status, code)| status == 503 || code == 10158)
-        }
+        PublishErrorKind::Other => server_error_code(e).is_none_or(|(status, code)| status == 503 || code == 10158),
         _ => false,
     }
 }
@@ -390,17 +344,8 @@ fn classify_final(
     budget: Duration,
 ) -> AppendError {
     if is_transient(&e) {
-        AppendError::Unavailable {
-            event,
-            elapsed: budget,
-            stored_seqs,
-            source: e,
-        }
+        AppendError::Unavailable { event, elapsed: budget, stored_seqs, source: e }
     } else {
-        AppendError::Refused {
-            event,
-            stored_seqs,
-            source: e,
-        }
+        AppendError::Refused { event, stored_seqs, source: e }
     }
 }

@@ -14,14 +14,8 @@ pub const DEADLETTERS: &str = "novacron_deadletters_total";
 /// Registers descriptions with the installed recorder.
 pub fn describe() {
     metrics::describe_counter!(EVENTS_APPENDED, "Events appended to the EVENTS stream");
-    metrics::describe_counter!(
-        APPEND_CONFLICTS,
-        "Appends refused because the writer's tail was stale"
-    );
+    metrics::describe_counter!(APPEND_CONFLICTS, "Appends refused because the writer's tail was stale");
     metrics::describe_counter!(APPEND_RETRIES, "Appends retried after a transient error");
     metrics::describe_counter!(EVENTS_REPLAYED, "Events read back from the EVENTS stream");
-    metrics::describe_counter!(
-        DEADLETTERS,
-        "Malformed messages sent to the dead-letter stream, by source"
-    );
+    metrics::describe_counter!(DEADLETTERS, "Malformed messages sent to the dead-letter stream, by source");
 }

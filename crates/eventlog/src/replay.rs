@@ -46,34 +46,17 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> ReplayError {
 
 /// Decodes one JetStream message of the EVENTS stream.
 #[must_use]
-pub fn decode_event(
-    seq: u64,
-    subject: &str,
-    headers: Option<&async_nats::HeaderMap>,
-    payload: &[u8],
-) -> LoggedEvent {
-    let ct = headers
-        .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
-    let envelope =
-        ContentType::from_header(ct.as_deref()).and_then(|ct| novacron_types::decode(payload, ct));
-    LoggedEvent {
-        seq,
-        subject: subject.to_owned(),
-        envelope,
-    }
+pub fn decode_event(seq: u64, subject: &str, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> LoggedEvent {
+    let ct = headers.and_then(|h| h.get(proto::HEADER_CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+    let envelope = ContentType::from_header(ct.as_deref()).and_then(|ct| novacron_types::decode(payload, ct));
+    LoggedEvent { seq, subject: subject.to_owned(), envelope }
 }
 
 /// Calls `f` for every event with `from <= seq <= to`, in order. Returns how many it saw.
 ///
 /// # Errors
 /// When the stream cannot be read.
-pub async fn replay(
-    stream: &Stream,
-    from: u64,
-    to: u64,
-    mut f: impl FnMut(LoggedEvent),
-) -> Result<u64, ReplayError> {
+pub async fn replay(stream: &Stream, from: u64, to: u64, mut f: impl FnMut(LoggedEvent)) -> Result<u64, ReplayError> {
     let from = from.max(1);
     if to < from {
         return Ok(0);
@@ -82,21 +65,14 @@ pub async fn replay(
     // read a known range.
     let consumer = stream
         .create_consumer(pull::Config {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
             ack_policy: AckPolicy::None,
             inactive_threshold: Duration::from_secs(30),
             ..Default::default()
         })
         .await
         .map_err(boxed)?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(REPLAY_BATCH)
-        .messages()
-        .await
-        .map_err(boxed)?;
+    let mut messages = consumer.stream().max_messages_per_batch(REPLAY_BATCH).messages().await.map_err(boxed)?;
     let mut seen = 0u64;
     while let Some(msg) = messages.try_next().await.map_err(boxed)? {
         let info = msg.info().map_err(ReplayError::Stream)?;
@@ -105,12 +81,7 @@ pub async fn replay(
         if seq > to {
             break;
         }
-        f(decode_event(
-            seq,
-            msg.subject.as_str(),
-            msg.headers.as_ref(),
-            &msg.payload,
-        ));
+        f(decode_event(seq, msg.subject.as_str(), msg.headers.as_ref(), &msg.payload));
         seen += 1;
         if seq >= to || pending == 0 {
             break;
@@ -126,11 +97,7 @@ pub async fn replay(
 ///
 /// # Errors
 /// When the stream cannot be read.
-pub async fn fold_range(
-    stream: &Stream,
-    state: &mut ClusterState,
-    to: u64,
-) -> Result<FoldStats, ReplayError> {
+pub async fn fold_range(stream: &Stream, state: &mut ClusterState, to: u64) -> Result<FoldStats, ReplayError> {
     let mut stats = FoldStats::default();
     let from = state.seq + 1;
     replay(stream, from, to, |ev| match &ev.envelope {
@@ -165,29 +132,14 @@ pub async fn follow(
     stream: &Stream,
     from: u64,
 ) -> Result<impl futures::Stream<Item = Result<LoggedEvent, ReplayError>> + use<>, ReplayError> {
-    let deliver_policy = if from <= 1 {
-        DeliverPolicy::All
-    } else {
-        DeliverPolicy::ByStartSequence {
-            start_sequence: from,
-        }
-    };
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(boxed)?;
+    let deliver_policy =
+        if from <= 1 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: from } };
+    let consumer =
+        stream.create_consumer(pull::OrderedConfig { deliver_policy, ..Default::default() }).await.map_err(boxed)?;
     let messages = consumer.messages().await.map_err(boxed)?;
     Ok(messages.map(|m| {
         let msg = m.map_err(boxed)?;
         let seq = msg.info().map_err(ReplayError::Stream)?.stream_sequence;
-        Ok(decode_event(
-            seq,
-            msg.subject.as_str(),
-            msg.headers.as_ref(),
-            &msg.payload,
-        ))
+        Ok(decode_event(seq, msg.subject.as_str(), msg.headers.as_ref(), &msg.payload))
     }))
 }

@@ -64,17 +64,10 @@ impl SnapshotStore {
     /// When sled cannot open the directory (locked by another process, unreadable).
     pub fn open(dir: &Path) -> Result<SnapshotStore, SnapshotError> {
         let path = dir.display().to_string();
-        let err = |source| SnapshotError::Sled {
-            path: path.clone(),
-            source,
-        };
+        let err = |source| SnapshotError::Sled { path: path.clone(), source };
         let db = sled::open(dir).map_err(err)?;
         let tree = db.open_tree("snapshots").map_err(err)?;
-        Ok(SnapshotStore {
-            tree,
-            path,
-            keep: 3,
-        })
+        Ok(SnapshotStore { tree, path, keep: 3 })
     }
 
     /// Saves the state, keeping the newest three snapshots.
@@ -82,19 +75,10 @@ impl SnapshotStore {
     /// # Errors
     /// When sled fails to write or flush.
     pub fn save(&self, stream_created_ns: i128, state: &ClusterState) -> Result<(), SnapshotError> {
-        let err = |source| SnapshotError::Sled {
-            path: self.path.clone(),
-            source,
-        };
-        let snap = Snapshot {
-            stream_created_ns,
-            seq: state.seq,
-            hash: state.hash().0,
-            state: state.to_canonical_bytes(),
-        };
-        self.tree
-            .insert(state.seq.to_be_bytes(), novacron_types::encode(&snap))
-            .map_err(err)?;
+        let err = |source| SnapshotError::Sled { path: self.path.clone(), source };
+        let snap =
+            Snapshot { stream_created_ns, seq: state.seq, hash: state.hash().0, state: state.to_canonical_bytes() };
+        self.tree.insert(state.seq.to_be_bytes(), novacron_types::encode(&snap)).map_err(err)?;
         while self.tree.len() > self.keep {
             if self.tree.pop_min().map_err(err)?.is_none() {
                 break;
@@ -108,36 +92,19 @@ impl SnapshotStore {
     ///
     /// # Errors
     /// When sled fails or the snapshot is corrupt.
-    pub fn latest(
-        &self,
-        stream_created_ns: i128,
-        max_seq: u64,
-    ) -> Result<Option<ClusterState>, SnapshotError> {
-        let err = |source| SnapshotError::Sled {
-            path: self.path.clone(),
-            source,
-        };
+    pub fn latest(&self, stream_created_ns: i128, max_seq: u64) -> Result<Option<ClusterState>, SnapshotError> {
+        let err = |source| SnapshotError::Sled { path: self.path.clone(), source };
         for item in self.tree.iter().rev() {
             let (_, value) = item.map_err(err)?;
             let snap: Snapshot =
-                rmp_serde::from_slice(&value).map_err(|e| SnapshotError::Corrupt {
-                    seq: 0,
-                    reason: e.to_string(),
-                })?;
+                rmp_serde::from_slice(&value).map_err(|e| SnapshotError::Corrupt { seq: 0, reason: e.to_string() })?;
             if snap.stream_created_ns != stream_created_ns || snap.seq > max_seq {
                 continue;
             }
-            let state = ClusterState::from_canonical_bytes(&snap.state).map_err(|e| {
-                SnapshotError::Corrupt {
-                    seq: snap.seq,
-                    reason: e.to_string(),
-                }
-            })?;
+            let state = ClusterState::from_canonical_bytes(&snap.state)
+                .map_err(|e| SnapshotError::Corrupt { seq: snap.seq, reason: e.to_string() })?;
             if state.hash().0 != snap.hash || state.seq != snap.seq {
-                return Err(SnapshotError::Corrupt {
-                    seq: snap.seq,
-                    reason: "state hash mismatch".into(),
-                });
+                return Err(SnapshotError::Corrupt { seq: snap.seq, reason: "state hash mismatch".into() });
             }
             return Ok(Some(state));
         }
@@ -166,10 +133,7 @@ mod serde_bytes_compat {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(b) = a.next_element()? {
                     out.push(b);

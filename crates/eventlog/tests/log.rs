@@ -13,9 +13,7 @@ use novacron_types::event::{HostRegistered, VmRequested};
 use novacron_types::{Actor, Envelope, EventKind, HostId, Resources, VmId, VmSpec};
 
 async fn bus(server: &NatsServer) -> Bus {
-    let bus = Bus::connect(&BusConfig::new(server.url(), "test"))
-        .await
-        .expect("connect");
+    let bus = Bus::connect(&BusConfig::new(server.url(), "test")).await.expect("connect");
     bus.provision(1).await.expect("provision");
     bus
 }
@@ -26,11 +24,7 @@ fn host_event(i: usize) -> Envelope {
         Actor::Orchestrator("test".into()),
         EventKind::HostRegistered(HostRegistered {
             host: HostId::new(format!("h{i}")).unwrap(),
-            capacity: Resources {
-                vcpus: 8,
-                memory_mib: 16384,
-                disk_gib: 100,
-            },
+            capacity: Resources { vcpus: 8, memory_mib: 16384, disk_gib: 100 },
             labels: Default::default(),
             driver: "sim".into(),
         }),
@@ -57,19 +51,8 @@ fn vm_event(name: &str) -> Envelope {
 
 async fn all_events(log: &EventLog) -> Vec<(u64, Envelope)> {
     let mut out = Vec::new();
-    let tail = log
-        .stream()
-        .clone()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
-    replay(log.stream(), 1, tail, |e| {
-        out.push((e.seq, e.envelope.expect("decodes")))
-    })
-    .await
-    .unwrap();
+    let tail = log.stream().clone().info().await.unwrap().state.last_sequence;
+    replay(log.stream(), 1, tail, |e| out.push((e.seq, e.envelope.expect("decodes")))).await.unwrap();
     out
 }
 
@@ -79,39 +62,23 @@ async fn provisioning_is_idempotent_and_creates_the_four_streams() {
     let bus = bus(&server).await;
     bus.provision(1).await.expect("second provision is a no-op");
     for name in ["EVENTS", "REPORTS", "TELEMETRY", "DEADLETTER"] {
-        let mut s = bus
-            .js
-            .get_stream(name)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut s = bus.js.get_stream(name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let info = s.info().await.unwrap();
-        assert_eq!(
-            info.config.storage,
-            async_nats::jetstream::stream::StorageType::File,
-            "{name}"
-        );
+        assert_eq!(info.config.storage, async_nats::jetstream::stream::StorageType::File, "{name}");
     }
     let mut events = bus.js.get_stream("EVENTS").await.unwrap();
     let cfg = &events.info().await.unwrap().config;
     assert_eq!(cfg.duplicate_window, Duration::from_secs(120));
-    assert!(
-        cfg.deny_delete && cfg.deny_purge,
-        "the log of record refuses deletes"
-    );
+    assert!(cfg.deny_delete && cfg.deny_purge, "the log of record refuses deletes");
 }
 
 #[tokio::test]
 async fn a_server_without_jetstream_gets_a_clear_error() {
     let server = NatsServer::start_without_jetstream().unwrap();
-    let bus = Bus::connect(&BusConfig::new(server.url(), "test"))
-        .await
-        .unwrap();
+    let bus = Bus::connect(&BusConfig::new(server.url(), "test")).await.unwrap();
     let err = bus.provision(1).await.unwrap_err();
     assert!(matches!(err, BusError::JetStreamUnavailable(_)), "{err:?}");
-    assert!(
-        err.to_string().contains("-js"),
-        "the error says how to fix it: {err}"
-    );
+    assert!(err.to_string().contains("-js"), "the error says how to fix it: {err}");
 }
 
 #[tokio::test]
@@ -150,26 +117,16 @@ async fn two_writers_with_the_same_view_one_wins_and_history_does_not_fork() {
         (Err(e), Ok(_)) => (&batch_b, e),
         other => panic!("exactly one writer must win: {other:?}"),
     };
-    let AppendError::Conflict {
-        tail, stored_seqs, ..
-    } = loser_err
-    else {
+    let AppendError::Conflict { tail, stored_seqs, .. } = loser_err else {
         panic!("the loser gets a conflict, got {loser_err:?}");
     };
-    assert!(
-        stored_seqs.is_empty(),
-        "nothing of the loser's batch was stored"
-    );
+    assert!(stored_seqs.is_empty(), "nothing of the loser's batch was stored");
     assert_eq!(tail.seq, 21, "the loser re-read the tail");
 
     let events = all_events(&a).await;
     assert_eq!(events.len(), 21);
     let written: Vec<&Envelope> = events[1..].iter().map(|(_, e)| e).collect();
-    assert_eq!(
-        written,
-        winner.iter().collect::<Vec<_>>(),
-        "the log holds the winner's batch, whole and in order"
-    );
+    assert_eq!(written, winner.iter().collect::<Vec<_>>(), "the log holds the winner's batch, whole and in order");
 }
 
 #[tokio::test]
@@ -187,16 +144,9 @@ async fn a_foreign_write_mid_batch_never_tears_the_batch() {
     // tail+i, and the foreign write shifted everything by one). With it, none does.
     let batch: Vec<Envelope> = (0..10).map(|i| vm_event(&format!("v{i}"))).collect();
     let err = log.append(&batch).await.unwrap_err();
-    assert!(
-        matches!(err, AppendError::Conflict { ref stored_seqs, .. } if stored_seqs.is_empty()),
-        "{err:?}"
-    );
+    assert!(matches!(err, AppendError::Conflict { ref stored_seqs, .. } if stored_seqs.is_empty()), "{err:?}");
     let events = all_events(&log).await;
-    assert_eq!(
-        events.len(),
-        2,
-        "only the two registrations are in the log: {events:?}"
-    );
+    assert_eq!(events.len(), 2, "only the two registrations are in the log: {events:?}");
 
     // After re-reading the tail the same writer appends fine.
     log.append(&batch).await.expect("append after catching up");
@@ -216,9 +166,7 @@ async fn a_retried_append_is_stored_once() {
         .js
         .send_publish(
             "nc.events.host.h0",
-            Publish::build()
-                .payload(novacron_types::encode(&e).into())
-                .message_id(e.id.to_string()),
+            Publish::build().payload(novacron_types::encode(&e).into()).message_id(e.id.to_string()),
         )
         .await
         .unwrap()
@@ -236,14 +184,7 @@ async fn snapshot_plus_tail_gives_the_hash_of_a_full_replay() {
     let mut log = EventLog::open(bus.js.clone()).await.unwrap();
     let first: Vec<Envelope> = (0..50).map(host_event).collect();
     log.append(&first).await.unwrap();
-    let created = log
-        .stream()
-        .clone()
-        .info()
-        .await
-        .unwrap()
-        .created
-        .unix_timestamp_nanos();
+    let created = log.stream().clone().info().await.unwrap().created.unix_timestamp_nanos();
 
     let dir = tempfile::tempdir().unwrap();
     let store = SnapshotStore::open(dir.path()).unwrap();
@@ -262,10 +203,7 @@ async fn snapshot_plus_tail_gives_the_hash_of_a_full_replay() {
     let mut full = ClusterState::default();
     fold_range(log.stream(), &mut full, 80).await.unwrap();
     assert_eq!(restored.hash(), full.hash());
-    assert!(
-        store.latest(created + 1, 80).unwrap().is_none(),
-        "a snapshot of another stream is ignored"
-    );
+    assert!(store.latest(created + 1, 80).unwrap().is_none(), "a snapshot of another stream is ignored");
 }
 
 #[tokio::test]
@@ -273,29 +211,15 @@ async fn dead_letters_keep_the_original_bytes_and_the_reason() {
     let server = NatsServer::start().unwrap();
     let bus = bus(&server).await;
     DeadLetters::new(bus.js.clone())
-        .send(
-            "reports",
-            "nc.report.h1",
-            Some("application/json"),
-            "malformed JSON: expected value",
-            "garbage".into(),
-        )
+        .send("reports", "nc.report.h1", Some("application/json"), "malformed JSON: expected value", "garbage".into())
         .await;
     let stream = bus.js.get_stream("DEADLETTER").await.unwrap();
     let msg = stream.get_raw_message(1).await.unwrap();
     assert_eq!(msg.subject.as_str(), "nc.deadletter.reports");
     assert_eq!(&msg.payload[..], b"garbage");
-    let reason = msg
-        .headers
-        .get("Nc-Deadletter-Reason")
-        .unwrap()
-        .as_str()
-        .to_owned();
+    let reason = msg.headers.get("Nc-Deadletter-Reason").unwrap().as_str().to_owned();
     assert!(reason.contains("malformed JSON"), "{reason}");
-    assert_eq!(
-        msg.headers.get("Nc-Deadletter-Subject").unwrap().as_str(),
-        "nc.report.h1"
-    );
+    assert_eq!(msg.headers.get("Nc-Deadletter-Subject").unwrap().as_str(), "nc.report.h1");
 }
 
 #[tokio::test]
@@ -305,18 +229,10 @@ async fn follow_delivers_past_and_new_events() {
     let mut log = EventLog::open(bus.js.clone()).await.unwrap();
     log.append(&[host_event(0)]).await.unwrap();
     let mut follow = novacron_eventlog::follow(log.stream(), 1).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), follow.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), follow.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(first.seq, 1);
     log.append(&[host_event(1)]).await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(10), follow.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), follow.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(second.seq, 2);
 }
 

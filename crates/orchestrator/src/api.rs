@@ -58,18 +58,10 @@ struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            error: error.into(),
-            field: None,
-        }
+        ApiError { status, error: error.into(), field: None }
     }
     fn field(field: impl Into<String>, error: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            error: error.into(),
-            field: Some(field.into()),
-        }
+        ApiError { status: StatusCode::BAD_REQUEST, error: error.into(), field: Some(field.into()) }
     }
 }
 
@@ -83,12 +75,8 @@ impl IntoResponse for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Refused(Refusal::Invalid { field, reason }) => {
-                ApiError::field(field, reason)
-            }
-            EngineError::Refused(r @ Refusal::NotFound(_)) => {
-                ApiError::new(StatusCode::NOT_FOUND, r.to_string())
-            }
+            EngineError::Refused(Refusal::Invalid { field, reason }) => ApiError::field(field, reason),
+            EngineError::Refused(r @ Refusal::NotFound(_)) => ApiError::new(StatusCode::NOT_FOUND, r.to_string()),
             EngineError::Refused(r @ (Refusal::NameInUse(_) | Refusal::AlreadyDeleted(_))) => {
                 ApiError::new(StatusCode::CONFLICT, r.to_string())
             }
@@ -114,10 +102,7 @@ fn ok<T: Serialize>(status: StatusCode, body: T) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "no such route; the API lives under /api/v1",
-    )
+    ApiError::new(StatusCode::NOT_FOUND, "no such route; the API lives under /api/v1")
 }
 
 async fn dashboard() -> Html<&'static str> {
@@ -131,11 +116,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(api): State<Api>) -> Response {
     let engine = api.engine.ready.load(Ordering::SeqCst);
     let nats = api.client.connection_state() == async_nats::connection::State::Connected;
-    let status = if engine && nats {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if engine && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "engine": engine, "nats": nats }))).into_response()
 }
 
@@ -146,11 +127,7 @@ async fn metrics(State(api): State<Api>) -> Response {
         ::metrics::gauge!(m::HOSTS).set(s.hosts.len() as f64);
         ::metrics::gauge!(m::VMS).set(s.summary().vms as f64);
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        m::prometheus().render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::prometheus().render()).into_response()
 }
 
 async fn state(State(api): State<Api>) -> Response {
@@ -204,12 +181,8 @@ fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
         ApiError::field(field, format!("invalid JSON body: {msg}"))
     })?;
     let name = b.name.ok_or_else(|| ApiError::field("name", "required"))?;
-    let vcpus = b
-        .vcpus
-        .ok_or_else(|| ApiError::field("vcpus", "required"))?;
-    let memory_mib = b
-        .memory_mib
-        .ok_or_else(|| ApiError::field("memory_mib", "required"))?;
+    let vcpus = b.vcpus.ok_or_else(|| ApiError::field("vcpus", "required"))?;
+    let memory_mib = b.memory_mib.ok_or_else(|| ApiError::field("memory_mib", "required"))?;
     let spec = VmSpec {
         name,
         vcpus,
@@ -218,8 +191,7 @@ fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
         group: b.group,
         labels: b.labels.unwrap_or_default(),
     };
-    spec.validate()
-        .map_err(|e| ApiError::field(e.field, e.reason))?;
+    spec.validate().map_err(|e| ApiError::field(e.field, e.reason))?;
     Ok(spec)
 }
 
@@ -235,27 +207,16 @@ fn origin(headers: &HeaderMap) -> Origin {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 64)
         .unwrap_or("anonymous");
-    Origin {
-        actor: Actor::User(user.to_owned()),
-        correlation: Some(uuid::Uuid::now_v7()),
-    }
+    Origin { actor: Actor::User(user.to_owned()), correlation: Some(uuid::Uuid::now_v7()) }
 }
 
-async fn create_vm(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn create_vm(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let spec = parse_create(&body)?;
     let view = api.engine.create_vm(spec, origin(&headers)).await?;
     Ok(ok(StatusCode::CREATED, view))
 }
 
-async fn delete_vm(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn delete_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let view = api.engine.delete_vm(id, origin(&headers)).await?;
     Ok(ok(StatusCode::ACCEPTED, view))
 }
@@ -276,9 +237,7 @@ fn host_views(api: &Api) -> Vec<HostWithObservation> {
     views
         .into_iter()
         .map(|host| {
-            let o = novacron_types::HostId::new(host.id.clone())
-                .ok()
-                .and_then(|id| obs.hosts.get(&id).cloned());
+            let o = novacron_types::HostId::new(host.id.clone()).ok().and_then(|id| obs.hosts.get(&id).cloned());
             let o = o.unwrap_or_default();
             HostWithObservation {
                 last_heartbeat_ms: o.last_heartbeat_ms,
@@ -310,26 +269,14 @@ mod tests {
         let cases: [(&[u8], &str); 6] = [
             (br#"{"vcpus": 2, "memory_mib": 512}"#, "name"),
             (br#"{"name": "a", "memory_mib": 512}"#, "vcpus"),
-            (
-                br#"{"name": "a", "vcpus": "two", "memory_mib": 512}"#,
-                "vcpus",
-            ),
+            (br#"{"name": "a", "vcpus": "two", "memory_mib": 512}"#, "vcpus"),
             (br#"{"name": "a", "vcpus": -1, "memory_mib": 512}"#, "vcpus"),
             (br#"{"name": "a", "vcpus": 0, "memory_mib": 512}"#, "vcpus"),
-            (
-                br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "colour": "red"}"#,
-                "colour",
-            ),
+            (br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "colour": "red"}"#, "colour"),
         ];
         for (body, field) in cases {
             let err = parse_create(body).unwrap_err();
-            assert_eq!(
-                err.field.as_deref(),
-                Some(field),
-                "{}: {}",
-                String::from_utf8_lossy(body),
-                err.error
-            );
+            assert_eq!(err.field.as_deref(), Some(field), "{}: {}", String::from_utf8_lossy(body), err.error);
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
         }
         assert!(parse_create(b"not json").is_err());

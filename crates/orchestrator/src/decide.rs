@@ -9,13 +9,11 @@ use std::collections::BTreeMap;
 
 use novacron_scheduler::Placement;
 use novacron_state::{ClusterState, VmRecord, VmStatus};
-use novacron_types::event::{
-    HostRegistered, VmDeleteRequested, VmDeleted, VmPlaced, VmPlacementFailed, VmRequested,
-};
+use novacron_types::event::{HostRegistered, VmDeleteRequested, VmDeleted, VmPlaced, VmPlacementFailed, VmRequested};
 use novacron_types::report::HostRegistration;
 use novacron_types::{
-    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources,
-    StartVm, StopVm, VmId, VmSpec,
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources, StartVm, StopVm,
+    VmId, VmSpec,
 };
 use uuid::Uuid;
 
@@ -95,25 +93,9 @@ pub fn create_vm(
     }
     let vm = stamp.vm_id();
     let need = spec.resources();
-    let mut events = vec![envelope(
-        stamp,
-        origin,
-        EventKind::VmRequested(VmRequested {
-            vm,
-            spec: spec.clone(),
-        }),
-    )];
+    let mut events = vec![envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() }))];
     let decision = novacron_scheduler::place(state, need, &BTreeMap::new());
-    events.extend(placement_events(
-        state,
-        vm,
-        &spec,
-        Generation(0),
-        decision,
-        None,
-        stamp,
-        origin,
-    ));
+    events.extend(placement_events(state, vm, &spec, Generation(0), decision, None, stamp, origin));
     Ok((vm, events))
 }
 
@@ -129,55 +111,29 @@ fn placement_events(
     origin: &Origin,
 ) -> Vec<Envelope> {
     match decision {
-        Placement::Host {
-            host,
-            mut explanation,
-        } => {
+        Placement::Host { host, mut explanation } => {
             explanation.log_seq = state.seq;
             let incarnation = stamp.incarnation_id();
             let generation = current.next().unwrap_or(current);
             let placed = envelope(
                 stamp,
                 origin,
-                EventKind::VmPlaced(VmPlaced {
-                    vm,
-                    host: host.clone(),
-                    incarnation,
-                    generation,
-                    explanation,
-                }),
+                EventKind::VmPlaced(VmPlaced { vm, host: host.clone(), incarnation, generation, explanation }),
             );
             let cause = placed.id.0;
             let start = envelope(
                 stamp,
                 origin,
-                EventKind::VmStartCommanded(StartVm {
-                    vm,
-                    host,
-                    incarnation,
-                    generation,
-                    spec: spec.clone(),
-                }),
+                EventKind::VmStartCommanded(StartVm { vm, host, incarnation, generation, spec: spec.clone() }),
             )
             .caused_by(cause);
             vec![placed, start]
         }
-        Placement::Unplaceable {
-            reason,
-            explanation,
-        } => {
+        Placement::Unplaceable { reason, explanation } => {
             if previous_failure == Some(reason.as_str()) {
                 return Vec::new(); // nothing new to say; don't flood the log
             }
-            vec![envelope(
-                stamp,
-                origin,
-                EventKind::VmPlacementFailed(VmPlacementFailed {
-                    vm,
-                    reason,
-                    explanation,
-                }),
-            )]
+            vec![envelope(stamp, origin, EventKind::VmPlacementFailed(VmPlacementFailed { vm, reason, explanation }))]
         }
     }
 }
@@ -207,11 +163,7 @@ pub fn delete_vm(
     }
     let mut events = Vec::new();
     if !vm.delete_requested {
-        events.push(envelope(
-            stamp,
-            origin,
-            EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm.id }),
-        ));
+        events.push(envelope(stamp, origin, EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm.id })));
     }
     if let Some(e) = deletion_step(vm, stamp, origin) {
         events.push(e);
@@ -235,11 +187,7 @@ fn deletion_step(vm: &VmRecord, stamp: &mut impl Stamp, origin: &Origin) -> Opti
             }),
         )),
         (VmStatus::Stopping | VmStatus::Migrating | VmStatus::Deleted, _, _) => None,
-        _ => Some(envelope(
-            stamp,
-            origin,
-            EventKind::VmDeleted(VmDeleted { vm: vm.id }),
-        )),
+        _ => Some(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id }))),
     }
 }
 
@@ -255,26 +203,16 @@ pub enum ReportOutcome {
 /// Turns an agent's report into events, checking it against the state: a report that repeats
 /// what the log already says gives no events, so redelivered reports are harmless.
 pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> ReportOutcome {
-    let origin = Origin {
-        actor: Actor::Agent(report.host.clone()),
-        correlation: Some(report.id.0),
-    };
+    let origin = Origin { actor: Actor::Agent(report.host.clone()), correlation: Some(report.id.0) };
     let known_host = state.hosts.get(&report.host);
     let ev = |stamp: &mut dyn FnMut() -> u64, kind: EventKind| {
-        Envelope::new(stamp(), origin.actor.clone(), kind)
-            .correlated(origin.correlation)
-            .caused_by(report.id.0)
+        Envelope::new(stamp(), origin.actor.clone(), kind).correlated(origin.correlation).caused_by(report.id.0)
     };
     let mut now = || stamp.now_ms();
     match &report.report {
-        ReportKind::HostRegistration(HostRegistration {
-            capacity,
-            labels,
-            driver,
-        }) => {
-            let unchanged = known_host.is_some_and(|h| {
-                h.capacity == *capacity && h.labels == *labels && h.driver == *driver
-            });
+        ReportKind::HostRegistration(HostRegistration { capacity, labels, driver }) => {
+            let unchanged =
+                known_host.is_some_and(|h| h.capacity == *capacity && h.labels == *labels && h.driver == *driver);
             if unchanged {
                 return ReportOutcome::Events(Vec::new());
             }
@@ -288,10 +226,9 @@ pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> 
                 }),
             )])
         }
-        _ if known_host.is_none() => ReportOutcome::Reject(format!(
-            "report from unknown host {}: register first",
-            report.host
-        )),
+        _ if known_host.is_none() => {
+            ReportOutcome::Reject(format!("report from unknown host {}: register first", report.host))
+        }
         ReportKind::VmRunning(r) | ReportKind::VmStopped(r) => {
             let running = matches!(report.report, ReportKind::VmRunning(_));
             let Some(vm) = state.vms.get(&r.vm) else {
@@ -301,28 +238,18 @@ pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> 
                 tracing::info!(vm = %r.vm, host = %r.host, "report about a stale incarnation; ignored");
                 return ReportOutcome::Events(Vec::new());
             }
-            let target = if running {
-                VmStatus::Running
-            } else {
-                VmStatus::Stopped
-            };
+            let target = if running { VmStatus::Running } else { VmStatus::Stopped };
             if vm.status == target {
                 return ReportOutcome::Events(Vec::new());
             }
-            let kind = if running {
-                EventKind::VmRunning(r.clone())
-            } else {
-                EventKind::VmStopped(r.clone())
-            };
+            let kind = if running { EventKind::VmRunning(r.clone()) } else { EventKind::VmStopped(r.clone()) };
             ReportOutcome::Events(vec![ev(&mut now, kind)])
         }
         ReportKind::VmFailed(f) => {
             let Some(vm) = state.vms.get(&f.vm) else {
                 return ReportOutcome::Reject(format!("report about unknown VM {}", f.vm));
             };
-            if vm.incarnation != Some(f.incarnation)
-                || matches!(vm.status, VmStatus::Deleted | VmStatus::Failed)
-            {
+            if vm.incarnation != Some(f.incarnation) || matches!(vm.status, VmStatus::Deleted | VmStatus::Failed) {
                 return ReportOutcome::Events(Vec::new());
             }
             ReportOutcome::Events(vec![ev(&mut now, EventKind::VmFailed(f.clone()))])
@@ -383,11 +310,7 @@ pub fn reconcile(state: &ClusterState, stamp: &mut impl Stamp, origin: &Origin) 
 
 /// Like [`deletion_step`], but only where a step is still missing: a VM already `Stopping`
 /// waits for its report; one `Running` after a stop command is waiting too.
-fn deletion_step_if_needed(
-    vm: &VmRecord,
-    stamp: &mut impl Stamp,
-    origin: &Origin,
-) -> Option<Envelope> {
+fn deletion_step_if_needed(vm: &VmRecord, stamp: &mut impl Stamp, origin: &Origin) -> Option<Envelope> {
     match vm.status {
         VmStatus::Deleted | VmStatus::Stopping | VmStatus::Migrating => None,
         _ => deletion_step(vm, stamp, origin),
@@ -418,21 +341,11 @@ mod tests {
     }
 
     fn origin() -> Origin {
-        Origin {
-            actor: Actor::User("t".into()),
-            correlation: None,
-        }
+        Origin { actor: Actor::User("t".into()), correlation: None }
     }
 
     fn spec(name: &str, vcpus: u32) -> VmSpec {
-        VmSpec {
-            name: name.into(),
-            vcpus,
-            memory_mib: 1024,
-            disk_gib: 0,
-            group: None,
-            labels: Default::default(),
-        }
+        VmSpec { name: name.into(), vcpus, memory_mib: 1024, disk_gib: 0, group: None, labels: Default::default() }
     }
 
     fn apply_all(state: &mut ClusterState, events: &[Envelope]) {
@@ -449,11 +362,7 @@ mod tests {
             Actor::Agent(HostId::new("h1").unwrap()),
             EventKind::HostRegistered(HostRegistered {
                 host: HostId::new("h1").unwrap(),
-                capacity: Resources {
-                    vcpus,
-                    memory_mib: 65536,
-                    disk_gib: 0,
-                },
+                capacity: Resources { vcpus, memory_mib: 65536, disk_gib: 0 },
                 labels: Default::default(),
                 driver: "sim".into(),
             }),
@@ -471,10 +380,7 @@ mod tests {
         apply_all(&mut s, &events);
         assert_eq!(s.vms[&vm].status, VmStatus::Starting);
         assert_eq!(s.vms[&vm].generation, Generation(1));
-        assert_eq!(
-            create_vm(&s, spec("a", 1), &mut Fixed(9), &origin()).unwrap_err(),
-            Refusal::NameInUse("a".into())
-        );
+        assert_eq!(create_vm(&s, spec("a", 1), &mut Fixed(9), &origin()).unwrap_err(), Refusal::NameInUse("a".into()));
     }
 
     #[test]
@@ -483,10 +389,7 @@ mod tests {
         let (vm, events) = create_vm(&s, spec("big", 4), &mut Fixed(0), &origin()).unwrap();
         assert_eq!(events.last().unwrap().event.name(), "VmPlacementFailed");
         apply_all(&mut s, &events);
-        assert!(
-            reconcile(&s, &mut Fixed(10), &origin()).is_empty(),
-            "same failure is not appended again"
-        );
+        assert!(reconcile(&s, &mut Fixed(10), &origin()).is_empty(), "same failure is not appended again");
 
         let reg = Report {
             schema: SCHEMA_VERSION,
@@ -494,22 +397,14 @@ mod tests {
             host: HostId::new("h1").unwrap(),
             at_ms: 1,
             report: ReportKind::HostRegistration(HostRegistration {
-                capacity: Resources {
-                    vcpus: 8,
-                    memory_mib: 8192,
-                    disk_gib: 0,
-                },
+                capacity: Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 },
                 labels: Default::default(),
                 driver: "sim".into(),
             }),
         };
-        let ReportOutcome::Events(reg_events) = report(&s, &reg, &mut Fixed(20)) else {
-            panic!()
-        };
+        let ReportOutcome::Events(reg_events) = report(&s, &reg, &mut Fixed(20)) else { panic!() };
         apply_all(&mut s, &reg_events);
-        let ReportOutcome::Events(again) = report(&s, &reg, &mut Fixed(30)) else {
-            panic!()
-        };
+        let ReportOutcome::Events(again) = report(&s, &reg, &mut Fixed(30)) else { panic!() };
         assert!(again.is_empty(), "a repeated registration changes nothing");
 
         let placed = reconcile(&s, &mut Fixed(40), &origin());
@@ -521,13 +416,7 @@ mod tests {
     fn reconcile_never_double_books_a_host_in_one_pass() {
         let mut s = ClusterState::default();
         for i in 0..5 {
-            let (_, ev) = create_vm(
-                &s,
-                spec(&format!("v{i}"), 2),
-                &mut Fixed(i * 100),
-                &origin(),
-            )
-            .unwrap();
+            let (_, ev) = create_vm(&s, spec(&format!("v{i}"), 2), &mut Fixed(i * 100), &origin()).unwrap();
             apply_all(&mut s, &ev);
         }
         let host = with_host(4);
@@ -585,14 +474,8 @@ mod tests {
         let kinds: Vec<_> = del.iter().map(|e| e.event.name()).collect();
         assert_eq!(kinds, ["VmDeleteRequested", "VmStopCommanded"]);
         apply_all(&mut s, &del);
-        assert!(
-            reconcile(&s, &mut Fixed(60), &origin()).is_empty(),
-            "waits for the stop report"
-        );
-        assert_eq!(
-            delete_vm(&s, "nope", &mut Fixed(70), &origin()).unwrap_err(),
-            Refusal::NotFound("nope".into())
-        );
+        assert!(reconcile(&s, &mut Fixed(60), &origin()).is_empty(), "waits for the stop report");
+        assert_eq!(delete_vm(&s, "nope", &mut Fixed(70), &origin()).unwrap_err(), Refusal::NotFound("nope".into()));
         let _ = vm;
     }
 }

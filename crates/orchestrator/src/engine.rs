@@ -28,15 +28,11 @@ pub type SharedState = Arc<RwLock<ClusterState>>;
 /// Reads the shared state, tolerating a poisoned lock (the engine never leaves it half-written:
 /// each fold step is complete before the next).
 pub fn read(state: &SharedState) -> std::sync::RwLockReadGuard<'_, ClusterState> {
-    state
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn write(state: &SharedState) -> std::sync::RwLockWriteGuard<'_, ClusterState> {
-    state
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Why the engine could not do what was asked.
@@ -63,20 +59,9 @@ pub enum ReportVerdict {
 }
 
 pub(crate) enum Request {
-    CreateVm {
-        spec: VmSpec,
-        origin: Origin,
-        reply: oneshot::Sender<Result<VmView, EngineError>>,
-    },
-    DeleteVm {
-        key: String,
-        origin: Origin,
-        reply: oneshot::Sender<Result<VmView, EngineError>>,
-    },
-    Report {
-        report: Box<Report>,
-        reply: oneshot::Sender<Result<ReportVerdict, EngineError>>,
-    },
+    CreateVm { spec: VmSpec, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
+    DeleteVm { key: String, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
+    Report { report: Box<Report>, reply: oneshot::Sender<Result<ReportVerdict, EngineError>> },
 }
 
 /// A cheap handle to the engine.
@@ -95,10 +80,7 @@ impl EngineHandle {
         make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Request,
     ) -> Result<T, EngineError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
+        self.tx.send(make(tx)).await.map_err(|_| EngineError::ShuttingDown)?;
         rx.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
@@ -107,12 +89,7 @@ impl EngineHandle {
     /// # Errors
     /// Refusals, or the log being unavailable.
     pub async fn create_vm(&self, spec: VmSpec, origin: Origin) -> Result<VmView, EngineError> {
-        self.ask(|reply| Request::CreateVm {
-            spec,
-            origin,
-            reply,
-        })
-        .await
+        self.ask(|reply| Request::CreateVm { spec, origin, reply }).await
     }
 
     /// Deletes a VM (by id or name); returns once the request is in the log.
@@ -120,8 +97,7 @@ impl EngineHandle {
     /// # Errors
     /// Refusals, or the log being unavailable.
     pub async fn delete_vm(&self, key: String, origin: Origin) -> Result<VmView, EngineError> {
-        self.ask(|reply| Request::DeleteVm { key, origin, reply })
-            .await
+        self.ask(|reply| Request::DeleteVm { key, origin, reply }).await
     }
 
     /// Hands over an agent's report; returns once its events are in the log.
@@ -129,11 +105,7 @@ impl EngineHandle {
     /// # Errors
     /// The log being unavailable.
     pub async fn report(&self, report: Report) -> Result<ReportVerdict, EngineError> {
-        self.ask(|reply| Request::Report {
-            report: Box::new(report),
-            reply,
-        })
-        .await
+        self.ask(|reply| Request::Report { report: Box::new(report), reply }).await
     }
 }
 
@@ -167,10 +139,7 @@ impl Engine {
         snapshots: SnapshotStore,
     ) -> Result<(Engine, EngineHandle, mpsc::Receiver<Request>), crate::OrchestratorError> {
         let mut stream = log.stream().clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| crate::OrchestratorError::Log(e.to_string()))?;
+        let info = stream.info().await.map_err(|e| crate::OrchestratorError::Log(e.to_string()))?;
         let stream_created_ns = info.created.unix_timestamp_nanos();
         let tail = info.state.last_sequence;
         let mut state = match snapshots.latest(stream_created_ns, tail) {
@@ -195,19 +164,8 @@ impl Engine {
         );
         let shared: SharedState = Arc::new(RwLock::new(state));
         let (tx, rx) = mpsc::channel(1024);
-        let handle = EngineHandle {
-            tx,
-            state: shared.clone(),
-            ready: Arc::new(AtomicBool::new(false)),
-        };
-        let engine = Engine {
-            cfg,
-            state: shared,
-            log,
-            snapshots,
-            stream_created_ns,
-            since_snapshot: stats.applied,
-        };
+        let handle = EngineHandle { tx, state: shared.clone(), ready: Arc::new(AtomicBool::new(false)) };
+        let engine = Engine { cfg, state: shared, log, snapshots, stream_created_ns, since_snapshot: stats.applied };
         Ok((engine, handle, rx))
     }
 
@@ -237,15 +195,9 @@ impl Engine {
 
     async fn handle(&mut self, req: Request) {
         match req {
-            Request::CreateVm {
-                spec,
-                origin,
-                reply,
-            } => {
+            Request::CreateVm { spec, origin, reply } => {
                 let r = self
-                    .decide_and_commit(|s| {
-                        decide::create_vm(s, spec.clone(), &mut WallClock, &origin)
-                    })
+                    .decide_and_commit(|s| decide::create_vm(s, spec.clone(), &mut WallClock, &origin))
                     .await
                     .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
                 if r.is_ok() {
@@ -274,9 +226,7 @@ impl Engine {
                 ReportOutcome::Reject(reason) => return Ok(ReportVerdict::Rejected(reason)),
                 ReportOutcome::Events(events) => match self.commit(&events).await {
                     Ok(()) => {
-                        if events.iter().any(|e| {
-                            matches!(e.event, novacron_types::EventKind::HostRegistered(_))
-                        }) {
+                        if events.iter().any(|e| matches!(e.event, novacron_types::EventKind::HostRegistered(_))) {
                             self.reconcile().await; // new capacity: place what waits
                         }
                         return Ok(ReportVerdict::Accepted);
@@ -306,10 +256,7 @@ impl Engine {
     }
 
     async fn reconcile(&mut self) {
-        let origin = Origin {
-            actor: Actor::Orchestrator(self.cfg.replica.clone()),
-            correlation: None,
-        };
+        let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
         let events = decide::reconcile(&read(&self.state), &mut WallClock, &origin);
         if events.is_empty() {
             return;
@@ -341,11 +288,7 @@ impl Engine {
                 let conflict = matches!(e, AppendError::Conflict { .. });
                 tracing::warn!(error = %e, "append failed; catching up from the log");
                 self.catch_up().await;
-                if conflict {
-                    Err(CommitError::Conflict)
-                } else {
-                    Err(CommitError::Failed(e.to_string()))
-                }
+                if conflict { Err(CommitError::Conflict) } else { Err(CommitError::Failed(e.to_string())) }
             }
         }
     }
@@ -361,11 +304,7 @@ impl Engine {
         let mut copy = read(&self.state).clone();
         match fold_range(self.log.stream(), &mut copy, tail).await {
             Ok(stats) => {
-                tracing::info!(
-                    seq = copy.seq,
-                    applied = stats.applied,
-                    "caught up with the log"
-                );
+                tracing::info!(seq = copy.seq, applied = stats.applied, "caught up with the log");
                 *write(&self.state) = copy;
             }
             Err(e) => tracing::error!(error = %e, "catch-up failed"),

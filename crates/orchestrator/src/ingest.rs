@@ -61,9 +61,7 @@ fn decode<T: DeserializeOwned + Validate>(
     headers: Option<&async_nats::HeaderMap>,
     payload: &[u8],
 ) -> Result<T, Rejection> {
-    let ct = headers
-        .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
+    let ct = headers.and_then(|h| h.get(proto::HEADER_CONTENT_TYPE)).map(|v| v.as_str().to_owned());
     let ct = ContentType::from_header(ct.as_deref()).map_err(|e| Rejection(e.to_string()))?;
     let msg: T = novacron_types::decode(payload, ct).map_err(|e| Rejection(e.to_string()))?;
     msg.validate().map_err(|e| Rejection(e.to_string()))?;
@@ -71,9 +69,7 @@ fn decode<T: DeserializeOwned + Validate>(
 }
 
 fn content_type(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
-    headers
-        .and_then(|h| h.get(proto::HEADER_CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned())
+    headers.and_then(|h| h.get(proto::HEADER_CONTENT_TYPE)).map(|v| v.as_str().to_owned())
 }
 
 async fn durable(
@@ -106,12 +102,8 @@ async fn durable(
 
 /// Runs `each` on every message of a durable consumer until cancelled, recreating the message
 /// stream after errors with backoff.
-async fn consume<F, Fut>(
-    consumer: PullConsumer,
-    what: &'static str,
-    cancel: CancellationToken,
-    mut each: F,
-) where
+async fn consume<F, Fut>(consumer: PullConsumer, what: &'static str, cancel: CancellationToken, mut each: F)
+where
     F: FnMut(async_nats::jetstream::Message) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -128,8 +120,7 @@ async fn consume<F, Fut>(
         };
         backoff = Duration::from_millis(100);
         loop {
-            let next =
-                tokio::select! { () = cancel.cancelled() => return, n = messages.next() => n };
+            let next = tokio::select! { () = cancel.cancelled() => return, n = messages.next() => n };
             match next {
                 Some(Ok(msg)) => each(msg).await,
                 Some(Err(e)) => tracing::debug!(consumer = what, error = %e, "consumer hiccup"),
@@ -140,11 +131,7 @@ async fn consume<F, Fut>(
 }
 
 /// Consumes REPORTS: validate, hand to the engine, ack after the append.
-pub(crate) async fn reports(
-    bus: Bus,
-    engine: EngineHandle,
-    cancel: CancellationToken,
-) -> Result<(), String> {
+pub(crate) async fn reports(bus: Bus, engine: EngineHandle, cancel: CancellationToken) -> Result<(), String> {
     let consumer = durable(
         &bus,
         proto::REPORTS_STREAM,
@@ -161,17 +148,13 @@ pub(crate) async fn reports(
         async move {
             let subject = msg.subject.to_string();
             let parsed = match Subject::parse(&subject) {
-                Ok(Subject::Report(host)) => decode::<Report>(msg.headers.as_ref(), &msg.payload)
-                    .and_then(|r| {
-                        if r.host == host {
-                            Ok(r)
-                        } else {
-                            Err(Rejection(format!(
-                                "report for host {} on the subject of host {host}",
-                                r.host
-                            )))
-                        }
-                    }),
+                Ok(Subject::Report(host)) => decode::<Report>(msg.headers.as_ref(), &msg.payload).and_then(|r| {
+                    if r.host == host {
+                        Ok(r)
+                    } else {
+                        Err(Rejection(format!("report for host {} on the subject of host {host}", r.host)))
+                    }
+                }),
                 Ok(_) => Err(Rejection("not a report subject".into())),
                 Err(e) => Err(Rejection(e.to_string())),
             };
@@ -211,9 +194,7 @@ pub(crate) async fn reports(
                 Err(EngineError::ShuttingDown) => {} // not acked: redelivered to the next run
                 Err(e) => {
                     tracing::warn!(error = %e, "report not processed; it will be redelivered");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
         }
@@ -245,8 +226,7 @@ pub(crate) async fn telemetry(
         let obs = obs.clone();
         async move {
             let subject = msg.subject.to_string();
-            let outcome =
-                accept_telemetry(&subject, msg.headers.as_ref(), &msg.payload, &engine, &obs);
+            let outcome = accept_telemetry(&subject, msg.headers.as_ref(), &msg.payload, &engine, &obs);
             if let Err(Rejection(reason)) = outcome {
                 ::metrics::counter!(m::TELEMETRY, "outcome" => "rejected").increment(1);
                 dead.send(
@@ -277,10 +257,7 @@ fn accept_telemetry(
         Subject::HostTelemetry(host) => {
             let t: HostTelemetry = decode(headers, payload)?;
             if t.host != host {
-                return Err(Rejection(format!(
-                    "sample for host {} on the subject of host {host}",
-                    t.host
-                )));
+                return Err(Rejection(format!("sample for host {} on the subject of host {host}", t.host)));
             }
             if !read(&engine.state).hosts.contains_key(&host) {
                 return Err(Rejection(format!("unknown host {host}")));
@@ -291,10 +268,7 @@ fn accept_telemetry(
         Subject::VmTelemetry(vm) => {
             let t: VmTelemetry = decode(headers, payload)?;
             if t.vm != vm {
-                return Err(Rejection(format!(
-                    "sample for VM {} on the subject of VM {vm}",
-                    t.vm
-                )));
+                return Err(Rejection(format!("sample for VM {} on the subject of VM {vm}", t.vm)));
             }
             if !read(&engine.state).vms.contains_key(&vm) {
                 return Err(Rejection(format!("unknown VM {vm}")));
@@ -313,28 +287,20 @@ pub(crate) async fn heartbeats(
     obs: SharedObservations,
     cancel: CancellationToken,
 ) -> Result<(), String> {
-    let mut sub = bus
-        .client
-        .subscribe(proto::HEARTBEAT_WILDCARD)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut sub = bus.client.subscribe(proto::HEARTBEAT_WILDCARD).await.map_err(|e| e.to_string())?;
     let dead = DeadLetters::new(bus.js.clone());
     loop {
         let msg = tokio::select! { () = cancel.cancelled() => return Ok(()), m = sub.next() => m };
         let Some(msg) = msg else { return Ok(()) };
         let subject = msg.subject.to_string();
         let parsed = match Subject::parse(&subject) {
-            Ok(Subject::Heartbeat(host)) => decode::<Heartbeat>(msg.headers.as_ref(), &msg.payload)
-                .and_then(|hb| {
-                    if hb.host == host {
-                        Ok(hb)
-                    } else {
-                        Err(Rejection(format!(
-                            "heartbeat for host {} on the subject of host {host}",
-                            hb.host
-                        )))
-                    }
-                }),
+            Ok(Subject::Heartbeat(host)) => decode::<Heartbeat>(msg.headers.as_ref(), &msg.payload).and_then(|hb| {
+                if hb.host == host {
+                    Ok(hb)
+                } else {
+                    Err(Rejection(format!("heartbeat for host {} on the subject of host {host}", hb.host)))
+                }
+            }),
             Ok(_) => Err(Rejection("not a heartbeat subject".into())),
             Err(e) => Err(Rejection(e.to_string())),
         };
@@ -342,11 +308,7 @@ pub(crate) async fn heartbeats(
             Ok(hb) => {
                 if read(&engine.state).hosts.contains_key(&hb.host) {
                     ::metrics::counter!(m::HEARTBEATS, "outcome" => "accepted").increment(1);
-                    lock(&obs)
-                        .hosts
-                        .entry(hb.host)
-                        .or_default()
-                        .last_heartbeat_ms = Some(hb.at_ms);
+                    lock(&obs).hosts.entry(hb.host).or_default().last_heartbeat_ms = Some(hb.at_ms);
                 } else {
                     // An agent heartbeats before its registration is folded in; not an error.
                     ::metrics::counter!(m::HEARTBEATS, "outcome" => "unknown_host").increment(1);
@@ -355,14 +317,8 @@ pub(crate) async fn heartbeats(
             Err(Rejection(reason)) => {
                 ::metrics::counter!(m::HEARTBEATS, "outcome" => "malformed").increment(1);
                 let payload = Bytes::copy_from_slice(&msg.payload);
-                dead.send(
-                    "heartbeats",
-                    &subject,
-                    content_type(msg.headers.as_ref()).as_deref(),
-                    &reason,
-                    payload,
-                )
-                .await;
+                dead.send("heartbeats", &subject, content_type(msg.headers.as_ref()).as_deref(), &reason, payload)
+                    .await;
             }
         }
     }

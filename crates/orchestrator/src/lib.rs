@@ -117,23 +117,15 @@ impl Orchestrator {
     ///
     /// # Errors
     /// See [`OrchestratorError`].
-    pub async fn start(
-        cfg: OrchestratorConfig,
-        cancel: CancellationToken,
-    ) -> Result<Orchestrator, OrchestratorError> {
+    pub async fn start(cfg: OrchestratorConfig, cancel: CancellationToken) -> Result<Orchestrator, OrchestratorError> {
         let _ = metrics::prometheus();
-        let dir_err = |source| OrchestratorError::DataDir {
-            path: cfg.data_dir.clone(),
-            source,
-        };
+        let dir_err = |source| OrchestratorError::DataDir { path: cfg.data_dir.clone(), source };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
         let mut bus_cfg = BusConfig::new(cfg.nats.clone(), format!("novacron-{}", cfg.replica_id));
         bus_cfg.retry_initial_connect = true;
         let bus = Bus::connect(&bus_cfg).await?;
         bus.provision(cfg.replicas).await?;
-        let log = EventLog::open(bus.js.clone())
-            .await
-            .map_err(|e| OrchestratorError::Log(e.to_string()))?;
+        let log = EventLog::open(bus.js.clone()).await.map_err(|e| OrchestratorError::Log(e.to_string()))?;
         let snapshots = SnapshotStore::open(&cfg.data_dir.join("snapshots"))?;
         let engine_cfg = engine::EngineConfig {
             replica: cfg.replica_id.clone(),
@@ -145,74 +137,36 @@ impl Orchestrator {
         let tracker = TaskTracker::new();
         tracker.spawn(engine.run(rx, handle.ready.clone(), cancel.clone()));
         let observations = Arc::new(Mutex::new(ingest::Observations::default()));
-        spawn_loop(
-            &tracker,
-            &cancel,
-            "reports",
-            ingest::reports(bus.clone(), handle.clone(), cancel.clone()),
-        );
+        spawn_loop(&tracker, &cancel, "reports", ingest::reports(bus.clone(), handle.clone(), cancel.clone()));
         spawn_loop(
             &tracker,
             &cancel,
             "telemetry",
-            ingest::telemetry(
-                bus.clone(),
-                handle.clone(),
-                observations.clone(),
-                cancel.clone(),
-            ),
+            ingest::telemetry(bus.clone(), handle.clone(), observations.clone(), cancel.clone()),
         );
         spawn_loop(
             &tracker,
             &cancel,
             "heartbeats",
-            ingest::heartbeats(
-                bus.clone(),
-                handle.clone(),
-                observations.clone(),
-                cancel.clone(),
-            ),
+            ingest::heartbeats(bus.clone(), handle.clone(), observations.clone(), cancel.clone()),
         );
 
         let listener = tokio::net::TcpListener::bind(cfg.http)
             .await
-            .map_err(|source| OrchestratorError::Listen {
-                addr: cfg.http,
-                source,
-            })?;
-        let http_addr = listener
-            .local_addr()
-            .map_err(|source| OrchestratorError::Listen {
-                addr: cfg.http,
-                source,
-            })?;
-        std::fs::write(
-            cfg.data_dir.join("orchestrator.addr"),
-            http_addr.to_string(),
-        )
-        .map_err(dir_err)?;
-        let app = api::router(api::Api {
-            engine: handle.clone(),
-            observations,
-            client: bus.client.clone(),
-        });
+            .map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
+        let http_addr = listener.local_addr().map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
+        std::fs::write(cfg.data_dir.join("orchestrator.addr"), http_addr.to_string()).map_err(dir_err)?;
+        let app = api::router(api::Api { engine: handle.clone(), observations, client: bus.client.clone() });
         let shutdown = cancel.clone();
         tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
+            let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
         tracker.close();
         tracing::info!(%http_addr, replica = %cfg.replica_id, "orchestrator ready");
-        Ok(Orchestrator {
-            http_addr,
-            engine: handle,
-            tracker,
-            cancel,
-        })
+        Ok(Orchestrator { http_addr, engine: handle, tracker, cancel })
     }
 
     /// Waits until every task has stopped (after the cancellation token fired).

@@ -42,14 +42,8 @@ fn describe() {
     metrics::describe_counter!(REPORTS, "Agent reports received, by outcome");
     metrics::describe_counter!(TELEMETRY, "Telemetry samples received, by outcome");
     metrics::describe_counter!(HEARTBEATS, "Heartbeats received, by outcome");
-    metrics::describe_counter!(
-        HTTP_REQUESTS,
-        "HTTP API requests, by route and status class"
-    );
-    metrics::describe_gauge!(
-        STATE_SEQ,
-        "Last log sequence folded into the orchestrator's state"
-    );
+    metrics::describe_counter!(HTTP_REQUESTS, "HTTP API requests, by route and status class");
+    metrics::describe_gauge!(STATE_SEQ, "Last log sequence folded into the orchestrator's state");
     metrics::describe_gauge!(HOSTS, "Hosts known to the orchestrator");
     metrics::describe_gauge!(VMS, "VMs not deleted");
 }

@@ -154,16 +154,10 @@ impl Subject {
     /// # Errors
     /// When the subject is not one of them or its id token is invalid.
     pub fn parse(subject: &str) -> Result<Subject, SubjectError> {
-        let err = |reason: String| SubjectError {
-            subject: subject.to_owned(),
-            reason,
-        };
+        let err = |reason: String| SubjectError { subject: subject.to_owned(), reason };
         let tokens: Vec<&str> = subject.split('.').collect();
         let host = |t: &str| HostId::new(t).map_err(|e| err(e.to_string()));
-        let vm = |t: &str| {
-            t.parse::<VmId>()
-                .map_err(|e| err(format!("invalid VM id {t:?}: {e}")))
-        };
+        let vm = |t: &str| t.parse::<VmId>().map_err(|e| err(format!("invalid VM id {t:?}: {e}")));
         match tokens.as_slice() {
             ["nc", "report", h] => Ok(Subject::Report(host(h)?)),
             ["nc", "telemetry", "host", h] => Ok(Subject::HostTelemetry(host(h)?)),
@@ -182,32 +176,15 @@ mod tests {
     fn subjects_round_trip_through_the_parser() {
         let h = HostId::new("h-1").unwrap();
         let v = VmId::new_v7();
-        assert_eq!(
-            Subject::parse(&report_subject(&h)).unwrap(),
-            Subject::Report(h.clone())
-        );
-        assert_eq!(
-            Subject::parse(&host_telemetry_subject(&h)).unwrap(),
-            Subject::HostTelemetry(h.clone())
-        );
-        assert_eq!(
-            Subject::parse(&vm_telemetry_subject(v)).unwrap(),
-            Subject::VmTelemetry(v)
-        );
-        assert_eq!(
-            Subject::parse(&heartbeat_subject(&h)).unwrap(),
-            Subject::Heartbeat(h)
-        );
+        assert_eq!(Subject::parse(&report_subject(&h)).unwrap(), Subject::Report(h.clone()));
+        assert_eq!(Subject::parse(&host_telemetry_subject(&h)).unwrap(), Subject::HostTelemetry(h.clone()));
+        assert_eq!(Subject::parse(&vm_telemetry_subject(v)).unwrap(), Subject::VmTelemetry(v));
+        assert_eq!(Subject::parse(&heartbeat_subject(&h)).unwrap(), Subject::Heartbeat(h));
     }
 
     #[test]
     fn malformed_subjects_are_rejected_with_the_reason() {
-        assert!(
-            Subject::parse("nc.telemetry.vm.not-a-uuid")
-                .unwrap_err()
-                .reason
-                .contains("invalid VM id")
-        );
+        assert!(Subject::parse("nc.telemetry.vm.not-a-uuid").unwrap_err().reason.contains("invalid VM id"));
         assert!(Subject::parse("nc.report").is_err());
         assert!(Subject::parse("nc.report.a.b").is_err());
     }

@@ -46,11 +46,7 @@ pub enum Placement {
 ///
 /// Pure: the same inputs always give the same answer.
 #[must_use]
-pub fn place(
-    state: &ClusterState,
-    need: Resources,
-    pending: &BTreeMap<HostId, Resources>,
-) -> Placement {
+pub fn place(state: &ClusterState, need: Resources, pending: &BTreeMap<HostId, Resources>) -> Placement {
     let mut rejections: BTreeMap<String, u32> = BTreeMap::new();
     let mut chosen: Option<(HostId, Resources)> = None;
     let mut considered = 0u32;
@@ -80,30 +76,17 @@ pub fn place(
     match chosen {
         Some((host, free)) => {
             let mut components = BTreeMap::new();
-            components.insert(
-                "free_vcpus_after".into(),
-                f64::from(free.vcpus - need.vcpus),
-            );
-            components.insert(
-                "free_memory_mib_after".into(),
-                (free.memory_mib - need.memory_mib) as f64,
-            );
-            explanation.candidates.push(Candidate {
-                host: host.clone(),
-                score: 1.0,
-                components,
-            });
+            components.insert("free_vcpus_after".into(), f64::from(free.vcpus - need.vcpus));
+            components.insert("free_memory_mib_after".into(), (free.memory_mib - need.memory_mib) as f64);
+            explanation.candidates.push(Candidate { host: host.clone(), score: 1.0, components });
             Placement::Host { host, explanation }
         }
         None => {
             let reason = if considered == 0 {
                 "no hosts are registered".to_owned()
             } else {
-                let parts: Vec<String> = explanation
-                    .rejections
-                    .iter()
-                    .map(|(f, n)| format!("{f} eliminated {n} of {considered}"))
-                    .collect();
+                let parts: Vec<String> =
+                    explanation.rejections.iter().map(|(f, n)| format!("{f} eliminated {n} of {considered}")).collect();
                 format!(
                     "no host can take {} vCPUs, {} MiB memory, {} GiB disk ({})",
                     need.vcpus,
@@ -112,10 +95,7 @@ pub fn place(
                     parts.join(", ")
                 )
             };
-            Placement::Unplaceable {
-                reason,
-                explanation,
-            }
+            Placement::Unplaceable { reason, explanation }
         }
     }
 }
@@ -136,11 +116,7 @@ mod tests {
                 Actor::Orchestrator("t".into()),
                 EventKind::HostRegistered(HostRegistered {
                     host: HostId::new(format!("h{i:02}")).unwrap(),
-                    capacity: Resources {
-                        vcpus: *vcpus,
-                        memory_mib: *mem,
-                        disk_gib: 0,
-                    },
+                    capacity: Resources { vcpus: *vcpus, memory_mib: *mem, disk_gib: 0 },
                     labels: Default::default(),
                     driver: "sim".into(),
                 }),
@@ -153,16 +129,8 @@ mod tests {
     #[test]
     fn unplaceable_vm_explains_which_filter_eliminated_the_hosts() {
         let s = state_with(&[(2, 1024), (4, 2048)]);
-        let need = Resources {
-            vcpus: 8,
-            memory_mib: 512,
-            disk_gib: 0,
-        };
-        let Placement::Unplaceable {
-            reason,
-            explanation,
-        } = place(&s, need, &BTreeMap::new())
-        else {
+        let need = Resources { vcpus: 8, memory_mib: 512, disk_gib: 0 };
+        let Placement::Unplaceable { reason, explanation } = place(&s, need, &BTreeMap::new()) else {
             panic!("8 vCPUs must not fit");
         };
         assert_eq!(explanation.rejections.get(filters::CAPACITY), Some(&2));

@@ -17,8 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use novacron_types::event::{HostRegistered, VmFailed, VmIncarnationReport, VmPlaced, VmRequested};
 use novacron_types::{
-    Envelope, EventId, EventKind, Generation, HostId, IncarnationId, Labels, Resources, StartVm,
-    StopVm, VmId, VmSpec,
+    Envelope, EventId, EventKind, Generation, HostId, IncarnationId, Labels, Resources, StartVm, StopVm, VmId, VmSpec,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -229,11 +228,7 @@ impl ClusterState {
             seq: self.seq,
             hash: self.hash().0,
             hosts: self.hosts.len(),
-            vms: self
-                .vms
-                .values()
-                .filter(|v| v.status != VmStatus::Deleted)
-                .count(),
+            vms: self.vms.values().filter(|v| v.status != VmStatus::Deleted).count(),
         }
     }
 
@@ -254,10 +249,7 @@ impl ClusterState {
             EventKind::VmPlaced(e) => self.vm_placed(seq, env, e),
             EventKind::VmPlacementFailed(e) => self.with_vm(e.vm, seq, env.id, |vm| {
                 if vm.status != VmStatus::Pending {
-                    return Err(format!(
-                        "VmPlacementFailed for a VM that is {}",
-                        vm.status.as_str()
-                    ));
+                    return Err(format!("VmPlacementFailed for a VM that is {}", vm.status.as_str()));
                 }
                 vm.pending_reason = Some(e.reason.clone());
                 Ok(())
@@ -309,10 +301,7 @@ impl ClusterState {
             return Applied::Ignored(format!("VmRequested for existing VM {}", e.vm));
         }
         if self.names.contains_key(&e.spec.name) {
-            return Applied::Ignored(format!(
-                "VmRequested with a name already in use: {}",
-                e.spec.name
-            ));
+            return Applied::Ignored(format!("VmRequested with a name already in use: {}", e.spec.name));
         }
         self.names.insert(e.spec.name.clone(), e.vm);
         self.vms.insert(
@@ -392,19 +381,10 @@ impl ClusterState {
         })
     }
 
-    fn vm_observed(
-        &mut self,
-        seq: u64,
-        id: EventId,
-        r: &VmIncarnationReport,
-        status: VmStatus,
-    ) -> Applied {
+    fn vm_observed(&mut self, seq: u64, id: EventId, r: &VmIncarnationReport, status: VmStatus) -> Applied {
         self.with_vm(r.vm, seq, id, |vm| {
             if vm.incarnation != Some(r.incarnation) {
-                return Err(format!(
-                    "{} for an incarnation that is not current",
-                    status.as_str()
-                ));
+                return Err(format!("{} for an incarnation that is not current", status.as_str()));
             }
             if vm.status == VmStatus::Deleted {
                 return Err("report for a deleted VM".into());

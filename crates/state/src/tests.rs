@@ -1,10 +1,9 @@
 use novacron_types::event::{
-    HostRegistered, PlacementExplanation, VmDeleteRequested, VmDeleted, VmFailed,
-    VmIncarnationReport, VmPlaced, VmRequested,
+    HostRegistered, PlacementExplanation, VmDeleteRequested, VmDeleted, VmFailed, VmIncarnationReport, VmPlaced,
+    VmRequested,
 };
 use novacron_types::{
-    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Resources, StartVm, StopVm,
-    VmId, VmSpec,
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Resources, StartVm, StopVm, VmId, VmSpec,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -75,18 +74,11 @@ fn envelope(n: usize, op: &Op) -> Envelope {
     let event = match *op {
         Op::Register(h, c) => EventKind::HostRegistered(HostRegistered {
             host: host(h),
-            capacity: Resources {
-                vcpus: c,
-                memory_mib: u64::from(c) * 1024,
-                disk_gib: 0,
-            },
+            capacity: Resources { vcpus: c, memory_mib: u64::from(c) * 1024, disk_gib: 0 },
             labels: Default::default(),
             driver: "sim".into(),
         }),
-        Op::Request(v) => EventKind::VmRequested(VmRequested {
-            vm: vm(v),
-            spec: spec(v),
-        }),
+        Op::Request(v) => EventKind::VmRequested(VmRequested { vm: vm(v), spec: spec(v) }),
         Op::Place(v, h, g) => EventKind::VmPlaced(VmPlaced {
             vm: vm(v),
             host: host(h),
@@ -120,11 +112,7 @@ fn envelope(n: usize, op: &Op) -> Envelope {
         Op::DeleteRequested(v) => EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm(v) }),
         Op::Deleted(v) => EventKind::VmDeleted(VmDeleted { vm: vm(v) }),
     };
-    let mut e = Envelope::new(
-        1_700_000_000_000 + n as u64,
-        Actor::Orchestrator("test".into()),
-        event,
-    );
+    let mut e = Envelope::new(1_700_000_000_000 + n as u64, Actor::Orchestrator("test".into()), event);
     e.id = novacron_types::EventId(Uuid::from_u128(n as u128 + 1));
     e
 }
@@ -181,11 +169,7 @@ fn hash_covers_the_sequence_and_the_content() {
     a.apply(1, &e);
     let mut b = ClusterState::default();
     b.apply(2, &e);
-    assert_ne!(
-        a.hash(),
-        b.hash(),
-        "same content at another sequence must hash differently"
-    );
+    assert_ne!(a.hash(), b.hash(), "same content at another sequence must hash differently");
     let mut c = ClusterState::default();
     c.apply(1, &envelope(0, &Op::Register(1, 9)));
     assert_ne!(a.hash(), c.hash());
@@ -194,18 +178,8 @@ fn hash_covers_the_sequence_and_the_content() {
 
 #[test]
 fn vm_lifecycle_reserves_and_releases_host_capacity() {
-    let ops = [
-        Op::Register(0, 8),
-        Op::Request(1),
-        Op::Place(1, 0, 1),
-        Op::StartCmd(1, 0, 1),
-        Op::Running(1, 0, 1),
-    ];
-    let events: Vec<_> = ops
-        .iter()
-        .enumerate()
-        .map(|(i, o)| envelope(i, o))
-        .collect();
+    let ops = [Op::Register(0, 8), Op::Request(1), Op::Place(1, 0, 1), Op::StartCmd(1, 0, 1), Op::Running(1, 0, 1)];
+    let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
     let mut s = fold(&events);
     assert_eq!(s.vms[&vm(1)].status, VmStatus::Running);
     assert_eq!(s.hosts[&host(0)].allocated, spec(1).resources());

@@ -100,16 +100,8 @@ impl NatsServer {
 
     fn start_with_args(extra_args: Vec<String>) -> Result<NatsServer, TestkitError> {
         let bin = find_nats_server()?;
-        let dir = tempfile::Builder::new()
-            .prefix("novacron-nats-")
-            .tempdir()?;
-        let mut s = NatsServer {
-            child: None,
-            bin,
-            dir,
-            port: 0,
-            extra_args,
-        };
+        let dir = tempfile::Builder::new().prefix("novacron-nats-").tempdir()?;
+        let mut s = NatsServer { child: None, bin, dir, port: 0, extra_args };
         s.spawn(None)?;
         Ok(s)
     }
@@ -160,11 +152,7 @@ impl NatsServer {
         let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
         let child = Command::new(&self.bin)
             .args(["-a", "127.0.0.1", "-p", &port_arg])
-            .args(if self.extra_args.iter().any(|a| a == "--no-jetstream") {
-                &[][..]
-            } else {
-                &["-js"][..]
-            })
+            .args(if self.extra_args.iter().any(|a| a == "--no-jetstream") { &[][..] } else { &["-js"][..] })
             .arg("--store_dir")
             .arg(self.store_dir())
             .arg("--ports_file_dir")
@@ -176,10 +164,7 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|source| TestkitError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
+            .map_err(|source| TestkitError::Spawn { bin: self.bin.clone(), source })?;
         let pid = child.id();
         self.child = Some(child);
         let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
@@ -205,15 +190,8 @@ fn wait_for_port(ports_file: &Path, log: &Path) -> Result<u16, TestkitError> {
         }
         if start.elapsed() > timeout {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: String = text
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let tail: String =
+                text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
             return Err(TestkitError::Startup { timeout, log: tail });
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -250,9 +228,7 @@ impl NatsCluster {
     /// When a node does not come up.
     pub fn start() -> Result<NatsCluster, TestkitError> {
         let route_ports = [free_port()?, free_port()?, free_port()?];
-        let routes = route_ports
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .join(",");
+        let routes = route_ports.map(|p| format!("nats-route://127.0.0.1:{p}")).join(",");
         let mut nodes = Vec::new();
         for (i, p) in route_ports.iter().enumerate() {
             nodes.push(NatsServer::start_with_args(vec![
@@ -296,10 +272,7 @@ mod tests {
 
     #[test]
     fn ports_file_is_parsed() {
-        assert_eq!(
-            parse_client_port(r#"{"nats":["nats://127.0.0.1:40123"],"monitoring":[]}"#),
-            Some(40123)
-        );
+        assert_eq!(parse_client_port(r#"{"nats":["nats://127.0.0.1:40123"],"monitoring":[]}"#), Some(40123));
         assert_eq!(parse_client_port("{}"), None);
     }
 
@@ -314,11 +287,7 @@ mod tests {
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
         s.kill();
         assert!(
-            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_err()),
+            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()),
             "killed server still accepts connections"
         );
     }
@@ -338,12 +307,7 @@ mod config_tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "conf") {
-                let out = Command::new(&bin)
-                    .arg("-t")
-                    .arg("-c")
-                    .arg(&path)
-                    .output()
-                    .unwrap();
+                let out = Command::new(&bin).arg("-t").arg("-c").arg(&path).output().unwrap();
                 assert!(
                     out.status.success(),
                     "{} rejected: {}{}",

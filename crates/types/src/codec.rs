@@ -32,18 +32,10 @@ impl ContentType {
     /// # Errors
     /// An unknown content type, named in the error.
     pub fn from_header(value: Option<&str>) -> Result<ContentType, DecodeError> {
-        match value.map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        }) {
+        match value.map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
             None => Ok(ContentType::MsgPack),
             Some(v) if v.is_empty() => Ok(ContentType::MsgPack),
-            Some(v) if v == "application/msgpack" || v == "application/x-msgpack" => {
-                Ok(ContentType::MsgPack)
-            }
+            Some(v) if v == "application/msgpack" || v == "application/x-msgpack" => Ok(ContentType::MsgPack),
             Some(v) if v == "application/json" => Ok(ContentType::Json),
             Some(v) => Err(DecodeError::UnsupportedContentType(v)),
         }

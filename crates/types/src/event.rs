@@ -17,9 +17,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::command::{AgentCommand, StartVm, StopVm};
-use crate::{
-    EventId, Generation, HostId, IncarnationId, Labels, Resources, SCHEMA_VERSION, VmId, VmSpec,
-};
+use crate::{EventId, Generation, HostId, IncarnationId, Labels, Resources, SCHEMA_VERSION, VmId, VmSpec};
 
 /// Who caused an event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -96,10 +96,7 @@ impl HostId {
             Some("must not be empty")
         } else if value.len() > Self::MAX_LEN {
             Some("must be at most 64 characters")
-        } else if !value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        } else if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             Some("may only contain letters, digits, '-' and '_'")
         } else {
             None
@@ -141,20 +138,7 @@ impl FromStr for HostId {
 ///
 /// Agents refuse commands whose generation is older than the newest they have seen for that VM,
 /// which fences off decisions made before a re-placement.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    JsonSchema,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Generation(pub u64);
 

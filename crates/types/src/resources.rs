@@ -4,20 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An amount of compute: virtual CPUs, memory in MiB and disk in GiB.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    JsonSchema,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// Virtual CPUs.
@@ -31,11 +18,7 @@ pub struct Resources {
 
 impl Resources {
     /// Nothing at all.
-    pub const ZERO: Resources = Resources {
-        vcpus: 0,
-        memory_mib: 0,
-        disk_gib: 0,
-    };
+    pub const ZERO: Resources = Resources { vcpus: 0, memory_mib: 0, disk_gib: 0 };
 
     /// Component-wise sum, `None` on overflow.
     #[must_use]
@@ -60,8 +43,6 @@ impl Resources {
     /// True when every component of `self` is at most the matching one of `capacity`.
     #[must_use]
     pub fn fits_within(self, capacity: Resources) -> bool {
-        self.vcpus <= capacity.vcpus
-            && self.memory_mib <= capacity.memory_mib
-            && self.disk_gib <= capacity.disk_gib
+        self.vcpus <= capacity.vcpus && self.memory_mib <= capacity.memory_mib && self.disk_gib <= capacity.disk_gib
     }
 }

@@ -20,10 +20,7 @@ pub struct ValidationError {
 
 impl ValidationError {
     fn new(field: &str, reason: impl Into<String>) -> Self {
-        ValidationError {
-            field: field.to_owned(),
-            reason: reason.into(),
-        }
+        ValidationError { field: field.to_owned(), reason: reason.into() }
     }
 }
 
@@ -40,9 +37,7 @@ fn schema_ok(schema: u32) -> Result<(), ValidationError> {
     } else {
         Err(ValidationError::new(
             "schema",
-            format!(
-                "unsupported schema version {schema}; this build reads version {SCHEMA_VERSION}"
-            ),
+            format!("unsupported schema version {schema}; this build reads version {SCHEMA_VERSION}"),
         ))
     }
 }
@@ -51,10 +46,7 @@ fn unit_interval(field: &str, v: f64) -> Result<(), ValidationError> {
     if v.is_finite() && (0.0..=1.0).contains(&v) {
         Ok(())
     } else {
-        Err(ValidationError::new(
-            field,
-            format!("must be a number from 0.0 to 1.0, got {v}"),
-        ))
+        Err(ValidationError::new(field, format!("must be a number from 0.0 to 1.0, got {v}")))
     }
 }
 
@@ -67,34 +59,19 @@ pub const MAX_DISK_GIB: u64 = 1024 * 1024;
 
 fn resources_ok(prefix: &str, r: &Resources, allow_zero: bool) -> Result<(), ValidationError> {
     if !allow_zero && r.vcpus == 0 {
-        return Err(ValidationError::new(
-            &format!("{prefix}vcpus"),
-            "must be at least 1",
-        ));
+        return Err(ValidationError::new(&format!("{prefix}vcpus"), "must be at least 1"));
     }
     if r.vcpus > MAX_VCPUS {
-        return Err(ValidationError::new(
-            &format!("{prefix}vcpus"),
-            format!("must be at most {MAX_VCPUS}"),
-        ));
+        return Err(ValidationError::new(&format!("{prefix}vcpus"), format!("must be at most {MAX_VCPUS}")));
     }
     if !allow_zero && r.memory_mib == 0 {
-        return Err(ValidationError::new(
-            &format!("{prefix}memory_mib"),
-            "must be at least 1",
-        ));
+        return Err(ValidationError::new(&format!("{prefix}memory_mib"), "must be at least 1"));
     }
     if r.memory_mib > MAX_MEMORY_MIB {
-        return Err(ValidationError::new(
-            &format!("{prefix}memory_mib"),
-            format!("must be at most {MAX_MEMORY_MIB}"),
-        ));
+        return Err(ValidationError::new(&format!("{prefix}memory_mib"), format!("must be at most {MAX_MEMORY_MIB}")));
     }
     if r.disk_gib > MAX_DISK_GIB {
-        return Err(ValidationError::new(
-            &format!("{prefix}disk_gib"),
-            format!("must be at most {MAX_DISK_GIB}"),
-        ));
+        return Err(ValidationError::new(&format!("{prefix}disk_gib"), format!("must be at most {MAX_DISK_GIB}")));
     }
     Ok(())
 }
@@ -106,10 +83,7 @@ impl Validate for VmSpec {
             return Err(ValidationError::new("name", "must be 1 to 128 characters"));
         }
         if self.name.chars().any(char::is_control) {
-            return Err(ValidationError::new(
-                "name",
-                "must not contain control characters",
-            ));
+            return Err(ValidationError::new("name", "must not contain control characters"));
         }
         resources_ok("", &self.resources(), false)?;
         for (k, v) in &self.labels {
@@ -128,33 +102,22 @@ impl Validate for Report {
     fn validate(&self) -> Result<(), ValidationError> {
         schema_ok(self.schema)?;
         match &self.report {
-            ReportKind::HostRegistration(HostRegistration {
-                capacity, driver, ..
-            }) => {
+            ReportKind::HostRegistration(HostRegistration { capacity, driver, .. }) => {
                 resources_ok("report.payload.capacity.", capacity, false)?;
                 if driver.is_empty() || driver.len() > 32 {
-                    return Err(ValidationError::new(
-                        "report.payload.driver",
-                        "must be 1 to 32 characters",
-                    ));
+                    return Err(ValidationError::new("report.payload.driver", "must be 1 to 32 characters"));
                 }
                 Ok(())
             }
             ReportKind::VmRunning(r) | ReportKind::VmStopped(r) => {
                 if r.host != self.host {
-                    return Err(ValidationError::new(
-                        "report.payload.host",
-                        "must equal the report's host",
-                    ));
+                    return Err(ValidationError::new("report.payload.host", "must equal the report's host"));
                 }
                 Ok(())
             }
             ReportKind::VmFailed(r) => {
                 if r.host != self.host {
-                    return Err(ValidationError::new(
-                        "report.payload.host",
-                        "must equal the report's host",
-                    ));
+                    return Err(ValidationError::new("report.payload.host", "must equal the report's host"));
                 }
                 Ok(())
             }
@@ -169,10 +132,7 @@ impl Validate for HostTelemetry {
         if let Some(l) = self.load1
             && !(l.is_finite() && l >= 0.0)
         {
-            return Err(ValidationError::new(
-                "load1",
-                format!("must be a non-negative number, got {l}"),
-            ));
+            return Err(ValidationError::new("load1", format!("must be a non-negative number, got {l}")));
         }
         Ok(())
     }

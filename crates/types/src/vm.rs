@@ -35,10 +35,6 @@ impl VmSpec {
     /// What the VM reserves on its host.
     #[must_use]
     pub fn resources(&self) -> Resources {
-        Resources {
-            vcpus: self.vcpus,
-            memory_mib: self.memory_mib,
-            disk_gib: self.disk_gib,
-        }
+        Resources { vcpus: self.vcpus, memory_mib: self.memory_mib, disk_gib: self.disk_gib }
     }
 }

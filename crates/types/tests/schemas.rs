@@ -37,10 +37,7 @@ fn check_file(path: PathBuf, want: &[u8]) -> Option<String> {
     }
     match std::fs::read(&path) {
         Ok(have) if have == want => None,
-        Ok(_) => Some(format!(
-            "{} differs from what the code produces",
-            path.display()
-        )),
+        Ok(_) => Some(format!("{} differs from what the code produces", path.display())),
         Err(e) => Some(format!("{}: {e}", path.display())),
     }
 }
@@ -51,11 +48,7 @@ fn checked_in_schemas_match_the_types() {
         .into_iter()
         .filter_map(|(name, text)| check_file(dir().join(name), text.as_bytes()))
         .collect();
-    assert!(
-        drift.is_empty(),
-        "schemas drifted (run `make schemas` and review):\n{}",
-        drift.join("\n")
-    );
+    assert!(drift.is_empty(), "schemas drifted (run `make schemas` and review):\n{}", drift.join("\n"));
 }
 
 fn id(n: u128) -> Uuid {
@@ -90,13 +83,7 @@ fn envelope(n: u128, event: EventKind) -> Envelope {
 }
 
 fn report(n: u128, report: ReportKind) -> Report {
-    Report {
-        schema: SCHEMA_VERSION,
-        id: ReportId(id(n)),
-        host: host(),
-        at_ms: 1_780_000_000_000,
-        report,
-    }
+    Report { schema: SCHEMA_VERSION, id: ReportId(id(n)), host: host(), at_ms: 1_780_000_000_000, report }
 }
 
 struct Fixtures {
@@ -105,11 +92,7 @@ struct Fixtures {
 }
 
 impl Fixtures {
-    fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(
-        &mut self,
-        name: &str,
-        value: &T,
-    ) {
+    fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(&mut self, name: &str, value: &T) {
         let mut json = serde_json::to_string_pretty(value).unwrap();
         json.push('\n');
         let msgpack = novacron_types::encode(value);
@@ -119,22 +102,14 @@ impl Fixtures {
         assert_eq!(&from_json, value, "{name}.json round trip");
         assert_eq!(&from_msgpack, value, "{name}.msgpack round trip");
         let base = dir().join("fixtures");
-        self.drift.extend(check_file(
-            base.join(format!("{name}.json")),
-            json.as_bytes(),
-        ));
-        self.drift
-            .extend(check_file(base.join(format!("{name}.msgpack")), &msgpack));
+        self.drift.extend(check_file(base.join(format!("{name}.json")), json.as_bytes()));
+        self.drift.extend(check_file(base.join(format!("{name}.msgpack")), &msgpack));
         // And what is checked in decodes too (an old fixture must stay readable).
         if !updating()
             && let Ok(bytes) = std::fs::read(base.join(format!("{name}.msgpack")))
         {
             let old: Result<T, _> = decode(&bytes, ContentType::MsgPack);
-            assert!(
-                old.is_ok(),
-                "checked-in {name}.msgpack no longer decodes: {:?}",
-                old.err()
-            );
+            assert!(old.is_ok(), "checked-in {name}.msgpack no longer decodes: {:?}", old.err());
         }
         self.count += 1;
     }
@@ -142,18 +117,10 @@ impl Fixtures {
 
 #[test]
 fn golden_fixtures_decode_and_match_the_encoding() {
-    let mut f = Fixtures {
-        drift: Vec::new(),
-        count: 0,
-    };
+    let mut f = Fixtures { drift: Vec::new(), count: 0 };
     let vm = VmId(id(1));
     let inc = IncarnationId(id(2));
-    let observed = VmIncarnationReport {
-        vm,
-        host: host(),
-        incarnation: inc,
-        generation: Generation(1),
-    };
+    let observed = VmIncarnationReport { vm, host: host(), incarnation: inc, generation: Generation(1) };
     let explanation = PlacementExplanation {
         planner: "first-fit".into(),
         log_seq: 41,
@@ -170,19 +137,12 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             "event-host-registered",
             EventKind::HostRegistered(HostRegistered {
                 host: host(),
-                capacity: Resources {
-                    vcpus: 16,
-                    memory_mib: 65536,
-                    disk_gib: 500,
-                },
+                capacity: Resources { vcpus: 16, memory_mib: 65536, disk_gib: 500 },
                 labels: [("zone".to_owned(), "zone-a".to_owned())].into(),
                 driver: "sim".into(),
             }),
         ),
-        (
-            "event-vm-requested",
-            EventKind::VmRequested(VmRequested { vm, spec: spec() }),
-        ),
+        ("event-vm-requested", EventKind::VmRequested(VmRequested { vm, spec: spec() })),
         (
             "event-vm-placed",
             EventKind::VmPlaced(VmPlaced {
@@ -233,10 +193,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 reason: "exit 1".into(),
             }),
         ),
-        (
-            "event-vm-delete-requested",
-            EventKind::VmDeleteRequested(VmDeleteRequested { vm }),
-        ),
+        ("event-vm-delete-requested", EventKind::VmDeleteRequested(VmDeleteRequested { vm })),
         ("event-vm-deleted", EventKind::VmDeleted(VmDeleted { vm })),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
@@ -247,24 +204,14 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         &report(
             30,
             ReportKind::HostRegistration(HostRegistration {
-                capacity: Resources {
-                    vcpus: 16,
-                    memory_mib: 65536,
-                    disk_gib: 500,
-                },
+                capacity: Resources { vcpus: 16, memory_mib: 65536, disk_gib: 500 },
                 labels: Default::default(),
                 driver: "sim".into(),
             }),
         ),
     );
-    f.check(
-        "report-vm-running",
-        &report(31, ReportKind::VmRunning(observed.clone())),
-    );
-    f.check(
-        "report-vm-stopped",
-        &report(32, ReportKind::VmStopped(observed)),
-    );
+    f.check("report-vm-running", &report(31, ReportKind::VmRunning(observed.clone())));
+    f.check("report-vm-stopped", &report(32, ReportKind::VmStopped(observed)));
     f.check(
         "report-vm-failed",
         &report(
@@ -291,36 +238,17 @@ fn golden_fixtures_decode_and_match_the_encoding() {
     );
     f.check(
         "vm-telemetry",
-        &VmTelemetry {
-            schema: SCHEMA_VERSION,
-            vm,
-            at_ms: 1_780_000_000_000,
-            cpu_util: 0.8,
-            memory_used_mib: 1536,
-        },
+        &VmTelemetry { schema: SCHEMA_VERSION, vm, at_ms: 1_780_000_000_000, cpu_util: 0.8, memory_used_mib: 1536 },
     );
-    f.check(
-        "heartbeat",
-        &Heartbeat {
-            schema: SCHEMA_VERSION,
-            host: host(),
-            at_ms: 1_780_000_000_000,
-            seq: 7,
-        },
-    );
+    f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
     assert!(f.count >= 18);
-    assert!(
-        f.drift.is_empty(),
-        "fixtures drifted (run `make schemas` and review):\n{}",
-        f.drift.join("\n")
-    );
+    assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 
 #[test]
 fn every_schema_is_valid_json_with_a_title() {
     for (name, text) in novacron_types::schema::all() {
-        let v: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(v.get("title").is_some(), "{name} has no title");
     }
 }

@@ -64,11 +64,7 @@ impl Accel {
             Ok("kvm") => return Accel::Kvm,
             _ => {}
         }
-        let usable = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
+        let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
         if usable { Accel::Kvm } else { Accel::Tcg }
     }
 }
@@ -104,16 +100,12 @@ pub enum QemuSetupError {
         source: std::io::Error,
     },
     /// Socket paths under it would be too long for a unix socket.
-    #[error(
-        "QEMU data directory {0} is too long for unix socket paths (keep it under 50 characters)"
-    )]
+    #[error("QEMU data directory {0} is too long for unix socket paths (keep it under 50 characters)")]
     PathTooLong(PathBuf),
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 impl QemuConfig {
@@ -122,18 +114,12 @@ impl QemuConfig {
     /// # Errors
     /// A missing binary or an unusable directory, with how to fix it.
     pub fn detect(data_dir: PathBuf) -> Result<QemuConfig, QemuSetupError> {
-        let binary =
-            on_path("qemu-system-x86_64").ok_or(QemuSetupError::Missing("qemu-system-x86_64"))?;
+        let binary = on_path("qemu-system-x86_64").ok_or(QemuSetupError::Missing("qemu-system-x86_64"))?;
         let img_binary = on_path("qemu-img").ok_or(QemuSetupError::Missing("qemu-img"))?;
-        std::fs::create_dir_all(&data_dir).map_err(|source| QemuSetupError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
-        let data_dir =
-            std::fs::canonicalize(&data_dir).map_err(|source| QemuSetupError::DataDir {
-                path: data_dir.clone(),
-                source,
-            })?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|source| QemuSetupError::DataDir { path: data_dir.clone(), source })?;
+        let data_dir = std::fs::canonicalize(&data_dir)
+            .map_err(|source| QemuSetupError::DataDir { path: data_dir.clone(), source })?;
         // <dir>/<36-char uuid>/qmp.sock must fit in sun_path (108 bytes).
         if data_dir.as_os_str().len() + 46 > 107 {
             return Err(QemuSetupError::PathTooLong(data_dir));
@@ -200,9 +186,7 @@ impl QemuDriver {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<VmId, Instance>> {
-        self.vms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.vms.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn vm_dir(&self, vm: VmId) -> PathBuf {
@@ -221,23 +205,13 @@ impl QemuDriver {
     /// When the VM is not running here or QMP fails.
     pub async fn qmp_status(&self, vm: VmId) -> Result<String, DriverError> {
         let qmp = self.lock().get(&vm).map(|i| i.qmp.clone());
-        let qmp = qmp.ok_or_else(|| DriverError::ControlFailed {
-            op: "status",
-            vm,
-            reason: "not running here".into(),
-        })?;
-        qmp.status().await.map_err(|e| DriverError::ControlFailed {
-            op: "status",
-            vm,
-            reason: e.to_string(),
-        })
+        let qmp =
+            qmp.ok_or_else(|| DriverError::ControlFailed { op: "status", vm, reason: "not running here".into() })?;
+        qmp.status().await.map_err(|e| DriverError::ControlFailed { op: "status", vm, reason: e.to_string() })
     }
 
     fn start_failed(vm: VmId, reason: impl Into<String>) -> DriverError {
-        DriverError::StartFailed {
-            vm,
-            reason: reason.into(),
-        }
+        DriverError::StartFailed { vm, reason: reason.into() }
     }
 
     async fn launch(&self, cmd: &StartVm) -> Result<Instance, DriverError> {
@@ -246,19 +220,12 @@ impl QemuDriver {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Self::start_failed(vm, format!("creating {}: {e}", dir.display())))?;
-        let meta = VmMeta {
-            incarnation: cmd.incarnation,
-            vcpus: cmd.spec.vcpus,
-            memory_mib: cmd.spec.memory_mib,
-        };
-        let meta_json =
-            serde_json::to_vec(&meta).map_err(|e| Self::start_failed(vm, e.to_string()))?;
-        std::fs::write(dir.join("vm.json"), meta_json)
-            .map_err(|e| Self::start_failed(vm, e.to_string()))?;
+        let meta = VmMeta { incarnation: cmd.incarnation, vcpus: cmd.spec.vcpus, memory_mib: cmd.spec.memory_mib };
+        let meta_json = serde_json::to_vec(&meta).map_err(|e| Self::start_failed(vm, e.to_string()))?;
+        std::fs::write(dir.join("vm.json"), meta_json).map_err(|e| Self::start_failed(vm, e.to_string()))?;
 
         let disk = self.prepare_disk(cmd, &dir).await?;
-        let log = std::fs::File::create(dir.join("qemu.log"))
-            .map_err(|e| Self::start_failed(vm, e.to_string()))?;
+        let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| Self::start_failed(vm, e.to_string()))?;
         let sock = dir.join("qmp.sock");
         let pidfile = dir.join("qemu.pid");
         let mut c = tokio::process::Command::new(&self.cfg.binary);
@@ -268,61 +235,36 @@ impl QemuDriver {
             .arg(vm.to_string())
             // The default CPU model, not `host`: it is the same on every host (live migration
             // needs that) and works under nested KVM, where `-cpu host` can fail on MSRs.
-            .args([
-                "-machine",
-                &format!("q35,accel={}", self.cfg.accel.as_str()),
-            ])
-            .args([
-                "-smp",
-                &cmd.spec.vcpus.to_string(),
-                "-m",
-                &cmd.spec.memory_mib.to_string(),
-            ])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-vga",
-                "none",
-            ])
+            .args(["-machine", &format!("q35,accel={}", self.cfg.accel.as_str())])
+            .args(["-smp", &cmd.spec.vcpus.to_string(), "-m", &cmd.spec.memory_mib.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .arg("-pidfile")
             .arg(&pidfile)
             .arg("-daemonize");
         if let Some(disk) = &disk {
-            c.arg("-drive")
-                .arg(format!("file={},if=virtio,format=qcow2", disk.display()));
+            c.arg("-drive").arg(format!("file={},if=virtio,format=qcow2", disk.display()));
         }
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         // With -daemonize, the launcher exits once the VM is set up; its status tells whether
         // QEMU accepted the configuration.
-        let status = c.status().await.map_err(|e| {
-            Self::start_failed(vm, format!("running {}: {e}", self.cfg.binary.display()))
-        })?;
+        let status = c
+            .status()
+            .await
+            .map_err(|e| Self::start_failed(vm, format!("running {}: {e}", self.cfg.binary.display())))?;
         if !status.success() {
             let text = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(Self::start_failed(
-                vm,
-                format!("qemu exited with {status}: {}", text.trim()),
-            ));
+            return Err(Self::start_failed(vm, format!("qemu exited with {status}: {}", text.trim())));
         }
-        let pid =
-            read_pid(&pidfile).ok_or_else(|| Self::start_failed(vm, "QEMU wrote no pid file"))?;
+        let pid = read_pid(&pidfile).ok_or_else(|| Self::start_failed(vm, "QEMU wrote no pid file"))?;
         let qmp = Qmp::connect(&sock, Duration::from_secs(5), self.detached.child_token())
             .await
             .map_err(|e| Self::start_failed(vm, e.to_string()))?;
-        let status = qmp
-            .status()
-            .await
-            .map_err(|e| Self::start_failed(vm, e.to_string()))?;
+        let status = qmp.status().await.map_err(|e| Self::start_failed(vm, e.to_string()))?;
         if status != "running" {
-            return Err(Self::start_failed(
-                vm,
-                format!("QEMU reports status {status:?} after start"),
-            ));
+            return Err(Self::start_failed(vm, format!("QEMU reports status {status:?} after start")));
         }
         Ok(Instance {
             incarnation: cmd.incarnation,
@@ -337,11 +279,7 @@ impl QemuDriver {
 
     /// A qcow2 overlay on the spec's base image (label `image`), or a blank thin disk of
     /// `disk_gib`, or none.
-    async fn prepare_disk(
-        &self,
-        cmd: &StartVm,
-        dir: &Path,
-    ) -> Result<Option<PathBuf>, DriverError> {
+    async fn prepare_disk(&self, cmd: &StartVm, dir: &Path) -> Result<Option<PathBuf>, DriverError> {
         let base = cmd.spec.labels.get("image").filter(|s| !s.is_empty());
         if base.is_none() && cmd.spec.disk_gib == 0 {
             return Ok(None);
@@ -357,17 +295,11 @@ impl QemuDriver {
         } else {
             c.arg(&disk).arg(format!("{}G", cmd.spec.disk_gib));
         }
-        let out = c
-            .output()
-            .await
-            .map_err(|e| Self::start_failed(cmd.vm, format!("qemu-img: {e}")))?;
+        let out = c.output().await.map_err(|e| Self::start_failed(cmd.vm, format!("qemu-img: {e}")))?;
         if !out.status.success() {
             return Err(Self::start_failed(
                 cmd.vm,
-                format!(
-                    "qemu-img create failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                format!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
             ));
         }
         Ok(Some(disk))
@@ -400,26 +332,15 @@ impl QemuDriver {
                 return;
             }
             let removed = {
-                let mut map = vms
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) {
-                    map.remove(&vm)
-                } else {
-                    None
-                }
+                let mut map = vms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) { map.remove(&vm) } else { None }
             };
             if let Some(inst) = removed {
                 let _ = std::fs::remove_dir_all(&inst.dir);
-                let reason = reason.unwrap_or_else(|| {
-                    "QEMU process exited unexpectedly (QMP connection closed)".into()
-                });
+                let reason =
+                    reason.unwrap_or_else(|| "QEMU process exited unexpectedly (QMP connection closed)".into());
                 tracing::warn!(%vm, %reason, "VM exited");
-                let _ = exits.send(VmExit {
-                    vm,
-                    incarnation,
-                    reason,
-                });
+                let _ = exits.send(VmExit { vm, incarnation, reason });
             }
         });
     }
@@ -435,10 +356,7 @@ impl QemuDriver {
             let _ = tokio::time::timeout(Duration::from_secs(5), inst.qmp.closed()).await;
         }
         if process_alive(inst.pid) {
-            let _ = tokio::process::Command::new("kill")
-                .args(["-9", &inst.pid.to_string()])
-                .status()
-                .await;
+            let _ = tokio::process::Command::new("kill").args(["-9", &inst.pid.to_string()]).status().await;
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while process_alive(inst.pid) && Instant::now() < deadline {
@@ -455,12 +373,7 @@ fn read_pid(path: &Path) -> Option<u32> {
 /// Whether `pid` is alive (and not a zombie).
 fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            stat.rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().next())
-                != Some("Z")
-        }
+        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
         Err(_) => false,
     }
 }
@@ -517,12 +430,7 @@ impl Driver for QemuDriver {
         let started = Instant::now();
         let inst = self.launch(cmd).await?;
         tracing::info!(vm = %cmd.vm, pid = inst.pid, accel = self.cfg.accel.as_str(), ms = started.elapsed().as_millis() as u64, "QEMU VM running");
-        self.watch(
-            cmd.vm,
-            cmd.incarnation,
-            inst.qmp.clone(),
-            inst.stopping.clone(),
-        );
+        self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone());
         self.lock().insert(cmd.vm, inst);
         Ok(())
     }
@@ -530,20 +438,13 @@ impl Driver for QemuDriver {
     async fn stop(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
         let inst = {
             let mut map = self.lock();
-            if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) {
-                map.remove(&vm)
-            } else {
-                None
-            }
+            if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) { map.remove(&vm) } else { None }
         };
         if let Some(inst) = inst {
             let pid = inst.pid;
             self.terminate(inst).await;
             if process_alive(pid) {
-                return Err(DriverError::StopFailed {
-                    vm,
-                    reason: format!("QEMU pid {pid} survived SIGKILL"),
-                });
+                return Err(DriverError::StopFailed { vm, reason: format!("QEMU pid {pid} survived SIGKILL") });
             }
         }
         Ok(())
@@ -563,19 +464,14 @@ impl Driver for QemuDriver {
         };
         for entry in entries.flatten() {
             let dir = entry.path();
-            let Some(vm) = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<VmId>().ok())
-            else {
+            let Some(vm) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<VmId>().ok()) else {
                 continue;
             };
             if self.lock().contains_key(&vm) {
                 continue;
             }
-            let meta: Option<VmMeta> = std::fs::read(dir.join("vm.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let meta: Option<VmMeta> =
+                std::fs::read(dir.join("vm.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
             let pid = read_pid(&dir.join("qemu.pid"));
             let (Some(meta), Some(pid)) = (meta, pid) else {
                 tracing::info!(%vm, "removing the leftovers of a VM that never started");
@@ -587,13 +483,7 @@ impl Driver for QemuDriver {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            match Qmp::connect(
-                &dir.join("qmp.sock"),
-                Duration::from_secs(2),
-                self.detached.child_token(),
-            )
-            .await
-            {
+            match Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(2), self.detached.child_token()).await {
                 Ok(qmp) => {
                     let stopping: Arc<AtomicBool> = Arc::default();
                     tracing::info!(%vm, pid, "adopted a running QEMU VM");
@@ -615,10 +505,7 @@ impl Driver for QemuDriver {
                     // Alive but unreachable: we cannot control it, so it must not keep running
                     // unseen (it could become a second copy).
                     tracing::warn!(%vm, pid, error = %e, "QEMU alive but its QMP socket is unusable; killing it");
-                    let _ = tokio::process::Command::new("kill")
-                        .args(["-9", &pid.to_string()])
-                        .status()
-                        .await;
+                    let _ = tokio::process::Command::new("kill").args(["-9", &pid.to_string()]).status().await;
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }
@@ -627,36 +514,21 @@ impl Driver for QemuDriver {
     }
 
     fn running(&self) -> Vec<RunningVm> {
-        self.lock()
-            .iter()
-            .map(|(vm, i)| RunningVm {
-                vm: *vm,
-                incarnation: i.incarnation,
-            })
-            .collect()
+        self.lock().iter().map(|(vm, i)| RunningVm { vm: *vm, incarnation: i.incarnation }).collect()
     }
 
     fn host_usage(&self, _capacity: Resources) -> HostUsage {
         let cpu = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
             let first = s.lines().next()?.to_owned();
-            let nums: Vec<u64> = first
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
+            let nums: Vec<u64> = first.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
             let idle = nums.get(3)? + nums.get(4).unwrap_or(&0);
             Some((nums.iter().sum::<u64>(), idle))
         });
         let cpu_util = match cpu {
             Some((total, idle)) => {
-                let mut last = self
-                    .host_cpu
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut last = self.host_cpu.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let util = match *last {
-                    Some((t0, i0)) if total > t0 => {
-                        1.0 - (idle.saturating_sub(i0)) as f64 / (total - t0) as f64
-                    }
+                    Some((t0, i0)) if total > t0 => 1.0 - (idle.saturating_sub(i0)) as f64 / (total - t0) as f64,
                     _ => 0.0,
                 };
                 *last = Some((total, idle));
@@ -674,10 +546,7 @@ impl Driver for QemuDriver {
                 .unwrap_or(0)
         };
         let used_kib = field("MemTotal:").saturating_sub(field("MemAvailable:"));
-        HostUsage {
-            cpu_util,
-            memory_used_mib: used_kib / 1024,
-        }
+        HostUsage { cpu_util, memory_used_mib: used_kib / 1024 }
     }
 
     fn vm_usage(&self) -> Vec<VmUsage> {
@@ -690,17 +559,12 @@ impl Driver for QemuDriver {
             let cpu_util = match inst.last_cpu {
                 Some((t0, ticks0)) if now > t0 => {
                     let cpu_secs = ticks.saturating_sub(ticks0) as f64 / TICKS_PER_SEC;
-                    (cpu_secs / (now - t0).as_secs_f64() / f64::from(inst.vcpus.max(1)))
-                        .clamp(0.0, 1.0)
+                    (cpu_secs / (now - t0).as_secs_f64() / f64::from(inst.vcpus.max(1))).clamp(0.0, 1.0)
                 }
                 _ => 0.0,
             };
             inst.last_cpu = Some((now, ticks));
-            out.push(VmUsage {
-                vm: *vm,
-                cpu_util,
-                memory_used_mib: rss_mib,
-            });
+            out.push(VmUsage { vm: *vm, cpu_util, memory_used_mib: rss_mib });
         }
         out
     }
@@ -723,23 +587,12 @@ impl QemuDriver {
         op: &'static str,
         command: &str,
     ) -> Result<(), DriverError> {
-        let qmp = self
-            .lock()
-            .get(&vm)
-            .filter(|i| i.incarnation == incarnation)
-            .map(|i| i.qmp.clone());
-        let qmp = qmp.ok_or_else(|| DriverError::ControlFailed {
+        let qmp = self.lock().get(&vm).filter(|i| i.incarnation == incarnation).map(|i| i.qmp.clone());
+        let qmp = qmp.ok_or_else(|| DriverError::ControlFailed { op, vm, reason: "not running here".into() })?;
+        qmp.execute(command, None).await.map(|_| ()).map_err(|e| DriverError::ControlFailed {
             op,
             vm,
-            reason: "not running here".into(),
-        })?;
-        qmp.execute(command, None)
-            .await
-            .map(|_| ())
-            .map_err(|e| DriverError::ControlFailed {
-                op,
-                vm,
-                reason: e.to_string(),
-            })
+            reason: e.to_string(),
+        })
     }
 }

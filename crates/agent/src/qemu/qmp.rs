@@ -85,20 +85,13 @@ impl Qmp {
     /// # Errors
     /// When the socket never accepts, or the handshake fails.
     /// The connection closes when `detach` is cancelled, even while handles remain.
-    pub async fn connect(
-        path: &Path,
-        wait: Duration,
-        detach: CancellationToken,
-    ) -> Result<Qmp, QmpError> {
+    pub async fn connect(path: &Path, wait: Duration, detach: CancellationToken) -> Result<Qmp, QmpError> {
         let deadline = tokio::time::Instant::now() + wait;
         let stream = loop {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(QmpError::Connect {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    });
+                    return Err(QmpError::Connect { path: path.display().to_string(), reason: e.to_string() });
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
@@ -111,9 +104,7 @@ impl Qmp {
             .map_err(|e| QmpError::Protocol(e.to_string()))?
             .ok_or(QmpError::Closed)?;
         if !greeting.contains("\"QMP\"") {
-            return Err(QmpError::Protocol(format!(
-                "unexpected greeting {greeting:?}"
-            )));
+            return Err(QmpError::Protocol(format!("unexpected greeting {greeting:?}")));
         }
         write
             .write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n")
@@ -125,8 +116,7 @@ impl Qmp {
                 .map_err(|_| QmpError::Timeout("qmp_capabilities".into()))?
                 .map_err(|e| QmpError::Protocol(e.to_string()))?
                 .ok_or(QmpError::Closed)?;
-            let v: Value =
-                serde_json::from_str(&line).map_err(|e| QmpError::Protocol(e.to_string()))?;
+            let v: Value = serde_json::from_str(&line).map_err(|e| QmpError::Protocol(e.to_string()))?;
             if v.get("id") == Some(&json!(0)) {
                 if let Some(err) = v.get("error") {
                     return Err(command_error("qmp_capabilities", err));
@@ -142,8 +132,7 @@ impl Qmp {
         // The connection task ends when QEMU closes the socket or every handle is dropped;
         // either way it fails what is pending and marks the connection closed.
         tokio::spawn(async move {
-            let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)> =
-                HashMap::new();
+            let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)> = HashMap::new();
             let mut next_id: u64 = 1;
             loop {
                 tokio::select! {
@@ -193,20 +182,9 @@ impl Qmp {
     ///
     /// # Errors
     /// QEMU's error, a closed connection, or no answer within 10 s.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request {
-                command: command.to_owned(),
-                arguments,
-                reply,
-            })
-            .await
-            .map_err(|_| QmpError::Closed)?;
+        self.tx.send(Request { command: command.to_owned(), arguments, reply }).await.map_err(|_| QmpError::Closed)?;
         tokio::time::timeout(Duration::from_secs(10), rx)
             .await
             .map_err(|_| QmpError::Timeout(command.to_owned()))?
@@ -247,15 +225,7 @@ impl Qmp {
 fn command_error(command: &str, err: &Value) -> QmpError {
     QmpError::Command {
         command: command.to_owned(),
-        class: err
-            .get("class")
-            .and_then(Value::as_str)
-            .unwrap_or("Unknown")
-            .to_owned(),
-        desc: err
-            .get("desc")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        class: err.get("class").and_then(Value::as_str).unwrap_or("Unknown").to_owned(),
+        desc: err.get("desc").and_then(Value::as_str).unwrap_or("").to_owned(),
     }
 }
