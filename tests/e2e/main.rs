@@ -249,3 +249,65 @@ fn cli_errors_go_to_stderr_with_a_non_zero_exit() {
     assert!(!ok);
     assert!(err.contains("invalid host id"), "{err}");
 }
+
+/// Every process whose command line names this VM's guest (QEMU is started with
+/// `-name guest=<vm-id>`).
+fn qemu_pids_of(vm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd).contains(&format!("guest={vm}")).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::Builder::new().prefix("nce").tempdir_in("/tmp").unwrap();
+    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let agent_dir = dir.path().join("a");
+    let a = agent_dir.to_str().unwrap();
+    let url = nats.url();
+    let args = [
+        "agent", "--nats", &url, "--host", "q1", "--driver", "qemu", "--vcpus", "4", "--memory-mib", "2048", "--data-dir", a,
+        "--powerdown-timeout", "300ms",
+    ];
+    let mut agent = Proc::spawn("qemu agent", &args);
+    wait_for("the QEMU host", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 1));
+
+    let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "real-1", "vcpus": 1, "memory_mib": 64}));
+    assert_eq!(status, 201, "{vm}");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    wait_for("real-1 running", || vm_status(&o.api, &id) == "running");
+    let pids = qemu_pids_of(&id);
+    assert_eq!(pids.len(), 1, "one QEMU process for the VM");
+
+    agent.kill9();
+    assert_eq!(qemu_pids_of(&id), pids, "the VM outlives its agent");
+
+    let _agent = Proc::spawn("qemu agent (restarted)", &args);
+    // The restarted agent re-registers and reports what it adopted; nothing is started twice.
+    wait_for("the restarted agent's heartbeat", || {
+        get(&o.api, "/api/v1/hosts").1[0]["last_heartbeat_ms"].as_u64().is_some()
+    });
+    let events_with = |kind: &str| {
+        cli_json(&["--nats", &nats.url(), "events"]).as_array().unwrap().iter().filter(|e| e["kind"] == kind).count()
+    };
+    wait_for("the adoption reported (no failure, no second start)", || {
+        cli_json(&["--server", &o.api, "vm", "show", &id])["status"] == "running"
+    });
+    assert_eq!(qemu_pids_of(&id), pids, "adopted: same process, no duplicate");
+    assert_eq!(events_with("VmStartCommanded"), 1);
+    assert_eq!(events_with("VmFailed"), 0);
+    assert_eq!(cli_json(&["--nats", &nats.url(), "state"]), get(&o.api, "/api/v1/state").1);
+
+    // The adopted VM is under control: deleting it stops the QEMU process.
+    let del = cli_json(&["--server", &o.api, "vm", "delete", &id]);
+    assert_eq!(del["id"], id.as_str());
+    wait_for("real-1 deleted", || vm_status(&o.api, &id) == "deleted");
+    wait_for("its QEMU process gone", || qemu_pids_of(&id).is_empty());
+}

@@ -147,6 +147,9 @@ struct AgentArgs {
     /// What fencing does to the VMs.
     #[arg(long, value_enum, default_value_t = FenceArg::Stop)]
     fence_action: FenceArg,
+    /// QEMU: how long a guest gets to power off (ACPI) before it is quit.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    powerdown_timeout: std::time::Duration,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -186,7 +186,8 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
         }
         DriverKind::Qemu => {
             let cfg = hosts.remove(0);
-            let qemu = QemuConfig::detect(a.data_dir.join("qemu"))?;
+            let mut qemu = QemuConfig::detect(a.data_dir.join("qemu"))?;
+            qemu.powerdown_timeout = a.powerdown_timeout;
             tracing::info!(accel = qemu.accel.as_str(), dir = %qemu.data_dir.display(), "QEMU driver");
             let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?;
             let run = tokio::spawn(agent.run(cancel.clone()));
