@@ -273,8 +273,21 @@ fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
     let a = agent_dir.to_str().unwrap();
     let url = nats.url();
     let args = [
-        "agent", "--nats", &url, "--host", "q1", "--driver", "qemu", "--vcpus", "4", "--memory-mib", "2048", "--data-dir", a,
-        "--powerdown-timeout", "300ms",
+        "agent",
+        "--nats",
+        &url,
+        "--host",
+        "q1",
+        "--driver",
+        "qemu",
+        "--vcpus",
+        "4",
+        "--memory-mib",
+        "2048",
+        "--data-dir",
+        a,
+        "--powerdown-timeout",
+        "300ms",
     ];
     let mut agent = Proc::spawn("qemu agent", &args);
     wait_for("the QEMU host", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 1));

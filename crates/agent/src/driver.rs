@@ -9,7 +9,7 @@
 
 use std::future::Future;
 
-use novacron_types::{IncarnationId, Labels, Resources, StartVm, VmId};
+use novacron_types::{IncarnationId, Labels, PrepareIncoming, Resources, StartVm, VmId};
 use tokio::sync::broadcast;
 
 /// What a driver can fail with.
@@ -26,6 +26,14 @@ pub enum DriverError {
     /// The hypervisor failed to stop the VM.
     #[error("stop of VM {vm} failed: {reason}")]
     StopFailed {
+        /// The VM.
+        vm: VmId,
+        /// Why.
+        reason: String,
+    },
+    /// A live migration failed; the source keeps running.
+    #[error("migration of VM {vm} failed: {reason}")]
+    MigrationFailed {
         /// The VM.
         vm: VmId,
         /// Why.
@@ -83,6 +91,15 @@ pub struct VmUsage {
     pub memory_used_mib: u64,
 }
 
+/// What a completed live migration cost, as the hypervisor measured it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// How long the VM was paused for the switch-over.
+    pub downtime_ms: u64,
+    /// How long the whole transfer took.
+    pub duration_ms: u64,
+}
+
 /// A hypervisor, real (QEMU) or simulated.
 pub trait Driver: Send + Sync + 'static {
     /// The driver's name, reported at registration (`sim`, `qemu`).
@@ -99,6 +116,20 @@ pub trait Driver: Send + Sync + 'static {
     /// Stops the incarnation (gracefully, then by force) and removes its process and files;
     /// a no-op if it is not running.
     fn stop(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Starts an incarnation that waits for a live migration; returns the URI the source must
+    /// send the VM to. A start of the same incarnation later confirms it (a no-op once the
+    /// migration has completed).
+    fn prepare_incoming(&self, cmd: &PrepareIncoming) -> impl Future<Output = Result<String, DriverError>> + Send;
+
+    /// Sends the running incarnation to `uri`. On success the VM runs there and the local
+    /// incarnation is gone; on failure it keeps running here.
+    fn migrate_out(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+        uri: &str,
+    ) -> impl Future<Output = Result<MigrationStats, DriverError>> + Send;
 
     /// Pauses the incarnation's vCPUs.
     fn pause(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send;

@@ -35,7 +35,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use novacron_eventlog::{Bus, DeadLetters, decode_event, now_ms};
 use novacron_protocol as proto;
-use novacron_types::event::{VmFailed, VmIncarnationReport};
+use novacron_types::event::{
+    VmFailed, VmIncarnationReport, VmMigrationCompleted, VmMigrationFailed, VmMigrationIncomingReady,
+};
 use novacron_types::report::HostRegistration;
 use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
 use novacron_types::{
@@ -81,6 +83,10 @@ pub enum FenceAction {
     /// same incarnation, or stop).
     Pause,
 }
+
+/// How often a long-running command tells JetStream it is still being worked on (well inside
+/// the consumer's 10 s ack wait).
+const COMMAND_PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Slack between the end of the lease and the orchestrator's host-failure timeout: the probe
 /// period, the time to stop the VMs, and clock-rate differences between the two machines.
@@ -303,7 +309,20 @@ impl<D: Driver> Agent<D> {
         }
         match self.apply(envelope.id, seq, &command) {
             Ok(plan) => {
-                let report = self.execute(plan, &command).await;
+                // Long operations (a migration, a slow start) keep the command from being
+                // redelivered by telling JetStream we are still working on it.
+                let exec = self.execute(plan, &command);
+                tokio::pin!(exec);
+                let mut progress = tokio::time::interval_at(
+                    tokio::time::Instant::now() + COMMAND_PROGRESS_EVERY,
+                    COMMAND_PROGRESS_EVERY,
+                );
+                let report = loop {
+                    tokio::select! {
+                        r = &mut exec => break r,
+                        _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+                    }
+                };
                 if let Some(report) = report
                     && !self.report(report, cancel).await
                 {
@@ -412,6 +431,52 @@ impl<D: Driver> Agent<D> {
                     }),
                 )
             }
+            AgentCommand::PrepareIncoming(c) => {
+                let record = JournalVm { incarnation: c.incarnation, generation: c.generation, running: false };
+                match self.driver.prepare_incoming(c).await {
+                    Ok(uri) => (
+                        record,
+                        ReportKind::IncomingReady(VmMigrationIncomingReady {
+                            vm,
+                            host: self.cfg.host.clone(),
+                            incarnation: c.incarnation,
+                            uri,
+                        }),
+                    ),
+                    Err(e) => (
+                        record,
+                        ReportKind::MigrationFailed(VmMigrationFailed {
+                            vm,
+                            reported_by: self.cfg.host.clone(),
+                            target_incarnation: c.incarnation,
+                            reason: format!("destination could not prepare: {e}"),
+                        }),
+                    ),
+                }
+            }
+            AgentCommand::MigrateOut(c) => match self.driver.migrate_out(vm, c.incarnation, &c.uri).await {
+                Ok(stats) => (
+                    JournalVm { incarnation: c.incarnation, generation: c.generation, running: false },
+                    ReportKind::MigrationCompleted(VmMigrationCompleted {
+                        vm,
+                        from: self.cfg.host.clone(),
+                        to: c.target_host.clone(),
+                        source_incarnation: c.incarnation,
+                        target_incarnation: c.target_incarnation,
+                        downtime_ms: stats.downtime_ms,
+                        duration_ms: stats.duration_ms,
+                    }),
+                ),
+                Err(e) => (
+                    JournalVm { incarnation: c.incarnation, generation: c.generation, running: true },
+                    ReportKind::MigrationFailed(VmMigrationFailed {
+                        vm,
+                        reported_by: self.cfg.host.clone(),
+                        target_incarnation: c.target_incarnation,
+                        reason: e.to_string(),
+                    }),
+                ),
+            },
         };
         if let Err(e) = self.journal.record(id, seq, vm, Some(&record)) {
             // The driver acted but the journal did not record it. The command is not acked, so
@@ -530,6 +595,9 @@ fn report_name(r: &ReportKind) -> &'static str {
         ReportKind::VmRunning(_) => "VmRunning",
         ReportKind::VmStopped(_) => "VmStopped",
         ReportKind::VmFailed(_) => "VmFailed",
+        ReportKind::IncomingReady(_) => "IncomingReady",
+        ReportKind::MigrationCompleted(_) => "MigrationCompleted",
+        ReportKind::MigrationFailed(_) => "MigrationFailed",
     }
 }
 

@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use novacron_types::{IncarnationId, Labels, Resources, StartVm, VmId};
+use novacron_types::{IncarnationId, Labels, PrepareIncoming, Resources, StartVm, VmId};
 use tokio::sync::broadcast;
 
-use crate::driver::{Driver, DriverError, HostUsage, RunningVm, VmExit, VmUsage};
+use crate::driver::{Driver, DriverError, HostUsage, MigrationStats, RunningVm, VmExit, VmUsage};
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SimVm {
@@ -29,6 +29,7 @@ struct Inner {
     running: BTreeMap<VmId, SimVm>,
     starts: BTreeMap<IncarnationId, u32>,
     fail_starts: u32,
+    fail_migrations: u32,
     start_delay: Duration,
 }
 
@@ -48,6 +49,7 @@ impl Default for SimDriver {
                 running: BTreeMap::new(),
                 starts: BTreeMap::new(),
                 fail_starts: 0,
+                fail_migrations: 0,
                 start_delay: Duration::ZERO,
             })),
             exits: broadcast::channel(1024).0,
@@ -134,6 +136,11 @@ impl SimDriver {
         self.lock().fail_starts = n;
     }
 
+    /// Fault: the next `n` outgoing migrations fail (the VM keeps running here).
+    pub fn fail_next_migrations(&self, n: u32) {
+        self.lock().fail_migrations = n;
+    }
+
     /// Fault: starts take this long.
     pub fn set_start_delay(&self, delay: Duration) {
         self.lock().start_delay = delay;
@@ -152,7 +159,9 @@ impl Driver for SimDriver {
     async fn start(&self, cmd: &StartVm) -> Result<(), DriverError> {
         let delay = {
             let mut inner = self.lock();
-            if inner.running.get(&cmd.vm).map(|r| r.incarnation) == Some(cmd.incarnation) {
+            if let Some(v) = inner.running.get_mut(&cmd.vm).filter(|v| v.incarnation == cmd.incarnation) {
+                // Confirming an incarnation that received a migration lets it run.
+                v.paused = false;
                 return Ok(());
             }
             if inner.fail_starts > 0 {
@@ -185,6 +194,33 @@ impl Driver for SimDriver {
             self.persist(vm, None);
         }
         Ok(())
+    }
+
+    async fn prepare_incoming(&self, cmd: &PrepareIncoming) -> Result<String, DriverError> {
+        let v = SimVm { incarnation: cmd.incarnation, resources: cmd.spec.resources(), paused: true };
+        self.persist(cmd.vm, Some(&v));
+        self.lock().running.insert(cmd.vm, v);
+        Ok(format!("sim://{}/{}", cmd.vm, cmd.incarnation))
+    }
+
+    async fn migrate_out(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+        uri: &str,
+    ) -> Result<MigrationStats, DriverError> {
+        let mut inner = self.lock();
+        if inner.running.get(&vm).map(|v| v.incarnation) != Some(incarnation) {
+            return Err(DriverError::MigrationFailed { vm, reason: "not running here".into() });
+        }
+        if inner.fail_migrations > 0 {
+            inner.fail_migrations -= 1;
+            return Err(DriverError::MigrationFailed { vm, reason: format!("simulated migration failure to {uri}") });
+        }
+        inner.running.remove(&vm);
+        drop(inner);
+        self.persist(vm, None);
+        Ok(MigrationStats { downtime_ms: 0, duration_ms: 0 })
     }
 
     async fn pause(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {

@@ -139,3 +139,61 @@ async fn a_bad_configuration_fails_the_start_with_qemus_reason() {
     assert!(err.to_string().contains("qemu-img create failed"), "{err}");
     assert!(d.running().is_empty());
 }
+
+fn incoming_cmd(vm: VmId, incarnation: IncarnationId) -> novacron_types::PrepareIncoming {
+    let s = start_cmd(vm, incarnation, 0);
+    novacron_types::PrepareIncoming {
+        vm,
+        host: HostId::new("qemu-dest").unwrap(),
+        incarnation,
+        generation: Generation(2),
+        spec: s.spec,
+    }
+}
+
+#[tokio::test]
+async fn a_vm_live_migrates_between_two_drivers_on_this_machine() {
+    let (da, db) = (short_tempdir(), short_tempdir());
+    let (source, dest) = (driver(da.path()), driver(db.path()));
+    let (vm, src_inc, dst_inc) = (VmId::new_v7(), IncarnationId::new_v7(), IncarnationId::new_v7());
+    source.start(&start_cmd(vm, src_inc, 0)).await.unwrap();
+    let source_pid = source.pid(vm).unwrap();
+
+    let uri = dest.prepare_incoming(&incoming_cmd(vm, dst_inc)).await.expect("prepare incoming");
+    assert!(uri.starts_with("tcp:127.0.0.1:"), "{uri}");
+    assert_eq!(dest.qmp_status(vm).await.unwrap(), "inmigrate");
+    assert_eq!(qemu_processes_of(vm), 2, "source and waiting destination");
+
+    let stats = source.migrate_out(vm, src_inc, &uri).await.expect("migration");
+    assert!(stats.duration_ms > 0, "{stats:?}");
+    wait_for("the destination running", || dest.running().len() == 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while dest.qmp_status(vm).await.unwrap() != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "destination never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(source.running().is_empty(), "the source forgot it");
+    assert_eq!(qemu_processes_of(vm), 1, "exactly one copy, on the destination");
+    assert_ne!(dest.pid(vm).unwrap(), source_pid);
+    dest.stop(vm, dst_inc).await.unwrap();
+    assert_eq!(qemu_processes_of(vm), 0);
+}
+
+#[tokio::test]
+async fn a_migration_whose_destination_dies_leaves_the_vm_running_on_the_source() {
+    let (da, db) = (short_tempdir(), short_tempdir());
+    let (source, dest) = (driver(da.path()), driver(db.path()));
+    let (vm, src_inc, dst_inc) = (VmId::new_v7(), IncarnationId::new_v7(), IncarnationId::new_v7());
+    source.start(&start_cmd(vm, src_inc, 0)).await.unwrap();
+    let uri = dest.prepare_incoming(&incoming_cmd(vm, dst_inc)).await.unwrap();
+    // The destination dies after it said it was ready, before the state arrives.
+    let dest_pid = dest.pid(vm).unwrap();
+    std::process::Command::new("kill").args(["-9", &dest_pid.to_string()]).status().unwrap();
+    wait_for("the destination gone", || qemu_processes_of(vm) == 1).await;
+
+    let err = source.migrate_out(vm, src_inc, &uri).await.unwrap_err();
+    assert!(err.to_string().contains("migration of VM"), "{err}");
+    assert_eq!(source.qmp_status(vm).await.unwrap(), "running", "the VM keeps running on the source");
+    assert_eq!(source.running().len(), 1);
+    source.stop(vm, src_inc).await.unwrap();
+}

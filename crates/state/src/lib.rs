@@ -15,7 +15,10 @@ mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use novacron_types::event::{HostRegistered, VmFailed, VmIncarnationReport, VmPlaced, VmRequested};
+use novacron_types::event::{
+    HostRegistered, VmFailed, VmIncarnationReport, VmMigrationCompleted, VmMigrationFailed, VmMigrationPlanned,
+    VmPlaced, VmRequested,
+};
 use novacron_types::{
     Envelope, EventId, EventKind, Generation, HostId, IncarnationId, Labels, Resources, StartVm, StopVm, VmId, VmSpec,
 };
@@ -56,6 +59,8 @@ pub struct HostRecord {
     pub allocated: Resources,
     /// The VMs assigned to it.
     pub vms: BTreeSet<VmId>,
+    /// VMs migrating here: their resources are reserved until the migration ends.
+    pub incoming: BTreeSet<VmId>,
     /// When it first registered (writer's clock, from the event).
     pub registered_at_ms: u64,
 }
@@ -166,6 +171,23 @@ pub struct VmRecord {
     pub last_seq: u64,
     /// The last placement failure's reason, while pending.
     pub pending_reason: Option<String>,
+    /// The live migration under way, if any.
+    pub migration: Option<Migration>,
+}
+
+/// A live migration in flight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// The destination.
+    pub to: HostId,
+    /// The incarnation the VM becomes there.
+    pub target_incarnation: IncarnationId,
+    /// Its generation.
+    pub target_generation: Generation,
+    /// Where the destination listens, once it said so.
+    pub uri: Option<String>,
+    /// Why the migration was planned.
+    pub reason: String,
 }
 
 /// The outcome of folding one event.
@@ -267,7 +289,112 @@ impl ClusterState {
                 Ok(())
             }),
             EventKind::VmDeleted(e) => self.vm_deleted(seq, env.id, e.vm),
+            EventKind::VmMigrationPlanned(e) => self.migration_planned(seq, env.id, e),
+            EventKind::VmIncomingCommanded(c) => self.with_migration(c.vm, c.incarnation, seq, env.id, |_| Ok(())),
+            EventKind::VmMigrationIncomingReady(e) => self.with_migration(e.vm, e.incarnation, seq, env.id, |m| {
+                m.uri = Some(e.uri.clone());
+                Ok(())
+            }),
+            EventKind::VmMigrationStarted(c) => self.with_migration(c.vm, c.target_incarnation, seq, env.id, |m| {
+                if m.to == c.target_host { Ok(()) } else { Err("VmMigrationStarted to another host".into()) }
+            }),
+            EventKind::VmMigrationCompleted(e) => self.migration_completed(seq, env.id, e),
+            EventKind::VmMigrationFailed(e) => self.migration_failed(seq, env.id, e),
         }
+    }
+
+    fn migration_planned(&mut self, seq: u64, id: EventId, e: &VmMigrationPlanned) -> Applied {
+        let Some(vm) = self.vms.get(&e.vm) else {
+            return Applied::Ignored(format!("VmMigrationPlanned for unknown VM {}", e.vm));
+        };
+        if vm.status != VmStatus::Running
+            || vm.migration.is_some()
+            || vm.host.as_ref() != Some(&e.from)
+            || vm.incarnation != Some(e.source_incarnation)
+            || e.target_generation <= vm.generation
+            || e.from == e.to
+        {
+            return Applied::Ignored(format!("VmMigrationPlanned does not fit VM {} as it is", e.vm));
+        }
+        let need = vm.spec.resources();
+        let Some(target) = self.hosts.get_mut(&e.to) else {
+            return Applied::Ignored(format!("VmMigrationPlanned to unknown host {}", e.to));
+        };
+        target.allocated = target.allocated.checked_add(need).unwrap_or(target.allocated);
+        target.incoming.insert(e.vm);
+        if let Some(vm) = self.vms.get_mut(&e.vm) {
+            vm.status = VmStatus::Migrating;
+            vm.migration = Some(Migration {
+                to: e.to.clone(),
+                target_incarnation: e.target_incarnation,
+                target_generation: e.target_generation,
+                uri: None,
+                reason: e.reason.clone(),
+            });
+            vm.last_event = id;
+            vm.last_seq = seq;
+        }
+        Applied::Changed
+    }
+
+    fn migration_completed(&mut self, seq: u64, id: EventId, e: &VmMigrationCompleted) -> Applied {
+        let Some(vm) = self.vms.get_mut(&e.vm) else {
+            return Applied::Ignored(format!("VmMigrationCompleted for unknown VM {}", e.vm));
+        };
+        let Some(m) = vm.migration.clone().filter(|m| m.target_incarnation == e.target_incarnation && m.to == e.to)
+        else {
+            return Applied::Ignored("VmMigrationCompleted for a migration that is not under way".into());
+        };
+        let need = vm.spec.resources();
+        if let Some(source) = vm.host.take().and_then(|h| self.hosts.get_mut(&h)) {
+            source.allocated = source.allocated.saturating_sub(need);
+            source.vms.remove(&e.vm);
+        }
+        if let Some(target) = self.hosts.get_mut(&m.to) {
+            target.incoming.remove(&e.vm);
+            target.vms.insert(e.vm);
+        }
+        vm.host = Some(m.to);
+        vm.incarnation = Some(m.target_incarnation);
+        vm.generation = m.target_generation;
+        vm.migration = None;
+        vm.status = VmStatus::Running;
+        vm.last_event = id;
+        vm.last_seq = seq;
+        Applied::Changed
+    }
+
+    fn migration_failed(&mut self, seq: u64, id: EventId, e: &VmMigrationFailed) -> Applied {
+        let Some(vm) = self.vms.get_mut(&e.vm) else {
+            return Applied::Ignored(format!("VmMigrationFailed for unknown VM {}", e.vm));
+        };
+        let Some(m) = vm.migration.take_if(|m| m.target_incarnation == e.target_incarnation) else {
+            return Applied::Ignored("VmMigrationFailed for a migration that is not under way".into());
+        };
+        if let Some(target) = self.hosts.get_mut(&m.to) {
+            target.incoming.remove(&e.vm);
+            target.allocated = target.allocated.saturating_sub(vm.spec.resources());
+        }
+        if vm.status == VmStatus::Migrating {
+            vm.status = VmStatus::Running;
+        }
+        vm.last_event = id;
+        vm.last_seq = seq;
+        Applied::Changed
+    }
+
+    fn with_migration(
+        &mut self,
+        vm_id: VmId,
+        target: IncarnationId,
+        seq: u64,
+        id: EventId,
+        f: impl FnOnce(&mut Migration) -> Result<(), String>,
+    ) -> Applied {
+        self.with_vm(vm_id, seq, id, |vm| match vm.migration.as_mut() {
+            Some(m) if m.target_incarnation == target => f(m),
+            _ => Err("migration event for a migration that is not under way".into()),
+        })
     }
 
     fn host_registered(&mut self, env: &Envelope, e: &HostRegistered) -> Applied {
@@ -288,6 +415,7 @@ impl ClusterState {
                         state: HostState::Ready,
                         allocated: Resources::ZERO,
                         vms: BTreeSet::new(),
+                        incoming: BTreeSet::new(),
                         registered_at_ms: env.at_ms,
                     },
                 );
@@ -318,6 +446,7 @@ impl ClusterState {
                 last_event: env.id,
                 last_seq: seq,
                 pending_reason: None,
+                migration: None,
             },
         );
         Applied::Changed
@@ -366,7 +495,10 @@ impl ClusterState {
             if vm.incarnation != Some(c.incarnation) || vm.host.as_ref() != Some(&c.host) {
                 return Err("VmStartCommanded for an incarnation that is not current".into());
             }
-            vm.status = VmStatus::Starting;
+            // After a migration the start only confirms the running incarnation to its agent.
+            if vm.status != VmStatus::Running {
+                vm.status = VmStatus::Starting;
+            }
             Ok(())
         })
     }
@@ -415,6 +547,10 @@ impl ClusterState {
         if let Some(h) = vm.host.take().and_then(|h| self.hosts.get_mut(&h)) {
             h.allocated = h.allocated.saturating_sub(need);
             h.vms.remove(&vm_id);
+        }
+        if let Some(t) = vm.migration.take().and_then(|m| self.hosts.get_mut(&m.to)) {
+            t.allocated = t.allocated.saturating_sub(need);
+            t.incoming.remove(&vm_id);
         }
         vm.status = VmStatus::Deleted;
         vm.last_event = id;

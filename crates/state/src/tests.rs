@@ -1,6 +1,6 @@
 use novacron_types::event::{
-    HostRegistered, PlacementExplanation, VmDeleteRequested, VmDeleted, VmFailed, VmIncarnationReport, VmPlaced,
-    VmRequested,
+    HostRegistered, PlacementExplanation, VmDeleteRequested, VmDeleted, VmFailed, VmIncarnationReport,
+    VmMigrationCompleted, VmMigrationFailed, VmMigrationPlanned, VmPlaced, VmRequested,
 };
 use novacron_types::{
     Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Resources, StartVm, StopVm, VmId, VmSpec,
@@ -44,6 +44,9 @@ enum Op {
     Failed(u8, u8, u64),
     DeleteRequested(u8),
     Deleted(u8),
+    MigPlan(u8, u8, u8, u64, u64),
+    MigDone(u8, u8, u8, u64),
+    MigFail(u8, u8, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,7 +63,10 @@ fn op() -> impl Strategy<Value = Op> {
         (v.clone(), h.clone(), g.clone()).prop_map(|(v, h, g)| Op::Stopped(v, h, g)),
         (v.clone(), h, g).prop_map(|(v, h, g)| Op::Failed(v, h, g)),
         v.clone().prop_map(Op::DeleteRequested),
-        v.prop_map(Op::Deleted),
+        v.clone().prop_map(Op::Deleted),
+        (v.clone(), 0u8..4, 0u8..4, 1u64..4, 1u64..5).prop_map(|(v, a, b, gs, gt)| Op::MigPlan(v, a, b, gs, gt)),
+        (v.clone(), 0u8..4, 0u8..4, 1u64..5).prop_map(|(v, a, b, g)| Op::MigDone(v, a, b, g)),
+        (v, 0u8..4, 1u64..5).prop_map(|(v, b, g)| Op::MigFail(v, b, g)),
     ]
 }
 
@@ -111,6 +117,30 @@ fn envelope(n: usize, op: &Op) -> Envelope {
         }),
         Op::DeleteRequested(v) => EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm(v) }),
         Op::Deleted(v) => EventKind::VmDeleted(VmDeleted { vm: vm(v) }),
+        Op::MigPlan(v, a, b, gs, gt) => EventKind::VmMigrationPlanned(VmMigrationPlanned {
+            vm: vm(v),
+            from: host(a),
+            to: host(b),
+            source_incarnation: inc(v, gs),
+            target_incarnation: inc(v, gt),
+            target_generation: Generation(gt),
+            reason: "test".into(),
+        }),
+        Op::MigDone(v, a, b, g) => EventKind::VmMigrationCompleted(VmMigrationCompleted {
+            vm: vm(v),
+            from: host(a),
+            to: host(b),
+            source_incarnation: inc(v, g.saturating_sub(1).max(1)),
+            target_incarnation: inc(v, g),
+            downtime_ms: 5,
+            duration_ms: 50,
+        }),
+        Op::MigFail(v, b, g) => EventKind::VmMigrationFailed(VmMigrationFailed {
+            vm: vm(v),
+            reported_by: host(b),
+            target_incarnation: inc(v, g),
+            reason: "test".into(),
+        }),
     };
     let mut e = Envelope::new(1_700_000_000_000 + n as u64, Actor::Orchestrator("test".into()), event);
     e.id = novacron_types::EventId(Uuid::from_u128(n as u128 + 1));
@@ -157,7 +187,21 @@ proptest! {
                 prop_assert_eq!(rec.host.as_ref(), Some(&h.id));
                 sum = sum.checked_add(rec.spec.resources()).unwrap();
             }
+            for v in &h.incoming {
+                let rec = &s.vms[v];
+                prop_assert_eq!(rec.migration.as_ref().map(|m| &m.to), Some(&h.id));
+                sum = sum.checked_add(rec.spec.resources()).unwrap();
+            }
             prop_assert_eq!(sum, h.allocated);
+        }
+        // A VM is assigned to at most one host, and migrates to at most one other.
+        for (id, v) in &s.vms {
+            let assigned = s.hosts.values().filter(|h| h.vms.contains(id)).count();
+            prop_assert!(assigned <= 1);
+            prop_assert_eq!(assigned == 1, v.host.is_some() && v.status != VmStatus::Deleted);
+            if let Some(m) = &v.migration {
+                prop_assert_ne!(Some(&m.to), v.host.as_ref());
+            }
         }
     }
 }
@@ -194,4 +238,44 @@ fn vm_lifecycle_reserves_and_releases_host_capacity() {
     assert_eq!(s.vms[&vm(1)].status, VmStatus::Deleted);
     assert_eq!(s.hosts[&host(0)].allocated, Resources::ZERO);
     assert!(s.names.is_empty(), "a deleted VM's name is free again");
+}
+
+#[test]
+fn a_migration_reserves_the_target_then_moves_the_vm_or_releases_it() {
+    let run = |ops: &[Op]| fold(&ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect::<Vec<_>>());
+    let running = [
+        Op::Register(0, 8),
+        Op::Register(1, 8),
+        Op::Request(1),
+        Op::Place(1, 0, 1),
+        Op::StartCmd(1, 0, 1),
+        Op::Running(1, 0, 1),
+    ];
+    let need = spec(1).resources();
+
+    let mut ops = running.to_vec();
+    ops.push(Op::MigPlan(1, 0, 1, 1, 2));
+    let s = run(&ops);
+    assert_eq!(s.vms[&vm(1)].status, VmStatus::Migrating);
+    assert_eq!(s.hosts[&host(1)].allocated, need, "the target is reserved");
+    assert_eq!(s.hosts[&host(0)].allocated, need, "the source still holds it");
+
+    let mut done = ops.clone();
+    done.push(Op::MigDone(1, 0, 1, 2));
+    let s = run(&done);
+    let v = &s.vms[&vm(1)];
+    assert_eq!(
+        (v.status, v.host.clone(), v.incarnation, v.generation),
+        (VmStatus::Running, Some(host(1)), Some(inc(1, 2)), Generation(2))
+    );
+    assert_eq!(s.hosts[&host(0)].allocated, Resources::ZERO);
+    assert!(s.hosts[&host(1)].vms.contains(&vm(1)) && s.hosts[&host(1)].incoming.is_empty());
+
+    let mut failed = ops;
+    failed.push(Op::MigFail(1, 1, 2));
+    let s = run(&failed);
+    let v = &s.vms[&vm(1)];
+    assert_eq!((v.status, v.host.clone(), v.generation), (VmStatus::Running, Some(host(0)), Generation(1)));
+    assert_eq!(s.hosts[&host(1)].allocated, Resources::ZERO, "the reservation is released");
+    assert!(v.migration.is_none());
 }

@@ -42,6 +42,43 @@ pub struct StopVm {
     pub reason: String,
 }
 
+/// To the destination of a live migration: start an incarnation that waits for the VM's state
+/// (QEMU `-incoming`), then report where to send it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareIncoming {
+    /// The VM.
+    pub vm: VmId,
+    /// The destination host.
+    pub host: HostId,
+    /// The incarnation the VM will become there.
+    pub incarnation: IncarnationId,
+    /// Its generation (one above the source's).
+    pub generation: Generation,
+    /// What to run (must match the source).
+    pub spec: VmSpec,
+}
+
+/// To the source of a live migration: send the running incarnation's state to the destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateOut {
+    /// The VM.
+    pub vm: VmId,
+    /// The source host.
+    pub host: HostId,
+    /// The running incarnation.
+    pub incarnation: IncarnationId,
+    /// Its generation.
+    pub generation: Generation,
+    /// The destination host.
+    pub target_host: HostId,
+    /// The destination's waiting incarnation.
+    pub target_incarnation: IncarnationId,
+    /// Where the destination listens (e.g. `tcp:10.0.0.7:49152`).
+    pub uri: String,
+}
+
 /// A command as an agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentCommand {
@@ -49,6 +86,10 @@ pub enum AgentCommand {
     Start(StartVm),
     /// See [`StopVm`].
     Stop(StopVm),
+    /// See [`PrepareIncoming`].
+    PrepareIncoming(PrepareIncoming),
+    /// See [`MigrateOut`].
+    MigrateOut(MigrateOut),
 }
 
 impl AgentCommand {
@@ -58,6 +99,8 @@ impl AgentCommand {
         match self {
             AgentCommand::Start(c) => c.vm,
             AgentCommand::Stop(c) => c.vm,
+            AgentCommand::PrepareIncoming(c) => c.vm,
+            AgentCommand::MigrateOut(c) => c.vm,
         }
     }
     /// The generation the command was issued under.
@@ -66,6 +109,8 @@ impl AgentCommand {
         match self {
             AgentCommand::Start(c) => c.generation,
             AgentCommand::Stop(c) => c.generation,
+            AgentCommand::PrepareIncoming(c) => c.generation,
+            AgentCommand::MigrateOut(c) => c.generation,
         }
     }
     /// The host that must act.
@@ -74,6 +119,8 @@ impl AgentCommand {
         match self {
             AgentCommand::Start(c) => &c.host,
             AgentCommand::Stop(c) => &c.host,
+            AgentCommand::PrepareIncoming(c) => &c.host,
+            AgentCommand::MigrateOut(c) => &c.host,
         }
     }
 }

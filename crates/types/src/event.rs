@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::command::{AgentCommand, StartVm, StopVm};
+use crate::command::{AgentCommand, MigrateOut, PrepareIncoming, StartVm, StopVm};
 use crate::{EventId, Generation, HostId, IncarnationId, Labels, Resources, SCHEMA_VERSION, VmId, VmSpec};
 
 /// Who caused an event.
@@ -89,6 +89,8 @@ impl Envelope {
         match &self.event {
             EventKind::VmStartCommanded(c) => Some(AgentCommand::Start(c.clone())),
             EventKind::VmStopCommanded(c) => Some(AgentCommand::Stop(c.clone())),
+            EventKind::VmIncomingCommanded(c) => Some(AgentCommand::PrepareIncoming(c.clone())),
+            EventKind::VmMigrationStarted(c) => Some(AgentCommand::MigrateOut(c.clone())),
             _ => None,
         }
     }
@@ -120,6 +122,19 @@ pub enum EventKind {
     VmDeleteRequested(VmDeleteRequested),
     /// The VM is gone: nothing runs, its resources are released.
     VmDeleted(VmDeleted),
+    /// A live migration was decided: the target is reserved, the VM is `migrating`.
+    VmMigrationPlanned(VmMigrationPlanned),
+    /// Command to the destination to prepare an incoming incarnation (subject
+    /// `nc.cmd.<destination>.<vm>`).
+    VmIncomingCommanded(PrepareIncoming),
+    /// The destination waits for the VM's state at this URI.
+    VmMigrationIncomingReady(VmMigrationIncomingReady),
+    /// Command to the source to send the VM to the destination (subject `nc.cmd.<source>.<vm>`).
+    VmMigrationStarted(MigrateOut),
+    /// The VM runs on the destination; the source's incarnation is gone. Carries the downtime.
+    VmMigrationCompleted(VmMigrationCompleted),
+    /// The migration failed; the VM keeps running on the source.
+    VmMigrationFailed(VmMigrationFailed),
 }
 
 impl EventKind {
@@ -138,6 +153,12 @@ impl EventKind {
             EventKind::VmFailed(_) => "VmFailed",
             EventKind::VmDeleteRequested(_) => "VmDeleteRequested",
             EventKind::VmDeleted(_) => "VmDeleted",
+            EventKind::VmMigrationPlanned(_) => "VmMigrationPlanned",
+            EventKind::VmIncomingCommanded(_) => "VmIncomingCommanded",
+            EventKind::VmMigrationIncomingReady(_) => "VmMigrationIncomingReady",
+            EventKind::VmMigrationStarted(_) => "VmMigrationStarted",
+            EventKind::VmMigrationCompleted(_) => "VmMigrationCompleted",
+            EventKind::VmMigrationFailed(_) => "VmMigrationFailed",
         }
     }
 }
@@ -267,4 +288,72 @@ pub struct VmDeleteRequested {
 pub struct VmDeleted {
     /// The VM.
     pub vm: VmId,
+}
+
+/// Payload of [`EventKind::VmMigrationPlanned`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrationPlanned {
+    /// The VM.
+    pub vm: VmId,
+    /// Where it runs.
+    pub from: HostId,
+    /// Where it goes.
+    pub to: HostId,
+    /// The running incarnation.
+    pub source_incarnation: IncarnationId,
+    /// The incarnation it becomes on the destination.
+    pub target_incarnation: IncarnationId,
+    /// The destination incarnation's generation.
+    pub target_generation: Generation,
+    /// Why (operator request, drain, rebalance…).
+    pub reason: String,
+}
+
+/// Payload of [`EventKind::VmMigrationIncomingReady`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrationIncomingReady {
+    /// The VM.
+    pub vm: VmId,
+    /// The destination.
+    pub host: HostId,
+    /// The waiting incarnation.
+    pub incarnation: IncarnationId,
+    /// Where it listens.
+    pub uri: String,
+}
+
+/// Payload of [`EventKind::VmMigrationCompleted`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrationCompleted {
+    /// The VM.
+    pub vm: VmId,
+    /// The source.
+    pub from: HostId,
+    /// The destination.
+    pub to: HostId,
+    /// The incarnation that ran on the source.
+    pub source_incarnation: IncarnationId,
+    /// The incarnation that runs on the destination now.
+    pub target_incarnation: IncarnationId,
+    /// How long the VM was paused for the switch-over, as the hypervisor measured it.
+    pub downtime_ms: u64,
+    /// How long the transfer took.
+    pub duration_ms: u64,
+}
+
+/// Payload of [`EventKind::VmMigrationFailed`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrationFailed {
+    /// The VM.
+    pub vm: VmId,
+    /// The host that reported the failure (source or destination).
+    pub reported_by: HostId,
+    /// The destination incarnation that will not be used.
+    pub target_incarnation: IncarnationId,
+    /// What went wrong.
+    pub reason: String,
 }

@@ -22,7 +22,7 @@ pub mod validate;
 pub mod vm;
 
 pub use codec::{ContentType, DecodeError, decode, encode};
-pub use command::{AgentCommand, StartVm, StopVm};
+pub use command::{AgentCommand, MigrateOut, PrepareIncoming, StartVm, StopVm};
 pub use event::{Actor, Envelope, EventKind};
 pub use ids::{EventId, Generation, HostId, IncarnationId, ReportId, VmId};
 pub use report::{Report, ReportKind};

@@ -8,7 +8,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{VmFailed, VmIncarnationReport};
+use crate::event::{VmFailed, VmIncarnationReport, VmMigrationCompleted, VmMigrationFailed, VmMigrationIncomingReady};
 use crate::{HostId, Labels, ReportId, Resources};
 
 /// A report from an agent.
@@ -39,6 +39,12 @@ pub enum ReportKind {
     VmStopped(VmIncarnationReport),
     /// An incarnation failed.
     VmFailed(VmFailed),
+    /// The destination of a migration waits for the VM at this URI.
+    IncomingReady(VmMigrationIncomingReady),
+    /// The source sent the VM; it runs on the destination.
+    MigrationCompleted(VmMigrationCompleted),
+    /// A migration failed (on the source or the destination); the VM stays on the source.
+    MigrationFailed(VmMigrationFailed),
 }
 
 /// Payload of [`ReportKind::HostRegistration`].

@@ -121,6 +121,16 @@ impl Validate for Report {
                 }
                 Ok(())
             }
+            ReportKind::IncomingReady(r) if r.host != self.host => {
+                Err(ValidationError::new("report.payload.host", "must equal the report's host"))
+            }
+            ReportKind::MigrationCompleted(r) if r.from != self.host => {
+                Err(ValidationError::new("report.payload.from", "must equal the report's host (the source)"))
+            }
+            ReportKind::MigrationFailed(r) if r.reported_by != self.host => {
+                Err(ValidationError::new("report.payload.reported_by", "must equal the report's host"))
+            }
+            ReportKind::IncomingReady(_) | ReportKind::MigrationCompleted(_) | ReportKind::MigrationFailed(_) => Ok(()),
         }
     }
 }

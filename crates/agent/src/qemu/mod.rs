@@ -29,13 +29,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use novacron_types::{IncarnationId, Labels, Resources, StartVm, VmId};
+use novacron_types::{IncarnationId, Labels, PrepareIncoming, Resources, StartVm, VmId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use self::qmp::Qmp;
-use crate::driver::{Driver, DriverError, HostUsage, RunningVm, VmExit, VmUsage};
+use crate::driver::{Driver, DriverError, HostUsage, MigrationStats, RunningVm, VmExit, VmUsage};
 
 /// Hardware acceleration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +82,10 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// How long a graceful `system_powerdown` may take before `quit`.
     pub powerdown_timeout: Duration,
+    /// Where incoming migrations listen (an address of this host other agents can reach).
+    pub migration_address: std::net::IpAddr,
+    /// Cap on outgoing migration bandwidth, bytes/s (`None`: QEMU's default).
+    pub migration_max_bandwidth: Option<u64>,
 }
 
 /// Why the driver cannot be set up.
@@ -130,6 +134,8 @@ impl QemuConfig {
             data_dir,
             accel: Accel::detect(),
             powerdown_timeout: Duration::from_secs(5),
+            migration_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            migration_max_bandwidth: None,
         })
     }
 }
@@ -214,7 +220,9 @@ impl QemuDriver {
         DriverError::StartFailed { vm, reason: reason.into() }
     }
 
-    async fn launch(&self, cmd: &StartVm) -> Result<Instance, DriverError> {
+    /// Starts QEMU for `cmd`; with `incoming`, it waits for a migration at that URI instead of
+    /// booting.
+    async fn launch(&self, cmd: &StartVm, incoming: Option<&str>) -> Result<Instance, DriverError> {
         let vm = cmd.vm;
         let dir = self.vm_dir(vm);
         let _ = std::fs::remove_dir_all(&dir);
@@ -246,6 +254,9 @@ impl QemuDriver {
         if let Some(disk) = &disk {
             c.arg("-drive").arg(format!("file={},if=virtio,format=qcow2", disk.display()));
         }
+        if let Some(uri) = incoming {
+            c.arg("-incoming").arg(uri);
+        }
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         // With -daemonize, the launcher exits once the VM is set up; its status tells whether
         // QEMU accepted the configuration.
@@ -263,8 +274,12 @@ impl QemuDriver {
             .await
             .map_err(|e| Self::start_failed(vm, e.to_string()))?;
         let status = qmp.status().await.map_err(|e| Self::start_failed(vm, e.to_string()))?;
-        if status != "running" {
-            return Err(Self::start_failed(vm, format!("QEMU reports status {status:?} after start")));
+        let expected = if incoming.is_some() { "inmigrate" } else { "running" };
+        if status != expected {
+            return Err(Self::start_failed(
+                vm,
+                format!("QEMU reports status {status:?} after start, expected {expected:?}"),
+            ));
         }
         Ok(Instance {
             incarnation: cmd.incarnation,
@@ -428,7 +443,7 @@ impl Driver for QemuDriver {
             self.terminate(old).await;
         }
         let started = Instant::now();
-        let inst = self.launch(cmd).await?;
+        let inst = self.launch(cmd, None).await?;
         tracing::info!(vm = %cmd.vm, pid = inst.pid, accel = self.cfg.accel.as_str(), ms = started.elapsed().as_millis() as u64, "QEMU VM running");
         self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone());
         self.lock().insert(cmd.vm, inst);
@@ -448,6 +463,95 @@ impl Driver for QemuDriver {
             }
         }
         Ok(())
+    }
+
+    async fn prepare_incoming(&self, cmd: &PrepareIncoming) -> Result<String, DriverError> {
+        if let Some(i) = self.lock().get(&cmd.vm) {
+            if i.incarnation == cmd.incarnation {
+                return Err(Self::start_failed(cmd.vm, "this incarnation already exists here"));
+            }
+            return Err(Self::start_failed(cmd.vm, "another incarnation of this VM runs here"));
+        }
+        // A free port on the migration address; QEMU listens on it until the source connects.
+        let listener = std::net::TcpListener::bind((self.cfg.migration_address, 0))
+            .map_err(|e| Self::start_failed(cmd.vm, format!("no port for the incoming migration: {e}")))?;
+        let port = listener.local_addr().map_err(|e| Self::start_failed(cmd.vm, e.to_string()))?.port();
+        drop(listener);
+        let uri = format!("tcp:{}:{port}", self.cfg.migration_address);
+        let start = StartVm {
+            vm: cmd.vm,
+            host: cmd.host.clone(),
+            incarnation: cmd.incarnation,
+            generation: cmd.generation,
+            spec: cmd.spec.clone(),
+        };
+        let inst = self.launch(&start, Some(&uri)).await?;
+        tracing::info!(vm = %cmd.vm, pid = inst.pid, %uri, "QEMU waiting for an incoming migration");
+        self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone());
+        self.lock().insert(cmd.vm, inst);
+        Ok(uri)
+    }
+
+    async fn migrate_out(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+        uri: &str,
+    ) -> Result<MigrationStats, DriverError> {
+        let failed = |reason: String| DriverError::MigrationFailed { vm, reason };
+        let qmp = {
+            let map = self.lock();
+            match map.get(&vm) {
+                Some(i) if i.incarnation == incarnation => i.qmp.clone(),
+                _ => return Err(failed("not running here".into())),
+            }
+        };
+        if let Some(bw) = self.cfg.migration_max_bandwidth {
+            qmp.execute("migrate-set-parameters", Some(serde_json::json!({ "max-bandwidth": bw })))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        let started = Instant::now();
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))).await.map_err(|e| failed(e.to_string()))?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let info = match qmp.execute("query-migrate", None).await {
+                Ok(v) => v,
+                Err(e) => return Err(failed(format!("lost the source QEMU during migration: {e}"))),
+            };
+            match info.get("status").and_then(serde_json::Value::as_str).unwrap_or("") {
+                "completed" => {
+                    let ms = |k: &str| info.get(k).and_then(serde_json::Value::as_u64);
+                    let stats = MigrationStats {
+                        downtime_ms: ms("downtime").unwrap_or(0),
+                        duration_ms: ms("total-time").unwrap_or_else(|| started.elapsed().as_millis() as u64),
+                    };
+                    // The VM runs on the destination now; this copy must go.
+                    let inst = {
+                        let mut map = self.lock();
+                        if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) { map.remove(&vm) } else { None }
+                    };
+                    if let Some(inst) = inst {
+                        self.terminate(inst).await;
+                    }
+                    tracing::info!(%vm, %uri, downtime_ms = stats.downtime_ms, duration_ms = stats.duration_ms, "migrated out");
+                    return Ok(stats);
+                }
+                "failed" | "cancelled" => {
+                    let why = info.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("no reason given");
+                    // QEMU resumes the source after a failed migration; make sure it runs.
+                    if qmp.status().await.is_ok_and(|s| s == "paused") {
+                        let _ = qmp.execute("cont", None).await;
+                    }
+                    return Err(failed(format!("QEMU: {why}")));
+                }
+                _ if started.elapsed() > Duration::from_secs(600) => {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    return Err(failed("took longer than 10 minutes; cancelled".into()));
+                }
+                _ => {}
+            }
+        }
     }
 
     async fn pause(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
