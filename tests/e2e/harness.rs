@@ -97,6 +97,11 @@ pub struct Orchestrator {
 }
 
 impl Orchestrator {
+    /// Same as [`Orchestrator::start`]; the name reads better next to the library's in-process one.
+    pub fn start_process(nats: &str, data_dir: &Path) -> Orchestrator {
+        Self::start(nats, data_dir)
+    }
+
     pub fn start(nats: &str, data_dir: &Path) -> Orchestrator {
         let addr_file = data_dir.join("orchestrator.addr");
         let _ = std::fs::remove_file(&addr_file);

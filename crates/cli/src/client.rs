@@ -118,6 +118,10 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
         }
         VmCommand::Show { id } => one(api.call("GET", format!("/api/v1/vms/{}", encode(&id)), None).await?),
         VmCommand::Delete { id } => one(api.call("DELETE", format!("/api/v1/vms/{}", encode(&id)), None).await?),
+        VmCommand::Migrate { id, to } => {
+            let body = serde_json::json!({ "to": to });
+            one(api.call("POST", format!("/api/v1/vms/{}/migrate", encode(&id)), Some(body)).await?)
+        }
     }
 }
 

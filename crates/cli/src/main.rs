@@ -180,6 +180,15 @@ enum VmCommand {
         /// VM id or name.
         id: String,
     },
+    /// Live-migrate a running VM to another host (the planner picks one when --to is omitted).
+    /// Returns once the migration is planned; `vm show` follows it to `running` on the target.
+    Migrate {
+        /// VM id or name.
+        id: String,
+        /// Destination host.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -40,6 +40,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/state", get(state))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(show_vm).delete(delete_vm))
+        .route("/api/v1/vms/{id}/migrate", axum::routing::post(migrate_vm))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{id}", get(show_host))
         .fallback(not_found)
@@ -77,7 +78,7 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::Refused(Refusal::Invalid { field, reason }) => ApiError::field(field, reason),
             EngineError::Refused(r @ Refusal::NotFound(_)) => ApiError::new(StatusCode::NOT_FOUND, r.to_string()),
-            EngineError::Refused(r @ (Refusal::NameInUse(_) | Refusal::AlreadyDeleted(_))) => {
+            EngineError::Refused(r @ (Refusal::NameInUse(_) | Refusal::AlreadyDeleted(_) | Refusal::Conflict(_))) => {
                 ApiError::new(StatusCode::CONFLICT, r.to_string())
             }
             e @ (EngineError::LogUnavailable(_) | EngineError::ShuttingDown) => {
@@ -218,6 +219,30 @@ async fn create_vm(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> R
 
 async fn delete_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let view = api.engine.delete_vm(id, origin(&headers)).await?;
+    Ok(ok(StatusCode::ACCEPTED, view))
+}
+
+/// The body of `POST /api/v1/vms/{id}/migrate`: `{"to": "host-2"}`, or `{}` to let the
+/// planner choose.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    #[serde(default)]
+    to: Option<String>,
+}
+
+async fn migrate_vm(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: MigrateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        MigrateBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::field("to", format!("invalid JSON body: {e}")))?
+    };
+    let view = api.engine.migrate_vm(id, b.to, origin(&headers)).await?;
     Ok(ok(StatusCode::ACCEPTED, view))
 }
 

@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 
 use novacron_scheduler::Placement;
 use novacron_state::{ClusterState, VmRecord, VmStatus};
-use novacron_types::event::{HostRegistered, VmDeleteRequested, VmDeleted, VmPlaced, VmPlacementFailed, VmRequested};
+use novacron_types::event::{
+    HostRegistered, VmDeleteRequested, VmDeleted, VmMigrationPlanned, VmPlaced, VmPlacementFailed, VmRequested,
+};
 use novacron_types::report::HostRegistration;
 use novacron_types::{
-    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources, StartVm, StopVm,
-    VmId, VmSpec,
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, MigrateOut, PrepareIncoming, Report, ReportKind,
+    Resources, StartVm, StopVm, VmId, VmSpec,
 };
 use uuid::Uuid;
 
@@ -63,6 +65,9 @@ pub enum Refusal {
     /// The VM is already deleted (409).
     #[error("VM {0} is already deleted")]
     AlreadyDeleted(VmId),
+    /// The request conflicts with the VM's or the cluster's current state (409).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Context of one decision: who asked, and which request the events belong to.
@@ -191,6 +196,98 @@ fn deletion_step(vm: &VmRecord, stamp: &mut impl Stamp, origin: &Origin) -> Opti
     }
 }
 
+/// An operator's (or a planner's) live migration: `VmMigrationPlanned` (reserving the
+/// destination) and the command to the destination to prepare an incoming incarnation. The rest
+/// of the saga is driven by the agents' reports (see [`report`]).
+///
+/// # Errors
+/// A [`Refusal`] when the VM cannot move now or the destination cannot take it.
+pub fn migrate_vm(
+    state: &ClusterState,
+    key: &str,
+    to: Option<&str>,
+    reason: &str,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
+    let (Some(from), Some(source_incarnation)) = (vm.host.clone(), vm.incarnation) else {
+        return Err(Refusal::Conflict(format!("VM {} is not placed", vm.id)));
+    };
+    if vm.status != VmStatus::Running || vm.migration.is_some() || vm.delete_requested {
+        return Err(Refusal::Conflict(format!(
+            "only a running VM can be migrated; {} is {}",
+            vm.spec.name,
+            vm.status.as_str()
+        )));
+    }
+    let need = vm.spec.resources();
+    let fits =
+        |h: &novacron_state::HostRecord| h.state == novacron_state::HostState::Ready && need.fits_within(h.free());
+    let to = match to {
+        Some(t) => {
+            let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;
+            let record = state
+                .hosts
+                .get(&host)
+                .ok_or_else(|| Refusal::Invalid { field: "to".into(), reason: format!("unknown host {host}") })?;
+            if host == from {
+                return Err(Refusal::Invalid {
+                    field: "to".into(),
+                    reason: format!("{} already runs on {host}", vm.spec.name),
+                });
+            }
+            if !fits(record) {
+                return Err(Refusal::Conflict(format!(
+                    "host {host} cannot take {} ({} state, {}/{} vCPUs and {}/{} MiB free)",
+                    vm.spec.name,
+                    record.state.as_str(),
+                    record.free().vcpus,
+                    record.capacity.vcpus,
+                    record.free().memory_mib,
+                    record.capacity.memory_mib
+                )));
+            }
+            host
+        }
+        None => state
+            .hosts
+            .values()
+            .find(|h| h.id != from && fits(h))
+            .map(|h| h.id.clone())
+            .ok_or_else(|| Refusal::Conflict(format!("no other host can take {}", vm.spec.name)))?,
+    };
+    let target_incarnation = stamp.incarnation_id();
+    let target_generation = vm.generation.next().unwrap_or(vm.generation);
+    let planned = envelope(
+        stamp,
+        origin,
+        EventKind::VmMigrationPlanned(VmMigrationPlanned {
+            vm: vm.id,
+            from,
+            to: to.clone(),
+            source_incarnation,
+            target_incarnation,
+            target_generation,
+            reason: reason.to_owned(),
+        }),
+    );
+    let cause = planned.id.0;
+    let prepare = envelope(
+        stamp,
+        origin,
+        EventKind::VmIncomingCommanded(PrepareIncoming {
+            vm: vm.id,
+            host: to,
+            incarnation: target_incarnation,
+            generation: target_generation,
+            spec: vm.spec.clone(),
+        }),
+    )
+    .caused_by(cause);
+    Ok((vm.id, vec![planned, prepare]))
+}
+
 /// What a report means for the log.
 #[derive(Debug, PartialEq)]
 pub enum ReportOutcome {
@@ -245,6 +342,67 @@ pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> 
             let kind = if running { EventKind::VmRunning(r.clone()) } else { EventKind::VmStopped(r.clone()) };
             ReportOutcome::Events(vec![ev(&mut now, kind)])
         }
+        ReportKind::IncomingReady(r) => {
+            let Some((vm, m)) = migrating(state, r.vm, r.incarnation) else {
+                return ReportOutcome::Events(Vec::new()); // stale: the migration ended meanwhile
+            };
+            if m.to != r.host || m.uri.is_some() {
+                return ReportOutcome::Events(Vec::new());
+            }
+            let (Some(host), Some(incarnation)) = (vm.host.clone(), vm.incarnation) else {
+                return ReportOutcome::Events(Vec::new());
+            };
+            let ready = ev(&mut now, EventKind::VmMigrationIncomingReady(r.clone()));
+            let start = ev(
+                &mut now,
+                EventKind::VmMigrationStarted(MigrateOut {
+                    vm: r.vm,
+                    host,
+                    incarnation,
+                    generation: vm.generation,
+                    target_host: m.to.clone(),
+                    target_incarnation: m.target_incarnation,
+                    uri: r.uri.clone(),
+                }),
+            );
+            ReportOutcome::Events(vec![ready, start])
+        }
+        ReportKind::MigrationCompleted(r) => {
+            let Some((vm, m)) = migrating(state, r.vm, r.target_incarnation) else {
+                return ReportOutcome::Events(Vec::new());
+            };
+            let done = ev(&mut now, EventKind::VmMigrationCompleted(r.clone()));
+            // Confirms the new incarnation to its agent, which records it as running.
+            let confirm = ev(
+                &mut now,
+                EventKind::VmStartCommanded(StartVm {
+                    vm: r.vm,
+                    host: m.to.clone(),
+                    incarnation: m.target_incarnation,
+                    generation: m.target_generation,
+                    spec: vm.spec.clone(),
+                }),
+            );
+            ReportOutcome::Events(vec![done, confirm])
+        }
+        ReportKind::MigrationFailed(r) => {
+            let Some((_, m)) = migrating(state, r.vm, r.target_incarnation) else {
+                return ReportOutcome::Events(Vec::new());
+            };
+            let failed = ev(&mut now, EventKind::VmMigrationFailed(r.clone()));
+            // Whatever waits on the destination is stopped; the VM stays where it runs.
+            let cleanup = ev(
+                &mut now,
+                EventKind::VmStopCommanded(StopVm {
+                    vm: r.vm,
+                    host: m.to.clone(),
+                    incarnation: m.target_incarnation,
+                    generation: m.target_generation,
+                    reason: "migration failed".into(),
+                }),
+            );
+            ReportOutcome::Events(vec![failed, cleanup])
+        }
         ReportKind::VmFailed(f) => {
             let Some(vm) = state.vms.get(&f.vm) else {
                 return ReportOutcome::Reject(format!("report about unknown VM {}", f.vm));
@@ -255,6 +413,13 @@ pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> 
             ReportOutcome::Events(vec![ev(&mut now, EventKind::VmFailed(f.clone()))])
         }
     }
+}
+
+/// The VM and its migration, if `target` is the incarnation it is migrating to.
+fn migrating(state: &ClusterState, vm: VmId, target: IncarnationId) -> Option<(&VmRecord, &novacron_state::Migration)> {
+    let rec = state.vms.get(&vm)?;
+    let m = rec.migration.as_ref().filter(|m| m.target_incarnation == target)?;
+    Some((rec, m))
 }
 
 /// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch

@@ -61,6 +61,7 @@ pub enum ReportVerdict {
 pub(crate) enum Request {
     CreateVm { spec: VmSpec, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
     DeleteVm { key: String, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
+    MigrateVm { key: String, to: Option<String>, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
     Report { report: Box<Report>, reply: oneshot::Sender<Result<ReportVerdict, EngineError>> },
 }
 
@@ -98,6 +99,15 @@ impl EngineHandle {
     /// Refusals, or the log being unavailable.
     pub async fn delete_vm(&self, key: String, origin: Origin) -> Result<VmView, EngineError> {
         self.ask(|reply| Request::DeleteVm { key, origin, reply }).await
+    }
+
+    /// Starts a live migration of a VM (by id or name), to `to` or a host the planner picks;
+    /// returns once it is planned in the log. The agents' reports drive the rest.
+    ///
+    /// # Errors
+    /// Refusals, or the log being unavailable.
+    pub async fn migrate_vm(&self, key: String, to: Option<String>, origin: Origin) -> Result<VmView, EngineError> {
+        self.ask(|reply| Request::MigrateVm { key, to, origin, reply }).await
     }
 
     /// Hands over an agent's report; returns once its events are in the log.
@@ -208,6 +218,15 @@ impl Engine {
             Request::DeleteVm { key, origin, reply } => {
                 let r = self
                     .decide_and_commit(|s| decide::delete_vm(s, &key, &mut WallClock, &origin))
+                    .await
+                    .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
+                let _ = reply.send(r);
+            }
+            Request::MigrateVm { key, to, origin, reply } => {
+                let r = self
+                    .decide_and_commit(|s| {
+                        decide::migrate_vm(s, &key, to.as_deref(), "requested by an operator", &mut WallClock, &origin)
+                    })
                     .await
                     .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
                 let _ = reply.send(r);

@@ -59,6 +59,10 @@ fn host() -> HostId {
     HostId::new("rack1-h07").unwrap()
 }
 
+fn other_host() -> HostId {
+    HostId::new("rack2-h03").unwrap()
+}
+
 fn spec() -> VmSpec {
     VmSpec {
         name: "web-1".into(),
@@ -132,6 +136,31 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             components: BTreeMap::from([("free_vcpus_after".to_owned(), 14.0)]),
         }],
     };
+    let target = IncarnationId(id(3));
+    let prepare =
+        PrepareIncoming { vm, host: other_host(), incarnation: target, generation: Generation(2), spec: spec() };
+    let ready =
+        VmMigrationIncomingReady { vm, host: other_host(), incarnation: target, uri: "tcp:10.0.0.8:49152".into() };
+    let migrate = MigrateOut {
+        vm,
+        host: host(),
+        incarnation: inc,
+        generation: Generation(1),
+        target_host: other_host(),
+        target_incarnation: target,
+        uri: "tcp:10.0.0.8:49152".into(),
+    };
+    let completed = VmMigrationCompleted {
+        vm,
+        from: host(),
+        to: other_host(),
+        source_incarnation: inc,
+        target_incarnation: target,
+        downtime_ms: 12,
+        duration_ms: 840,
+    };
+    let failed =
+        VmMigrationFailed { vm, reported_by: host(), target_incarnation: target, reason: "connection refused".into() };
     let events = [
         (
             "event-host-registered",
@@ -195,6 +224,23 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         ),
         ("event-vm-delete-requested", EventKind::VmDeleteRequested(VmDeleteRequested { vm })),
         ("event-vm-deleted", EventKind::VmDeleted(VmDeleted { vm })),
+        (
+            "event-vm-migration-planned",
+            EventKind::VmMigrationPlanned(VmMigrationPlanned {
+                vm,
+                from: host(),
+                to: other_host(),
+                source_incarnation: inc,
+                target_incarnation: target,
+                target_generation: Generation(2),
+                reason: "requested by an operator".into(),
+            }),
+        ),
+        ("event-vm-incoming-commanded", EventKind::VmIncomingCommanded(prepare.clone())),
+        ("event-vm-migration-incoming-ready", EventKind::VmMigrationIncomingReady(ready.clone())),
+        ("event-vm-migration-started", EventKind::VmMigrationStarted(migrate)),
+        ("event-vm-migration-completed", EventKind::VmMigrationCompleted(completed.clone())),
+        ("event-vm-migration-failed", EventKind::VmMigrationFailed(failed.clone())),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));
@@ -225,6 +271,9 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             }),
         ),
     );
+    f.check("report-incoming-ready", &report(34, ReportKind::IncomingReady(ready)));
+    f.check("report-migration-completed", &report(35, ReportKind::MigrationCompleted(completed)));
+    f.check("report-migration-failed", &report(36, ReportKind::MigrationFailed(failed)));
     f.check(
         "host-telemetry",
         &HostTelemetry {
@@ -241,7 +290,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         &VmTelemetry { schema: SCHEMA_VERSION, vm, at_ms: 1_780_000_000_000, cpu_util: 0.8, memory_used_mib: 1536 },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
-    assert!(f.count >= 18);
+    assert!(f.count >= 27);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 
