@@ -40,6 +40,10 @@ enum Which {
     Append(AppendArgs),
     /// Everything, in one run.
     All(AppendArgs),
+    /// QEMU start/stop times and live migration (KVM when usable, and TCG).
+    Qemu(crate::bench_agent::QemuArgs),
+    /// One agent process hosting many simulated hosts: command rate and memory per host.
+    Fleet(crate::bench_agent::FleetArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -294,6 +298,11 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
             a["ratio_to_fenced"].as_f64().unwrap_or(0.0),
         );
     }
+    for key in ["qemu", "fleet"] {
+        if let Some(v) = report.get(key) {
+            println!("{key}: {}", serde_json::to_string_pretty(v)?);
+        }
+    }
     if let Some(r) = report.get("replay") {
         println!(
             "replay:  {:>12.0} events/s  (goal ≥ 200,000; {} events read, decoded and folded)",
@@ -313,6 +322,8 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
             report["append"] = append;
             report["replay"] = replay;
         }
+        Which::Qemu(a) => report["qemu"] = crate::bench_agent::qemu(&a).await?,
+        Which::Fleet(a) => report["fleet"] = crate::bench_agent::fleet(&a).await?,
         Which::All(a) => {
             report["fold"] = fold_bench(a.fold_events);
             let (append, replay) = append_and_replay(&a).await?;

@@ -8,6 +8,7 @@
 
 mod audit;
 mod bench;
+mod bench_agent;
 mod client;
 mod nats_server;
 mod output;
