@@ -269,6 +269,8 @@ fn qemu_pids_of(vm: &str) -> Vec<u32> {
 fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::Builder::new().prefix("nce").tempdir_in("/tmp").unwrap();
+    // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
+    let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
     let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
     let agent_dir = dir.path().join("a");
     let a = agent_dir.to_str().unwrap();

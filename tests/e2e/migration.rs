@@ -155,6 +155,8 @@ async fn a_failed_migration_leaves_exactly_one_running_incarnation_on_the_source
 fn vm_migrate_moves_a_real_qemu_vm_to_another_agent() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::Builder::new().prefix("ncm").tempdir_in("/tmp").unwrap();
+    // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
+    let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
     let o = OrchestratorProcess::start_process(&nats.url(), &dir.path().join("orch"));
     let url = nats.url();
     let agent = |host: &'static str, d: &str| {

@@ -351,6 +351,8 @@ mod qemu {
     async fn commands_start_and_stop_a_real_qemu_vm() {
         let mut h = Harness::new().await;
         let dir = tempfile::Builder::new().prefix("nca").tempdir_in("/tmp").unwrap();
+        // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
+        let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
         let db = sled::open(dir.path().join("journal")).unwrap();
         let driver = qemu_driver(dir.path());
         let (cancel, handle) = h.spawn_with(driver.clone(), &db, |_| {});
@@ -383,6 +385,8 @@ mod qemu {
     async fn an_agent_cut_off_from_nats_longer_than_its_lease_stops_its_vms() {
         let mut h = Harness::new().await;
         let dir = tempfile::Builder::new().prefix("ncf").tempdir_in("/tmp").unwrap();
+        // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
+        let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
         let db = sled::open(dir.path().join("journal")).unwrap();
         let driver = qemu_driver(dir.path());
         let lease = Duration::from_millis(1500);

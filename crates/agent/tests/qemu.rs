@@ -31,9 +31,22 @@ fn start_cmd(vm: VmId, incarnation: IncarnationId, disk_gib: u64) -> StartVm {
     }
 }
 
-fn short_tempdir() -> tempfile::TempDir {
-    // Unix socket paths are short; keep the directory near the root.
-    tempfile::Builder::new().prefix("ncq").tempdir_in("/tmp").unwrap()
+/// A short temporary directory (unix socket paths are short) whose QEMU processes are killed
+/// when it is dropped, even if the test fails: QEMU runs daemonized.
+struct QemuDir {
+    _reaper: novacron_testkit::ProcessReaper,
+    dir: tempfile::TempDir,
+}
+
+impl QemuDir {
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+fn short_tempdir() -> QemuDir {
+    let dir = tempfile::Builder::new().prefix("ncq").tempdir_in("/tmp").unwrap();
+    QemuDir { _reaper: novacron_testkit::ProcessReaper::new(dir.path()), dir }
 }
 
 fn qemu_processes_of(vm: VmId) -> usize {
@@ -154,7 +167,11 @@ fn incoming_cmd(vm: VmId, incarnation: IncarnationId) -> novacron_types::Prepare
 #[tokio::test]
 async fn a_vm_live_migrates_between_two_drivers_on_this_machine() {
     let (da, db) = (short_tempdir(), short_tempdir());
-    let (source, dest) = (driver(da.path()), driver(db.path()));
+    // A source whose graceful stop would wait a minute: the copy left behind by a completed
+    // migration must be quit at once, not powered down.
+    let mut slow = QemuConfig::detect(da.path().join("qemu")).unwrap();
+    slow.powerdown_timeout = Duration::from_secs(60);
+    let (source, dest) = (QemuDriver::new(slow), driver(db.path()));
     let (vm, src_inc, dst_inc) = (VmId::new_v7(), IncarnationId::new_v7(), IncarnationId::new_v7());
     source.start(&start_cmd(vm, src_inc, 0)).await.unwrap();
     let source_pid = source.pid(vm).unwrap();
@@ -164,7 +181,10 @@ async fn a_vm_live_migrates_between_two_drivers_on_this_machine() {
     assert_eq!(dest.qmp_status(vm).await.unwrap(), "inmigrate");
     assert_eq!(qemu_processes_of(vm), 2, "source and waiting destination");
 
-    let stats = source.migrate_out(vm, src_inc, &uri).await.expect("migration");
+    let stats = tokio::time::timeout(Duration::from_secs(20), source.migrate_out(vm, src_inc, &uri))
+        .await
+        .expect("the migration returns without waiting for a power-down")
+        .expect("migration");
     assert!(stats.duration_ms > 0, "{stats:?}");
     wait_for("the destination running", || dest.running().len() == 1).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

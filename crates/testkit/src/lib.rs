@@ -321,3 +321,41 @@ mod config_tests {
         assert!(checked >= 2, "expected the example configs under nats/");
     }
 }
+
+/// Kills, when dropped, every process whose command line mentions `dir` — for tests that start
+/// daemonized QEMU VMs under a temporary directory, so that a failing test leaves no VM behind.
+pub struct ProcessReaper {
+    dir: PathBuf,
+}
+
+impl ProcessReaper {
+    /// Reaps processes that mention `dir`.
+    #[must_use]
+    pub fn new(dir: &Path) -> ProcessReaper {
+        ProcessReaper { dir: dir.to_path_buf() }
+    }
+
+    /// Pids of the live processes whose command line mentions the directory.
+    #[must_use]
+    pub fn pids(&self) -> Vec<u32> {
+        let needle = self.dir.to_string_lossy().into_owned();
+        let own = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                (pid != own && String::from_utf8_lossy(&cmd).contains(&needle)).then_some(pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for ProcessReaper {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}

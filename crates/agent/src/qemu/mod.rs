@@ -361,9 +361,16 @@ impl QemuDriver {
     }
 
     async fn terminate(&self, inst: Instance) {
+        self.terminate_with(inst, true).await;
+    }
+
+    /// Ends a VM's process and removes its files. `graceful` first asks the guest to power off
+    /// (`system_powerdown`, up to the power-down timeout); without it QEMU is quit at once — for
+    /// a source copy left paused after a completed migration, which has nothing to shut down.
+    async fn terminate_with(&self, inst: Instance, graceful: bool) {
         inst.stopping.store(true, Ordering::SeqCst);
         // Graceful first: a guest OS powers off on ACPI; firmware alone ignores it.
-        if inst.qmp.execute("system_powerdown", None).await.is_ok() {
+        if graceful && inst.qmp.execute("system_powerdown", None).await.is_ok() {
             let _ = tokio::time::timeout(self.cfg.powerdown_timeout, inst.qmp.closed()).await;
         }
         if !inst.qmp.is_closed() {
@@ -532,7 +539,7 @@ impl Driver for QemuDriver {
                         if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) { map.remove(&vm) } else { None }
                     };
                     if let Some(inst) = inst {
-                        self.terminate(inst).await;
+                        self.terminate_with(inst, false).await;
                     }
                     tracing::info!(%vm, %uri, downtime_ms = stats.downtime_ms, duration_ms = stats.duration_ms, "migrated out");
                     return Ok(stats);
