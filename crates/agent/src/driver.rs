@@ -78,6 +78,8 @@ pub struct HostUsage {
     pub cpu_util: f64,
     /// Memory in use, MiB.
     pub memory_used_mib: u64,
+    /// One-minute load average, where the driver measures the real host.
+    pub load1: Option<f64>,
 }
 
 /// One VM's load, for telemetry.
@@ -89,6 +91,8 @@ pub struct VmUsage {
     pub cpu_util: f64,
     /// Memory in use, MiB.
     pub memory_used_mib: u64,
+    /// `running` or `paused`, as the hypervisor last said.
+    pub status: &'static str,
 }
 
 /// What a completed live migration cost, as the hypervisor measured it.

@@ -564,6 +564,7 @@ impl<D: Driver> Agent<D> {
                             at_ms: now_ms(),
                             cpu_util: u.cpu_util,
                             memory_used_mib: u.memory_used_mib,
+                            status: Some(u.status.to_owned()),
                         };
                         let _ = self.bus.js.publish(proto::vm_telemetry_subject(u.vm), novacron_types::encode(&sample).into()).await;
                     }
@@ -574,7 +575,7 @@ impl<D: Driver> Agent<D> {
                         at_ms: now_ms(),
                         cpu_util: usage.cpu_util,
                         memory_used_mib: usage.memory_used_mib,
-                        load1: None,
+                        load1: usage.load1,
                     };
                     let _ = self.bus.js.publish(proto::host_telemetry_subject(&self.cfg.host), novacron_types::encode(&sample).into()).await;
                 }

@@ -256,7 +256,7 @@ impl Driver for SimDriver {
         });
         let cpu_util =
             if capacity.vcpus == 0 { 0.0 } else { (vcpus as f64 * 0.6 / f64::from(capacity.vcpus)).min(1.0) };
-        HostUsage { cpu_util, memory_used_mib: mem }
+        HostUsage { cpu_util, memory_used_mib: mem, load1: None }
     }
 
     fn vm_usage(&self) -> Vec<VmUsage> {
@@ -267,6 +267,7 @@ impl Driver for SimDriver {
                 vm: *vm,
                 cpu_util: if v.paused { 0.0 } else { 0.6 },
                 memory_used_mib: v.resources.memory_mib,
+                status: if v.paused { "paused" } else { "running" },
             })
             .collect()
     }

@@ -355,7 +355,7 @@ mod qemu {
         let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
         let db = sled::open(dir.path().join("journal")).unwrap();
         let driver = qemu_driver(dir.path());
-        let (cancel, handle) = h.spawn_with(driver.clone(), &db, |_| {});
+        let (cancel, handle) = h.spawn_with(driver.clone(), &db, |c| c.telemetry_interval = Duration::from_millis(200));
         let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
         h.log.append(&[tiny(&h, vm, inc)]).await.unwrap();
         wait_for("VmRunning from a real QEMU", || async {
@@ -370,6 +370,25 @@ mod qemu {
         });
         let accel = registration.unwrap().labels.get("accel").cloned().unwrap_or_default();
         assert!(accel == "kvm" || accel == "tcg", "acceleration reported at registration: {accel:?}");
+
+        // Telemetry from the host side: the QEMU process's RSS and QMP status, and the host's load.
+        let telemetry = h.bus.js.get_stream("TELEMETRY").await.unwrap();
+        let vm_subject = format!("nc.telemetry.vm.{vm}");
+        let mut vm_sample: Option<novacron_types::VmTelemetry> = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while vm_sample.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "no VM telemetry");
+            if let Ok(m) = telemetry.get_last_raw_message_by_subject(&vm_subject).await {
+                vm_sample = Some(rmp_serde::from_slice(&m.payload).unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let vm_sample = vm_sample.unwrap();
+        assert_eq!(vm_sample.status.as_deref(), Some("running"));
+        assert!(vm_sample.memory_used_mib > 0, "{vm_sample:?}");
+        let host_msg = telemetry.get_last_raw_message_by_subject("nc.telemetry.host.h1").await.unwrap();
+        let host_sample: novacron_types::HostTelemetry = rmp_serde::from_slice(&host_msg.payload).unwrap();
+        assert!(host_sample.load1.is_some() && host_sample.memory_used_mib > 0, "{host_sample:?}");
 
         h.log.append(&[h.stop_cmd(vm, inc, 1)]).await.unwrap();
         wait_for("VmStopped", || async {

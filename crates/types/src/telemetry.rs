@@ -43,6 +43,9 @@ pub struct VmTelemetry {
     pub cpu_util: f64,
     /// Memory in use inside the VM, MiB.
     pub memory_used_mib: u64,
+    /// The hypervisor's view of the VM (`running`, `paused`, …), if the publisher knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 /// "I am alive", every second or so, from each agent.

@@ -287,7 +287,25 @@ fn golden_fixtures_decode_and_match_the_encoding() {
     );
     f.check(
         "vm-telemetry",
-        &VmTelemetry { schema: SCHEMA_VERSION, vm, at_ms: 1_780_000_000_000, cpu_util: 0.8, memory_used_mib: 1536 },
+        &VmTelemetry {
+            schema: SCHEMA_VERSION,
+            vm,
+            at_ms: 1_780_000_000_000,
+            cpu_util: 0.8,
+            memory_used_mib: 1536,
+            status: None,
+        },
+    );
+    f.check(
+        "vm-telemetry-with-status",
+        &VmTelemetry {
+            schema: SCHEMA_VERSION,
+            vm,
+            at_ms: 1_780_000_000_000,
+            cpu_util: 0.8,
+            memory_used_mib: 1536,
+            status: Some("running".into()),
+        },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
     assert!(f.count >= 27);

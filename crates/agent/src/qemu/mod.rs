@@ -158,6 +158,8 @@ struct Instance {
     stopping: Arc<AtomicBool>,
     /// (when, CPU ticks) at the last usage sample.
     last_cpu: Option<(Instant, u64)>,
+    /// Set by QMP `STOP`, cleared by `RESUME` (kept by the watcher).
+    paused: Arc<AtomicBool>,
 }
 
 /// Real VMs under QEMU. Cheap to clone: clones share the same VMs.
@@ -289,6 +291,7 @@ impl QemuDriver {
             vcpus: cmd.spec.vcpus,
             stopping: Arc::default(),
             last_cpu: None,
+            paused: Arc::new(AtomicBool::new(incoming.is_some())),
         })
     }
 
@@ -322,7 +325,14 @@ impl QemuDriver {
 
     /// Watches one VM: records QEMU's shutdown reason, and when the QMP socket closes without us
     /// stopping it, forgets it and reports the exit.
-    fn watch(&self, vm: VmId, incarnation: IncarnationId, qmp: Qmp, stopping: Arc<AtomicBool>) {
+    fn watch(
+        &self,
+        vm: VmId,
+        incarnation: IncarnationId,
+        qmp: Qmp,
+        stopping: Arc<AtomicBool>,
+        paused: Arc<AtomicBool>,
+    ) {
         let vms = self.vms.clone();
         let exits = self.exits.clone();
         let detached = self.detached.clone();
@@ -334,6 +344,8 @@ impl QemuDriver {
                     () = detached.cancelled() => return,
                     () = qmp.closed() => break,
                     ev = events.recv() => match ev {
+                        Ok(e) if e.name == "STOP" => paused.store(true, Ordering::SeqCst),
+                        Ok(e) if e.name == "RESUME" => paused.store(false, Ordering::SeqCst),
                         Ok(e) if e.name == "SHUTDOWN" => {
                             let why = e.data.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown");
                             reason = Some(format!("QEMU shut down ({why})"));
@@ -452,7 +464,7 @@ impl Driver for QemuDriver {
         let started = Instant::now();
         let inst = self.launch(cmd, None).await?;
         tracing::info!(vm = %cmd.vm, pid = inst.pid, accel = self.cfg.accel.as_str(), ms = started.elapsed().as_millis() as u64, "QEMU VM running");
-        self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone());
+        self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone(), inst.paused.clone());
         self.lock().insert(cmd.vm, inst);
         Ok(())
     }
@@ -494,7 +506,7 @@ impl Driver for QemuDriver {
         };
         let inst = self.launch(&start, Some(&uri)).await?;
         tracing::info!(vm = %cmd.vm, pid = inst.pid, %uri, "QEMU waiting for an incoming migration");
-        self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone());
+        self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone(), inst.paused.clone());
         self.lock().insert(cmd.vm, inst);
         Ok(uri)
     }
@@ -597,8 +609,9 @@ impl Driver for QemuDriver {
             match Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(2), self.detached.child_token()).await {
                 Ok(qmp) => {
                     let stopping: Arc<AtomicBool> = Arc::default();
+                    let paused = Arc::new(AtomicBool::new(qmp.status().await.is_ok_and(|st| st != "running")));
                     tracing::info!(%vm, pid, "adopted a running QEMU VM");
-                    self.watch(vm, meta.incarnation, qmp.clone(), stopping.clone());
+                    self.watch(vm, meta.incarnation, qmp.clone(), stopping.clone(), paused.clone());
                     self.lock().insert(
                         vm,
                         Instance {
@@ -609,6 +622,7 @@ impl Driver for QemuDriver {
                             vcpus: meta.vcpus,
                             stopping,
                             last_cpu: None,
+                            paused,
                         },
                     );
                 }
@@ -657,7 +671,10 @@ impl Driver for QemuDriver {
                 .unwrap_or(0)
         };
         let used_kib = field("MemTotal:").saturating_sub(field("MemAvailable:"));
-        HostUsage { cpu_util, memory_used_mib: used_kib / 1024 }
+        let load1 = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()));
+        HostUsage { cpu_util, memory_used_mib: used_kib / 1024, load1 }
     }
 
     fn vm_usage(&self) -> Vec<VmUsage> {
@@ -675,7 +692,8 @@ impl Driver for QemuDriver {
                 _ => 0.0,
             };
             inst.last_cpu = Some((now, ticks));
-            out.push(VmUsage { vm: *vm, cpu_util, memory_used_mib: rss_mib });
+            let status = if inst.paused.load(Ordering::SeqCst) { "paused" } else { "running" };
+            out.push(VmUsage { vm: *vm, cpu_util, memory_used_mib: rss_mib, status });
         }
         out
     }
