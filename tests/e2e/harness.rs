@@ -142,6 +142,30 @@ pub fn agents(nats: &str, prefix: &str, count: u32, data_dir: &Path) -> Proc {
     )
 }
 
+/// A `novacron agent --driver qemu` process for host `host`, journaling under `data_dir`.
+/// Firmware-only VMs ignore ACPI, so their graceful stop is kept short.
+pub fn qemu_agent(nats: &str, host: &str, data_dir: &Path) -> Proc {
+    let d = data_dir.to_str().unwrap();
+    let args = [
+        "agent",
+        "--nats",
+        nats,
+        "--host",
+        host,
+        "--driver",
+        "qemu",
+        "--vcpus",
+        "4",
+        "--memory-mib",
+        "2048",
+        "--data-dir",
+        d,
+        "--powerdown-timeout",
+        "300ms",
+    ];
+    Proc::spawn("qemu agent", &args)
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)

@@ -273,26 +273,7 @@ fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
     let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
     let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
     let agent_dir = dir.path().join("a");
-    let a = agent_dir.to_str().unwrap();
-    let url = nats.url();
-    let args = [
-        "agent",
-        "--nats",
-        &url,
-        "--host",
-        "q1",
-        "--driver",
-        "qemu",
-        "--vcpus",
-        "4",
-        "--memory-mib",
-        "2048",
-        "--data-dir",
-        a,
-        "--powerdown-timeout",
-        "300ms",
-    ];
-    let mut agent = Proc::spawn("qemu agent", &args);
+    let mut agent = qemu_agent(&nats.url(), "q1", &agent_dir);
     wait_for("the QEMU host", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 1));
 
     let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "real-1", "vcpus": 1, "memory_mib": 64}));
@@ -305,7 +286,7 @@ fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
     agent.kill9();
     assert_eq!(qemu_pids_of(&id), pids, "the VM outlives its agent");
 
-    let _agent = Proc::spawn("qemu agent (restarted)", &args);
+    let _agent = qemu_agent(&nats.url(), "q1", &agent_dir);
     // The restarted agent re-registers and reports what it adopted; nothing is started twice.
     wait_for("the restarted agent's heartbeat", || {
         get(&o.api, "/api/v1/hosts").1[0]["last_heartbeat_ms"].as_u64().is_some()

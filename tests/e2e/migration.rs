@@ -16,7 +16,7 @@ use novacron_types::{Actor, HostId, Resources, VmId, VmSpec};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{BIN, Proc, cli_json, get, post, vm_status, wait_for};
+use crate::harness::{BIN, cli_json, get, post, qemu_agent, vm_status, wait_for};
 
 struct SimCluster {
     nats: NatsServer,
@@ -158,30 +158,8 @@ fn vm_migrate_moves_a_real_qemu_vm_to_another_agent() {
     // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
     let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
     let o = OrchestratorProcess::start_process(&nats.url(), &dir.path().join("orch"));
-    let url = nats.url();
-    let agent = |host: &'static str, d: &str| {
-        let args = [
-            "agent",
-            "--nats",
-            &url,
-            "--host",
-            host,
-            "--driver",
-            "qemu",
-            "--vcpus",
-            "4",
-            "--memory-mib",
-            "2048",
-            "--data-dir",
-            d,
-            "--powerdown-timeout",
-            "300ms",
-        ];
-        Proc::spawn("qemu agent", &args)
-    };
-    let (d1, d2) = (dir.path().join("1"), dir.path().join("2"));
-    let _q1 = agent("q1", d1.to_str().unwrap());
-    let _q2 = agent("q2", d2.to_str().unwrap());
+    let _q1 = qemu_agent(&nats.url(), "q1", &dir.path().join("1"));
+    let _q2 = qemu_agent(&nats.url(), "q2", &dir.path().join("2"));
     wait_for("two QEMU hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 2));
 
     let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "live-1", "vcpus": 1, "memory_mib": 64}));
