@@ -1,6 +1,7 @@
 //! End-to-end: the real `novacron` binary against real nats-server processes.
 
 mod harness;
+mod healing;
 mod migration;
 
 use std::time::Duration;

@@ -88,9 +88,7 @@ pub enum FenceAction {
 /// the consumer's 10 s ack wait).
 const COMMAND_PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
-/// Slack between the end of the lease and the orchestrator's host-failure timeout: the probe
-/// period, the time to stop the VMs, and clock-rate differences between the two machines.
-pub const FENCE_MARGIN: Duration = Duration::from_secs(5);
+pub use novacron_protocol::FENCE_MARGIN;
 
 impl AgentConfig {
     /// Defaults for a host with this capacity.
@@ -103,9 +101,9 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(1),
             telemetry_interval: Duration::from_secs(10),
             replicas: 1,
-            lease: Duration::from_secs(10),
+            lease: proto::DEFAULT_AGENT_LEASE,
             fence_action: FenceAction::Stop,
-            host_failure_timeout: Duration::from_secs(30),
+            host_failure_timeout: proto::DEFAULT_HOST_FAILURE_TIMEOUT,
         }
     }
 
@@ -114,17 +112,7 @@ impl AgentConfig {
     /// # Errors
     /// A message naming both values and the margin.
     pub fn check(&self) -> Result<(), String> {
-        if self.lease.is_zero() {
-            return Err("the lease must be longer than zero".into());
-        }
-        if self.lease + FENCE_MARGIN >= self.host_failure_timeout {
-            return Err(format!(
-                "lease {:?} + fence margin {:?} must be shorter than the host-failure timeout {:?}: \
-                 otherwise the orchestrator could restart this host's VMs elsewhere while they still run here",
-                self.lease, FENCE_MARGIN, self.host_failure_timeout
-            ));
-        }
-        Ok(())
+        proto::check_fencing(self.lease, self.host_failure_timeout)
     }
 }
 

@@ -111,6 +111,15 @@ struct OrchestratorArgs {
     /// Stream replicas (1 for a single server, 3 for a cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Heartbeat silence after which a host is suspected (takes no new VMs).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    suspect_after: std::time::Duration,
+    /// Heartbeat silence after which a host is failed and its VMs are placed elsewhere.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    host_failure_timeout: std::time::Duration,
+    /// The agents' lease (they fence their VMs after it); must end 5 s before the timeout above.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    agent_lease: std::time::Duration,
 }
 
 #[derive(Args, Debug)]

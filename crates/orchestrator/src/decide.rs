@@ -332,8 +332,22 @@ pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> 
                 return ReportOutcome::Reject(format!("report about unknown VM {}", r.vm));
             };
             if vm.incarnation != Some(r.incarnation) || vm.status == VmStatus::Deleted {
-                tracing::info!(vm = %r.vm, host = %r.host, "report about a stale incarnation; ignored");
-                return ReportOutcome::Events(Vec::new());
+                if !running {
+                    return ReportOutcome::Events(Vec::new());
+                }
+                // A superseded incarnation still runs there (its host came back after its VMs
+                // were placed elsewhere, without having fenced): it must stop.
+                tracing::warn!(vm = %r.vm, host = %r.host, incarnation = %r.incarnation, "a superseded incarnation runs; stopping it");
+                return ReportOutcome::Events(vec![ev(
+                    &mut now,
+                    EventKind::VmStopCommanded(StopVm {
+                        vm: r.vm,
+                        host: r.host.clone(),
+                        incarnation: r.incarnation,
+                        generation: r.generation,
+                        reason: format!("superseded by generation {}", vm.generation),
+                    }),
+                )]);
             }
             let target = if running { VmStatus::Running } else { VmStatus::Stopped };
             if vm.status == target {
@@ -422,12 +436,150 @@ fn migrating(state: &ClusterState, vm: VmId, target: IncarnationId) -> Option<(&
     Some((rec, m))
 }
 
+/// The failure detector's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct FailureTimeouts {
+    /// Silence after which a host is suspected (takes no new VMs).
+    pub suspect_after: std::time::Duration,
+    /// Silence after which it is failed and its VMs are placed elsewhere.
+    pub host_failure_timeout: std::time::Duration,
+    /// The agents' lease, recorded in `HostFailed`.
+    pub agent_lease: std::time::Duration,
+}
+
+/// Host failure detection from heartbeat silences (measured by the caller on its own
+/// monotonic clock; a host never heard from since the orchestrator started counts from the
+/// start, which gives every host a full grace period after a restart).
+///
+/// Ready → suspected after `suspect_after`; suspected → failed after `host_failure_timeout`;
+/// back to ready as soon as heartbeats return. When more than half of the hosts that are not
+/// already failed — and at least two — are silent at once, nobody is suspected or failed: the
+/// orchestrator itself is probably cut off, and evacuating everything would be the worst
+/// response. Healing is paused, and said so with `HealingPaused`, until that clears.
+pub fn detect(
+    state: &ClusterState,
+    silences: &BTreeMap<HostId, std::time::Duration>,
+    t: FailureTimeouts,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Vec<Envelope> {
+    use novacron_state::HostState;
+    use novacron_types::event::{HealingPaused, HealingResumed, HostFailed, HostRecovered, HostSuspected};
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let silence = |h: &HostId| silences.get(h).copied().unwrap_or_default();
+    let mut events = Vec::new();
+    let live: Vec<&novacron_state::HostRecord> =
+        state.hosts.values().filter(|h| h.state != HostState::Failed).collect();
+    let silent = live.iter().filter(|h| silence(&h.id) >= t.suspect_after).count();
+    let mass = silent >= 2 && silent * 2 > live.len();
+    if mass && !state.healing_paused {
+        events.push(envelope(
+            stamp,
+            origin,
+            EventKind::HealingPaused(HealingPaused {
+                silent_hosts: u32::try_from(silent).unwrap_or(u32::MAX),
+                hosts: u32::try_from(live.len()).unwrap_or(u32::MAX),
+                reason: format!(
+                    "{silent} of {} hosts went silent at once: the orchestrator may be the one cut off, so no host is \
+                     declared failed until this clears",
+                    live.len()
+                ),
+            }),
+        ));
+    } else if !mass && state.healing_paused {
+        events.push(envelope(
+            stamp,
+            origin,
+            EventKind::HealingResumed(HealingResumed { silent_hosts: u32::try_from(silent).unwrap_or(u32::MAX) }),
+        ));
+    }
+    for h in state.hosts.values() {
+        let quiet = silence(&h.id);
+        let host = h.id.clone();
+        match h.state {
+            HostState::Suspect | HostState::Failed if quiet < t.suspect_after => {
+                events.push(envelope(stamp, origin, EventKind::HostRecovered(HostRecovered { host })));
+            }
+            _ if mass => {}
+            HostState::Ready if quiet >= t.suspect_after => {
+                events.push(envelope(
+                    stamp,
+                    origin,
+                    EventKind::HostSuspected(HostSuspected { host, silent_ms: ms(quiet) }),
+                ));
+            }
+            HostState::Suspect if quiet >= t.host_failure_timeout => {
+                events.push(envelope(
+                    stamp,
+                    origin,
+                    EventKind::HostFailed(HostFailed {
+                        host,
+                        silent_ms: ms(quiet),
+                        agent_lease_ms: ms(t.agent_lease),
+                        host_failure_timeout_ms: ms(t.host_failure_timeout),
+                    }),
+                ));
+            }
+            _ => {}
+        }
+    }
+    events
+}
+
 /// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch
 /// never double-books a host), command the start of placed VMs, and move deletions along.
 pub fn reconcile(state: &ClusterState, stamp: &mut impl Stamp, origin: &Origin) -> Vec<Envelope> {
     let mut events = Vec::new();
     let mut reserved: BTreeMap<HostId, Resources> = BTreeMap::new();
     for vm in state.vms.values() {
+        let on_failed_host = vm
+            .host
+            .as_ref()
+            .and_then(|h| state.hosts.get(h))
+            .is_some_and(|h| h.state == novacron_state::HostState::Failed);
+        if let Some(m) = &vm.migration {
+            // A migration cannot finish if either end died: give it up; healing takes over.
+            let target_failed = state.hosts.get(&m.to).is_some_and(|h| h.state == novacron_state::HostState::Failed);
+            if (target_failed || on_failed_host) && !state.healing_paused {
+                let reported_by =
+                    if target_failed { m.to.clone() } else { vm.host.clone().unwrap_or_else(|| m.to.clone()) };
+                events.push(envelope(
+                    stamp,
+                    origin,
+                    EventKind::VmMigrationFailed(novacron_types::event::VmMigrationFailed {
+                        vm: vm.id,
+                        reported_by,
+                        target_incarnation: m.target_incarnation,
+                        reason: "a host of the migration failed".into(),
+                    }),
+                ));
+            }
+            continue;
+        }
+        if on_failed_host && vm.status != VmStatus::Deleted && !state.healing_paused {
+            if vm.delete_requested {
+                // Its host is dead and fenced: nothing runs; the deletion completes here.
+                events.push(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id })));
+                continue;
+            }
+            let mut decision = novacron_scheduler::place(state, vm.spec.resources(), &reserved);
+            if let Placement::Host { host, explanation } = &mut decision {
+                let r = reserved.entry(host.clone()).or_default();
+                *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
+            }
+            events.extend(placement_events(
+                state,
+                vm.id,
+                &vm.spec,
+                vm.generation,
+                decision,
+                vm.pending_reason.as_deref(),
+                stamp,
+                origin,
+            ));
+            continue;
+        }
         if vm.delete_requested {
             if let Some(e) = deletion_step_if_needed(vm, stamp, origin) {
                 events.push(e);
@@ -642,5 +794,118 @@ mod tests {
         assert!(reconcile(&s, &mut Fixed(60), &origin()).is_empty(), "waits for the stop report");
         assert_eq!(delete_vm(&s, "nope", &mut Fixed(70), &origin()).unwrap_err(), Refusal::NotFound("nope".into()));
         let _ = vm;
+    }
+
+    fn hosts(n: u32) -> ClusterState {
+        let mut s = ClusterState::default();
+        for i in 1..=n {
+            let e = Envelope::new(
+                0,
+                Actor::Agent(HostId::new(format!("h{i}")).unwrap()),
+                EventKind::HostRegistered(HostRegistered {
+                    host: HostId::new(format!("h{i}")).unwrap(),
+                    capacity: Resources { vcpus: 8, memory_mib: 65536, disk_gib: 0 },
+                    labels: Default::default(),
+                    driver: "sim".into(),
+                }),
+            );
+            apply_all(&mut s, &[e]);
+        }
+        s
+    }
+
+    const T: FailureTimeouts = FailureTimeouts {
+        suspect_after: std::time::Duration::from_secs(5),
+        host_failure_timeout: std::time::Duration::from_secs(30),
+        agent_lease: std::time::Duration::from_secs(10),
+    };
+
+    fn silences(quiet: &[(&str, u64)]) -> BTreeMap<HostId, std::time::Duration> {
+        quiet.iter().map(|(h, s)| (HostId::new(*h).unwrap(), std::time::Duration::from_secs(*s))).collect()
+    }
+
+    fn names(events: &[Envelope]) -> Vec<&'static str> {
+        events.iter().map(|e| e.event.name()).collect()
+    }
+
+    #[test]
+    fn a_silent_host_is_suspected_then_failed_and_recovers_when_it_speaks() {
+        let mut s = hosts(3);
+        let quiet = silences(&[("h1", 6), ("h2", 0), ("h3", 0)]);
+        let e = detect(&s, &quiet, T, &mut Fixed(0), &origin());
+        assert_eq!(names(&e), ["HostSuspected"]);
+        apply_all(&mut s, &e);
+        assert!(detect(&s, &silences(&[("h1", 29), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin()).is_empty());
+        let e = detect(&s, &silences(&[("h1", 31), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+        assert_eq!(names(&e), ["HostFailed"]);
+        let EventKind::HostFailed(f) = &e[0].event else { unreachable!() };
+        assert_eq!((f.silent_ms, f.agent_lease_ms), (31_000, 10_000), "the event says the lease was waited out");
+        apply_all(&mut s, &e);
+        let e = detect(&s, &silences(&[("h1", 0), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+        assert_eq!(names(&e), ["HostRecovered"]);
+    }
+
+    #[test]
+    fn when_most_hosts_go_silent_at_once_healing_pauses_instead_of_evacuating() {
+        let mut s = hosts(3);
+        let e = detect(&s, &silences(&[("h1", 40), ("h2", 40), ("h3", 0)]), T, &mut Fixed(0), &origin());
+        assert_eq!(names(&e), ["HealingPaused"], "no host is suspected or failed");
+        apply_all(&mut s, &e);
+        assert!(s.healing_paused);
+        assert!(detect(&s, &silences(&[("h1", 90), ("h2", 90), ("h3", 0)]), T, &mut Fixed(0), &origin()).is_empty());
+        let e = detect(&s, &silences(&[("h1", 0), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+        assert_eq!(names(&e), ["HealingResumed"]);
+    }
+
+    #[test]
+    fn vms_of_a_failed_host_are_placed_elsewhere_with_the_next_generation() {
+        let mut s = hosts(2);
+        let (vm, ev) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        let h1 = HostId::new("h1").unwrap();
+        assert_eq!(s.vms[&vm].host.as_ref(), Some(&h1));
+        let down = detect(&s, &silences(&[("h1", 6), ("h2", 0)]), T, &mut Fixed(0), &origin());
+        apply_all(&mut s, &down);
+        assert!(reconcile(&s, &mut Fixed(10), &origin()).is_empty(), "a suspect host keeps its VMs");
+        let failed = detect(&s, &silences(&[("h1", 31), ("h2", 0)]), T, &mut Fixed(0), &origin());
+        apply_all(&mut s, &failed);
+        let healing = reconcile(&s, &mut Fixed(20), &origin());
+        assert_eq!(names(&healing), ["VmPlaced", "VmStartCommanded"]);
+        let EventKind::VmPlaced(p) = &healing[0].event else { unreachable!() };
+        assert_eq!(p.explanation.trigger.as_deref(), Some("host h1 failed"));
+        apply_all(&mut s, &healing);
+        let v = &s.vms[&vm];
+        assert_eq!((v.host.clone(), v.generation), (Some(HostId::new("h2").unwrap()), Generation(2)));
+        assert_eq!(s.hosts[&h1].allocated, Resources::ZERO);
+    }
+
+    #[test]
+    fn a_superseded_incarnation_reported_running_is_told_to_stop() {
+        let mut s = hosts(2);
+        let (vm, ev) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        let old = s.vms[&vm].incarnation.unwrap();
+        for quiet in [6, 31] {
+            let e = detect(&s, &silences(&[("h1", quiet), ("h2", 0)]), T, &mut Fixed(0), &origin());
+            apply_all(&mut s, &e);
+        }
+        let healed = reconcile(&s, &mut Fixed(20), &origin());
+        apply_all(&mut s, &healed);
+        let stale = Report {
+            schema: SCHEMA_VERSION,
+            id: ReportId(Uuid::from_u128(77)),
+            host: HostId::new("h1").unwrap(),
+            at_ms: 1,
+            report: ReportKind::VmRunning(novacron_types::event::VmIncarnationReport {
+                vm,
+                host: HostId::new("h1").unwrap(),
+                incarnation: old,
+                generation: Generation(1),
+            }),
+        };
+        let ReportOutcome::Events(e) = report(&s, &stale, &mut Fixed(30)) else { panic!("not a rejection") };
+        assert_eq!(names(&e), ["VmStopCommanded"]);
+        let EventKind::VmStopCommanded(c) = &e[0].event else { unreachable!() };
+        assert_eq!((c.host.as_str(), c.incarnation), ("h1", old));
     }
 }

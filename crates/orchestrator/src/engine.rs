@@ -127,6 +127,10 @@ pub struct EngineConfig {
     pub reconcile_interval: Duration,
     /// Save a snapshot after this many new events.
     pub snapshot_every: u64,
+    /// The failure detector's timeouts.
+    pub failure: decide::FailureTimeouts,
+    /// Heartbeats as they arrive (written by the ingest loop).
+    pub observations: crate::ingest::SharedObservations,
 }
 
 pub(crate) struct Engine {
@@ -136,6 +140,8 @@ pub(crate) struct Engine {
     snapshots: SnapshotStore,
     stream_created_ns: i128,
     since_snapshot: u64,
+    /// When this engine started: hosts not heard from since count their silence from here.
+    started: std::time::Instant,
 }
 
 const MAX_ATTEMPTS: usize = 3;
@@ -175,7 +181,15 @@ impl Engine {
         let shared: SharedState = Arc::new(RwLock::new(state));
         let (tx, rx) = mpsc::channel(1024);
         let handle = EngineHandle { tx, state: shared.clone(), ready: Arc::new(AtomicBool::new(false)) };
-        let engine = Engine { cfg, state: shared, log, snapshots, stream_created_ns, since_snapshot: stats.applied };
+        let engine = Engine {
+            cfg,
+            state: shared,
+            log,
+            snapshots,
+            stream_created_ns,
+            since_snapshot: stats.applied,
+            started: std::time::Instant::now(),
+        };
         Ok((engine, handle, rx))
     }
 
@@ -276,6 +290,17 @@ impl Engine {
 
     async fn reconcile(&mut self) {
         let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
+        let silences = self.silences();
+        let detected = decide::detect(&read(&self.state), &silences, self.cfg.failure, &mut WallClock, &origin);
+        if !detected.is_empty() {
+            for e in &detected {
+                tracing::warn!(event = e.event.name(), payload = ?e.event, "failure detector");
+            }
+            if let Err(e) = self.commit(&detected).await {
+                tracing::warn!(error = %e, "failure detector's events not committed; the next pass retries");
+                return;
+            }
+        }
         let events = decide::reconcile(&read(&self.state), &mut WallClock, &origin);
         if events.is_empty() {
             return;
@@ -283,6 +308,20 @@ impl Engine {
         if let Err(e) = self.commit(&events).await {
             tracing::warn!(error = %e, "reconcile pass not committed; the next pass retries");
         }
+    }
+
+    /// How long each known host has been silent, on this process's monotonic clock.
+    fn silences(&self) -> std::collections::BTreeMap<novacron_types::HostId, Duration> {
+        let now = std::time::Instant::now();
+        let obs = crate::ingest::lock(&self.cfg.observations);
+        read(&self.state)
+            .hosts
+            .keys()
+            .map(|h| {
+                let since = obs.hosts.get(h).and_then(|o| o.last_seen).unwrap_or(self.started).max(self.started);
+                (h.clone(), now.saturating_duration_since(since))
+            })
+            .collect()
     }
 
     /// Appends and folds in. On any failure, re-reads the log so that the state is the log's.

@@ -40,6 +40,9 @@ pub struct Observations {
 pub struct HostObservation {
     /// When its last heartbeat was sent (agent clock, ms).
     pub last_heartbeat_ms: Option<u64>,
+    /// When its last heartbeat arrived, on this process's monotonic clock: what failure
+    /// detection measures (never the agent's clock).
+    pub last_seen: Option<std::time::Instant>,
     /// Its last telemetry sample.
     pub telemetry: Option<HostTelemetry>,
 }
@@ -308,7 +311,10 @@ pub(crate) async fn heartbeats(
             Ok(hb) => {
                 if read(&engine.state).hosts.contains_key(&hb.host) {
                     ::metrics::counter!(m::HEARTBEATS, "outcome" => "accepted").increment(1);
-                    lock(&obs).hosts.entry(hb.host).or_default().last_heartbeat_ms = Some(hb.at_ms);
+                    let mut o = lock(&obs);
+                    let entry = o.hosts.entry(hb.host).or_default();
+                    entry.last_heartbeat_ms = Some(hb.at_ms);
+                    entry.last_seen = Some(std::time::Instant::now());
                 } else {
                     // An agent heartbeats before its registration is folded in; not an error.
                     ::metrics::counter!(m::HEARTBEATS, "outcome" => "unknown_host").increment(1);

@@ -47,6 +47,12 @@ pub struct OrchestratorConfig {
     pub reconcile_interval: Duration,
     /// Snapshot after this many events.
     pub snapshot_every: u64,
+    /// Heartbeat silence after which a host is suspected.
+    pub suspect_after: Duration,
+    /// Heartbeat silence after which a host is failed and its VMs placed elsewhere.
+    pub host_failure_timeout: Duration,
+    /// The agents' lease; must end `FENCE_MARGIN` before `host_failure_timeout`.
+    pub agent_lease: Duration,
 }
 
 impl OrchestratorConfig {
@@ -62,6 +68,9 @@ impl OrchestratorConfig {
             replicas: 1,
             reconcile_interval: Duration::from_millis(500),
             snapshot_every: 10_000,
+            suspect_after: Duration::from_secs(5),
+            host_failure_timeout: novacron_protocol::DEFAULT_HOST_FAILURE_TIMEOUT,
+            agent_lease: novacron_protocol::DEFAULT_AGENT_LEASE,
         }
     }
 }
@@ -99,6 +108,9 @@ pub enum OrchestratorError {
     /// A background loop could not start.
     #[error("{0}")]
     Loop(String),
+    /// The configuration breaks an invariant.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// A running orchestrator.
@@ -119,6 +131,14 @@ impl Orchestrator {
     /// See [`OrchestratorError`].
     pub async fn start(cfg: OrchestratorConfig, cancel: CancellationToken) -> Result<Orchestrator, OrchestratorError> {
         let _ = metrics::prometheus();
+        novacron_protocol::check_fencing(cfg.agent_lease, cfg.host_failure_timeout)
+            .map_err(OrchestratorError::Config)?;
+        if cfg.suspect_after >= cfg.host_failure_timeout {
+            return Err(OrchestratorError::Config(format!(
+                "suspect_after {:?} must be shorter than the host-failure timeout {:?}",
+                cfg.suspect_after, cfg.host_failure_timeout
+            )));
+        }
         let dir_err = |source| OrchestratorError::DataDir { path: cfg.data_dir.clone(), source };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
         let mut bus_cfg = BusConfig::new(cfg.nats.clone(), format!("novacron-{}", cfg.replica_id));
@@ -127,16 +147,22 @@ impl Orchestrator {
         bus.provision(cfg.replicas).await?;
         let log = EventLog::open(bus.js.clone()).await.map_err(|e| OrchestratorError::Log(e.to_string()))?;
         let snapshots = SnapshotStore::open(&cfg.data_dir.join("snapshots"))?;
+        let observations = Arc::new(Mutex::new(ingest::Observations::default()));
         let engine_cfg = engine::EngineConfig {
             replica: cfg.replica_id.clone(),
             reconcile_interval: cfg.reconcile_interval,
             snapshot_every: cfg.snapshot_every,
+            failure: decide::FailureTimeouts {
+                suspect_after: cfg.suspect_after,
+                host_failure_timeout: cfg.host_failure_timeout,
+                agent_lease: cfg.agent_lease,
+            },
+            observations: observations.clone(),
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 
         let tracker = TaskTracker::new();
         tracker.spawn(engine.run(rx, handle.ready.clone(), cancel.clone()));
-        let observations = Arc::new(Mutex::new(ingest::Observations::default()));
         spawn_loop(&tracker, &cancel, "reports", ingest::reports(bus.clone(), handle.clone(), cancel.clone()));
         spawn_loop(
             &tracker,

@@ -16,6 +16,35 @@
 
 use novacron_types::{EventKind, HostId, VmId};
 
+use std::time::Duration;
+
+/// How long an agent may lose the bus before it fences its VMs (default).
+pub const DEFAULT_AGENT_LEASE: Duration = Duration::from_secs(10);
+/// How long the orchestrator waits without heartbeats before it declares a host failed and
+/// restarts its VMs elsewhere (default).
+pub const DEFAULT_HOST_FAILURE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slack between the end of an agent's lease and the host-failure timeout: the lease probe
+/// period, the time to stop the VMs, and clock-rate differences. Both sides check
+/// `lease + FENCE_MARGIN < host_failure_timeout` at start-up (see `docs/fencing.md`).
+pub const FENCE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Checks the fencing invariant shared by agents and the orchestrator.
+///
+/// # Errors
+/// A message naming both values and the margin.
+pub fn check_fencing(lease: Duration, host_failure_timeout: Duration) -> Result<(), String> {
+    if lease.is_zero() {
+        return Err("the agent lease must be longer than zero".into());
+    }
+    if lease + FENCE_MARGIN >= host_failure_timeout {
+        return Err(format!(
+            "agent lease {lease:?} + fence margin {FENCE_MARGIN:?} must be shorter than the host-failure timeout \
+             {host_failure_timeout:?}: otherwise a host's VMs could be restarted elsewhere while they still run there"
+        ));
+    }
+    Ok(())
+}
+
 /// The log of record: every event and every command.
 pub const EVENTS_STREAM: &str = "EVENTS";
 /// Agents' reports, consumed once each by the orchestrator.
@@ -57,6 +86,10 @@ pub const HEADER_DEADLETTER_CONTENT_TYPE: &str = "Nc-Deadletter-Content-Type";
 pub fn event_subject(event: &EventKind) -> String {
     match event {
         EventKind::HostRegistered(e) => format!("nc.events.host.{}", e.host),
+        EventKind::HostSuspected(e) => format!("nc.events.host.{}", e.host),
+        EventKind::HostFailed(e) => format!("nc.events.host.{}", e.host),
+        EventKind::HostRecovered(e) => format!("nc.events.host.{}", e.host),
+        EventKind::HealingPaused(_) | EventKind::HealingResumed(_) => "nc.events.cluster.healing".to_owned(),
         EventKind::VmStartCommanded(c) => command_subject(&c.host, c.vm),
         EventKind::VmStopCommanded(c) => command_subject(&c.host, c.vm),
         EventKind::VmRequested(e) => vm_events(e.vm),

@@ -72,6 +72,7 @@ pub fn place(state: &ClusterState, need: Resources, pending: &BTreeMap<HostId, R
         hosts_considered: considered,
         rejections,
         candidates: Vec::new(),
+        trigger: None,
     };
     match chosen {
         Some((host, free)) => {

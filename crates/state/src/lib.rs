@@ -40,6 +40,9 @@ pub struct ClusterState {
     pub names: BTreeMap<String, VmId>,
     /// How many events were folded in without effect (see [`Applied::Ignored`]).
     pub ignored_events: u64,
+    /// Healing is paused because too many hosts went silent at once.
+    #[serde(default)]
+    pub healing_paused: bool,
 }
 
 /// What the log knows of one host.
@@ -60,6 +63,7 @@ pub struct HostRecord {
     /// The VMs assigned to it.
     pub vms: BTreeSet<VmId>,
     /// VMs migrating here: their resources are reserved until the migration ends.
+    #[serde(default)]
     pub incoming: BTreeSet<VmId>,
     /// When it first registered (writer's clock, from the event).
     pub registered_at_ms: u64,
@@ -172,6 +176,7 @@ pub struct VmRecord {
     /// The last placement failure's reason, while pending.
     pub pending_reason: Option<String>,
     /// The live migration under way, if any.
+    #[serde(default)]
     pub migration: Option<Migration>,
 }
 
@@ -267,11 +272,32 @@ impl ClusterState {
     fn apply_kind(&mut self, seq: u64, env: &Envelope) -> Applied {
         match &env.event {
             EventKind::HostRegistered(e) => self.host_registered(env, e),
+            EventKind::HostSuspected(e) => {
+                self.host_transition(&e.host, &[HostState::Ready], HostState::Suspect, "HostSuspected")
+            }
+            EventKind::HostFailed(e) => {
+                self.host_transition(&e.host, &[HostState::Ready, HostState::Suspect], HostState::Failed, "HostFailed")
+            }
+            EventKind::HostRecovered(e) => self.host_transition(
+                &e.host,
+                &[HostState::Suspect, HostState::Failed],
+                HostState::Ready,
+                "HostRecovered",
+            ),
+            EventKind::HealingPaused(_) => {
+                self.healing_paused = true;
+                Applied::Changed
+            }
+            EventKind::HealingResumed(_) => {
+                self.healing_paused = false;
+                Applied::Changed
+            }
             EventKind::VmRequested(e) => self.vm_requested(seq, env, e),
             EventKind::VmPlaced(e) => self.vm_placed(seq, env, e),
             EventKind::VmPlacementFailed(e) => self.with_vm(e.vm, seq, env.id, |vm| {
-                if vm.status != VmStatus::Pending {
-                    return Err(format!("VmPlacementFailed for a VM that is {}", vm.status.as_str()));
+                // Pending VMs, and VMs stranded on a failed host that healing could not move yet.
+                if vm.status == VmStatus::Deleted {
+                    return Err("VmPlacementFailed for a deleted VM".into());
                 }
                 vm.pending_reason = Some(e.reason.clone());
                 Ok(())
@@ -395,6 +421,17 @@ impl ClusterState {
             Some(m) if m.target_incarnation == target => f(m),
             _ => Err("migration event for a migration that is not under way".into()),
         })
+    }
+
+    fn host_transition(&mut self, host: &HostId, from: &[HostState], to: HostState, what: &str) -> Applied {
+        match self.hosts.get_mut(host) {
+            Some(h) if from.contains(&h.state) => {
+                h.state = to;
+                Applied::Changed
+            }
+            Some(h) => Applied::Ignored(format!("{what} for host {host} that is {}", h.state.as_str())),
+            None => Applied::Ignored(format!("{what} for unknown host {host}")),
+        }
     }
 
     fn host_registered(&mut self, env: &Envelope, e: &HostRegistered) -> Applied {

@@ -102,6 +102,18 @@ impl Envelope {
 pub enum EventKind {
     /// A host's agent registered (first time) or re-registered with new capacity or labels.
     HostRegistered(HostRegistered),
+    /// A host's heartbeats stopped; it takes no new VMs but keeps its VMs.
+    HostSuspected(HostSuspected),
+    /// A host stayed silent past the host-failure timeout (longer than its agent's lease plus the
+    /// fence margin, so its VMs are surely fenced); its VMs are placed elsewhere.
+    HostFailed(HostFailed),
+    /// A suspected or failed host's heartbeats are back; it takes VMs again.
+    HostRecovered(HostRecovered),
+    /// Too many hosts went silent at once for it to be their fault: the orchestrator may be the
+    /// one cut off, so nobody is declared failed until this clears.
+    HealingPaused(HealingPaused),
+    /// Healing resumes.
+    HealingResumed(HealingResumed),
     /// An operator asked for a VM. Emitted once per VM, before any placement.
     VmRequested(VmRequested),
     /// The placement planner chose a host for a VM; carries the explanation.
@@ -143,6 +155,11 @@ impl EventKind {
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::HostRegistered(_) => "HostRegistered",
+            EventKind::HostSuspected(_) => "HostSuspected",
+            EventKind::HostFailed(_) => "HostFailed",
+            EventKind::HostRecovered(_) => "HostRecovered",
+            EventKind::HealingPaused(_) => "HealingPaused",
+            EventKind::HealingResumed(_) => "HealingResumed",
             EventKind::VmRequested(_) => "VmRequested",
             EventKind::VmPlaced(_) => "VmPlaced",
             EventKind::VmPlacementFailed(_) => "VmPlacementFailed",
@@ -202,6 +219,9 @@ pub struct PlacementExplanation {
     pub rejections: BTreeMap<String, u32>,
     /// The best candidates, best first, with their scores.
     pub candidates: Vec<Candidate>,
+    /// What made the planner run, when it was not a new request (e.g. `host h7 failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
 }
 
 /// One host the planner weighed.
@@ -356,4 +376,56 @@ pub struct VmMigrationFailed {
     pub target_incarnation: IncarnationId,
     /// What went wrong.
     pub reason: String,
+}
+
+/// Payload of [`EventKind::HostSuspected`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostSuspected {
+    /// The host.
+    pub host: HostId,
+    /// How long the orchestrator had heard nothing, ms (its own clock).
+    pub silent_ms: u64,
+}
+
+/// Payload of [`EventKind::HostFailed`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostFailed {
+    /// The host.
+    pub host: HostId,
+    /// How long the orchestrator had heard nothing, ms.
+    pub silent_ms: u64,
+    /// The agents' lease in force, ms: the host's VMs were fenced by then.
+    pub agent_lease_ms: u64,
+    /// The host-failure timeout in force, ms.
+    pub host_failure_timeout_ms: u64,
+}
+
+/// Payload of [`EventKind::HostRecovered`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecovered {
+    /// The host.
+    pub host: HostId,
+}
+
+/// Payload of [`EventKind::HealingPaused`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealingPaused {
+    /// Hosts silent at once.
+    pub silent_hosts: u32,
+    /// Hosts that were not already failed.
+    pub hosts: u32,
+    /// For humans.
+    pub reason: String,
+}
+
+/// Payload of [`EventKind::HealingResumed`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealingResumed {
+    /// Hosts still silent.
+    pub silent_hosts: u32,
 }

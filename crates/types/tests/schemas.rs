@@ -135,7 +135,9 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             score: 1.0,
             components: BTreeMap::from([("free_vcpus_after".to_owned(), 14.0)]),
         }],
+        trigger: None,
     };
+    let healing = PlacementExplanation { trigger: Some("host rack2-h03 failed".into()), ..explanation.clone() };
     let target = IncarnationId(id(3));
     let prepare =
         PrepareIncoming { vm, host: other_host(), incarnation: target, generation: Generation(2), spec: spec() };
@@ -241,6 +243,36 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         ("event-vm-migration-started", EventKind::VmMigrationStarted(migrate)),
         ("event-vm-migration-completed", EventKind::VmMigrationCompleted(completed.clone())),
         ("event-vm-migration-failed", EventKind::VmMigrationFailed(failed.clone())),
+        (
+            "event-vm-placed-by-healing",
+            EventKind::VmPlaced(VmPlaced {
+                vm,
+                host: host(),
+                incarnation: IncarnationId(id(4)),
+                generation: Generation(3),
+                explanation: healing,
+            }),
+        ),
+        ("event-host-suspected", EventKind::HostSuspected(HostSuspected { host: host(), silent_ms: 5_200 })),
+        (
+            "event-host-failed",
+            EventKind::HostFailed(HostFailed {
+                host: host(),
+                silent_ms: 30_400,
+                agent_lease_ms: 10_000,
+                host_failure_timeout_ms: 30_000,
+            }),
+        ),
+        ("event-host-recovered", EventKind::HostRecovered(HostRecovered { host: host() })),
+        (
+            "event-healing-paused",
+            EventKind::HealingPaused(HealingPaused {
+                silent_hosts: 7,
+                hosts: 8,
+                reason: "7 of 8 hosts went silent".into(),
+            }),
+        ),
+        ("event-healing-resumed", EventKind::HealingResumed(HealingResumed { silent_hosts: 0 })),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));
@@ -308,7 +340,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
-    assert!(f.count >= 27);
+    assert!(f.count >= 33);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 

@@ -1,0 +1,217 @@
+//! Host failure detection and healing end to end: the real orchestrator and agents, with
+//! simulated hypervisors so that a host's "VMs" can be inspected and crashed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use novacron_agent::driver::Driver;
+use novacron_agent::sim::SimDriver;
+use novacron_agent::{Agent, AgentConfig};
+use novacron_eventlog::{Bus, BusConfig};
+use novacron_orchestrator::decide::Origin;
+use novacron_orchestrator::{Orchestrator, OrchestratorConfig};
+use novacron_state::{ClusterState, HostState, VmStatus};
+use novacron_testkit::NatsServer;
+use novacron_types::{Actor, HostId, Resources, VmId, VmSpec};
+use tokio_util::sync::CancellationToken;
+
+const SUSPECT_AFTER: Duration = Duration::from_millis(300);
+const LEASE: Duration = Duration::from_millis(500);
+const FAILURE: Duration = Duration::from_secs(6);
+
+struct Host {
+    driver: SimDriver,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Cluster {
+    _nats: NatsServer,
+    orchestrator: Orchestrator,
+    bus: Bus,
+    db: sled::Db,
+    hosts: BTreeMap<String, Host>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(names: &[&str]) -> Cluster {
+        let nats = NatsServer::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
+        cfg.http = "127.0.0.1:0".parse().unwrap();
+        cfg.reconcile_interval = Duration::from_millis(100);
+        cfg.suspect_after = SUSPECT_AFTER;
+        cfg.agent_lease = LEASE;
+        cfg.host_failure_timeout = FAILURE;
+        let orchestrator = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
+        let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
+        let db = sled::open(dir.path().join("agents")).unwrap();
+        let mut c = Cluster { _nats: nats, orchestrator, bus, db, hosts: BTreeMap::new(), _dir: dir };
+        for n in names {
+            c.start_agent(n, SimDriver::default());
+        }
+        let count = names.len();
+        c.wait("hosts registered", |s| s.hosts.len() == count).await;
+        c
+    }
+
+    fn start_agent(&mut self, name: &str, driver: SimDriver) {
+        let mut cfg =
+            AgentConfig::new(HostId::new(name).unwrap(), Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 });
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.lease = LEASE;
+        cfg.host_failure_timeout = FAILURE;
+        let agent = Agent::new(cfg, self.bus.clone(), driver.clone(), &self.db).unwrap();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move {
+            let _ = agent.run(c).await;
+        });
+        self.hosts.insert(name.to_owned(), Host { driver, cancel, task });
+    }
+
+    /// The agent stops (its heartbeats with it); returns its hypervisor, whose VMs live on.
+    async fn stop_agent(&mut self, name: &str) -> SimDriver {
+        let h = self.hosts.remove(name).unwrap();
+        h.cancel.cancel();
+        let _ = h.task.await;
+        h.driver
+    }
+
+    fn state(&self) -> ClusterState {
+        self.orchestrator.engine.state.read().unwrap().clone()
+    }
+
+    async fn wait(&self, what: &str, mut cond: impl FnMut(&ClusterState) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if cond(&self.orchestrator.engine.state.read().unwrap()) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn running_vms(&self, n: usize) -> Vec<VmId> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let spec = VmSpec {
+                name: format!("vm-{i}"),
+                vcpus: 2,
+                memory_mib: 512,
+                disk_gib: 0,
+                group: None,
+                labels: Default::default(),
+            };
+            let origin = Origin { actor: Actor::User("test".into()), correlation: None };
+            let view = self.orchestrator.engine.create_vm(spec, origin).await.unwrap();
+            ids.push(view.id.parse().unwrap());
+        }
+        let want = ids.clone();
+        self.wait("the VMs running", move |s| want.iter().all(|v| s.vms[v].status == VmStatus::Running)).await;
+        ids
+    }
+
+    /// How many hypervisors (including stopped agents' ones passed in) run each VM.
+    fn copies(&self, extra: &[&SimDriver], vm: VmId) -> usize {
+        self.hosts
+            .values()
+            .map(|h| &h.driver)
+            .chain(extra.iter().copied())
+            .filter(|d| d.running().iter().any(|r| r.vm == vm))
+            .count()
+    }
+}
+
+fn host(s: &str) -> HostId {
+    HostId::new(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hosts_vms_run_elsewhere_with_a_new_generation_and_nothing_runs_twice() {
+    let mut c = Cluster::start(&["h1", "h2", "h3"]).await;
+    let vms = c.running_vms(3).await;
+    assert!(vms.iter().all(|v| c.state().vms[v].host == Some(host("h1"))), "first fit fills h1");
+
+    // h1 dies: the machine and its VMs with it.
+    let dead = c.stop_agent("h1").await;
+    dead.crash_all();
+    c.wait("h1 suspected", |s| s.hosts[&host("h1")].state == HostState::Suspect).await;
+    c.wait("h1's VMs running elsewhere", |s| {
+        s.hosts[&host("h1")].state == HostState::Failed
+            && vms.iter().all(|v| {
+                let r = &s.vms[v];
+                r.status == VmStatus::Running && r.host != Some(host("h1")) && r.generation.0 == 2
+            })
+    })
+    .await;
+    for v in &vms {
+        assert_eq!(c.copies(&[&dead], *v), 1, "VM {v} runs exactly once");
+    }
+    let s = c.state();
+    assert_eq!(s.hosts[&host("h1")].allocated, Resources::ZERO);
+    assert!(s.hosts[&host("h1")].vms.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_returns_during_suspicion_keeps_its_vms() {
+    let mut c = Cluster::start(&["h1", "h2"]).await;
+    let vms = c.running_vms(2).await;
+    let driver = c.stop_agent("h1").await;
+    c.wait("h1 suspected", |s| s.hosts[&host("h1")].state == HostState::Suspect).await;
+    c.start_agent("h1", driver);
+    c.wait("h1 ready again", |s| s.hosts[&host("h1")].state == HostState::Ready).await;
+    let s = c.state();
+    for v in &vms {
+        assert_eq!((s.vms[v].host.clone(), s.vms[v].generation.0), (Some(host("h1")), 1), "not moved");
+        assert_eq!(c.copies(&[], *v), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healing_pauses_when_most_hosts_go_silent_at_once() {
+    let mut c = Cluster::start(&["h1", "h2", "h3"]).await;
+    let vms = c.running_vms(2).await;
+    let d1 = c.stop_agent("h1").await;
+    let d2 = c.stop_agent("h2").await;
+    c.wait("healing paused", |s| s.healing_paused).await;
+    // Throughout a whole failure timeout and more, nobody is failed and nothing moves.
+    let until = tokio::time::Instant::now() + FAILURE + Duration::from_secs(1);
+    while tokio::time::Instant::now() < until {
+        let s = c.state();
+        assert!(s.hosts.values().all(|h| h.state != HostState::Failed), "a host was failed while healing was paused");
+        assert!(vms.iter().all(|v| s.vms[v].generation.0 == 1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.start_agent("h1", d1);
+    c.start_agent("h2", d2);
+    c.wait("healing resumed, hosts ready", |s| {
+        !s.healing_paused && s.hosts.values().all(|h| h.state == HostState::Ready)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_host_that_did_not_fence_has_its_superseded_vms_stopped() {
+    let mut c = Cluster::start(&["h1", "h2", "h3"]).await;
+    let vms = c.running_vms(2).await;
+    // h1's agent dies but its VMs live on (no fencing happened): the second line of defence.
+    let survivor = c.stop_agent("h1").await;
+    c.wait("healed onto other hosts", |s| {
+        vms.iter().all(|v| s.vms[v].status == VmStatus::Running && s.vms[v].host != Some(host("h1")))
+    })
+    .await;
+    assert_eq!(survivor.running().len(), 2, "the old copies still run on h1");
+    c.start_agent("h1", survivor.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !survivor.running().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "h1 kept its superseded copies");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.wait("h1 ready", |s| s.hosts[&host("h1")].state == HostState::Ready).await;
+    for v in &vms {
+        assert_eq!(c.copies(&[], *v), 1, "VM {v} runs exactly once");
+    }
+}
