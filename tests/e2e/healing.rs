@@ -104,6 +104,7 @@ impl Cluster {
                 disk_gib: 0,
                 group: None,
                 labels: Default::default(),
+                restart: Default::default(),
             };
             let origin = Origin { actor: Actor::User("test".into()), correlation: None };
             let view = self.orchestrator.engine.create_vm(spec, origin).await.unwrap();
@@ -213,5 +214,68 @@ async fn a_returning_host_that_did_not_fence_has_its_superseded_vms_stopped() {
     c.wait("h1 ready", |s| s.hosts[&host("h1")].state == HostState::Ready).await;
     for v in &vms {
         assert_eq!(c.copies(&[], *v), 1, "VM {v} runs exactly once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_vm_is_restarted_with_backoff_moved_and_finally_given_up() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
+    cfg.http = "127.0.0.1:0".parse().unwrap();
+    cfg.reconcile_interval = Duration::from_millis(50);
+    cfg.restart = novacron_orchestrator::decide::RestartTimings {
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        max_restarts: 3,
+        window: Duration::from_secs(600),
+    };
+    let orchestrator = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
+    let db = sled::open(dir.path().join("agents")).unwrap();
+    let mut drivers = BTreeMap::new();
+    for name in ["h1", "h2"] {
+        let driver = SimDriver::default();
+        let cfg = AgentConfig::new(HostId::new(name).unwrap(), Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 });
+        tokio::spawn(Agent::new(cfg, bus.clone(), driver.clone(), &db).unwrap().run(CancellationToken::new()));
+        drivers.insert(name, driver);
+    }
+    wait_state(&orchestrator, "two hosts", |s| s.hosts.len() == 2).await;
+    let spec = VmSpec {
+        name: "crashy".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk_gib: 0,
+        group: None,
+        labels: Default::default(),
+        restart: Default::default(),
+    };
+    let origin = Origin { actor: Actor::User("test".into()), correlation: None };
+    let vm: VmId = orchestrator.engine.create_vm(spec, origin).await.unwrap().id.parse().unwrap();
+
+    // Crash it every time it runs: generation 1 and 2 on h1, then it is moved to h2.
+    let mut hosts_seen = Vec::new();
+    for generation in 1..=4u64 {
+        wait_state(&orchestrator, "the VM running", |s| {
+            s.vms[&vm].status == VmStatus::Running && s.vms[&vm].generation.0 == generation
+        })
+        .await;
+        let h = orchestrator.engine.state.read().unwrap().vms[&vm].host.clone().unwrap();
+        hosts_seen.push(h.to_string());
+        assert!(drivers[h.as_str()].crash(vm), "the VM runs where the log says");
+    }
+    assert_eq!(hosts_seen, ["h1", "h1", "h2", "h2"], "moved after two failures on h1");
+    wait_state(&orchestrator, "given up", |s| s.vms[&vm].gave_up).await;
+    let s = orchestrator.engine.state.read().unwrap().clone();
+    assert_eq!(s.vms[&vm].status, VmStatus::Failed);
+    assert_eq!(s.vms[&vm].failures.len(), 4);
+    assert!(drivers.values().all(|d| d.running().is_empty()), "nothing runs after giving up");
+}
+
+async fn wait_state(o: &Orchestrator, what: &str, cond: impl Fn(&ClusterState) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond(&o.engine.state.read().unwrap()) {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

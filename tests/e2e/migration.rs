@@ -73,6 +73,7 @@ impl SimCluster {
             disk_gib: 0,
             group: None,
             labels: Default::default(),
+            restart: Default::default(),
         };
         let view = self.orchestrator.engine.create_vm(spec, Self::origin()).await.unwrap();
         let vm: VmId = view.id.parse().unwrap();

@@ -89,6 +89,7 @@ impl Harness {
                     disk_gib: 0,
                     group: None,
                     labels: Default::default(),
+                    restart: Default::default(),
                 },
             }),
         )

@@ -27,6 +27,7 @@ fn start_cmd(vm: VmId, incarnation: IncarnationId, disk_gib: u64) -> StartVm {
             disk_gib,
             group: None,
             labels: Default::default(),
+            restart: Default::default(),
         },
     }
 }

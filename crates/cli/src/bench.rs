@@ -96,6 +96,7 @@ fn workload(n: usize) -> Vec<Envelope> {
             disk_gib: 0,
             group: None,
             labels: Default::default(),
+            restart: Default::default(),
         };
         let g = Generation::FIRST;
         let report = VmIncarnationReport { vm, host: host.clone(), incarnation, generation: g };

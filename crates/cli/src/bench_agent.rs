@@ -47,7 +47,15 @@ pub struct FleetArgs {
 }
 
 fn spec(memory_mib: u64) -> VmSpec {
-    VmSpec { name: "bench".into(), vcpus: 1, memory_mib, disk_gib: 0, group: None, labels: Default::default() }
+    VmSpec {
+        name: "bench".into(),
+        vcpus: 1,
+        memory_mib,
+        disk_gib: 0,
+        group: None,
+        labels: Default::default(),
+        restart: Default::default(),
+    }
 }
 
 fn start_cmd(vm: VmId, incarnation: IncarnationId, memory_mib: u64) -> StartVm {

@@ -103,6 +103,11 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
             let body = serde_json::json!({
                 "name": a.name, "vcpus": a.vcpus, "memory_mib": a.memory_mib, "disk_gib": a.disk_gib,
                 "group": a.group, "labels": labels,
+                "restart": match a.restart {
+                    crate::RestartArg::Always => "always",
+                    crate::RestartArg::OnFailure => "on-failure",
+                    crate::RestartArg::Never => "never",
+                },
             });
             one(api.call("POST", "/api/v1/vms".into(), Some(body)).await?)
         }

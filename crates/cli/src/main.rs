@@ -220,6 +220,20 @@ struct VmCreateArgs {
     /// Label, repeatable: --label tier=web.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// When the orchestrator restarts it: after a failure (on-failure), also after an unasked-for
+    /// stop (always), or never.
+    #[arg(long, value_enum, default_value_t = RestartArg::OnFailure)]
+    restart: RestartArg,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum RestartArg {
+    /// After failures and unasked-for stops.
+    Always,
+    /// After failures.
+    OnFailure,
+    /// Never.
+    Never,
 }
 
 #[derive(Subcommand, Debug)]

@@ -44,6 +44,7 @@ fn vm_event(name: &str) -> Envelope {
                 disk_gib: 0,
                 group: None,
                 labels: Default::default(),
+                restart: Default::default(),
             },
         }),
     )

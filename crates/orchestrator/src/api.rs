@@ -169,6 +169,8 @@ struct CreateVmBody {
     group: Option<String>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    restart: Option<novacron_types::RestartPolicy>,
 }
 
 fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
@@ -191,6 +193,7 @@ fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
         disk_gib: b.disk_gib.unwrap_or(0),
         group: b.group,
         labels: b.labels.unwrap_or_default(),
+        restart: b.restart.unwrap_or_default(),
     };
     spec.validate().map_err(|e| ApiError::field(e.field, e.reason))?;
     Ok(spec)

@@ -526,9 +526,98 @@ pub fn detect(
     events
 }
 
-/// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch
-/// never double-books a host), command the start of placed VMs, and move deletions along.
+/// How failed VMs are restarted.
+#[derive(Clone, Copy, Debug)]
+pub struct RestartTimings {
+    /// Wait after the first failure; doubled after each further failure in the window.
+    pub backoff_base: std::time::Duration,
+    /// The longest wait.
+    pub backoff_max: std::time::Duration,
+    /// More failures than this within `window` and the VM is given up (`VmGaveUp`).
+    pub max_restarts: u32,
+    /// The window failures are counted in.
+    pub window: std::time::Duration,
+}
+
+impl Default for RestartTimings {
+    fn default() -> Self {
+        RestartTimings {
+            backoff_base: std::time::Duration::from_secs(1),
+            backoff_max: std::time::Duration::from_secs(60),
+            max_restarts: 5,
+            window: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+/// [`reconcile_with`] the default restart timings.
 pub fn reconcile(state: &ClusterState, stamp: &mut impl Stamp, origin: &Origin) -> Vec<Envelope> {
+    reconcile_with(state, stamp, origin, RestartTimings::default())
+}
+
+/// What to do about a failed VM now: nothing yet (backoff), restart it (where), or give up.
+fn restart_step(
+    state: &ClusterState,
+    vm: &VmRecord,
+    now: u64,
+    t: RestartTimings,
+    reserved: &BTreeMap<HostId, Resources>,
+) -> Option<Result<Placement, (u32, String)>> {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let recent: Vec<&novacron_state::FailureRecord> =
+        vm.failures.iter().filter(|f| now.saturating_sub(f.at_ms) <= ms(t.window)).collect();
+    let n = u32::try_from(recent.len()).unwrap_or(u32::MAX).max(1);
+    if n > t.max_restarts {
+        let why = format!(
+            "failed {n} times within {} s (at most {} restarts); not restarted again",
+            t.window.as_secs(),
+            t.max_restarts
+        );
+        return Some(Err((n, why)));
+    }
+    let backoff = ms(t.backoff_base).saturating_mul(1u64 << (n - 1).min(20)).min(ms(t.backoff_max));
+    let last = vm.failures.last().map_or(0, |f| f.at_ms);
+    if now < last.saturating_add(backoff) {
+        return None;
+    }
+    // A VM that keeps failing on one host is tried on another.
+    let fails_here = recent.iter().filter(|f| Some(&f.host) == vm.host.as_ref()).count();
+    let avoid: Vec<HostId> = if fails_here >= 2 { vm.host.iter().cloned().collect() } else { Vec::new() };
+    let credit = if avoid.is_empty() { vm.host.clone().map(|h| (h, vm.spec.resources())) } else { None };
+    // In place when it may stay (its disk and warm caches are there); else wherever fits.
+    let mut decision = match (&credit, &vm.host) {
+        (Some(_), Some(current)) => {
+            let others: Vec<HostId> = state.hosts.keys().filter(|h| *h != current).cloned().collect();
+            let here = novacron_scheduler::PlacementRequest {
+                need: vm.spec.resources(),
+                avoid: others,
+                credit: credit.clone(),
+            };
+            novacron_scheduler::place_request(state, &here, reserved)
+        }
+        _ => Placement::Unplaceable { reason: String::new(), explanation: Default::default() },
+    };
+    if matches!(decision, Placement::Unplaceable { .. }) {
+        let req = novacron_scheduler::PlacementRequest { need: vm.spec.resources(), avoid, credit };
+        decision = novacron_scheduler::place_request(state, &req, reserved);
+    }
+    if let Placement::Host { explanation, host } = &mut decision {
+        let moved = if Some(&*host) == vm.host.as_ref() { String::new() } else { " on another host".to_owned() };
+        explanation.trigger = Some(format!("restart{moved} after failure {n} (backoff {} ms)", backoff));
+    }
+    Some(Ok(decision))
+}
+
+/// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch
+/// never double-books a host), command the start of placed VMs, heal the VMs of failed hosts,
+/// restart failed VMs (backoff, another host after repeated failures, give up after too many),
+/// and move deletions along.
+pub fn reconcile_with(
+    state: &ClusterState,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+    restart: RestartTimings,
+) -> Vec<Envelope> {
     let mut events = Vec::new();
     let mut reserved: BTreeMap<HostId, Resources> = BTreeMap::new();
     for vm in state.vms.values() {
@@ -578,6 +667,44 @@ pub fn reconcile(state: &ClusterState, stamp: &mut impl Stamp, origin: &Origin) 
                 stamp,
                 origin,
             ));
+            continue;
+        }
+        let restartable = match vm.spec.restart {
+            novacron_types::RestartPolicy::Never => false,
+            novacron_types::RestartPolicy::OnFailure => vm.status == VmStatus::Failed,
+            novacron_types::RestartPolicy::Always => matches!(vm.status, VmStatus::Failed | VmStatus::Stopped),
+        };
+        if restartable && !vm.gave_up && !vm.delete_requested {
+            let now = stamp.now_ms();
+            match restart_step(state, vm, now, restart, &reserved) {
+                None => {}
+                Some(Err((failures, reason))) => events.push(envelope(
+                    stamp,
+                    origin,
+                    EventKind::VmGaveUp(novacron_types::event::VmGaveUp {
+                        vm: vm.id,
+                        failures,
+                        window_ms: u64::try_from(restart.window.as_millis()).unwrap_or(u64::MAX),
+                        reason,
+                    }),
+                )),
+                Some(Ok(decision)) => {
+                    if let Placement::Host { host, .. } = &decision {
+                        let r = reserved.entry(host.clone()).or_default();
+                        *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                    }
+                    events.extend(placement_events(
+                        state,
+                        vm.id,
+                        &vm.spec,
+                        vm.generation,
+                        decision,
+                        vm.pending_reason.as_deref(),
+                        stamp,
+                        origin,
+                    ));
+                }
+            }
             continue;
         }
         if vm.delete_requested {
@@ -662,7 +789,15 @@ mod tests {
     }
 
     fn spec(name: &str, vcpus: u32) -> VmSpec {
-        VmSpec { name: name.into(), vcpus, memory_mib: 1024, disk_gib: 0, group: None, labels: Default::default() }
+        VmSpec {
+            name: name.into(),
+            vcpus,
+            memory_mib: 1024,
+            disk_gib: 0,
+            group: None,
+            labels: Default::default(),
+            restart: Default::default(),
+        }
     }
 
     fn apply_all(state: &mut ClusterState, events: &[Envelope]) {
@@ -907,5 +1042,107 @@ mod tests {
         assert_eq!(names(&e), ["VmStopCommanded"]);
         let EventKind::VmStopCommanded(c) = &e[0].event else { unreachable!() };
         assert_eq!((c.host.as_str(), c.incarnation), ("h1", old));
+    }
+
+    /// A stamp whose clock the test moves.
+    struct Clock {
+        ids: u128,
+        now: u64,
+    }
+    impl Stamp for Clock {
+        fn now_ms(&mut self) -> u64 {
+            self.now
+        }
+        fn vm_id(&mut self) -> VmId {
+            self.ids += 1;
+            VmId(Uuid::from_u128(self.ids))
+        }
+        fn incarnation_id(&mut self) -> IncarnationId {
+            self.ids += 1;
+            IncarnationId(Uuid::from_u128(self.ids))
+        }
+    }
+
+    fn fail_now(s: &mut ClusterState, vm: VmId, at_ms: u64) {
+        let r = &s.vms[&vm];
+        let e = Envelope::new(
+            at_ms,
+            Actor::Agent(r.host.clone().unwrap()),
+            EventKind::VmFailed(novacron_types::event::VmFailed {
+                vm,
+                host: r.host.clone().unwrap(),
+                incarnation: r.incarnation.unwrap(),
+                generation: r.generation,
+                reason: "crashed".into(),
+            }),
+        );
+        apply_all(s, &[e]);
+    }
+
+    #[test]
+    fn a_crashing_vm_is_restarted_with_backoff_then_moved_then_given_up() {
+        let t = RestartTimings {
+            backoff_base: std::time::Duration::from_secs(1),
+            backoff_max: std::time::Duration::from_secs(60),
+            max_restarts: 3,
+            window: std::time::Duration::from_secs(600),
+        };
+        let mut s = hosts(2);
+        let mut clock = Clock { ids: 1000, now: 0 };
+        let (vm, ev) = create_vm(&s, spec("crashy", 2), &mut clock, &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        let h1 = HostId::new("h1").unwrap();
+
+        fail_now(&mut s, vm, 10_000);
+        clock.now = 10_500;
+        assert!(reconcile_with(&s, &mut clock, &origin(), t).is_empty(), "waits out the backoff");
+        clock.now = 11_000;
+        let e = reconcile_with(&s, &mut clock, &origin(), t);
+        assert_eq!(names(&e), ["VmPlaced", "VmStartCommanded"]);
+        let EventKind::VmPlaced(p) = &e[0].event else { unreachable!() };
+        assert_eq!(p.host, h1, "first restart in place");
+        assert_eq!(p.generation, Generation(2));
+        assert!(p.explanation.trigger.as_deref().unwrap().contains("after failure 1"));
+        apply_all(&mut s, &e);
+
+        fail_now(&mut s, vm, 20_000);
+        clock.now = 21_500;
+        assert!(reconcile_with(&s, &mut clock, &origin(), t).is_empty(), "the backoff doubled to 2 s");
+        clock.now = 22_000;
+        let e = reconcile_with(&s, &mut clock, &origin(), t);
+        let EventKind::VmPlaced(p) = &e[0].event else { panic!("{:?}", names(&e)) };
+        assert_eq!(p.host.as_str(), "h2", "two failures on h1: tried elsewhere");
+        assert!(p.explanation.trigger.as_deref().unwrap().contains("on another host"));
+        apply_all(&mut s, &e);
+        assert_eq!(s.hosts[&h1].allocated, Resources::ZERO);
+
+        fail_now(&mut s, vm, 30_000);
+        clock.now = 40_000;
+        let e = reconcile_with(&s, &mut clock, &origin(), t);
+        assert_eq!(names(&e), ["VmPlaced", "VmStartCommanded"], "third failure: restarted once more");
+        let EventKind::VmPlaced(p) = &e[0].event else { unreachable!() };
+        assert_eq!(p.host.as_str(), "h2", "one failure on h2: restarted in place there");
+        apply_all(&mut s, &e);
+        fail_now(&mut s, vm, 50_000);
+        clock.now = 60_000;
+        let e = reconcile_with(&s, &mut clock, &origin(), t);
+        assert_eq!(names(&e), ["VmGaveUp"], "a fourth failure exceeds 3 restarts");
+        apply_all(&mut s, &e);
+        assert!(s.vms[&vm].gave_up);
+        clock.now = 999_000;
+        assert!(reconcile_with(&s, &mut clock, &origin(), t).is_empty(), "given up stays given up");
+    }
+
+    #[test]
+    fn a_vm_with_restart_never_stays_failed() {
+        let mut s = hosts(1);
+        let mut clock = Clock { ids: 0, now: 0 };
+        let mut sp = spec("once", 1);
+        sp.restart = novacron_types::RestartPolicy::Never;
+        let (vm, ev) = create_vm(&s, sp, &mut clock, &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        fail_now(&mut s, vm, 1_000);
+        clock.now = 1_000_000;
+        assert!(reconcile_with(&s, &mut clock, &origin(), RestartTimings::default()).is_empty());
     }
 }

@@ -129,6 +129,8 @@ pub struct EngineConfig {
     pub snapshot_every: u64,
     /// The failure detector's timeouts.
     pub failure: decide::FailureTimeouts,
+    /// How failed VMs are restarted.
+    pub restart: decide::RestartTimings,
     /// Heartbeats as they arrive (written by the ingest loop).
     pub observations: crate::ingest::SharedObservations,
 }
@@ -301,7 +303,7 @@ impl Engine {
                 return;
             }
         }
-        let events = decide::reconcile(&read(&self.state), &mut WallClock, &origin);
+        let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, self.cfg.restart);
         if events.is_empty() {
             return;
         }

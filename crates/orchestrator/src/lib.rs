@@ -53,6 +53,8 @@ pub struct OrchestratorConfig {
     pub host_failure_timeout: Duration,
     /// The agents' lease; must end `FENCE_MARGIN` before `host_failure_timeout`.
     pub agent_lease: Duration,
+    /// How failed VMs are restarted.
+    pub restart: decide::RestartTimings,
 }
 
 impl OrchestratorConfig {
@@ -71,6 +73,7 @@ impl OrchestratorConfig {
             suspect_after: Duration::from_secs(5),
             host_failure_timeout: novacron_protocol::DEFAULT_HOST_FAILURE_TIMEOUT,
             agent_lease: novacron_protocol::DEFAULT_AGENT_LEASE,
+            restart: decide::RestartTimings::default(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl Orchestrator {
                 agent_lease: cfg.agent_lease,
             },
             observations: observations.clone(),
+            restart: cfg.restart,
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 

@@ -99,6 +99,7 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::VmFailed(e) => vm_events(e.vm),
         EventKind::VmDeleteRequested(e) => vm_events(e.vm),
         EventKind::VmDeleted(e) => vm_events(e.vm),
+        EventKind::VmGaveUp(e) => vm_events(e.vm),
         EventKind::VmIncomingCommanded(c) => command_subject(&c.host, c.vm),
         EventKind::VmMigrationStarted(c) => command_subject(&c.host, c.vm),
         EventKind::VmMigrationPlanned(e) => vm_events(e.vm),

@@ -20,6 +20,20 @@ pub mod filters {
     pub const HOST_STATE: &str = "host_state";
     /// The host lacks free vCPUs, memory or disk.
     pub const CAPACITY: &str = "capacity";
+    /// The request asked to avoid the host (e.g. the VM kept failing there).
+    pub const AVOIDED: &str = "avoided";
+}
+
+/// What to place, and under which extra conditions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PlacementRequest {
+    /// What the VM needs.
+    pub need: Resources,
+    /// Hosts not to use.
+    pub avoid: Vec<HostId>,
+    /// Resources already reserved by this very VM on a host (a restart in place), which count
+    /// as free there.
+    pub credit: Option<(HostId, Resources)>,
 }
 
 /// The planner's answer.
@@ -47,6 +61,13 @@ pub enum Placement {
 /// Pure: the same inputs always give the same answer.
 #[must_use]
 pub fn place(state: &ClusterState, need: Resources, pending: &BTreeMap<HostId, Resources>) -> Placement {
+    place_request(state, &PlacementRequest { need, ..PlacementRequest::default() }, pending)
+}
+
+/// [`place`] with hosts to avoid and a credit for the VM's own reservation.
+#[must_use]
+pub fn place_request(state: &ClusterState, req: &PlacementRequest, pending: &BTreeMap<HostId, Resources>) -> Placement {
+    let need = req.need;
     let mut rejections: BTreeMap<String, u32> = BTreeMap::new();
     let mut chosen: Option<(HostId, Resources)> = None;
     let mut considered = 0u32;
@@ -56,8 +77,17 @@ pub fn place(state: &ClusterState, need: Resources, pending: &BTreeMap<HostId, R
             *rejections.entry(filters::HOST_STATE.into()).or_default() += 1;
             continue;
         }
+        if req.avoid.contains(&host.id) {
+            *rejections.entry(filters::AVOIDED.into()).or_default() += 1;
+            continue;
+        }
         let reserved = pending.get(&host.id).copied().unwrap_or(Resources::ZERO);
-        let free = host.free().saturating_sub(reserved);
+        let mut free = host.free().saturating_sub(reserved);
+        if let Some((h, own)) = &req.credit
+            && *h == host.id
+        {
+            free = free.checked_add(*own).unwrap_or(free).min_with(host.capacity);
+        }
         if !need.fits_within(free) {
             *rejections.entry(filters::CAPACITY.into()).or_default() += 1;
             continue;

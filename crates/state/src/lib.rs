@@ -178,6 +178,24 @@ pub struct VmRecord {
     /// The live migration under way, if any.
     #[serde(default)]
     pub migration: Option<Migration>,
+    /// Its most recent failures (at most [`FAILURE_HISTORY`]), oldest first.
+    #[serde(default)]
+    pub failures: Vec<FailureRecord>,
+    /// It failed too often and is not restarted any more.
+    #[serde(default)]
+    pub gave_up: bool,
+}
+
+/// How many failures a VM remembers.
+pub const FAILURE_HISTORY: usize = 16;
+
+/// One failure of a VM, as the log recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// When the failure event was written (writer's clock).
+    pub at_ms: u64,
+    /// Where it failed.
+    pub host: HostId,
 }
 
 /// A live migration in flight.
@@ -306,7 +324,11 @@ impl ClusterState {
             EventKind::VmRunning(r) => self.vm_observed(seq, env.id, r, VmStatus::Running),
             EventKind::VmStopCommanded(c) => self.vm_stop_commanded(seq, env.id, c),
             EventKind::VmStopped(r) => self.vm_observed(seq, env.id, r, VmStatus::Stopped),
-            EventKind::VmFailed(f) => self.vm_failed(seq, env.id, f),
+            EventKind::VmFailed(f) => self.vm_failed(seq, env, f),
+            EventKind::VmGaveUp(e) => self.with_vm(e.vm, seq, env.id, |vm| {
+                vm.gave_up = true;
+                Ok(())
+            }),
             EventKind::VmDeleteRequested(e) => self.with_vm(e.vm, seq, env.id, |vm| {
                 if vm.status == VmStatus::Deleted {
                     return Err("VmDeleteRequested for a deleted VM".into());
@@ -484,6 +506,8 @@ impl ClusterState {
                 last_seq: seq,
                 pending_reason: None,
                 migration: None,
+                failures: Vec::new(),
+                gave_up: false,
             },
         );
         Applied::Changed
@@ -563,12 +587,16 @@ impl ClusterState {
         })
     }
 
-    fn vm_failed(&mut self, seq: u64, id: EventId, f: &VmFailed) -> Applied {
-        self.with_vm(f.vm, seq, id, |vm| {
+    fn vm_failed(&mut self, seq: u64, env: &Envelope, f: &VmFailed) -> Applied {
+        self.with_vm(f.vm, seq, env.id, |vm| {
             if vm.incarnation != Some(f.incarnation) {
                 return Err("VmFailed for an incarnation that is not current".into());
             }
             vm.status = VmStatus::Failed;
+            vm.failures.push(FailureRecord { at_ms: env.at_ms, host: f.host.clone() });
+            if vm.failures.len() > FAILURE_HISTORY {
+                vm.failures.remove(0);
+            }
             Ok(())
         })
     }

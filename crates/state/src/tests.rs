@@ -27,6 +27,7 @@ fn spec(i: u8) -> VmSpec {
         disk_gib: 0,
         group: None,
         labels: Default::default(),
+        restart: Default::default(),
     }
 }
 

@@ -134,6 +134,8 @@ pub enum EventKind {
     VmDeleteRequested(VmDeleteRequested),
     /// The VM is gone: nothing runs, its resources are released.
     VmDeleted(VmDeleted),
+    /// The VM failed too often; it is not restarted again until an operator acts.
+    VmGaveUp(VmGaveUp),
     /// A live migration was decided: the target is reserved, the VM is `migrating`.
     VmMigrationPlanned(VmMigrationPlanned),
     /// Command to the destination to prepare an incoming incarnation (subject
@@ -170,6 +172,7 @@ impl EventKind {
             EventKind::VmFailed(_) => "VmFailed",
             EventKind::VmDeleteRequested(_) => "VmDeleteRequested",
             EventKind::VmDeleted(_) => "VmDeleted",
+            EventKind::VmGaveUp(_) => "VmGaveUp",
             EventKind::VmMigrationPlanned(_) => "VmMigrationPlanned",
             EventKind::VmIncomingCommanded(_) => "VmIncomingCommanded",
             EventKind::VmMigrationIncomingReady(_) => "VmMigrationIncomingReady",
@@ -428,4 +431,18 @@ pub struct HealingPaused {
 pub struct HealingResumed {
     /// Hosts still silent.
     pub silent_hosts: u32,
+}
+
+/// Payload of [`EventKind::VmGaveUp`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmGaveUp {
+    /// The VM.
+    pub vm: VmId,
+    /// Failures within the window.
+    pub failures: u32,
+    /// The window, ms.
+    pub window_ms: u64,
+    /// For humans.
+    pub reason: String,
 }

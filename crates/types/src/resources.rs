@@ -40,6 +40,16 @@ impl Resources {
         }
     }
 
+    /// Component-wise minimum.
+    #[must_use]
+    pub fn min_with(self, other: Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus.min(other.vcpus),
+            memory_mib: self.memory_mib.min(other.memory_mib),
+            disk_gib: self.disk_gib.min(other.disk_gib),
+        }
+    }
+
     /// True when every component of `self` is at most the matching one of `capacity`.
     #[must_use]
     pub fn fits_within(self, capacity: Resources) -> bool {

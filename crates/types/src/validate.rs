@@ -197,6 +197,7 @@ mod tests {
             disk_gib: 0,
             group: None,
             labels: Default::default(),
+            restart: Default::default(),
         };
         assert_eq!(s.validate().unwrap_err().field, "vcpus");
         s.vcpus = 2;

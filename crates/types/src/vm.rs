@@ -29,6 +29,30 @@ pub struct VmSpec {
     /// Free-form labels, used by placement constraints.
     #[serde(default)]
     pub labels: Labels,
+    /// What to do when the VM fails (`on-failure` unless said otherwise).
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
+    pub restart: RestartPolicy,
+}
+
+/// When the orchestrator restarts a VM by itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After a failure, and after it stops without being told to.
+    Always,
+    /// After a failure (crash, failed start) — the default.
+    #[default]
+    OnFailure,
+    /// Never: a failed VM stays failed.
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether this is the default (`on-failure`).
+    #[must_use]
+    pub fn is_default(&self) -> bool {
+        *self == RestartPolicy::OnFailure
+    }
 }
 
 impl VmSpec {

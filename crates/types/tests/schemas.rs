@@ -71,6 +71,7 @@ fn spec() -> VmSpec {
         disk_gib: 20,
         group: Some("web".into()),
         labels: [("tier".to_owned(), "frontend".to_owned())].into(),
+        restart: Default::default(),
     }
 }
 
@@ -273,6 +274,15 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             }),
         ),
         ("event-healing-resumed", EventKind::HealingResumed(HealingResumed { silent_hosts: 0 })),
+        (
+            "event-vm-gave-up",
+            EventKind::VmGaveUp(VmGaveUp {
+                vm,
+                failures: 6,
+                window_ms: 600_000,
+                reason: "failed 6 times within 600 s (at most 5 restarts); not restarted again".into(),
+            }),
+        ),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));
@@ -340,7 +350,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
-    assert!(f.count >= 33);
+    assert!(f.count >= 35);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 
