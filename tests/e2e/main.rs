@@ -225,6 +225,11 @@ fn up_runs_a_cluster_that_places_web_1_and_a_second_up_resumes() {
     let (status, page) = get_text(&api, "/");
     assert_eq!(status, 200);
     assert!(page.contains("NovaCron"), "the dashboard is served");
+    let cordoned = cli_json(&["--server", &api, "host", "cordon", "host-2"]);
+    assert_eq!(cordoned["state"], "cordoned");
+    assert_eq!(cli_json(&["--server", &api, "host", "uncordon", "host-2"])["state"], "ready");
+    let (ok, _, err) = cli(&["--server", &api, "host", "drain", "no-such-host"]);
+    assert!(!ok && err.contains("404"), "{err}");
     let before = get(&api, "/api/v1/state").1;
 
     assert!(up.terminate().success(), "up exits 0 on SIGTERM: {}", up.stderr());

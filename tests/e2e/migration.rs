@@ -186,3 +186,60 @@ fn vm_migrate_moves_a_real_qemu_vm_to_another_agent() {
     assert!(done["payload"]["duration_ms"].is_u64());
     assert_eq!(cli_json(&["--nats", &nats.url(), "state"]), get(&o.api, "/api/v1/state").1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_empties_the_host_by_live_migration_and_moves_cold_what_cannot_migrate() {
+    let c = SimCluster::start(&["s1", "s2", "s3"]).await;
+    let mut vms = Vec::new();
+    for i in 0..4 {
+        vms.push(c.running_vm(&format!("d{i}")).await);
+    }
+    let s1 = HostId::new("s1").unwrap();
+    assert!(vms.iter().all(|v| c.orchestrator.engine.state.read().unwrap().vms[v].host.as_ref() == Some(&s1)));
+    c.drivers[0].fail_next_migrations(1);
+
+    let view = c
+        .orchestrator
+        .engine
+        .host_action("s1".into(), novacron_orchestrator::decide::HostAction::Drain, SimCluster::origin())
+        .await
+        .unwrap();
+    assert_eq!(view.state, "draining");
+    c.wait("s1 drained", |s| {
+        s.hosts[&s1].admin == novacron_state::HostAdmin::Cordoned
+            && vms.iter().all(|v| s.vms[v].status == VmStatus::Running && s.vms[v].host.as_ref() != Some(&s1))
+    })
+    .await;
+    assert!(c.drivers[0].running().is_empty(), "nothing left on s1");
+    for v in &vms {
+        let copies = c.drivers.iter().filter(|d| d.running().iter().any(|r| r.vm == *v)).count();
+        assert_eq!(copies, 1, "VM {v} runs exactly once");
+    }
+    let kinds = c.kinds();
+    let count = |k: &str| kinds.iter().filter(|x| *x == k).count();
+    assert_eq!(count("HostDrainRequested"), 1);
+    assert_eq!(count("VmMigrationCompleted"), 3, "{kinds:?}");
+    assert_eq!(count("VmMigrationFailed"), 1, "one live migration failed");
+    assert!(count("VmStopCommanded") >= 1, "that VM was moved cold: stopped, then placed elsewhere");
+    assert_eq!(count("HostDrained"), 1);
+
+    // A drained host takes no VMs until it is uncordoned.
+    let spec = VmSpec {
+        name: "after".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk_gib: 0,
+        group: None,
+        labels: Default::default(),
+        restart: Default::default(),
+    };
+    let v = c.orchestrator.engine.create_vm(spec, SimCluster::origin()).await.unwrap();
+    assert_ne!(v.host.as_deref(), Some("s1"));
+    c.orchestrator
+        .engine
+        .host_action("s1".into(), novacron_orchestrator::decide::HostAction::Uncordon, SimCluster::origin())
+        .await
+        .unwrap();
+    c.wait("s1 back in service", |s| s.hosts[&s1].status() == "ready").await;
+    c.cancel.cancel();
+}

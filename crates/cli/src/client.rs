@@ -132,8 +132,23 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
 
 pub async fn host(server: &str, cmd: HostCommand, fmt: Format) -> anyhow::Result<()> {
     let api = Api::new(server);
+    let cmd_name = match &cmd {
+        HostCommand::Cordon { .. } => Some("cordon"),
+        HostCommand::Drain { .. } => Some("drain"),
+        HostCommand::Uncordon { .. } => Some("uncordon"),
+        _ => None,
+    };
     let hosts: Vec<Value> = match cmd {
         HostCommand::List => api.call("GET", "/api/v1/hosts".into(), None).await?,
+        HostCommand::Cordon { id } | HostCommand::Drain { id } | HostCommand::Uncordon { id } => {
+            let action = cmd_name.unwrap_or("cordon");
+            let h: Value =
+                api.call("POST", format!("/api/v1/hosts/{}/{action}", encode(&id)), Some(Value::Null)).await?;
+            if fmt == Format::Json {
+                return output::json(&h);
+            }
+            vec![h]
+        }
         HostCommand::Show { id } => {
             let h: Value = api.call("GET", format!("/api/v1/hosts/{}", encode(&id)), None).await?;
             if fmt == Format::Json {

@@ -245,6 +245,21 @@ enum HostCommand {
         /// Host id.
         id: String,
     },
+    /// Take no new VMs (the host keeps its own).
+    Cordon {
+        /// Host id.
+        id: String,
+    },
+    /// Live-migrate every VM away (cold-move those that cannot migrate), then stay cordoned.
+    Drain {
+        /// Host id.
+        id: String,
+    },
+    /// Return a cordoned or drained host to service.
+    Uncordon {
+        /// Host id.
+        id: String,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -43,6 +43,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/vms/{id}/migrate", axum::routing::post(migrate_vm))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{id}", get(show_host))
+        .route("/api/v1/hosts/{id}/{action}", axum::routing::post(host_action))
         .fallback(not_found)
         .with_state(api)
 }
@@ -247,6 +248,26 @@ async fn migrate_vm(
     };
     let view = api.engine.migrate_vm(id, b.to, origin(&headers)).await?;
     Ok(ok(StatusCode::ACCEPTED, view))
+}
+
+async fn host_action(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let action = match action.as_str() {
+        "cordon" => crate::decide::HostAction::Cordon,
+        "drain" => crate::decide::HostAction::Drain,
+        "uncordon" => crate::decide::HostAction::Uncordon,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no host action {other:?}; use cordon, drain or uncordon"),
+            ));
+        }
+    };
+    let view = api.engine.host_action(id, action, origin(&headers)).await?;
+    Ok(ok(StatusCode::OK, view))
 }
 
 /// A host as the API shows it: the log's view plus what we last observed.

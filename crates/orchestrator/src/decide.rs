@@ -211,6 +211,20 @@ pub fn migrate_vm(
     origin: &Origin,
 ) -> Result<(VmId, Vec<Envelope>), Refusal> {
     let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
+    plan_migration(state, vm, to, reason, &BTreeMap::new(), stamp, origin)
+}
+
+/// Plans one live migration of `vm` (see [`migrate_vm`]); `reserved` holds what earlier
+/// decisions of the same pass took on each host.
+fn plan_migration(
+    state: &ClusterState,
+    vm: &VmRecord,
+    to: Option<&str>,
+    reason: &str,
+    reserved: &BTreeMap<HostId, Resources>,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
     let (Some(from), Some(source_incarnation)) = (vm.host.clone(), vm.incarnation) else {
         return Err(Refusal::Conflict(format!("VM {} is not placed", vm.id)));
     };
@@ -222,8 +236,10 @@ pub fn migrate_vm(
         )));
     }
     let need = vm.spec.resources();
-    let fits =
-        |h: &novacron_state::HostRecord| h.state == novacron_state::HostState::Ready && need.fits_within(h.free());
+    let fits = |h: &novacron_state::HostRecord| {
+        let taken = reserved.get(&h.id).copied().unwrap_or(Resources::ZERO);
+        h.schedulable() && need.fits_within(h.free().saturating_sub(taken))
+    };
     let to = match to {
         Some(t) => {
             let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;
@@ -286,6 +302,83 @@ pub fn migrate_vm(
     )
     .caused_by(cause);
     Ok((vm.id, vec![planned, prepare]))
+}
+
+/// What an operator can do to a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostAction {
+    /// No new VMs.
+    Cordon,
+    /// Move every VM away, then stay cordoned.
+    Drain,
+    /// Back to service.
+    Uncordon,
+}
+
+/// An operator's host action. Repeating one is a no-op (no events); one that does not fit the
+/// host's state (e.g. draining a failed host) is refused.
+///
+/// # Errors
+/// [`Refusal::NotFound`] for an unknown host, [`Refusal::Conflict`] for a state that does not allow it.
+pub fn host_action(
+    state: &ClusterState,
+    host: &str,
+    action: HostAction,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(HostId, Vec<Envelope>), Refusal> {
+    use novacron_state::{HostAdmin as A, HostState as S};
+    use novacron_types::event::{HostCordoned, HostDrainRequested, HostUncordoned};
+    let id = HostId::new(host).map_err(|_| Refusal::NotFound(format!("host {host}")))?;
+    let h = state.hosts.get(&id).ok_or_else(|| Refusal::NotFound(format!("host {host}")))?;
+    let conflict = || Refusal::Conflict(format!("host {id} is {}; cannot {action:?} it now", h.status()));
+    if h.state == S::Failed && action != HostAction::Uncordon {
+        return Err(conflict());
+    }
+    let event = match (action, h.admin) {
+        (HostAction::Cordon, A::Cordoned | A::Draining)
+        | (HostAction::Drain, A::Draining)
+        | (HostAction::Uncordon, A::InService) => None,
+        (HostAction::Cordon, A::InService) => Some(EventKind::HostCordoned(HostCordoned { host: id.clone() })),
+        (HostAction::Drain, A::InService | A::Cordoned) => Some(EventKind::HostDrainRequested(HostDrainRequested {
+            host: id.clone(),
+            vms: u32::try_from(h.vms.len()).unwrap_or(u32::MAX),
+        })),
+        (HostAction::Uncordon, A::Cordoned | A::Draining) => {
+            Some(EventKind::HostUncordoned(HostUncordoned { host: id.clone() }))
+        }
+    };
+    Ok((id, event.into_iter().map(|e| envelope(stamp, origin, e)).collect()))
+}
+
+/// How many live migrations may run at once.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrationLimits {
+    /// Out of one host.
+    pub per_host: usize,
+    /// In the whole cluster.
+    pub cluster: usize,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        MigrationLimits { per_host: 2, cluster: 8 }
+    }
+}
+
+/// Everything a reconcile pass is configured by.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReconcileSettings {
+    /// Restart policy timings.
+    pub restart: RestartTimings,
+    /// Live-migration concurrency.
+    pub migrations: MigrationLimits,
+}
+
+impl From<RestartTimings> for ReconcileSettings {
+    fn from(restart: RestartTimings) -> Self {
+        ReconcileSettings { restart, ..ReconcileSettings::default() }
+    }
 }
 
 /// What a report means for the log.
@@ -616,8 +709,18 @@ pub fn reconcile_with(
     state: &ClusterState,
     stamp: &mut impl Stamp,
     origin: &Origin,
-    restart: RestartTimings,
+    settings: impl Into<ReconcileSettings>,
 ) -> Vec<Envelope> {
+    let settings = settings.into();
+    let restart = settings.restart;
+    // Migrations in flight, per source host and in all, for the drain's concurrency limits.
+    let mut migrating_from: BTreeMap<HostId, usize> = BTreeMap::new();
+    for vm in state.vms.values().filter(|v| v.migration.is_some()) {
+        if let Some(h) = &vm.host {
+            *migrating_from.entry(h.clone()).or_default() += 1;
+        }
+    }
+    let mut migrating_total: usize = migrating_from.values().sum();
     let mut events = Vec::new();
     let mut reserved: BTreeMap<HostId, Resources> = BTreeMap::new();
     for vm in state.vms.values() {
@@ -707,6 +810,76 @@ pub fn reconcile_with(
             }
             continue;
         }
+        let draining = vm
+            .host
+            .as_ref()
+            .filter(|h| state.hosts.get(*h).is_some_and(|r| r.admin == novacron_state::HostAdmin::Draining));
+        if let Some(source) = draining
+            && !vm.delete_requested
+        {
+            let reason = format!("draining host {source}");
+            match vm.status {
+                VmStatus::Running if vm.migration_failed_from.as_ref() != Some(source) => {
+                    let here = migrating_from.get(source).copied().unwrap_or(0);
+                    if here < settings.migrations.per_host && migrating_total < settings.migrations.cluster {
+                        match plan_migration(state, vm, None, &reason, &reserved, stamp, origin) {
+                            Ok((_, planned)) => {
+                                if let Some(EventKind::VmMigrationPlanned(p)) = planned.first().map(|e| &e.event) {
+                                    let r = reserved.entry(p.to.clone()).or_default();
+                                    *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                                }
+                                *migrating_from.entry(source.clone()).or_default() += 1;
+                                migrating_total += 1;
+                                events.extend(planned);
+                            }
+                            Err(e) => tracing::debug!(vm = %vm.id, error = %e, "drain: no live migration possible now"),
+                        }
+                    }
+                }
+                // Live migration failed from here: move it cold — stop it first, then (once it
+                // reports stopped) place it elsewhere. Never two copies.
+                VmStatus::Running => {
+                    if let (Some(host), Some(incarnation)) = (vm.host.clone(), vm.incarnation) {
+                        events.push(envelope(
+                            stamp,
+                            origin,
+                            EventKind::VmStopCommanded(StopVm {
+                                vm: vm.id,
+                                host,
+                                incarnation,
+                                generation: vm.generation,
+                                reason: format!("{reason}: live migration failed, moving it stopped"),
+                            }),
+                        ));
+                    }
+                }
+                VmStatus::Stopped | VmStatus::Failed | VmStatus::Placed | VmStatus::Pending => {
+                    let req = novacron_scheduler::PlacementRequest {
+                        need: vm.spec.resources(),
+                        avoid: vec![source.clone()],
+                        credit: None,
+                    };
+                    let mut decision = novacron_scheduler::place_request(state, &req, &reserved);
+                    if let Placement::Host { host, explanation } = &mut decision {
+                        let r = reserved.entry(host.clone()).or_default();
+                        *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                        explanation.trigger = Some(reason.clone());
+                    }
+                    events.extend(placement_events(
+                        state,
+                        vm.id,
+                        &vm.spec,
+                        vm.generation,
+                        decision,
+                        vm.pending_reason.as_deref(),
+                        stamp,
+                        origin,
+                    ));
+                }
+                _ => {} // starting, stopping, migrating: wait for it to settle
+            }
+            continue;
+        }
         if vm.delete_requested {
             if let Some(e) = deletion_step_if_needed(vm, stamp, origin) {
                 events.push(e);
@@ -747,6 +920,15 @@ pub fn reconcile_with(
                 }
             }
             _ => {}
+        }
+    }
+    for h in state.hosts.values() {
+        if h.admin == novacron_state::HostAdmin::Draining && h.vms.is_empty() && h.incoming.is_empty() {
+            events.push(envelope(
+                stamp,
+                origin,
+                EventKind::HostDrained(novacron_types::event::HostDrained { host: h.id.clone() }),
+            ));
         }
     }
     events
@@ -1144,5 +1326,126 @@ mod tests {
         fail_now(&mut s, vm, 1_000);
         clock.now = 1_000_000;
         assert!(reconcile_with(&s, &mut clock, &origin(), RestartTimings::default()).is_empty());
+    }
+
+    #[test]
+    fn host_actions_are_idempotent_and_refused_in_the_wrong_state() {
+        let mut s = hosts(2);
+        let (_, e) = host_action(&s, "h1", HostAction::Cordon, &mut Fixed(0), &origin()).unwrap();
+        assert_eq!(names(&e), ["HostCordoned"]);
+        apply_all(&mut s, &e);
+        let (_, again) = host_action(&s, "h1", HostAction::Cordon, &mut Fixed(0), &origin()).unwrap();
+        assert!(again.is_empty(), "cordoning twice is a no-op");
+        assert!(
+            create_vm(&s, spec("a", 1), &mut Fixed(10), &origin())
+                .unwrap()
+                .1
+                .iter()
+                .all(|e| { !matches!(&e.event, EventKind::VmPlaced(p) if p.host.as_str() == "h1") })
+        );
+        let (_, e) = host_action(&s, "h1", HostAction::Uncordon, &mut Fixed(0), &origin()).unwrap();
+        assert_eq!(names(&e), ["HostUncordoned"]);
+        let cordoned = s.clone();
+        apply_all(&mut s, &e);
+        assert_eq!(s.hosts[&HostId::new("h1").unwrap()].status(), "ready");
+        // Health is tracked apart from the cordon: a cordoned host that goes silent still fails.
+        let mut c = cordoned;
+        for quiet in [6, 31] {
+            let e = detect(&c, &silences(&[("h1", quiet), ("h2", 0)]), T, &mut Fixed(0), &origin());
+            apply_all(&mut c, &e);
+        }
+        assert_eq!(c.hosts[&HostId::new("h1").unwrap()].status(), "failed");
+        assert!(matches!(
+            host_action(&s, "nope", HostAction::Drain, &mut Fixed(0), &origin()),
+            Err(Refusal::NotFound(_))
+        ));
+        // A failed host cannot be drained.
+        for quiet in [6, 31] {
+            let e = detect(&s, &silences(&[("h1", quiet), ("h2", 0)]), T, &mut Fixed(0), &origin());
+            apply_all(&mut s, &e);
+        }
+        assert!(matches!(
+            host_action(&s, "h1", HostAction::Drain, &mut Fixed(0), &origin()),
+            Err(Refusal::Conflict(_))
+        ));
+    }
+
+    fn run_vm_on(s: &mut ClusterState, vm: VmId, host: &str) {
+        let r = &s.vms[&vm];
+        let e = Envelope::new(
+            0,
+            Actor::Agent(HostId::new(host).unwrap()),
+            EventKind::VmRunning(novacron_types::event::VmIncarnationReport {
+                vm,
+                host: HostId::new(host).unwrap(),
+                incarnation: r.incarnation.unwrap(),
+                generation: r.generation,
+            }),
+        );
+        apply_all(s, &[e]);
+    }
+
+    #[test]
+    fn a_drain_migrates_within_its_limits_and_moves_cold_what_cannot_migrate() {
+        let mut s = hosts(3);
+        let mut vms = Vec::new();
+        for i in 0..3 {
+            let (vm, ev) = create_vm(&s, spec(&format!("v{i}"), 1), &mut Fixed(100 * (i + 1)), &origin()).unwrap();
+            apply_all(&mut s, &ev);
+            run_vm_on(&mut s, vm, "h1");
+            vms.push(vm);
+        }
+        let (_, e) = host_action(&s, "h1", HostAction::Drain, &mut Fixed(0), &origin()).unwrap();
+        apply_all(&mut s, &e);
+        let limits =
+            ReconcileSettings { migrations: MigrationLimits { per_host: 2, cluster: 8 }, ..Default::default() };
+        let e = reconcile_with(&s, &mut Fixed(1000), &origin(), limits);
+        let planned = e.iter().filter(|e| matches!(e.event, EventKind::VmMigrationPlanned(_))).count();
+        assert_eq!(planned, 2, "at most two migrations out of one host at once");
+        apply_all(&mut s, &e);
+        assert!(
+            reconcile_with(&s, &mut Fixed(2000), &origin(), limits)
+                .iter()
+                .all(|e| !matches!(e.event, EventKind::VmMigrationPlanned(_)))
+        );
+
+        // One migration fails: that VM is moved cold — stopped first.
+        let failing = vms.iter().copied().find(|v| s.vms[v].migration.is_some()).unwrap();
+        let target = s.vms[&failing].migration.as_ref().unwrap().target_incarnation;
+        let failed = Envelope::new(
+            0,
+            Actor::Agent(HostId::new("h1").unwrap()),
+            EventKind::VmMigrationFailed(novacron_types::event::VmMigrationFailed {
+                vm: failing,
+                reported_by: HostId::new("h1").unwrap(),
+                target_incarnation: target,
+                reason: "test".into(),
+            }),
+        );
+        apply_all(&mut s, &[failed]);
+        let e = reconcile_with(&s, &mut Fixed(3000), &origin(), limits);
+        assert!(
+            e.iter().any(|e| matches!(&e.event, EventKind::VmStopCommanded(c) if c.vm == failing)),
+            "{:?}",
+            names(&e)
+        );
+        apply_all(&mut s, &e);
+        let stopped = Envelope::new(
+            0,
+            Actor::Agent(HostId::new("h1").unwrap()),
+            EventKind::VmStopped(novacron_types::event::VmIncarnationReport {
+                vm: failing,
+                host: HostId::new("h1").unwrap(),
+                incarnation: s.vms[&failing].incarnation.unwrap(),
+                generation: s.vms[&failing].generation,
+            }),
+        );
+        apply_all(&mut s, &[stopped]);
+        let e = reconcile_with(&s, &mut Fixed(4000), &origin(), limits);
+        let placed = e.iter().find_map(|e| match &e.event {
+            EventKind::VmPlaced(p) if p.vm == failing => Some(p.host.clone()),
+            _ => None,
+        });
+        assert!(placed.is_some_and(|h| h.as_str() != "h1"), "then placed elsewhere: {:?}", names(&e));
     }
 }

@@ -59,10 +59,32 @@ pub enum ReportVerdict {
 }
 
 pub(crate) enum Request {
-    CreateVm { spec: VmSpec, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
-    DeleteVm { key: String, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
-    MigrateVm { key: String, to: Option<String>, origin: Origin, reply: oneshot::Sender<Result<VmView, EngineError>> },
-    Report { report: Box<Report>, reply: oneshot::Sender<Result<ReportVerdict, EngineError>> },
+    CreateVm {
+        spec: VmSpec,
+        origin: Origin,
+        reply: oneshot::Sender<Result<VmView, EngineError>>,
+    },
+    DeleteVm {
+        key: String,
+        origin: Origin,
+        reply: oneshot::Sender<Result<VmView, EngineError>>,
+    },
+    MigrateVm {
+        key: String,
+        to: Option<String>,
+        origin: Origin,
+        reply: oneshot::Sender<Result<VmView, EngineError>>,
+    },
+    HostAction {
+        host: String,
+        action: decide::HostAction,
+        origin: Origin,
+        reply: oneshot::Sender<Result<novacron_state::HostView, EngineError>>,
+    },
+    Report {
+        report: Box<Report>,
+        reply: oneshot::Sender<Result<ReportVerdict, EngineError>>,
+    },
 }
 
 /// A cheap handle to the engine.
@@ -110,6 +132,19 @@ impl EngineHandle {
         self.ask(|reply| Request::MigrateVm { key, to, origin, reply }).await
     }
 
+    /// Cordons, drains or uncordons a host; returns once the request is in the log.
+    ///
+    /// # Errors
+    /// Refusals (unknown host, a state that does not allow it), or the log being unavailable.
+    pub async fn host_action(
+        &self,
+        host: String,
+        action: decide::HostAction,
+        origin: Origin,
+    ) -> Result<novacron_state::HostView, EngineError> {
+        self.ask(|reply| Request::HostAction { host, action, origin, reply }).await
+    }
+
     /// Hands over an agent's report; returns once its events are in the log.
     ///
     /// # Errors
@@ -129,8 +164,8 @@ pub struct EngineConfig {
     pub snapshot_every: u64,
     /// The failure detector's timeouts.
     pub failure: decide::FailureTimeouts,
-    /// How failed VMs are restarted.
-    pub restart: decide::RestartTimings,
+    /// Restart timings and migration limits of the reconcilers.
+    pub reconcile: decide::ReconcileSettings,
     /// Heartbeats as they arrive (written by the ingest loop).
     pub observations: crate::ingest::SharedObservations,
 }
@@ -247,6 +282,13 @@ impl Engine {
                     .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
                 let _ = reply.send(r);
             }
+            Request::HostAction { host, action, origin, reply } => {
+                let r = self
+                    .decide_and_commit(|s| decide::host_action(s, &host, action, &mut WallClock, &origin))
+                    .await
+                    .map(|id| novacron_state::HostView::from(&read(&self.state).hosts[&id]));
+                let _ = reply.send(r);
+            }
             Request::Report { report, reply } => {
                 let r = self.handle_report(&report).await;
                 let _ = reply.send(r);
@@ -303,7 +345,7 @@ impl Engine {
                 return;
             }
         }
-        let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, self.cfg.restart);
+        let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, self.cfg.reconcile);
         if events.is_empty() {
             return;
         }

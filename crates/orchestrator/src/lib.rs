@@ -55,6 +55,8 @@ pub struct OrchestratorConfig {
     pub agent_lease: Duration,
     /// How failed VMs are restarted.
     pub restart: decide::RestartTimings,
+    /// How many live migrations (drains) may run at once.
+    pub migration_limits: decide::MigrationLimits,
 }
 
 impl OrchestratorConfig {
@@ -74,6 +76,7 @@ impl OrchestratorConfig {
             host_failure_timeout: novacron_protocol::DEFAULT_HOST_FAILURE_TIMEOUT,
             agent_lease: novacron_protocol::DEFAULT_AGENT_LEASE,
             restart: decide::RestartTimings::default(),
+            migration_limits: decide::MigrationLimits::default(),
         }
     }
 }
@@ -161,7 +164,7 @@ impl Orchestrator {
                 agent_lease: cfg.agent_lease,
             },
             observations: observations.clone(),
-            restart: cfg.restart,
+            reconcile: decide::ReconcileSettings { restart: cfg.restart, migrations: cfg.migration_limits },
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 

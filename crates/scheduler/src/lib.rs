@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use novacron_state::{ClusterState, HostState};
+use novacron_state::ClusterState;
 use novacron_types::event::{Candidate, PlacementExplanation};
 use novacron_types::{HostId, Resources};
 
@@ -16,7 +16,7 @@ pub const FIRST_FIT: &str = "first-fit";
 
 /// Filter names, as they appear in `rejections`.
 pub mod filters {
-    /// The host is not `ready`.
+    /// The host is not ready and in service (suspect, failed, cordoned, draining).
     pub const HOST_STATE: &str = "host_state";
     /// The host lacks free vCPUs, memory or disk.
     pub const CAPACITY: &str = "capacity";
@@ -73,7 +73,7 @@ pub fn place_request(state: &ClusterState, req: &PlacementRequest, pending: &BTr
     let mut considered = 0u32;
     for host in state.hosts.values() {
         considered += 1;
-        if host.state != HostState::Ready {
+        if !host.schedulable() {
             *rejections.entry(filters::HOST_STATE.into()).or_default() += 1;
             continue;
         }

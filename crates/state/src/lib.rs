@@ -56,8 +56,11 @@ pub struct HostRecord {
     pub labels: Labels,
     /// Its agent's driver.
     pub driver: String,
-    /// Its scheduling state.
+    /// Its health.
     pub state: HostState,
+    /// What the operator said (cordoned, draining).
+    #[serde(default)]
+    pub admin: HostAdmin,
     /// Resources reserved by the VMs assigned to it.
     pub allocated: Resources,
     /// The VMs assigned to it.
@@ -77,21 +80,16 @@ impl HostRecord {
     }
 }
 
-/// A host's scheduling state. The failure detector, cordon and drain come with the engine issue;
-/// a registered host is `Ready`.
+/// A host's health, as the failure detector sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
-    /// Takes new VMs.
+    /// Heartbeats arrive.
     Ready,
-    /// Missed heartbeats; not yet declared failed.
+    /// Missed heartbeats; not yet declared failed. Takes no new VMs, keeps its own.
     Suspect,
-    /// Declared failed; its VMs are re-placed.
+    /// Declared failed; its VMs are placed elsewhere.
     Failed,
-    /// Takes no new VMs.
-    Cordoned,
-    /// Its VMs are being moved away.
-    Draining,
 }
 
 impl HostState {
@@ -102,8 +100,37 @@ impl HostState {
             HostState::Ready => "ready",
             HostState::Suspect => "suspect",
             HostState::Failed => "failed",
-            HostState::Cordoned => "cordoned",
-            HostState::Draining => "draining",
+        }
+    }
+}
+
+/// What an operator said about a host, independent of its health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostAdmin {
+    /// Takes VMs.
+    #[default]
+    InService,
+    /// Takes no new VMs; keeps its own.
+    Cordoned,
+    /// Its VMs are being moved away; then it is cordoned.
+    Draining,
+}
+
+impl HostRecord {
+    /// Whether the planners may put VMs here: healthy and in service.
+    #[must_use]
+    pub fn schedulable(&self) -> bool {
+        self.state == HostState::Ready && self.admin == HostAdmin::InService
+    }
+
+    /// The one word the API shows: health problems first, then the operator's status.
+    #[must_use]
+    pub fn status(&self) -> &'static str {
+        match (self.state, self.admin) {
+            (HostState::Ready, HostAdmin::Cordoned) => "cordoned",
+            (HostState::Ready, HostAdmin::Draining) => "draining",
+            (health, _) => health.as_str(),
         }
     }
 }
@@ -184,6 +211,10 @@ pub struct VmRecord {
     /// It failed too often and is not restarted any more.
     #[serde(default)]
     pub gave_up: bool,
+    /// The host a live migration of it last failed from (cleared when it moves): a drain then
+    /// moves it cold instead of trying again.
+    #[serde(default)]
+    pub migration_failed_from: Option<HostId>,
 }
 
 /// How many failures a VM remembers.
@@ -302,6 +333,24 @@ impl ClusterState {
                 HostState::Ready,
                 "HostRecovered",
             ),
+            EventKind::HostCordoned(e) => {
+                self.host_admin(&e.host, &[HostAdmin::InService], HostAdmin::Cordoned, "HostCordoned")
+            }
+            EventKind::HostDrainRequested(e) => self.host_admin(
+                &e.host,
+                &[HostAdmin::InService, HostAdmin::Cordoned],
+                HostAdmin::Draining,
+                "HostDrainRequested",
+            ),
+            EventKind::HostDrained(e) => {
+                self.host_admin(&e.host, &[HostAdmin::Draining], HostAdmin::Cordoned, "HostDrained")
+            }
+            EventKind::HostUncordoned(e) => self.host_admin(
+                &e.host,
+                &[HostAdmin::Cordoned, HostAdmin::Draining],
+                HostAdmin::InService,
+                "HostUncordoned",
+            ),
             EventKind::HealingPaused(_) => {
                 self.healing_paused = true;
                 Applied::Changed
@@ -403,6 +452,7 @@ impl ClusterState {
             target.vms.insert(e.vm);
         }
         vm.host = Some(m.to);
+        vm.migration_failed_from = None;
         vm.incarnation = Some(m.target_incarnation);
         vm.generation = m.target_generation;
         vm.migration = None;
@@ -426,6 +476,7 @@ impl ClusterState {
         if vm.status == VmStatus::Migrating {
             vm.status = VmStatus::Running;
         }
+        vm.migration_failed_from = vm.host.clone();
         vm.last_event = id;
         vm.last_seq = seq;
         Applied::Changed
@@ -456,6 +507,17 @@ impl ClusterState {
         }
     }
 
+    fn host_admin(&mut self, host: &HostId, from: &[HostAdmin], to: HostAdmin, what: &str) -> Applied {
+        match self.hosts.get_mut(host) {
+            Some(h) if from.contains(&h.admin) => {
+                h.admin = to;
+                Applied::Changed
+            }
+            Some(h) => Applied::Ignored(format!("{what} for host {host} that is {}", h.status())),
+            None => Applied::Ignored(format!("{what} for unknown host {host}")),
+        }
+    }
+
     fn host_registered(&mut self, env: &Envelope, e: &HostRegistered) -> Applied {
         match self.hosts.get_mut(&e.host) {
             Some(h) => {
@@ -472,6 +534,7 @@ impl ClusterState {
                         labels: e.labels.clone(),
                         driver: e.driver.clone(),
                         state: HostState::Ready,
+                        admin: HostAdmin::InService,
                         allocated: Resources::ZERO,
                         vms: BTreeSet::new(),
                         incoming: BTreeSet::new(),
@@ -508,6 +571,7 @@ impl ClusterState {
                 migration: None,
                 failures: Vec::new(),
                 gave_up: false,
+                migration_failed_from: None,
             },
         );
         Applied::Changed
@@ -541,6 +605,7 @@ impl ClusterState {
         }
         if let Some(vm) = self.vms.get_mut(&e.vm) {
             vm.status = VmStatus::Placed;
+            vm.migration_failed_from = None;
             vm.host = Some(e.host.clone());
             vm.incarnation = Some(e.incarnation);
             vm.generation = e.generation;

@@ -94,7 +94,7 @@ impl From<&HostRecord> for HostView {
     fn from(h: &HostRecord) -> Self {
         HostView {
             id: h.id.to_string(),
-            state: h.state.as_str().to_owned(),
+            state: h.status().to_owned(),
             vcpus: h.capacity.vcpus,
             memory_mib: h.capacity.memory_mib,
             disk_gib: h.capacity.disk_gib,

@@ -109,6 +109,15 @@ pub enum EventKind {
     HostFailed(HostFailed),
     /// A suspected or failed host's heartbeats are back; it takes VMs again.
     HostRecovered(HostRecovered),
+    /// An operator cordoned a host: it takes no new VMs and keeps its own.
+    HostCordoned(HostCordoned),
+    /// An operator asked for a host to be emptied: its VMs are live-migrated away (or, when that
+    /// fails, stopped and started elsewhere).
+    HostDrainRequested(HostDrainRequested),
+    /// A draining host has no VMs left; it stays cordoned.
+    HostDrained(HostDrained),
+    /// An operator returned a cordoned or drained host to service.
+    HostUncordoned(HostUncordoned),
     /// Too many hosts went silent at once for it to be their fault: the orchestrator may be the
     /// one cut off, so nobody is declared failed until this clears.
     HealingPaused(HealingPaused),
@@ -160,6 +169,10 @@ impl EventKind {
             EventKind::HostSuspected(_) => "HostSuspected",
             EventKind::HostFailed(_) => "HostFailed",
             EventKind::HostRecovered(_) => "HostRecovered",
+            EventKind::HostCordoned(_) => "HostCordoned",
+            EventKind::HostDrainRequested(_) => "HostDrainRequested",
+            EventKind::HostDrained(_) => "HostDrained",
+            EventKind::HostUncordoned(_) => "HostUncordoned",
             EventKind::HealingPaused(_) => "HealingPaused",
             EventKind::HealingResumed(_) => "HealingResumed",
             EventKind::VmRequested(_) => "VmRequested",
@@ -445,4 +458,38 @@ pub struct VmGaveUp {
     pub window_ms: u64,
     /// For humans.
     pub reason: String,
+}
+
+/// Payload of [`EventKind::HostCordoned`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostCordoned {
+    /// The host.
+    pub host: HostId,
+}
+
+/// Payload of [`EventKind::HostDrainRequested`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostDrainRequested {
+    /// The host.
+    pub host: HostId,
+    /// VMs on it when the drain started.
+    pub vms: u32,
+}
+
+/// Payload of [`EventKind::HostDrained`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostDrained {
+    /// The host.
+    pub host: HostId,
+}
+
+/// Payload of [`EventKind::HostUncordoned`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostUncordoned {
+    /// The host.
+    pub host: HostId,
 }

@@ -164,6 +164,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
     };
     let failed =
         VmMigrationFailed { vm, reported_by: host(), target_incarnation: target, reason: "connection refused".into() };
+    // New fixtures go at the end: each one's id comes from its position.
     let events = [
         (
             "event-host-registered",
@@ -283,6 +284,10 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 reason: "failed 6 times within 600 s (at most 5 restarts); not restarted again".into(),
             }),
         ),
+        ("event-host-cordoned", EventKind::HostCordoned(HostCordoned { host: host() })),
+        ("event-host-drain-requested", EventKind::HostDrainRequested(HostDrainRequested { host: host(), vms: 12 })),
+        ("event-host-drained", EventKind::HostDrained(HostDrained { host: host() })),
+        ("event-host-uncordoned", EventKind::HostUncordoned(HostUncordoned { host: host() })),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));
@@ -350,7 +355,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
-    assert!(f.count >= 35);
+    assert!(f.count >= 39);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 
