@@ -1,0 +1,355 @@
+//! The reconcile pass: placement of pending VMs, healing, restarts, drains, deletions.
+
+use std::collections::BTreeMap;
+
+use novacron_scheduler::Placement;
+use novacron_state::{ClusterState, VmRecord, VmStatus};
+use novacron_types::event::VmDeleted;
+use novacron_types::{Envelope, EventKind, HostId, Resources, StartVm, StopVm};
+
+use super::*;
+
+/// How many live migrations may run at once.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrationLimits {
+    /// Out of one host.
+    pub per_host: usize,
+    /// In the whole cluster.
+    pub cluster: usize,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        MigrationLimits { per_host: 2, cluster: 8 }
+    }
+}
+
+/// Everything a reconcile pass is configured by.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReconcileSettings {
+    /// Restart policy timings.
+    pub restart: RestartTimings,
+    /// Live-migration concurrency.
+    pub migrations: MigrationLimits,
+}
+
+impl From<RestartTimings> for ReconcileSettings {
+    fn from(restart: RestartTimings) -> Self {
+        ReconcileSettings { restart, ..ReconcileSettings::default() }
+    }
+}
+
+/// How failed VMs are restarted.
+#[derive(Clone, Copy, Debug)]
+pub struct RestartTimings {
+    /// Wait after the first failure; doubled after each further failure in the window.
+    pub backoff_base: std::time::Duration,
+    /// The longest wait.
+    pub backoff_max: std::time::Duration,
+    /// More failures than this within `window` and the VM is given up (`VmGaveUp`).
+    pub max_restarts: u32,
+    /// The window failures are counted in.
+    pub window: std::time::Duration,
+}
+
+impl Default for RestartTimings {
+    fn default() -> Self {
+        RestartTimings {
+            backoff_base: std::time::Duration::from_secs(1),
+            backoff_max: std::time::Duration::from_secs(60),
+            max_restarts: 5,
+            window: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+/// [`reconcile_with`] the default restart timings.
+pub fn reconcile(state: &ClusterState, stamp: &mut impl Stamp, origin: &Origin) -> Vec<Envelope> {
+    reconcile_with(state, stamp, origin, RestartTimings::default())
+}
+
+/// What to do about a failed VM now: nothing yet (backoff), restart it (where), or give up.
+pub(crate) fn restart_step(
+    state: &ClusterState,
+    vm: &VmRecord,
+    now: u64,
+    t: RestartTimings,
+    reserved: &BTreeMap<HostId, Resources>,
+) -> Option<Result<Placement, (u32, String)>> {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let recent: Vec<&novacron_state::FailureRecord> =
+        vm.failures.iter().filter(|f| now.saturating_sub(f.at_ms) <= ms(t.window)).collect();
+    let n = u32::try_from(recent.len()).unwrap_or(u32::MAX).max(1);
+    if n > t.max_restarts {
+        let why = format!(
+            "failed {n} times within {} s (at most {} restarts); not restarted again",
+            t.window.as_secs(),
+            t.max_restarts
+        );
+        return Some(Err((n, why)));
+    }
+    let backoff = ms(t.backoff_base).saturating_mul(1u64 << (n - 1).min(20)).min(ms(t.backoff_max));
+    let last = vm.failures.last().map_or(0, |f| f.at_ms);
+    if now < last.saturating_add(backoff) {
+        return None;
+    }
+    // A VM that keeps failing on one host is tried on another.
+    let fails_here = recent.iter().filter(|f| Some(&f.host) == vm.host.as_ref()).count();
+    let avoid: Vec<HostId> = if fails_here >= 2 { vm.host.iter().cloned().collect() } else { Vec::new() };
+    let credit = if avoid.is_empty() { vm.host.clone().map(|h| (h, vm.spec.resources())) } else { None };
+    // In place when it may stay (its disk and warm caches are there); else wherever fits.
+    let mut decision = match (&credit, &vm.host) {
+        (Some(_), Some(current)) => {
+            let others: Vec<HostId> = state.hosts.keys().filter(|h| *h != current).cloned().collect();
+            let here = novacron_scheduler::PlacementRequest {
+                need: vm.spec.resources(),
+                avoid: others,
+                credit: credit.clone(),
+            };
+            novacron_scheduler::place_request(state, &here, reserved)
+        }
+        _ => Placement::Unplaceable { reason: String::new(), explanation: Default::default() },
+    };
+    if matches!(decision, Placement::Unplaceable { .. }) {
+        let req = novacron_scheduler::PlacementRequest { need: vm.spec.resources(), avoid, credit };
+        decision = novacron_scheduler::place_request(state, &req, reserved);
+    }
+    if let Placement::Host { explanation, host } = &mut decision {
+        let moved = if Some(&*host) == vm.host.as_ref() { String::new() } else { " on another host".to_owned() };
+        explanation.trigger = Some(format!("restart{moved} after failure {n} (backoff {} ms)", backoff));
+    }
+    Some(Ok(decision))
+}
+
+/// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch
+/// never double-books a host), command the start of placed VMs, heal the VMs of failed hosts,
+/// restart failed VMs (backoff, another host after repeated failures, give up after too many),
+/// and move deletions along.
+pub fn reconcile_with(
+    state: &ClusterState,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+    settings: impl Into<ReconcileSettings>,
+) -> Vec<Envelope> {
+    let settings = settings.into();
+    let restart = settings.restart;
+    // Migrations in flight, per source host and in all, for the drain's concurrency limits.
+    let mut migrating_from: BTreeMap<HostId, usize> = BTreeMap::new();
+    for vm in state.vms.values().filter(|v| v.migration.is_some()) {
+        if let Some(h) = &vm.host {
+            *migrating_from.entry(h.clone()).or_default() += 1;
+        }
+    }
+    let mut migrating_total: usize = migrating_from.values().sum();
+    let mut events = Vec::new();
+    let mut reserved: BTreeMap<HostId, Resources> = BTreeMap::new();
+    for vm in state.vms.values() {
+        let on_failed_host = vm
+            .host
+            .as_ref()
+            .and_then(|h| state.hosts.get(h))
+            .is_some_and(|h| h.state == novacron_state::HostState::Failed);
+        if let Some(m) = &vm.migration {
+            // A migration cannot finish if either end died: give it up; healing takes over.
+            let target_failed = state.hosts.get(&m.to).is_some_and(|h| h.state == novacron_state::HostState::Failed);
+            if (target_failed || on_failed_host) && !state.healing_paused {
+                let reported_by =
+                    if target_failed { m.to.clone() } else { vm.host.clone().unwrap_or_else(|| m.to.clone()) };
+                events.push(envelope(
+                    stamp,
+                    origin,
+                    EventKind::VmMigrationFailed(novacron_types::event::VmMigrationFailed {
+                        vm: vm.id,
+                        reported_by,
+                        target_incarnation: m.target_incarnation,
+                        reason: "a host of the migration failed".into(),
+                    }),
+                ));
+            }
+            continue;
+        }
+        if on_failed_host && vm.status != VmStatus::Deleted && !state.healing_paused {
+            if vm.delete_requested {
+                // Its host is dead and fenced: nothing runs; the deletion completes here.
+                events.push(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id })));
+                continue;
+            }
+            let mut decision = novacron_scheduler::place(state, vm.spec.resources(), &reserved);
+            if let Placement::Host { host, explanation } = &mut decision {
+                let r = reserved.entry(host.clone()).or_default();
+                *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
+            }
+            events.extend(placement_events(
+                state,
+                vm.id,
+                &vm.spec,
+                vm.generation,
+                decision,
+                vm.pending_reason.as_deref(),
+                stamp,
+                origin,
+            ));
+            continue;
+        }
+        let restartable = match vm.spec.restart {
+            novacron_types::RestartPolicy::Never => false,
+            novacron_types::RestartPolicy::OnFailure => vm.status == VmStatus::Failed,
+            novacron_types::RestartPolicy::Always => matches!(vm.status, VmStatus::Failed | VmStatus::Stopped),
+        };
+        if restartable && !vm.gave_up && !vm.delete_requested {
+            let now = stamp.now_ms();
+            match restart_step(state, vm, now, restart, &reserved) {
+                None => {}
+                Some(Err((failures, reason))) => events.push(envelope(
+                    stamp,
+                    origin,
+                    EventKind::VmGaveUp(novacron_types::event::VmGaveUp {
+                        vm: vm.id,
+                        failures,
+                        window_ms: u64::try_from(restart.window.as_millis()).unwrap_or(u64::MAX),
+                        reason,
+                    }),
+                )),
+                Some(Ok(decision)) => {
+                    if let Placement::Host { host, .. } = &decision {
+                        let r = reserved.entry(host.clone()).or_default();
+                        *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                    }
+                    events.extend(placement_events(
+                        state,
+                        vm.id,
+                        &vm.spec,
+                        vm.generation,
+                        decision,
+                        vm.pending_reason.as_deref(),
+                        stamp,
+                        origin,
+                    ));
+                }
+            }
+            continue;
+        }
+        let draining = vm
+            .host
+            .as_ref()
+            .filter(|h| state.hosts.get(*h).is_some_and(|r| r.admin == novacron_state::HostAdmin::Draining));
+        if let Some(source) = draining
+            && !vm.delete_requested
+        {
+            let reason = format!("draining host {source}");
+            match vm.status {
+                VmStatus::Running if vm.migration_failed_from.as_ref() != Some(source) => {
+                    let here = migrating_from.get(source).copied().unwrap_or(0);
+                    if here < settings.migrations.per_host && migrating_total < settings.migrations.cluster {
+                        match plan_migration(state, vm, None, &reason, &reserved, stamp, origin) {
+                            Ok((_, planned)) => {
+                                if let Some(EventKind::VmMigrationPlanned(p)) = planned.first().map(|e| &e.event) {
+                                    let r = reserved.entry(p.to.clone()).or_default();
+                                    *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                                }
+                                *migrating_from.entry(source.clone()).or_default() += 1;
+                                migrating_total += 1;
+                                events.extend(planned);
+                            }
+                            Err(e) => tracing::debug!(vm = %vm.id, error = %e, "drain: no live migration possible now"),
+                        }
+                    }
+                }
+                // Live migration failed from here: move it cold — stop it first, then (once it
+                // reports stopped) place it elsewhere. Never two copies.
+                VmStatus::Running => {
+                    if let (Some(host), Some(incarnation)) = (vm.host.clone(), vm.incarnation) {
+                        events.push(envelope(
+                            stamp,
+                            origin,
+                            EventKind::VmStopCommanded(StopVm {
+                                vm: vm.id,
+                                host,
+                                incarnation,
+                                generation: vm.generation,
+                                reason: format!("{reason}: live migration failed, moving it stopped"),
+                            }),
+                        ));
+                    }
+                }
+                VmStatus::Stopped | VmStatus::Failed | VmStatus::Placed | VmStatus::Pending => {
+                    let req = novacron_scheduler::PlacementRequest {
+                        need: vm.spec.resources(),
+                        avoid: vec![source.clone()],
+                        credit: None,
+                    };
+                    let mut decision = novacron_scheduler::place_request(state, &req, &reserved);
+                    if let Placement::Host { host, explanation } = &mut decision {
+                        let r = reserved.entry(host.clone()).or_default();
+                        *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                        explanation.trigger = Some(reason.clone());
+                    }
+                    events.extend(placement_events(
+                        state,
+                        vm.id,
+                        &vm.spec,
+                        vm.generation,
+                        decision,
+                        vm.pending_reason.as_deref(),
+                        stamp,
+                        origin,
+                    ));
+                }
+                _ => {} // starting, stopping, migrating: wait for it to settle
+            }
+            continue;
+        }
+        if vm.delete_requested {
+            if let Some(e) = deletion_step_if_needed(vm, stamp, origin) {
+                events.push(e);
+            }
+            continue;
+        }
+        match vm.status {
+            VmStatus::Pending => {
+                let decision = novacron_scheduler::place(state, vm.spec.resources(), &reserved);
+                if let Placement::Host { host, .. } = &decision {
+                    let r = reserved.entry(host.clone()).or_default();
+                    *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                }
+                events.extend(placement_events(
+                    state,
+                    vm.id,
+                    &vm.spec,
+                    vm.generation,
+                    decision,
+                    vm.pending_reason.as_deref(),
+                    stamp,
+                    origin,
+                ));
+            }
+            VmStatus::Placed => {
+                if let (Some(host), Some(incarnation)) = (vm.host.clone(), vm.incarnation) {
+                    events.push(envelope(
+                        stamp,
+                        origin,
+                        EventKind::VmStartCommanded(StartVm {
+                            vm: vm.id,
+                            host,
+                            incarnation,
+                            generation: vm.generation,
+                            spec: vm.spec.clone(),
+                        }),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    for h in state.hosts.values() {
+        if h.admin == novacron_state::HostAdmin::Draining && h.vms.is_empty() && h.incoming.is_empty() {
+            events.push(envelope(
+                stamp,
+                origin,
+                EventKind::HostDrained(novacron_types::event::HostDrained { host: h.id.clone() }),
+            ));
+        }
+    }
+    events
+}

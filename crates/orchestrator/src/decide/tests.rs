@@ -1,0 +1,500 @@
+use std::collections::BTreeMap;
+
+use novacron_state::{ClusterState, VmStatus};
+use novacron_types::{
+    Actor, Envelope, EventKind, Generation, HostId, IncarnationId, Report, ReportKind, Resources, VmId, VmSpec,
+};
+use uuid::Uuid;
+
+use novacron_types::event::HostRegistered;
+use novacron_types::report::HostRegistration;
+use novacron_types::{ReportId, SCHEMA_VERSION};
+
+use super::*;
+
+struct Fixed(u128);
+impl Stamp for Fixed {
+    fn now_ms(&mut self) -> u64 {
+        7
+    }
+    fn vm_id(&mut self) -> VmId {
+        self.0 += 1;
+        VmId(Uuid::from_u128(self.0))
+    }
+    fn incarnation_id(&mut self) -> IncarnationId {
+        self.0 += 1;
+        IncarnationId(Uuid::from_u128(self.0))
+    }
+}
+
+fn origin() -> Origin {
+    Origin { actor: Actor::User("t".into()), correlation: None }
+}
+
+fn spec(name: &str, vcpus: u32) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        vcpus,
+        memory_mib: 1024,
+        disk_gib: 0,
+        group: None,
+        labels: Default::default(),
+        restart: Default::default(),
+    }
+}
+
+fn apply_all(state: &mut ClusterState, events: &[Envelope]) {
+    for e in events {
+        let seq = state.seq + 1;
+        state.apply(seq, e);
+    }
+}
+
+fn with_host(vcpus: u32) -> ClusterState {
+    let mut s = ClusterState::default();
+    let e = Envelope::new(
+        0,
+        Actor::Agent(HostId::new("h1").unwrap()),
+        EventKind::HostRegistered(HostRegistered {
+            host: HostId::new("h1").unwrap(),
+            capacity: Resources { vcpus, memory_mib: 65536, disk_gib: 0 },
+            labels: Default::default(),
+            driver: "sim".into(),
+        }),
+    );
+    apply_all(&mut s, &[e]);
+    s
+}
+
+#[test]
+fn create_places_and_commands_the_start_in_one_decision() {
+    let mut s = with_host(8);
+    let (vm, events) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event.name()).collect();
+    assert_eq!(kinds, ["VmRequested", "VmPlaced", "VmStartCommanded"]);
+    apply_all(&mut s, &events);
+    assert_eq!(s.vms[&vm].status, VmStatus::Starting);
+    assert_eq!(s.vms[&vm].generation, Generation(1));
+    assert_eq!(create_vm(&s, spec("a", 1), &mut Fixed(9), &origin()).unwrap_err(), Refusal::NameInUse("a".into()));
+}
+
+#[test]
+fn a_pending_vm_is_placed_when_capacity_appears_and_failure_is_not_repeated() {
+    let mut s = ClusterState::default();
+    let (vm, events) = create_vm(&s, spec("big", 4), &mut Fixed(0), &origin()).unwrap();
+    assert_eq!(events.last().unwrap().event.name(), "VmPlacementFailed");
+    apply_all(&mut s, &events);
+    assert!(reconcile(&s, &mut Fixed(10), &origin()).is_empty(), "same failure is not appended again");
+
+    let reg = Report {
+        schema: SCHEMA_VERSION,
+        id: ReportId(Uuid::from_u128(99)),
+        host: HostId::new("h1").unwrap(),
+        at_ms: 1,
+        report: ReportKind::HostRegistration(HostRegistration {
+            capacity: Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 },
+            labels: Default::default(),
+            driver: "sim".into(),
+        }),
+    };
+    let ReportOutcome::Events(reg_events) = report(&s, &reg, &mut Fixed(20)) else { panic!() };
+    apply_all(&mut s, &reg_events);
+    let ReportOutcome::Events(again) = report(&s, &reg, &mut Fixed(30)) else { panic!() };
+    assert!(again.is_empty(), "a repeated registration changes nothing");
+
+    let placed = reconcile(&s, &mut Fixed(40), &origin());
+    apply_all(&mut s, &placed);
+    assert_eq!(s.vms[&vm].status, VmStatus::Starting);
+}
+
+#[test]
+fn reconcile_never_double_books_a_host_in_one_pass() {
+    let mut s = ClusterState::default();
+    for i in 0..5 {
+        let (_, ev) = create_vm(&s, spec(&format!("v{i}"), 2), &mut Fixed(i * 100), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+    }
+    let host = with_host(4);
+    apply_all(
+        &mut s,
+        &[Envelope::new(
+            0,
+            Actor::Agent(HostId::new("h1").unwrap()),
+            EventKind::HostRegistered(HostRegistered {
+                host: HostId::new("h1").unwrap(),
+                capacity: host.hosts.values().next().unwrap().capacity,
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        )],
+    );
+    let events = reconcile(&s, &mut Fixed(1000), &origin());
+    apply_all(&mut s, &events);
+    let h = s.hosts.values().next().unwrap();
+    assert_eq!(h.vms.len(), 2, "4 vCPUs hold two 2-vCPU VMs, no more");
+    assert!(h.allocated.fits_within(h.capacity));
+}
+
+#[test]
+fn reports_from_unknown_hosts_or_about_unknown_vms_are_rejected() {
+    let s = with_host(8);
+    let r = |host: &str| Report {
+        schema: SCHEMA_VERSION,
+        id: ReportId(Uuid::from_u128(3)),
+        host: HostId::new(host).unwrap(),
+        at_ms: 1,
+        report: ReportKind::VmRunning(novacron_types::event::VmIncarnationReport {
+            vm: VmId(Uuid::from_u128(1)),
+            host: HostId::new(host).unwrap(),
+            incarnation: IncarnationId(Uuid::from_u128(2)),
+            generation: Generation(1),
+        }),
+    };
+    let ReportOutcome::Reject(why) = report(&s, &r("stranger"), &mut Fixed(0)) else {
+        panic!("a report from an unknown host must be rejected")
+    };
+    assert!(why.contains("unknown host stranger"), "{why}");
+    let ReportOutcome::Reject(why) = report(&s, &r("h1"), &mut Fixed(0)) else {
+        panic!("a report about an unknown VM must be rejected")
+    };
+    assert!(why.contains("unknown VM"), "{why}");
+}
+
+#[test]
+fn deleting_a_running_vm_stops_it_first() {
+    let mut s = with_host(8);
+    let (vm, events) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+    apply_all(&mut s, &events);
+    let (_, del) = delete_vm(&s, "a", &mut Fixed(50), &origin()).unwrap();
+    let kinds: Vec<_> = del.iter().map(|e| e.event.name()).collect();
+    assert_eq!(kinds, ["VmDeleteRequested", "VmStopCommanded"]);
+    apply_all(&mut s, &del);
+    assert!(reconcile(&s, &mut Fixed(60), &origin()).is_empty(), "waits for the stop report");
+    assert_eq!(delete_vm(&s, "nope", &mut Fixed(70), &origin()).unwrap_err(), Refusal::NotFound("nope".into()));
+    let _ = vm;
+}
+
+fn hosts(n: u32) -> ClusterState {
+    let mut s = ClusterState::default();
+    for i in 1..=n {
+        let e = Envelope::new(
+            0,
+            Actor::Agent(HostId::new(format!("h{i}")).unwrap()),
+            EventKind::HostRegistered(HostRegistered {
+                host: HostId::new(format!("h{i}")).unwrap(),
+                capacity: Resources { vcpus: 8, memory_mib: 65536, disk_gib: 0 },
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        );
+        apply_all(&mut s, &[e]);
+    }
+    s
+}
+
+const T: FailureTimeouts = FailureTimeouts {
+    suspect_after: std::time::Duration::from_secs(5),
+    host_failure_timeout: std::time::Duration::from_secs(30),
+    agent_lease: std::time::Duration::from_secs(10),
+};
+
+fn silences(quiet: &[(&str, u64)]) -> BTreeMap<HostId, std::time::Duration> {
+    quiet.iter().map(|(h, s)| (HostId::new(*h).unwrap(), std::time::Duration::from_secs(*s))).collect()
+}
+
+fn names(events: &[Envelope]) -> Vec<&'static str> {
+    events.iter().map(|e| e.event.name()).collect()
+}
+
+#[test]
+fn a_silent_host_is_suspected_then_failed_and_recovers_when_it_speaks() {
+    let mut s = hosts(3);
+    let quiet = silences(&[("h1", 6), ("h2", 0), ("h3", 0)]);
+    let e = detect(&s, &quiet, T, &mut Fixed(0), &origin());
+    assert_eq!(names(&e), ["HostSuspected"]);
+    apply_all(&mut s, &e);
+    assert!(detect(&s, &silences(&[("h1", 29), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin()).is_empty());
+    let e = detect(&s, &silences(&[("h1", 31), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+    assert_eq!(names(&e), ["HostFailed"]);
+    let EventKind::HostFailed(f) = &e[0].event else { unreachable!() };
+    assert_eq!((f.silent_ms, f.agent_lease_ms), (31_000, 10_000), "the event says the lease was waited out");
+    apply_all(&mut s, &e);
+    let e = detect(&s, &silences(&[("h1", 0), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+    assert_eq!(names(&e), ["HostRecovered"]);
+}
+
+#[test]
+fn when_most_hosts_go_silent_at_once_healing_pauses_instead_of_evacuating() {
+    let mut s = hosts(3);
+    let e = detect(&s, &silences(&[("h1", 40), ("h2", 40), ("h3", 0)]), T, &mut Fixed(0), &origin());
+    assert_eq!(names(&e), ["HealingPaused"], "no host is suspected or failed");
+    apply_all(&mut s, &e);
+    assert!(s.healing_paused);
+    assert!(detect(&s, &silences(&[("h1", 90), ("h2", 90), ("h3", 0)]), T, &mut Fixed(0), &origin()).is_empty());
+    let e = detect(&s, &silences(&[("h1", 0), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+    assert_eq!(names(&e), ["HealingResumed"]);
+}
+
+#[test]
+fn vms_of_a_failed_host_are_placed_elsewhere_with_the_next_generation() {
+    let mut s = hosts(2);
+    let (vm, ev) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let h1 = HostId::new("h1").unwrap();
+    assert_eq!(s.vms[&vm].host.as_ref(), Some(&h1));
+    let down = detect(&s, &silences(&[("h1", 6), ("h2", 0)]), T, &mut Fixed(0), &origin());
+    apply_all(&mut s, &down);
+    assert!(reconcile(&s, &mut Fixed(10), &origin()).is_empty(), "a suspect host keeps its VMs");
+    let failed = detect(&s, &silences(&[("h1", 31), ("h2", 0)]), T, &mut Fixed(0), &origin());
+    apply_all(&mut s, &failed);
+    let healing = reconcile(&s, &mut Fixed(20), &origin());
+    assert_eq!(names(&healing), ["VmPlaced", "VmStartCommanded"]);
+    let EventKind::VmPlaced(p) = &healing[0].event else { unreachable!() };
+    assert_eq!(p.explanation.trigger.as_deref(), Some("host h1 failed"));
+    apply_all(&mut s, &healing);
+    let v = &s.vms[&vm];
+    assert_eq!((v.host.clone(), v.generation), (Some(HostId::new("h2").unwrap()), Generation(2)));
+    assert_eq!(s.hosts[&h1].allocated, Resources::ZERO);
+}
+
+#[test]
+fn a_superseded_incarnation_reported_running_is_told_to_stop() {
+    let mut s = hosts(2);
+    let (vm, ev) = create_vm(&s, spec("a", 2), &mut Fixed(0), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let old = s.vms[&vm].incarnation.unwrap();
+    for quiet in [6, 31] {
+        let e = detect(&s, &silences(&[("h1", quiet), ("h2", 0)]), T, &mut Fixed(0), &origin());
+        apply_all(&mut s, &e);
+    }
+    let healed = reconcile(&s, &mut Fixed(20), &origin());
+    apply_all(&mut s, &healed);
+    let stale = Report {
+        schema: SCHEMA_VERSION,
+        id: ReportId(Uuid::from_u128(77)),
+        host: HostId::new("h1").unwrap(),
+        at_ms: 1,
+        report: ReportKind::VmRunning(novacron_types::event::VmIncarnationReport {
+            vm,
+            host: HostId::new("h1").unwrap(),
+            incarnation: old,
+            generation: Generation(1),
+        }),
+    };
+    let ReportOutcome::Events(e) = report(&s, &stale, &mut Fixed(30)) else { panic!("not a rejection") };
+    assert_eq!(names(&e), ["VmStopCommanded"]);
+    let EventKind::VmStopCommanded(c) = &e[0].event else { unreachable!() };
+    assert_eq!((c.host.as_str(), c.incarnation), ("h1", old));
+}
+
+/// A stamp whose clock the test moves.
+struct Clock {
+    ids: u128,
+    now: u64,
+}
+impl Stamp for Clock {
+    fn now_ms(&mut self) -> u64 {
+        self.now
+    }
+    fn vm_id(&mut self) -> VmId {
+        self.ids += 1;
+        VmId(Uuid::from_u128(self.ids))
+    }
+    fn incarnation_id(&mut self) -> IncarnationId {
+        self.ids += 1;
+        IncarnationId(Uuid::from_u128(self.ids))
+    }
+}
+
+fn fail_now(s: &mut ClusterState, vm: VmId, at_ms: u64) {
+    let r = &s.vms[&vm];
+    let e = Envelope::new(
+        at_ms,
+        Actor::Agent(r.host.clone().unwrap()),
+        EventKind::VmFailed(novacron_types::event::VmFailed {
+            vm,
+            host: r.host.clone().unwrap(),
+            incarnation: r.incarnation.unwrap(),
+            generation: r.generation,
+            reason: "crashed".into(),
+        }),
+    );
+    apply_all(s, &[e]);
+}
+
+#[test]
+fn a_crashing_vm_is_restarted_with_backoff_then_moved_then_given_up() {
+    let t = RestartTimings {
+        backoff_base: std::time::Duration::from_secs(1),
+        backoff_max: std::time::Duration::from_secs(60),
+        max_restarts: 3,
+        window: std::time::Duration::from_secs(600),
+    };
+    let mut s = hosts(2);
+    let mut clock = Clock { ids: 1000, now: 0 };
+    let (vm, ev) = create_vm(&s, spec("crashy", 2), &mut clock, &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let h1 = HostId::new("h1").unwrap();
+
+    fail_now(&mut s, vm, 10_000);
+    clock.now = 10_500;
+    assert!(reconcile_with(&s, &mut clock, &origin(), t).is_empty(), "waits out the backoff");
+    clock.now = 11_000;
+    let e = reconcile_with(&s, &mut clock, &origin(), t);
+    assert_eq!(names(&e), ["VmPlaced", "VmStartCommanded"]);
+    let EventKind::VmPlaced(p) = &e[0].event else { unreachable!() };
+    assert_eq!(p.host, h1, "first restart in place");
+    assert_eq!(p.generation, Generation(2));
+    assert!(p.explanation.trigger.as_deref().unwrap().contains("after failure 1"));
+    apply_all(&mut s, &e);
+
+    fail_now(&mut s, vm, 20_000);
+    clock.now = 21_500;
+    assert!(reconcile_with(&s, &mut clock, &origin(), t).is_empty(), "the backoff doubled to 2 s");
+    clock.now = 22_000;
+    let e = reconcile_with(&s, &mut clock, &origin(), t);
+    let EventKind::VmPlaced(p) = &e[0].event else { panic!("{:?}", names(&e)) };
+    assert_eq!(p.host.as_str(), "h2", "two failures on h1: tried elsewhere");
+    assert!(p.explanation.trigger.as_deref().unwrap().contains("on another host"));
+    apply_all(&mut s, &e);
+    assert_eq!(s.hosts[&h1].allocated, Resources::ZERO);
+
+    fail_now(&mut s, vm, 30_000);
+    clock.now = 40_000;
+    let e = reconcile_with(&s, &mut clock, &origin(), t);
+    assert_eq!(names(&e), ["VmPlaced", "VmStartCommanded"], "third failure: restarted once more");
+    let EventKind::VmPlaced(p) = &e[0].event else { unreachable!() };
+    assert_eq!(p.host.as_str(), "h2", "one failure on h2: restarted in place there");
+    apply_all(&mut s, &e);
+    fail_now(&mut s, vm, 50_000);
+    clock.now = 60_000;
+    let e = reconcile_with(&s, &mut clock, &origin(), t);
+    assert_eq!(names(&e), ["VmGaveUp"], "a fourth failure exceeds 3 restarts");
+    apply_all(&mut s, &e);
+    assert!(s.vms[&vm].gave_up);
+    clock.now = 999_000;
+    assert!(reconcile_with(&s, &mut clock, &origin(), t).is_empty(), "given up stays given up");
+}
+
+#[test]
+fn a_vm_with_restart_never_stays_failed() {
+    let mut s = hosts(1);
+    let mut clock = Clock { ids: 0, now: 0 };
+    let mut sp = spec("once", 1);
+    sp.restart = novacron_types::RestartPolicy::Never;
+    let (vm, ev) = create_vm(&s, sp, &mut clock, &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    fail_now(&mut s, vm, 1_000);
+    clock.now = 1_000_000;
+    assert!(reconcile_with(&s, &mut clock, &origin(), RestartTimings::default()).is_empty());
+}
+
+#[test]
+fn host_actions_are_idempotent_and_refused_in_the_wrong_state() {
+    let mut s = hosts(2);
+    let (_, e) = host_action(&s, "h1", HostAction::Cordon, &mut Fixed(0), &origin()).unwrap();
+    assert_eq!(names(&e), ["HostCordoned"]);
+    apply_all(&mut s, &e);
+    let (_, again) = host_action(&s, "h1", HostAction::Cordon, &mut Fixed(0), &origin()).unwrap();
+    assert!(again.is_empty(), "cordoning twice is a no-op");
+    assert!(
+        create_vm(&s, spec("a", 1), &mut Fixed(10), &origin())
+            .unwrap()
+            .1
+            .iter()
+            .all(|e| { !matches!(&e.event, EventKind::VmPlaced(p) if p.host.as_str() == "h1") })
+    );
+    let (_, e) = host_action(&s, "h1", HostAction::Uncordon, &mut Fixed(0), &origin()).unwrap();
+    assert_eq!(names(&e), ["HostUncordoned"]);
+    let cordoned = s.clone();
+    apply_all(&mut s, &e);
+    assert_eq!(s.hosts[&HostId::new("h1").unwrap()].status(), "ready");
+    // Health is tracked apart from the cordon: a cordoned host that goes silent still fails.
+    let mut c = cordoned;
+    for quiet in [6, 31] {
+        let e = detect(&c, &silences(&[("h1", quiet), ("h2", 0)]), T, &mut Fixed(0), &origin());
+        apply_all(&mut c, &e);
+    }
+    assert_eq!(c.hosts[&HostId::new("h1").unwrap()].status(), "failed");
+    assert!(matches!(host_action(&s, "nope", HostAction::Drain, &mut Fixed(0), &origin()), Err(Refusal::NotFound(_))));
+    // A failed host cannot be drained.
+    for quiet in [6, 31] {
+        let e = detect(&s, &silences(&[("h1", quiet), ("h2", 0)]), T, &mut Fixed(0), &origin());
+        apply_all(&mut s, &e);
+    }
+    assert!(matches!(host_action(&s, "h1", HostAction::Drain, &mut Fixed(0), &origin()), Err(Refusal::Conflict(_))));
+}
+
+fn run_vm_on(s: &mut ClusterState, vm: VmId, host: &str) {
+    let r = &s.vms[&vm];
+    let e = Envelope::new(
+        0,
+        Actor::Agent(HostId::new(host).unwrap()),
+        EventKind::VmRunning(novacron_types::event::VmIncarnationReport {
+            vm,
+            host: HostId::new(host).unwrap(),
+            incarnation: r.incarnation.unwrap(),
+            generation: r.generation,
+        }),
+    );
+    apply_all(s, &[e]);
+}
+
+#[test]
+fn a_drain_migrates_within_its_limits_and_moves_cold_what_cannot_migrate() {
+    let mut s = hosts(3);
+    let mut vms = Vec::new();
+    for i in 0..3 {
+        let (vm, ev) = create_vm(&s, spec(&format!("v{i}"), 1), &mut Fixed(100 * (i + 1)), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        run_vm_on(&mut s, vm, "h1");
+        vms.push(vm);
+    }
+    let (_, e) = host_action(&s, "h1", HostAction::Drain, &mut Fixed(0), &origin()).unwrap();
+    apply_all(&mut s, &e);
+    let limits = ReconcileSettings { migrations: MigrationLimits { per_host: 2, cluster: 8 }, ..Default::default() };
+    let e = reconcile_with(&s, &mut Fixed(1000), &origin(), limits);
+    let planned = e.iter().filter(|e| matches!(e.event, EventKind::VmMigrationPlanned(_))).count();
+    assert_eq!(planned, 2, "at most two migrations out of one host at once");
+    apply_all(&mut s, &e);
+    assert!(
+        reconcile_with(&s, &mut Fixed(2000), &origin(), limits)
+            .iter()
+            .all(|e| !matches!(e.event, EventKind::VmMigrationPlanned(_)))
+    );
+
+    // One migration fails: that VM is moved cold — stopped first.
+    let failing = vms.iter().copied().find(|v| s.vms[v].migration.is_some()).unwrap();
+    let target = s.vms[&failing].migration.as_ref().unwrap().target_incarnation;
+    let failed = Envelope::new(
+        0,
+        Actor::Agent(HostId::new("h1").unwrap()),
+        EventKind::VmMigrationFailed(novacron_types::event::VmMigrationFailed {
+            vm: failing,
+            reported_by: HostId::new("h1").unwrap(),
+            target_incarnation: target,
+            reason: "test".into(),
+        }),
+    );
+    apply_all(&mut s, &[failed]);
+    let e = reconcile_with(&s, &mut Fixed(3000), &origin(), limits);
+    assert!(e.iter().any(|e| matches!(&e.event, EventKind::VmStopCommanded(c) if c.vm == failing)), "{:?}", names(&e));
+    apply_all(&mut s, &e);
+    let stopped = Envelope::new(
+        0,
+        Actor::Agent(HostId::new("h1").unwrap()),
+        EventKind::VmStopped(novacron_types::event::VmIncarnationReport {
+            vm: failing,
+            host: HostId::new("h1").unwrap(),
+            incarnation: s.vms[&failing].incarnation.unwrap(),
+            generation: s.vms[&failing].generation,
+        }),
+    );
+    apply_all(&mut s, &[stopped]);
+    let e = reconcile_with(&s, &mut Fixed(4000), &origin(), limits);
+    let placed = e.iter().find_map(|e| match &e.event {
+        EventKind::VmPlaced(p) if p.vm == failing => Some(p.host.clone()),
+        _ => None,
+    });
+    assert!(placed.is_some_and(|h| h.as_str() != "h1"), "then placed elsewhere: {:?}", names(&e));
+}

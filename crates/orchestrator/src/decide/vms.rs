@@ -1,0 +1,245 @@
+//! Decisions about one VM: create, delete, migrate; and the placement events they share.
+
+use std::collections::BTreeMap;
+
+use novacron_scheduler::Placement;
+use novacron_state::{ClusterState, VmRecord, VmStatus};
+use novacron_types::event::{
+    VmDeleteRequested, VmDeleted, VmMigrationPlanned, VmPlaced, VmPlacementFailed, VmRequested,
+};
+use novacron_types::{
+    Envelope, EventKind, Generation, HostId, PrepareIncoming, Resources, StartVm, StopVm, VmId, VmSpec,
+};
+
+use super::*;
+
+/// A new VM: `VmRequested`, then its placement (`VmPlaced` + `VmStartCommanded`, or
+/// `VmPlacementFailed`). Returns the new VM's id with the events.
+///
+/// # Errors
+/// A [`Refusal`] when the name is taken.
+pub fn create_vm(
+    state: &ClusterState,
+    spec: VmSpec,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    if state.names.contains_key(&spec.name) {
+        return Err(Refusal::NameInUse(spec.name));
+    }
+    let vm = stamp.vm_id();
+    let need = spec.resources();
+    let mut events = vec![envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() }))];
+    let decision = novacron_scheduler::place(state, need, &BTreeMap::new());
+    events.extend(placement_events(state, vm, &spec, Generation(0), decision, None, stamp, origin));
+    Ok((vm, events))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn placement_events(
+    state: &ClusterState,
+    vm: VmId,
+    spec: &VmSpec,
+    current: Generation,
+    decision: Placement,
+    previous_failure: Option<&str>,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Vec<Envelope> {
+    match decision {
+        Placement::Host { host, mut explanation } => {
+            explanation.log_seq = state.seq;
+            let incarnation = stamp.incarnation_id();
+            let generation = current.next().unwrap_or(current);
+            let placed = envelope(
+                stamp,
+                origin,
+                EventKind::VmPlaced(VmPlaced { vm, host: host.clone(), incarnation, generation, explanation }),
+            );
+            let cause = placed.id.0;
+            let start = envelope(
+                stamp,
+                origin,
+                EventKind::VmStartCommanded(StartVm { vm, host, incarnation, generation, spec: spec.clone() }),
+            )
+            .caused_by(cause);
+            vec![placed, start]
+        }
+        Placement::Unplaceable { reason, explanation } => {
+            if previous_failure == Some(reason.as_str()) {
+                return Vec::new(); // nothing new to say; don't flood the log
+            }
+            vec![envelope(stamp, origin, EventKind::VmPlacementFailed(VmPlacementFailed { vm, reason, explanation }))]
+        }
+    }
+}
+
+/// Finds a VM by id or by (live) name.
+#[must_use]
+pub fn find_vm<'a>(state: &'a ClusterState, key: &str) -> Option<&'a VmRecord> {
+    if let Ok(id) = key.parse::<VmId>() {
+        return state.vms.get(&id);
+    }
+    state.names.get(key).and_then(|id| state.vms.get(id))
+}
+
+/// An operator's delete: `VmDeleteRequested`, then what it takes (stop command, or `VmDeleted`).
+///
+/// # Errors
+/// A [`Refusal`] when there is no such VM or it is already deleted.
+pub fn delete_vm(
+    state: &ClusterState,
+    key: &str,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
+    if vm.status == VmStatus::Deleted {
+        return Err(Refusal::AlreadyDeleted(vm.id));
+    }
+    let mut events = Vec::new();
+    if !vm.delete_requested {
+        events.push(envelope(stamp, origin, EventKind::VmDeleteRequested(VmDeleteRequested { vm: vm.id })));
+    }
+    if let Some(e) = deletion_step(vm, stamp, origin) {
+        events.push(e);
+    }
+    Ok((vm.id, events))
+}
+
+/// The next step of deleting a VM whose deletion was requested: stop it if something may run,
+/// or mark it deleted if nothing does. `None` while a stop is under way.
+pub(crate) fn deletion_step(vm: &VmRecord, stamp: &mut impl Stamp, origin: &Origin) -> Option<Envelope> {
+    match (vm.status, vm.host.as_ref(), vm.incarnation) {
+        (VmStatus::Starting | VmStatus::Running, Some(host), Some(incarnation)) => Some(envelope(
+            stamp,
+            origin,
+            EventKind::VmStopCommanded(StopVm {
+                vm: vm.id,
+                host: host.clone(),
+                incarnation,
+                generation: vm.generation,
+                reason: "deleted by operator".into(),
+            }),
+        )),
+        (VmStatus::Stopping | VmStatus::Migrating | VmStatus::Deleted, _, _) => None,
+        _ => Some(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id }))),
+    }
+}
+
+/// Like [`deletion_step`], but only where a step is still missing: a VM already `Stopping`
+/// waits for its report; one `Running` after a stop command is waiting too.
+pub(crate) fn deletion_step_if_needed(vm: &VmRecord, stamp: &mut impl Stamp, origin: &Origin) -> Option<Envelope> {
+    match vm.status {
+        VmStatus::Deleted | VmStatus::Stopping | VmStatus::Migrating => None,
+        _ => deletion_step(vm, stamp, origin),
+    }
+}
+
+/// An operator's (or a planner's) live migration: `VmMigrationPlanned` (reserving the
+/// destination) and the command to the destination to prepare an incoming incarnation. The rest
+/// of the saga is driven by the agents' reports (see [`report`]).
+///
+/// # Errors
+/// A [`Refusal`] when the VM cannot move now or the destination cannot take it.
+pub fn migrate_vm(
+    state: &ClusterState,
+    key: &str,
+    to: Option<&str>,
+    reason: &str,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
+    plan_migration(state, vm, to, reason, &BTreeMap::new(), stamp, origin)
+}
+
+/// Plans one live migration of `vm` (see [`migrate_vm`]); `reserved` holds what earlier
+/// decisions of the same pass took on each host.
+pub(crate) fn plan_migration(
+    state: &ClusterState,
+    vm: &VmRecord,
+    to: Option<&str>,
+    reason: &str,
+    reserved: &BTreeMap<HostId, Resources>,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    let (Some(from), Some(source_incarnation)) = (vm.host.clone(), vm.incarnation) else {
+        return Err(Refusal::Conflict(format!("VM {} is not placed", vm.id)));
+    };
+    if vm.status != VmStatus::Running || vm.migration.is_some() || vm.delete_requested {
+        return Err(Refusal::Conflict(format!(
+            "only a running VM can be migrated; {} is {}",
+            vm.spec.name,
+            vm.status.as_str()
+        )));
+    }
+    let need = vm.spec.resources();
+    let fits = |h: &novacron_state::HostRecord| {
+        let taken = reserved.get(&h.id).copied().unwrap_or(Resources::ZERO);
+        h.schedulable() && need.fits_within(h.free().saturating_sub(taken))
+    };
+    let to = match to {
+        Some(t) => {
+            let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;
+            let record = state
+                .hosts
+                .get(&host)
+                .ok_or_else(|| Refusal::Invalid { field: "to".into(), reason: format!("unknown host {host}") })?;
+            if host == from {
+                return Err(Refusal::Invalid {
+                    field: "to".into(),
+                    reason: format!("{} already runs on {host}", vm.spec.name),
+                });
+            }
+            if !fits(record) {
+                return Err(Refusal::Conflict(format!(
+                    "host {host} cannot take {} ({} state, {}/{} vCPUs and {}/{} MiB free)",
+                    vm.spec.name,
+                    record.state.as_str(),
+                    record.free().vcpus,
+                    record.capacity.vcpus,
+                    record.free().memory_mib,
+                    record.capacity.memory_mib
+                )));
+            }
+            host
+        }
+        None => state
+            .hosts
+            .values()
+            .find(|h| h.id != from && fits(h))
+            .map(|h| h.id.clone())
+            .ok_or_else(|| Refusal::Conflict(format!("no other host can take {}", vm.spec.name)))?,
+    };
+    let target_incarnation = stamp.incarnation_id();
+    let target_generation = vm.generation.next().unwrap_or(vm.generation);
+    let planned = envelope(
+        stamp,
+        origin,
+        EventKind::VmMigrationPlanned(VmMigrationPlanned {
+            vm: vm.id,
+            from,
+            to: to.clone(),
+            source_incarnation,
+            target_incarnation,
+            target_generation,
+            reason: reason.to_owned(),
+        }),
+    );
+    let cause = planned.id.0;
+    let prepare = envelope(
+        stamp,
+        origin,
+        EventKind::VmIncomingCommanded(PrepareIncoming {
+            vm: vm.id,
+            host: to,
+            incarnation: target_incarnation,
+            generation: target_generation,
+            spec: vm.spec.clone(),
+        }),
+    )
+    .caused_by(cause);
+    Ok((vm.id, vec![planned, prepare]))
+}
