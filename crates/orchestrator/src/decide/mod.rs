@@ -10,7 +10,7 @@
 //! | [`vms`] | create, delete, migrate one VM; the placement events they share |
 //! | [`hosts`] | cordon, drain, uncordon; failure detection from heartbeat silences |
 //! | [`reports`] | what an agent's report means for the log |
-//! | [`reconcile`] | the periodic pass: place, heal, restart, drain, delete |
+//! | [`reconcile`](mod@reconcile) | the periodic pass: place, heal, restart, drain, delete |
 
 use novacron_types::{Actor, Envelope, EventKind, IncarnationId, VmId};
 use uuid::Uuid;
