@@ -105,6 +105,7 @@ impl Cluster {
                 group: None,
                 labels: Default::default(),
                 restart: Default::default(),
+                placement: Default::default(),
             };
             let origin = Origin { actor: Actor::User("test".into()), correlation: None };
             let view = self.orchestrator.engine.create_vm(spec, origin).await.unwrap();
@@ -249,6 +250,7 @@ async fn a_crash_looping_vm_is_restarted_with_backoff_moved_and_finally_given_up
         group: None,
         labels: Default::default(),
         restart: Default::default(),
+        placement: Default::default(),
     };
     let origin = Origin { actor: Actor::User("test".into()), correlation: None };
     let vm: VmId = orchestrator.engine.create_vm(spec, origin).await.unwrap().id.parse().unwrap();

@@ -74,6 +74,7 @@ impl SimCluster {
             group: None,
             labels: Default::default(),
             restart: Default::default(),
+            placement: Default::default(),
         };
         let view = self.orchestrator.engine.create_vm(spec, Self::origin()).await.unwrap();
         let vm: VmId = view.id.parse().unwrap();
@@ -232,6 +233,7 @@ async fn a_drain_empties_the_host_by_live_migration_and_moves_cold_what_cannot_m
         group: None,
         labels: Default::default(),
         restart: Default::default(),
+        placement: Default::default(),
     };
     let v = c.orchestrator.engine.create_vm(spec, SimCluster::origin()).await.unwrap();
     assert_ne!(v.host.as_deref(), Some("s1"));

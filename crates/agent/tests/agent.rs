@@ -90,6 +90,7 @@ impl Harness {
                     group: None,
                     labels: Default::default(),
                     restart: Default::default(),
+                    placement: Default::default(),
                 },
             }),
         )

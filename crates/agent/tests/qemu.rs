@@ -28,6 +28,7 @@ fn start_cmd(vm: VmId, incarnation: IncarnationId, disk_gib: u64) -> StartVm {
             group: None,
             labels: Default::default(),
             restart: Default::default(),
+            placement: Default::default(),
         },
     }
 }

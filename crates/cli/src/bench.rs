@@ -97,6 +97,7 @@ fn workload(n: usize) -> Vec<Envelope> {
             group: None,
             labels: Default::default(),
             restart: Default::default(),
+            placement: Default::default(),
         };
         let g = Generation::FIRST;
         let report = VmIncarnationReport { vm, host: host.clone(), incarnation, generation: g };

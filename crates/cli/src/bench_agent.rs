@@ -55,6 +55,7 @@ fn spec(memory_mib: u64) -> VmSpec {
         group: None,
         labels: Default::default(),
         restart: Default::default(),
+        placement: Default::default(),
     }
 }
 

@@ -45,6 +45,7 @@ fn vm_event(name: &str) -> Envelope {
                 group: None,
                 labels: Default::default(),
                 restart: Default::default(),
+                placement: Default::default(),
             },
         }),
     )

@@ -195,6 +195,7 @@ fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
         group: b.group,
         labels: b.labels.unwrap_or_default(),
         restart: b.restart.unwrap_or_default(),
+        placement: Default::default(),
     };
     spec.validate().map_err(|e| ApiError::field(e.field, e.reason))?;
     Ok(spec)

@@ -257,8 +257,9 @@ impl Engine {
     async fn handle(&mut self, req: Request) {
         match req {
             Request::CreateVm { spec, origin, reply } => {
+                let planning = self.planning();
                 let r = self
-                    .decide_and_commit(|s| decide::create_vm(s, spec.clone(), &mut WallClock, &origin))
+                    .decide_and_commit(|s| decide::create_vm_with(s, spec.clone(), &planning, &mut WallClock, &origin))
                     .await
                     .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
                 if r.is_ok() {
@@ -274,9 +275,11 @@ impl Engine {
                 let _ = reply.send(r);
             }
             Request::MigrateVm { key, to, origin, reply } => {
+                let planning = self.planning();
                 let r = self
                     .decide_and_commit(|s| {
-                        decide::migrate_vm(s, &key, to.as_deref(), "requested by an operator", &mut WallClock, &origin)
+                        let reason = "requested by an operator";
+                        decide::migrate_vm_with(s, &key, to.as_deref(), reason, &planning, &mut WallClock, &origin)
                     })
                     .await
                     .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
@@ -345,13 +348,32 @@ impl Engine {
                 return;
             }
         }
-        let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, self.cfg.reconcile);
+        let mut settings = self.cfg.reconcile.clone();
+        settings.planning.load = self.load_view();
+        let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, settings);
         if events.is_empty() {
             return;
         }
         if let Err(e) = self.commit(&events).await {
             tracing::warn!(error = %e, "reconcile pass not committed; the next pass retries");
         }
+    }
+
+    /// The planner's inputs: its settings and the latest CPU load per host from telemetry.
+    fn planning(&self) -> decide::Planning {
+        decide::Planning { config: self.cfg.reconcile.planning.config.clone(), load: self.load_view() }
+    }
+
+    fn load_view(&self) -> novacron_scheduler::LoadView {
+        let obs = crate::ingest::lock(&self.cfg.observations);
+        let mut view = novacron_scheduler::LoadView::default();
+        for (host, o) in &obs.hosts {
+            if let Some(t) = &o.telemetry {
+                view.cpu_util.insert(host.clone(), t.cpu_util);
+                view.watermark_ms = Some(view.watermark_ms.map_or(t.at_ms, |w| w.max(t.at_ms)));
+            }
+        }
+        view
     }
 
     /// How long each known host has been silent, on this process's monotonic clock.

@@ -57,6 +57,8 @@ pub struct OrchestratorConfig {
     pub restart: decide::RestartTimings,
     /// How many live migrations (drains) may run at once.
     pub migration_limits: decide::MigrationLimits,
+    /// Placement strategy, overcommit, limits and score weights.
+    pub planner: novacron_scheduler::PlannerConfig,
 }
 
 impl OrchestratorConfig {
@@ -77,6 +79,7 @@ impl OrchestratorConfig {
             agent_lease: novacron_protocol::DEFAULT_AGENT_LEASE,
             restart: decide::RestartTimings::default(),
             migration_limits: decide::MigrationLimits::default(),
+            planner: novacron_scheduler::PlannerConfig::default(),
         }
     }
 }
@@ -164,7 +167,11 @@ impl Orchestrator {
                 agent_lease: cfg.agent_lease,
             },
             observations: observations.clone(),
-            reconcile: decide::ReconcileSettings { restart: cfg.restart, migrations: cfg.migration_limits },
+            reconcile: decide::ReconcileSettings {
+                restart: cfg.restart,
+                migrations: cfg.migration_limits,
+                planning: decide::Planning { config: cfg.planner.clone(), load: Default::default() },
+            },
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 

@@ -28,6 +28,7 @@ fn spec(i: u8) -> VmSpec {
         group: None,
         labels: Default::default(),
         restart: Default::default(),
+        placement: Default::default(),
     }
 }
 

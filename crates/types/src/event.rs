@@ -238,6 +238,9 @@ pub struct PlacementExplanation {
     /// What made the planner run, when it was not a new request (e.g. `host h7 failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
+    /// The newest telemetry sample the load-aware score read, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry_watermark_ms: Option<u64>,
 }
 
 /// One host the planner weighed.

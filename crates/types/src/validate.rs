@@ -198,6 +198,7 @@ mod tests {
             group: None,
             labels: Default::default(),
             restart: Default::default(),
+            placement: Default::default(),
         };
         assert_eq!(s.validate().unwrap_err().field, "vcpus");
         s.vcpus = 2;

@@ -32,6 +32,50 @@ pub struct VmSpec {
     /// What to do when the VM fails (`on-failure` unless said otherwise).
     #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
     pub restart: RestartPolicy,
+    /// Where it may and prefers to run.
+    #[serde(default, skip_serializing_if = "PlacementRules::is_empty")]
+    pub placement: PlacementRules,
+}
+
+/// A VM's placement constraints and preferences.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRules {
+    /// Labels a host must carry (all of them, with these values).
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub require_labels: Labels,
+    /// Keep it off hosts that run other VMs of its group.
+    #[serde(default, skip_serializing_if = "AntiAffinity::is_none")]
+    pub group_anti_affinity: AntiAffinity,
+}
+
+impl PlacementRules {
+    /// No constraints and no preferences.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.require_labels.is_empty() && self.group_anti_affinity.is_none()
+    }
+}
+
+/// How strongly a VM avoids sharing a host with its group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AntiAffinity {
+    /// No preference.
+    #[default]
+    None,
+    /// A preference: the planner scores sharing down.
+    Soft,
+    /// A constraint: never on a host with another VM of its group.
+    Hard,
+}
+
+impl AntiAffinity {
+    /// Whether there is no preference.
+    #[must_use]
+    pub fn is_none(&self) -> bool {
+        *self == AntiAffinity::None
+    }
 }
 
 /// When the orchestrator restarts a VM by itself.

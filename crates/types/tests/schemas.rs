@@ -72,6 +72,7 @@ fn spec() -> VmSpec {
         group: Some("web".into()),
         labels: [("tier".to_owned(), "frontend".to_owned())].into(),
         restart: Default::default(),
+        placement: Default::default(),
     }
 }
 
@@ -137,6 +138,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             components: BTreeMap::from([("free_vcpus_after".to_owned(), 14.0)]),
         }],
         trigger: None,
+        telemetry_watermark_ms: None,
     };
     let healing = PlacementExplanation { trigger: Some("host rack2-h03 failed".into()), ..explanation.clone() };
     let target = IncarnationId(id(3));
@@ -288,6 +290,20 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         ("event-host-drain-requested", EventKind::HostDrainRequested(HostDrainRequested { host: host(), vms: 12 })),
         ("event-host-drained", EventKind::HostDrained(HostDrained { host: host() })),
         ("event-host-uncordoned", EventKind::HostUncordoned(HostUncordoned { host: host() })),
+        (
+            "event-vm-requested-with-rules",
+            EventKind::VmRequested(VmRequested {
+                vm,
+                spec: VmSpec {
+                    restart: RestartPolicy::Always,
+                    placement: PlacementRules {
+                        require_labels: [("gpu".to_owned(), "a100".to_owned())].into(),
+                        group_anti_affinity: AntiAffinity::Hard,
+                    },
+                    ..spec()
+                },
+            }),
+        ),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));
@@ -355,7 +371,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
-    assert!(f.count >= 39);
+    assert!(f.count >= 40);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 

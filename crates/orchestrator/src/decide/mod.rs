@@ -36,6 +36,15 @@ pub trait Stamp {
     fn incarnation_id(&mut self) -> IncarnationId;
 }
 
+/// What the planner works with: the cluster's settings and the latest load per host.
+#[derive(Clone, Debug, Default)]
+pub struct Planning {
+    /// Strategy, overcommit, limits, weights.
+    pub config: novacron_scheduler::PlannerConfig,
+    /// Observed CPU load per host and the telemetry watermark.
+    pub load: novacron_scheduler::LoadView,
+}
+
 /// The wall clock and UUID v7.
 pub struct WallClock;
 

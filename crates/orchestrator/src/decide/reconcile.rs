@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use novacron_scheduler::Placement;
 use novacron_state::{ClusterState, VmRecord, VmStatus};
 use novacron_types::event::VmDeleted;
-use novacron_types::{Envelope, EventKind, HostId, Resources, StartVm, StopVm};
+use novacron_types::{Envelope, EventKind, HostId, StartVm, StopVm};
+
+use novacron_scheduler::{Placement, PlacementRequest, Planner};
 
 use super::*;
 
@@ -25,12 +26,14 @@ impl Default for MigrationLimits {
 }
 
 /// Everything a reconcile pass is configured by.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ReconcileSettings {
     /// Restart policy timings.
     pub restart: RestartTimings,
     /// Live-migration concurrency.
     pub migrations: MigrationLimits,
+    /// The planner's settings and load view.
+    pub planning: Planning,
 }
 
 impl From<RestartTimings> for ReconcileSettings {
@@ -74,7 +77,7 @@ pub(crate) fn restart_step(
     vm: &VmRecord,
     now: u64,
     t: RestartTimings,
-    reserved: &BTreeMap<HostId, Resources>,
+    planner: &mut Planner<'_>,
 ) -> Option<Result<Placement, (u32, String)>> {
     let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let recent: Vec<&novacron_state::FailureRecord> =
@@ -95,28 +98,24 @@ pub(crate) fn restart_step(
     }
     // A VM that keeps failing on one host is tried on another.
     let fails_here = recent.iter().filter(|f| Some(&f.host) == vm.host.as_ref()).count();
-    let avoid: Vec<HostId> = if fails_here >= 2 { vm.host.iter().cloned().collect() } else { Vec::new() };
-    let credit = if avoid.is_empty() { vm.host.clone().map(|h| (h, vm.spec.resources())) } else { None };
-    // In place when it may stay (its disk and warm caches are there); else wherever fits.
-    let mut decision = match (&credit, &vm.host) {
-        (Some(_), Some(current)) => {
-            let others: Vec<HostId> = state.hosts.keys().filter(|h| *h != current).cloned().collect();
-            let here = novacron_scheduler::PlacementRequest {
-                need: vm.spec.resources(),
-                avoid: others,
-                credit: credit.clone(),
-            };
-            novacron_scheduler::place_request(state, &here, reserved)
-        }
-        _ => Placement::Unplaceable { reason: String::new(), explanation: Default::default() },
-    };
-    if matches!(decision, Placement::Unplaceable { .. }) {
-        let req = novacron_scheduler::PlacementRequest { need: vm.spec.resources(), avoid, credit };
-        decision = novacron_scheduler::place_request(state, &req, reserved);
+    let mut req = PlacementRequest::for_spec(&vm.spec);
+    let mut decision = None;
+    if fails_here < 2
+        && let Some(current) = &vm.host
+    {
+        // In place when it may stay (its disk and warm caches are there); its own reservation
+        // there counts as free.
+        req.credit = Some((current.clone(), vm.spec.resources()));
+        let mut here = req.clone();
+        here.avoid = state.hosts.keys().filter(|h| *h != current).cloned().collect();
+        decision = Some(planner.place(&here)).filter(|d| matches!(d, Placement::Host { .. }));
+    } else {
+        req.avoid.extend(vm.host.iter().cloned());
     }
+    let mut decision = decision.unwrap_or_else(|| planner.place(&req));
     if let Placement::Host { explanation, host } = &mut decision {
         let moved = if Some(&*host) == vm.host.as_ref() { String::new() } else { " on another host".to_owned() };
-        explanation.trigger = Some(format!("restart{moved} after failure {n} (backoff {} ms)", backoff));
+        explanation.trigger = Some(format!("restart{moved} after failure {n} (backoff {backoff} ms)"));
     }
     Some(Ok(decision))
 }
@@ -133,6 +132,8 @@ pub fn reconcile_with(
 ) -> Vec<Envelope> {
     let settings = settings.into();
     let restart = settings.restart;
+    // One planner for the whole pass: every decision sees what earlier ones took.
+    let mut planner = Planner::new(state, &settings.planning.config, &settings.planning.load);
     // Migrations in flight, per source host and in all, for the drain's concurrency limits.
     let mut migrating_from: BTreeMap<HostId, usize> = BTreeMap::new();
     for vm in state.vms.values().filter(|v| v.migration.is_some()) {
@@ -142,7 +143,6 @@ pub fn reconcile_with(
     }
     let mut migrating_total: usize = migrating_from.values().sum();
     let mut events = Vec::new();
-    let mut reserved: BTreeMap<HostId, Resources> = BTreeMap::new();
     for vm in state.vms.values() {
         let on_failed_host = vm
             .host
@@ -174,10 +174,8 @@ pub fn reconcile_with(
                 events.push(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id })));
                 continue;
             }
-            let mut decision = novacron_scheduler::place(state, vm.spec.resources(), &reserved);
-            if let Placement::Host { host, explanation } = &mut decision {
-                let r = reserved.entry(host.clone()).or_default();
-                *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+            let mut decision = planner.place(&PlacementRequest::for_spec(&vm.spec));
+            if let Placement::Host { explanation, .. } = &mut decision {
                 explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
             }
             events.extend(placement_events(
@@ -199,7 +197,7 @@ pub fn reconcile_with(
         };
         if restartable && !vm.gave_up && !vm.delete_requested {
             let now = stamp.now_ms();
-            match restart_step(state, vm, now, restart, &reserved) {
+            match restart_step(state, vm, now, restart, &mut planner) {
                 None => {}
                 Some(Err((failures, reason))) => events.push(envelope(
                     stamp,
@@ -212,10 +210,6 @@ pub fn reconcile_with(
                     }),
                 )),
                 Some(Ok(decision)) => {
-                    if let Placement::Host { host, .. } = &decision {
-                        let r = reserved.entry(host.clone()).or_default();
-                        *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
-                    }
                     events.extend(placement_events(
                         state,
                         vm.id,
@@ -242,12 +236,8 @@ pub fn reconcile_with(
                 VmStatus::Running if vm.migration_failed_from.as_ref() != Some(source) => {
                     let here = migrating_from.get(source).copied().unwrap_or(0);
                     if here < settings.migrations.per_host && migrating_total < settings.migrations.cluster {
-                        match plan_migration(state, vm, None, &reason, &reserved, stamp, origin) {
+                        match plan_migration(state, vm, None, &reason, &mut planner, stamp, origin) {
                             Ok((_, planned)) => {
-                                if let Some(EventKind::VmMigrationPlanned(p)) = planned.first().map(|e| &e.event) {
-                                    let r = reserved.entry(p.to.clone()).or_default();
-                                    *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
-                                }
                                 *migrating_from.entry(source.clone()).or_default() += 1;
                                 migrating_total += 1;
                                 events.extend(planned);
@@ -274,15 +264,10 @@ pub fn reconcile_with(
                     }
                 }
                 VmStatus::Stopped | VmStatus::Failed | VmStatus::Placed | VmStatus::Pending => {
-                    let req = novacron_scheduler::PlacementRequest {
-                        need: vm.spec.resources(),
-                        avoid: vec![source.clone()],
-                        credit: None,
-                    };
-                    let mut decision = novacron_scheduler::place_request(state, &req, &reserved);
-                    if let Placement::Host { host, explanation } = &mut decision {
-                        let r = reserved.entry(host.clone()).or_default();
-                        *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
+                    let mut req = PlacementRequest::for_spec(&vm.spec);
+                    req.avoid.push(source.clone());
+                    let mut decision = planner.place(&req);
+                    if let Placement::Host { explanation, .. } = &mut decision {
                         explanation.trigger = Some(reason.clone());
                     }
                     events.extend(placement_events(
@@ -308,11 +293,7 @@ pub fn reconcile_with(
         }
         match vm.status {
             VmStatus::Pending => {
-                let decision = novacron_scheduler::place(state, vm.spec.resources(), &reserved);
-                if let Placement::Host { host, .. } = &decision {
-                    let r = reserved.entry(host.clone()).or_default();
-                    *r = r.checked_add(vm.spec.resources()).unwrap_or(*r);
-                }
+                let decision = planner.place(&PlacementRequest::for_spec(&vm.spec));
                 events.extend(placement_events(
                     state,
                     vm.id,

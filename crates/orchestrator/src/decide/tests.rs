@@ -40,6 +40,7 @@ fn spec(name: &str, vcpus: u32) -> VmSpec {
         group: None,
         labels: Default::default(),
         restart: Default::default(),
+        placement: Default::default(),
     }
 }
 
@@ -453,12 +454,12 @@ fn a_drain_migrates_within_its_limits_and_moves_cold_what_cannot_migrate() {
     let (_, e) = host_action(&s, "h1", HostAction::Drain, &mut Fixed(0), &origin()).unwrap();
     apply_all(&mut s, &e);
     let limits = ReconcileSettings { migrations: MigrationLimits { per_host: 2, cluster: 8 }, ..Default::default() };
-    let e = reconcile_with(&s, &mut Fixed(1000), &origin(), limits);
+    let e = reconcile_with(&s, &mut Fixed(1000), &origin(), limits.clone());
     let planned = e.iter().filter(|e| matches!(e.event, EventKind::VmMigrationPlanned(_))).count();
     assert_eq!(planned, 2, "at most two migrations out of one host at once");
     apply_all(&mut s, &e);
     assert!(
-        reconcile_with(&s, &mut Fixed(2000), &origin(), limits)
+        reconcile_with(&s, &mut Fixed(2000), &origin(), limits.clone())
             .iter()
             .all(|e| !matches!(e.event, EventKind::VmMigrationPlanned(_)))
     );
@@ -477,7 +478,7 @@ fn a_drain_migrates_within_its_limits_and_moves_cold_what_cannot_migrate() {
         }),
     );
     apply_all(&mut s, &[failed]);
-    let e = reconcile_with(&s, &mut Fixed(3000), &origin(), limits);
+    let e = reconcile_with(&s, &mut Fixed(3000), &origin(), limits.clone());
     assert!(e.iter().any(|e| matches!(&e.event, EventKind::VmStopCommanded(c) if c.vm == failing)), "{:?}", names(&e));
     apply_all(&mut s, &e);
     let stopped = Envelope::new(
@@ -491,7 +492,7 @@ fn a_drain_migrates_within_its_limits_and_moves_cold_what_cannot_migrate() {
         }),
     );
     apply_all(&mut s, &[stopped]);
-    let e = reconcile_with(&s, &mut Fixed(4000), &origin(), limits);
+    let e = reconcile_with(&s, &mut Fixed(4000), &origin(), limits.clone());
     let placed = e.iter().find_map(|e| match &e.event {
         EventKind::VmPlaced(p) if p.vm == failing => Some(p.host.clone()),
         _ => None,

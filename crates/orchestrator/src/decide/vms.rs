@@ -1,15 +1,12 @@
 //! Decisions about one VM: create, delete, migrate; and the placement events they share.
 
-use std::collections::BTreeMap;
-
-use novacron_scheduler::Placement;
 use novacron_state::{ClusterState, VmRecord, VmStatus};
 use novacron_types::event::{
     VmDeleteRequested, VmDeleted, VmMigrationPlanned, VmPlaced, VmPlacementFailed, VmRequested,
 };
-use novacron_types::{
-    Envelope, EventKind, Generation, HostId, PrepareIncoming, Resources, StartVm, StopVm, VmId, VmSpec,
-};
+use novacron_types::{Envelope, EventKind, Generation, HostId, PrepareIncoming, StartVm, StopVm, VmId, VmSpec};
+
+use novacron_scheduler::{Placement, PlacementRequest, Planner};
 
 use super::*;
 
@@ -24,13 +21,26 @@ pub fn create_vm(
     stamp: &mut impl Stamp,
     origin: &Origin,
 ) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    create_vm_with(state, spec, &Planning::default(), stamp, origin)
+}
+
+/// [`create_vm`] with the cluster's planner settings and load view.
+///
+/// # Errors
+/// As [`create_vm`].
+pub fn create_vm_with(
+    state: &ClusterState,
+    spec: VmSpec,
+    planning: &Planning,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
     if state.names.contains_key(&spec.name) {
         return Err(Refusal::NameInUse(spec.name));
     }
     let vm = stamp.vm_id();
-    let need = spec.resources();
     let mut events = vec![envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() }))];
-    let decision = novacron_scheduler::place(state, need, &BTreeMap::new());
+    let decision = Planner::new(state, &planning.config, &planning.load).place(&PlacementRequest::for_spec(&spec));
     events.extend(placement_events(state, vm, &spec, Generation(0), decision, None, stamp, origin));
     Ok((vm, events))
 }
@@ -150,18 +160,35 @@ pub fn migrate_vm(
     stamp: &mut impl Stamp,
     origin: &Origin,
 ) -> Result<(VmId, Vec<Envelope>), Refusal> {
-    let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
-    plan_migration(state, vm, to, reason, &BTreeMap::new(), stamp, origin)
+    migrate_vm_with(state, key, to, reason, &Planning::default(), stamp, origin)
 }
 
-/// Plans one live migration of `vm` (see [`migrate_vm`]); `reserved` holds what earlier
-/// decisions of the same pass took on each host.
+/// [`migrate_vm`] with the cluster's planner settings and load view.
+///
+/// # Errors
+/// As [`migrate_vm`].
+pub fn migrate_vm_with(
+    state: &ClusterState,
+    key: &str,
+    to: Option<&str>,
+    reason: &str,
+    planning: &Planning,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(VmId, Vec<Envelope>), Refusal> {
+    let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
+    let mut planner = Planner::new(state, &planning.config, &planning.load);
+    plan_migration(state, vm, to, reason, &mut planner, stamp, origin)
+}
+
+/// Plans one live migration of `vm` (see [`migrate_vm`]); the planner holds what earlier
+/// decisions of the same pass took, and chooses (or checks) the destination with every filter.
 pub(crate) fn plan_migration(
     state: &ClusterState,
     vm: &VmRecord,
     to: Option<&str>,
     reason: &str,
-    reserved: &BTreeMap<HostId, Resources>,
+    planner: &mut Planner<'_>,
     stamp: &mut impl Stamp,
     origin: &Origin,
 ) -> Result<(VmId, Vec<Envelope>), Refusal> {
@@ -175,43 +202,34 @@ pub(crate) fn plan_migration(
             vm.status.as_str()
         )));
     }
-    let need = vm.spec.resources();
-    let fits = |h: &novacron_state::HostRecord| {
-        let taken = reserved.get(&h.id).copied().unwrap_or(Resources::ZERO);
-        h.schedulable() && need.fits_within(h.free().saturating_sub(taken))
-    };
-    let to = match to {
-        Some(t) => {
-            let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;
-            let record = state
-                .hosts
-                .get(&host)
-                .ok_or_else(|| Refusal::Invalid { field: "to".into(), reason: format!("unknown host {host}") })?;
-            if host == from {
-                return Err(Refusal::Invalid {
-                    field: "to".into(),
-                    reason: format!("{} already runs on {host}", vm.spec.name),
-                });
-            }
-            if !fits(record) {
-                return Err(Refusal::Conflict(format!(
-                    "host {host} cannot take {} ({} state, {}/{} vCPUs and {}/{} MiB free)",
-                    vm.spec.name,
-                    record.state.as_str(),
-                    record.free().vcpus,
-                    record.capacity.vcpus,
-                    record.free().memory_mib,
-                    record.capacity.memory_mib
-                )));
-            }
-            host
+    let mut req = PlacementRequest::for_spec(&vm.spec);
+    req.avoid.push(from.clone());
+    if let Some(t) = to {
+        let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;
+        if !state.hosts.contains_key(&host) {
+            return Err(Refusal::Invalid { field: "to".into(), reason: format!("unknown host {host}") });
         }
-        None => state
-            .hosts
-            .values()
-            .find(|h| h.id != from && fits(h))
-            .map(|h| h.id.clone())
-            .ok_or_else(|| Refusal::Conflict(format!("no other host can take {}", vm.spec.name)))?,
+        if host == from {
+            return Err(Refusal::Invalid {
+                field: "to".into(),
+                reason: format!("{} already runs on {host}", vm.spec.name),
+            });
+        }
+        // Only that host may be chosen; every filter still applies.
+        req.avoid = state.hosts.keys().filter(|h| **h != host).cloned().collect();
+    }
+    let to = match planner.place(&req) {
+        Placement::Host { host, .. } => host,
+        Placement::Unplaceable { explanation, .. } => {
+            let why: Vec<String> = explanation
+                .rejections
+                .iter()
+                .filter(|(f, _)| *f != novacron_scheduler::filters::AVOIDED)
+                .map(|(f, n)| format!("{f} eliminated {n}"))
+                .collect();
+            let target = to.map_or_else(|| "no other host".to_owned(), |t| format!("host {t}"));
+            return Err(Refusal::Conflict(format!("{target} can take {} ({})", vm.spec.name, why.join(", "))));
+        }
     };
     let target_incarnation = stamp.incarnation_id();
     let target_generation = vm.generation.next().unwrap_or(vm.generation);

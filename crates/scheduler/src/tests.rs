@@ -1,0 +1,209 @@
+use novacron_types::event::HostRegistered;
+use novacron_types::{Actor, Envelope, EventKind, Labels};
+use proptest::prelude::*;
+
+use super::Strategy;
+use super::*;
+
+/// A test host: vCPUs, memory MiB, labels.
+type HostSpec<'a> = (u32, u64, &'a [(&'a str, &'a str)]);
+
+fn state_with(hosts: &[HostSpec<'_>]) -> ClusterState {
+    let mut s = ClusterState::default();
+    for (i, (vcpus, mem, labels)) in hosts.iter().enumerate() {
+        let e = Envelope::new(
+            0,
+            Actor::Orchestrator("t".into()),
+            EventKind::HostRegistered(HostRegistered {
+                host: HostId::new(format!("h{i:02}")).unwrap(),
+                capacity: Resources { vcpus: *vcpus, memory_mib: *mem, disk_gib: 0 },
+                labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                driver: "sim".into(),
+            }),
+        );
+        s.apply(i as u64 + 1, &e);
+    }
+    s
+}
+
+/// A test host whose labels are owned by the test.
+type OwnedHost<'a> = (u32, u64, Vec<(&'a str, &'a str)>);
+
+fn req(vcpus: u32, mem: u64) -> PlacementRequest {
+    PlacementRequest { need: Resources { vcpus, memory_mib: mem, disk_gib: 0 }, ..PlacementRequest::default() }
+}
+
+fn host_of(p: &Placement) -> &str {
+    match p {
+        Placement::Host { host, .. } => host.as_str(),
+        Placement::Unplaceable { reason, .. } => panic!("unplaceable: {reason}"),
+    }
+}
+
+#[test]
+fn unplaceable_vm_explains_which_filter_eliminated_the_hosts() {
+    let s = state_with(&[(2, 1024, &[]), (4, 2048, &[])]);
+    let Placement::Unplaceable { reason, explanation } = place(&s, req(8, 512).need, &BTreeMap::new()) else {
+        panic!("8 vCPUs must not fit");
+    };
+    assert_eq!(explanation.rejections.get(filters::CAPACITY), Some(&2));
+    assert!(reason.contains("capacity eliminated 2 of 2"), "{reason}");
+}
+
+#[test]
+fn bin_pack_fills_a_host_and_spread_uses_the_emptiest() {
+    let s = state_with(&[(8, 8192, &[]), (8, 8192, &[])]);
+    let load = LoadView::default();
+    let pack = PlannerConfig::default();
+    let mut p = Planner::new(&s, &pack, &load);
+    let first = host_of(&p.place(&req(2, 1024))).to_owned();
+    assert_eq!(host_of(&p.place(&req(2, 1024))), first, "bin-pack goes back to the fuller host");
+    let spread = PlannerConfig { strategy: Strategy::Spread, ..PlannerConfig::default() };
+    let mut p = Planner::new(&s, &spread, &load);
+    let first = host_of(&p.place(&req(2, 1024))).to_owned();
+    assert_ne!(host_of(&p.place(&req(2, 1024))), first, "spread goes to the emptier host");
+}
+
+#[test]
+fn overcommit_ratios_come_from_the_cluster_and_the_host_label() {
+    let s = state_with(&[(4, 8192, &[("overcommit.cpu", "4")]), (4, 8192, &[])]);
+    let load = LoadView::default();
+    let cfg = PlannerConfig::default();
+    let mut p = Planner::new(&s, &cfg, &load);
+    let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
+    while let Placement::Host { host, .. } = p.place(&req(2, 256)) {
+        *per_host.entry(host.to_string()).or_default() += 1;
+        assert!(per_host.values().sum::<u32>() <= 10, "more placed than capacity allows: {per_host:?}");
+    }
+    assert_eq!(per_host.get("h00"), Some(&8), "h00 sells 4 × 4 = 16 vCPUs: {per_host:?}");
+    assert_eq!(per_host.get("h01"), Some(&2), "h01 sells its 4: {per_host:?}");
+}
+
+#[test]
+fn required_labels_max_vms_and_hard_anti_affinity_are_filters() {
+    let s = state_with(&[
+        (16, 16384, &[("gpu", "yes"), ("zone", "a")]),
+        (16, 16384, &[("zone", "b")]),
+        (16, 16384, &[("zone", "a")]),
+    ]);
+    let load = LoadView::default();
+    let cfg = PlannerConfig { max_vms_per_host: Some(1), ..PlannerConfig::default() };
+    let mut p = Planner::new(&s, &cfg, &load);
+    let mut gpu = req(1, 256);
+    gpu.require_labels = Labels::from([("gpu".to_owned(), "yes".to_owned())]);
+    assert_eq!(host_of(&p.place(&gpu)), "h00");
+    let Placement::Unplaceable { explanation, .. } = p.place(&gpu) else { panic!("h00 is at its max") };
+    assert_eq!(explanation.rejections.get(filters::REQUIRED_LABELS), Some(&2));
+    assert_eq!(explanation.rejections.get(filters::MAX_VMS), Some(&1));
+
+    let cfg = PlannerConfig::default();
+    let mut p = Planner::new(&s, &cfg, &load);
+    let mut web = req(1, 256);
+    web.group = Some("web".into());
+    web.anti_affinity = AntiAffinity::Hard;
+    let placed: Vec<String> = (0..3).map(|_| host_of(&p.place(&web)).to_owned()).collect();
+    let mut unique = placed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 3, "one per host: {placed:?}");
+    let Placement::Unplaceable { explanation, .. } = p.place(&web) else { panic!("a fourth has nowhere to go") };
+    assert_eq!(explanation.rejections.get(filters::ANTI_AFFINITY), Some(&3));
+}
+
+#[test]
+fn a_group_spreads_across_failure_domains_and_load_counts() {
+    let s = state_with(&[(16, 16384, &[("zone", "a")]), (16, 16384, &[("zone", "a")]), (16, 16384, &[("zone", "b")])]);
+    let load = LoadView::default();
+    let cfg = PlannerConfig::default();
+    let mut p = Planner::new(&s, &cfg, &load);
+    let mut db = req(1, 256);
+    db.group = Some("db".into());
+    let first = host_of(&p.place(&db)).to_owned();
+    let second = host_of(&p.place(&db)).to_owned();
+    let zone = |h: &str| s.hosts[&HostId::new(h).unwrap()].labels["zone"].clone();
+    assert_ne!(zone(&first), zone(&second), "the second replica goes to the other zone");
+
+    let busy = LoadView {
+        cpu_util: BTreeMap::from([(HostId::new("h00").unwrap(), 0.95), (HostId::new("h01").unwrap(), 0.05)]),
+        watermark_ms: Some(42),
+    };
+    let spread = PlannerConfig { strategy: Strategy::Spread, failure_domain_label: None, ..PlannerConfig::default() };
+    let two = state_with(&[(16, 16384, &[]), (16, 16384, &[])]);
+    let Placement::Host { host, explanation } = Planner::new(&two, &spread, &busy).place(&req(1, 256)) else {
+        panic!()
+    };
+    assert_eq!(host.as_str(), "h01", "the idle host wins when the fit is equal");
+    assert_eq!(explanation.telemetry_watermark_ms, Some(42), "the explanation says what it read");
+    assert!(explanation.candidates[0].components.contains_key("load"));
+}
+
+proptest! {
+    #[test]
+    fn placement_never_exceeds_capacity_or_breaks_a_hard_constraint(
+        hosts in prop::collection::vec((1u32..32, 512u64..65536, any::<bool>(), 0u8..3), 1..8),
+        vms in prop::collection::vec((1u32..16, 128u64..16384, 0u8..3, any::<bool>(), any::<bool>()), 1..40),
+        spread in any::<bool>(),
+        max_vms in prop::option::of(1u32..6),
+    ) {
+        let zones = ["a", "b", "c"];
+        let specs: Vec<OwnedHost<'_>> = hosts
+            .iter()
+            .map(|(c, m, gpu, z)| {
+                let mut l = vec![("zone", zones[*z as usize])];
+                if *gpu { l.push(("gpu", "yes")); }
+                (*c, *m, l)
+            })
+            .collect();
+        let refs: Vec<HostSpec<'_>> = specs.iter().map(|(c, m, l)| (*c, *m, l.as_slice())).collect();
+        let s = state_with(&refs);
+        let cfg = PlannerConfig {
+            strategy: if spread { Strategy::Spread } else { Strategy::BinPack },
+            max_vms_per_host: max_vms,
+            ..PlannerConfig::default()
+        };
+        let load = LoadView::default();
+        let mut p = Planner::new(&s, &cfg, &load);
+        let mut used: BTreeMap<HostId, (Resources, u32)> = BTreeMap::new();
+        let mut groups_on: BTreeMap<(HostId, u8), u32> = BTreeMap::new();
+        for (vcpus, mem, group, hard, gpu) in vms {
+            let mut r = req(vcpus, mem);
+            r.group = Some(format!("g{group}"));
+            if hard { r.anti_affinity = AntiAffinity::Hard; }
+            if gpu { r.require_labels = Labels::from([("gpu".to_owned(), "yes".to_owned())]); }
+            match p.place(&r) {
+                Placement::Host { host, explanation } => {
+                    let h = &s.hosts[&host];
+                    prop_assert!(!gpu || h.labels.get("gpu").map(String::as_str) == Some("yes"));
+                    if hard { prop_assert_eq!(groups_on.get(&(host.clone(), group)).copied().unwrap_or(0), 0); }
+                    let u = used.entry(host.clone()).or_default();
+                    u.0 = u.0.checked_add(r.need).unwrap();
+                    u.1 += 1;
+                    prop_assert!(u.0.fits_within(h.capacity), "{host} overcommitted: {:?}", u.0);
+                    if let Some(m) = max_vms { prop_assert!(u.1 <= m); }
+                    *groups_on.entry((host, group)).or_default() += 1;
+                    prop_assert_eq!(explanation.hosts_considered as usize, s.hosts.len());
+                }
+                Placement::Unplaceable { explanation, .. } => {
+                    let eliminated: u32 = explanation.rejections.values().sum();
+                    prop_assert_eq!(eliminated as usize, s.hosts.len(), "every host is accounted for");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_state_and_requests_give_the_same_decisions(
+        hosts in prop::collection::vec((1u32..32, 512u64..65536), 1..8),
+        vms in prop::collection::vec((1u32..8, 128u64..4096), 1..20),
+    ) {
+        let refs: Vec<HostSpec<'_>> = hosts.iter().map(|(c, m)| (*c, *m, &[][..])).collect();
+        let s = state_with(&refs);
+        let cfg = PlannerConfig::default();
+        let load = LoadView::default();
+        let run = || {
+            let mut p = Planner::new(&s, &cfg, &load);
+            vms.iter().map(|(c, m)| p.place(&req(*c, *m))).collect::<Vec<_>>()
+        };
+        prop_assert_eq!(run(), run());
+    }
+}
