@@ -40,10 +40,25 @@ enum Which {
     Append(AppendArgs),
     /// Everything, in one run.
     All(AppendArgs),
+    /// The pure placement planner: decisions per second and their latency.
+    Placement(PlacementArgs),
     /// QEMU start/stop times and live migration (KVM when usable, and TCG).
     Qemu(crate::bench_agent::QemuArgs),
     /// One agent process hosting many simulated hosts: command rate and memory per host.
     Fleet(crate::bench_agent::FleetArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct PlacementArgs {
+    /// Hosts in the cluster (64 vCPUs, 256 GiB each, in 10 zones).
+    #[arg(long, default_value_t = 10_000)]
+    hosts: u32,
+    /// VMs to place, one decision each (1–4 vCPUs, in groups of 10 with soft anti-affinity).
+    #[arg(long, default_value_t = 100_000)]
+    vms: u32,
+    /// Score every host for every decision (no candidate limit), for comparison.
+    #[arg(long)]
+    full_scan: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -262,6 +277,66 @@ async fn append_and_replay(a: &AppendArgs) -> anyhow::Result<(Value, Value)> {
     result
 }
 
+/// Places `vms` VMs one at a time into a cluster of `hosts`, as one long planning pass (every
+/// decision sees the ones before it), and times each decision.
+fn placement_bench(a: &PlacementArgs) -> Value {
+    use novacron_scheduler::{LoadView, Placement, PlacementRequest, Planner, PlannerConfig};
+    let mut state = ClusterState::default();
+    for i in 0..a.hosts {
+        let e = Envelope::new(
+            0,
+            Actor::Orchestrator("bench".into()),
+            EventKind::HostRegistered(HostRegistered {
+                host: HostId::new(format!("h{i:05}")).unwrap_or_else(|_| HostId::new("h").expect("valid")),
+                capacity: Resources { vcpus: 64, memory_mib: 256 * 1024, disk_gib: 0 },
+                labels: [("zone".to_owned(), format!("z{}", i % 10))].into(),
+                driver: "sim".into(),
+            }),
+        );
+        state.apply(u64::from(i) + 1, &e);
+    }
+    let cfg = PlannerConfig { max_candidates: if a.full_scan { None } else { Some(64) }, ..PlannerConfig::default() };
+    let load = LoadView::default();
+    let rss_before = rss_mib();
+    let mut planner = Planner::new(&state, &cfg, &load);
+    let mut latencies_us: Vec<f64> = Vec::with_capacity(a.vms as usize);
+    let mut placed = 0u32;
+    let t = Instant::now();
+    for i in 0..a.vms {
+        let req = PlacementRequest {
+            need: Resources { vcpus: 1 + i % 4, memory_mib: 2048, disk_gib: 0 },
+            group: Some(format!("g{}", i / 10)),
+            anti_affinity: novacron_types::AntiAffinity::Soft,
+            ..PlacementRequest::default()
+        };
+        let d = Instant::now();
+        if matches!(planner.place(&req), Placement::Host { .. }) {
+            placed += 1;
+        }
+        latencies_us.push(d.elapsed().as_secs_f64() * 1e6);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    latencies_us.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| latencies_us.get(((latencies_us.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0.0) / 1000.0;
+    json!({
+        "hosts": a.hosts, "vms": a.vms, "placed": placed, "seconds": secs, "max_candidates": cfg.max_candidates,
+        "placements_per_sec": f64::from(a.vms) / secs,
+        "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+        "rss_mib": rss_mib().max(rss_before),
+        "goal_placements_per_sec": 50_000,
+    })
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
@@ -300,7 +375,7 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
             a["ratio_to_fenced"].as_f64().unwrap_or(0.0),
         );
     }
-    for key in ["qemu", "fleet"] {
+    for key in ["placement", "qemu", "fleet"] {
         if let Some(v) = report.get(key) {
             println!("{key}: {}", serde_json::to_string_pretty(v)?);
         }
@@ -324,6 +399,7 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
             report["append"] = append;
             report["replay"] = replay;
         }
+        Which::Placement(a) => report["placement"] = placement_bench(&a),
         Which::Qemu(a) => report["qemu"] = crate::bench_agent::qemu(&a).await?,
         Which::Fleet(a) => report["fleet"] = crate::bench_agent::fleet(&a).await?,
         Which::All(a) => {

@@ -17,6 +17,12 @@
 //!   load              lower observed CPU utilisation (telemetry)
 //! ```
 //!
+//! In clusters larger than [`PlannerConfig::max_candidates`] (64) a decision does not score every
+//! host: it scans from where the previous decision of the pass landed and stops once that many
+//! feasible hosts are scored (a next-fit cursor, as Nomad limits its candidates). Filters still
+//! apply to every host it looks at, the explanation reports how many it looked at, and a VM is
+//! only unplaceable after every host was examined.
+//!
 //! A planner carries the reservations of the decisions it has already made, so one pass can
 //! place a batch without double-booking a host. It is pure: the same state, configuration,
 //! load view and requests give the same decisions, and each decision carries its
@@ -96,6 +102,9 @@ pub struct PlannerConfig {
     pub weights: Weights,
     /// How many candidates an explanation lists.
     pub explain_top: usize,
+    /// In clusters with more hosts than this, stop after scoring this many feasible hosts,
+    /// scanning from where the previous decision of the pass landed (`None`: always every host).
+    pub max_candidates: Option<usize>,
 }
 
 impl Default for PlannerConfig {
@@ -108,6 +117,7 @@ impl Default for PlannerConfig {
             failure_domain_label: Some("zone".into()),
             weights: Weights::default(),
             explain_top: 3,
+            max_candidates: Some(64),
         }
     }
 }
@@ -172,17 +182,67 @@ pub enum Placement {
     },
 }
 
+/// Facts about one host, computed once per planner.
+struct HostFacts {
+    /// Capacity × overcommit.
+    capacity: Resources,
+    /// Index of its failure domain in `Planner::domain_names`, if it has one.
+    domain: Option<usize>,
+    /// Observed CPU load, if known.
+    load: Option<f64>,
+}
+
+/// The score components of one candidate (kept as numbers while scanning; turned into the
+/// explanation's map only for the best few).
+#[derive(Clone, Copy)]
+struct Parts {
+    fit: f64,
+    domain_spread: Option<f64>,
+    anti_affinity: Option<f64>,
+    load: Option<f64>,
+}
+
+impl Parts {
+    fn total(&self, w: Weights) -> f64 {
+        w.fit * self.fit
+            + w.domain_spread * self.domain_spread.unwrap_or(0.0)
+            + w.anti_affinity * self.anti_affinity.unwrap_or(0.0)
+            + w.load * self.load.unwrap_or(0.0)
+    }
+
+    fn map(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        m.insert("fit".to_owned(), self.fit);
+        if let Some(v) = self.domain_spread {
+            m.insert("domain_spread".to_owned(), v);
+        }
+        if let Some(v) = self.anti_affinity {
+            m.insert("anti_affinity".to_owned(), v);
+        }
+        if let Some(v) = self.load {
+            m.insert("load".to_owned(), v);
+        }
+        m
+    }
+}
+
 /// Places VMs one request at a time, remembering what it placed.
 pub struct Planner<'a> {
     state: &'a ClusterState,
     cfg: &'a PlannerConfig,
     load: &'a LoadView,
-    /// Per group, per host: VMs of the group (the state's, plus this planner's own decisions).
-    groups: BTreeMap<String, BTreeMap<HostId, u32>>,
-    /// Per failure domain value, per group: VMs of the group.
-    domains: BTreeMap<(String, String), u32>,
-    /// What this planner's decisions took on each host: resources and VM count.
-    reserved: BTreeMap<HostId, (Resources, u32)>,
+    /// The hosts in id order, with their facts.
+    hosts: Vec<(&'a HostRecord, HostFacts)>,
+    /// Host id → position in `hosts`.
+    index: BTreeMap<HostId, usize>,
+    /// Per group: VMs of the group per host position (the state's, plus this planner's own).
+    groups: BTreeMap<String, BTreeMap<usize, u32>>,
+    /// Per group: VMs of the group per failure domain (index).
+    domains: BTreeMap<String, BTreeMap<usize, u32>>,
+    /// What this planner's decisions took on each host (by position): resources, VM count.
+    reserved: BTreeMap<usize, (Resources, u32)>,
+    /// Where the next limited scan starts: the previous winner's position.
+    cursor: usize,
 }
 
 fn ratio(labels: &Labels, key: &str, default: f64) -> f64 {
@@ -198,159 +258,185 @@ impl<'a> Planner<'a> {
     /// A planner over `state`.
     #[must_use]
     pub fn new(state: &'a ClusterState, cfg: &'a PlannerConfig, load: &'a LoadView) -> Planner<'a> {
-        let mut groups: BTreeMap<String, BTreeMap<HostId, u32>> = BTreeMap::new();
-        let mut domains = BTreeMap::new();
+        let mut domain_index: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut hosts = Vec::with_capacity(state.hosts.len());
+        let mut index = BTreeMap::new();
+        for (i, h) in state.hosts.values().enumerate() {
+            let cpu_r = ratio(&h.labels, LABEL_CPU_OVERCOMMIT, cfg.cpu_overcommit);
+            let mem_r = ratio(&h.labels, LABEL_MEMORY_OVERCOMMIT, cfg.memory_overcommit);
+            let capacity = Resources {
+                vcpus: u32::try_from(scaled(u64::from(h.capacity.vcpus), cpu_r)).unwrap_or(u32::MAX),
+                memory_mib: scaled(h.capacity.memory_mib, mem_r),
+                disk_gib: h.capacity.disk_gib,
+            };
+            let domain = cfg.failure_domain_label.as_ref().and_then(|l| h.labels.get(l)).map(|d| {
+                let next = domain_index.len();
+                *domain_index.entry(d.as_str()).or_insert(next)
+            });
+            let facts = HostFacts { capacity, domain, load: load.cpu_util.get(&h.id).copied() };
+            index.insert(h.id.clone(), i);
+            hosts.push((h, facts));
+        }
+        let mut planner = Planner {
+            state,
+            cfg,
+            load,
+            hosts,
+            index,
+            groups: BTreeMap::new(),
+            domains: BTreeMap::new(),
+            reserved: BTreeMap::new(),
+            cursor: 0,
+        };
         for vm in state.vms.values() {
             let (Some(group), Some(host)) = (&vm.spec.group, &vm.host) else { continue };
             if vm.status == novacron_state::VmStatus::Deleted {
                 continue;
             }
-            *groups.entry(group.clone()).or_default().entry(host.clone()).or_default() += 1;
-            if let Some(d) = Self::domain_of(state, cfg, host) {
-                *domains.entry((d, group.clone())).or_default() += 1;
+            if let Some(&i) = planner.index.get(host) {
+                planner.count_group(group, i);
             }
         }
-        Planner { state, cfg, load, groups, domains, reserved: BTreeMap::new() }
+        planner
     }
 
-    fn domain_of(state: &ClusterState, cfg: &PlannerConfig, host: &HostId) -> Option<String> {
-        let label = cfg.failure_domain_label.as_ref()?;
-        state.hosts.get(host)?.labels.get(label).cloned()
+    fn count_group(&mut self, group: &str, i: usize) {
+        *self.groups.entry(group.to_owned()).or_default().entry(i).or_default() += 1;
+        if let Some(d) = self.hosts[i].1.domain {
+            *self.domains.entry(group.to_owned()).or_default().entry(d).or_default() += 1;
+        }
     }
 
     /// Counts a VM placed elsewhere in this pass (e.g. a migration's target) as if the planner
     /// had placed it.
     pub fn reserve(&mut self, host: &HostId, need: Resources, group: Option<&str>) {
-        let r = self.reserved.entry(host.clone()).or_default();
+        let Some(&i) = self.index.get(host) else { return };
+        self.reserve_at(i, need, group);
+    }
+
+    fn reserve_at(&mut self, i: usize, need: Resources, group: Option<&str>) {
+        let r = self.reserved.entry(i).or_default();
         r.0 = r.0.checked_add(need).unwrap_or(r.0);
         r.1 += 1;
         if let Some(g) = group {
-            *self.groups.entry(g.to_owned()).or_default().entry(host.clone()).or_default() += 1;
-            if let Some(d) = Self::domain_of(self.state, self.cfg, host) {
-                *self.domains.entry((d, g.to_owned())).or_default() += 1;
-            }
+            self.count_group(g, i);
         }
     }
 
-    /// Capacity × the host's overcommit ratios.
-    fn capacity(&self, host: &HostRecord) -> Resources {
-        let cpu_r = ratio(&host.labels, LABEL_CPU_OVERCOMMIT, self.cfg.cpu_overcommit);
-        let mem_r = ratio(&host.labels, LABEL_MEMORY_OVERCOMMIT, self.cfg.memory_overcommit);
-        Resources {
-            vcpus: u32::try_from(scaled(u64::from(host.capacity.vcpus), cpu_r)).unwrap_or(u32::MAX),
-            memory_mib: scaled(host.capacity.memory_mib, mem_r),
-            disk_gib: host.capacity.disk_gib,
+    /// Free resources on host `i` as the planner sees them: capacity × overcommit, less what
+    /// is allocated and what this planner reserved, plus the request's credit.
+    fn free(&self, i: usize, req: &PlacementRequest, credit_here: bool) -> Resources {
+        let (host, facts) = &self.hosts[i];
+        let mut free = facts.capacity.saturating_sub(host.allocated);
+        if credit_here && let Some((_, own)) = &req.credit {
+            free = free.checked_add(*own).unwrap_or(free).min_with(facts.capacity);
         }
-    }
-
-    /// Free resources on `host` as the planner sees them: capacity × overcommit, less what is
-    /// allocated and what this planner reserved, plus the request's credit.
-    fn free(&self, host: &HostRecord, req: &PlacementRequest) -> Resources {
-        let cap = self.capacity(host);
-        let mut free = cap.saturating_sub(host.allocated);
-        if let Some((h, own)) = &req.credit
-            && *h == host.id
-        {
-            free = free.checked_add(*own).unwrap_or(free).min_with(cap);
-        }
-        let taken = self.reserved.get(&host.id).map_or(Resources::ZERO, |r| r.0);
+        let taken = self.reserved.get(&i).map_or(Resources::ZERO, |r| r.0);
         free.saturating_sub(taken)
-    }
-
-    /// The first filter `host` fails, if any.
-    fn rejects(&self, host: &HostRecord, req: &PlacementRequest) -> Option<&'static str> {
-        if !host.schedulable() {
-            return Some(filters::HOST_STATE);
-        }
-        if req.avoid.contains(&host.id) {
-            return Some(filters::AVOIDED);
-        }
-        if req.require_labels.iter().any(|(k, v)| host.labels.get(k) != Some(v)) {
-            return Some(filters::REQUIRED_LABELS);
-        }
-        if let Some(max) = self.cfg.max_vms_per_host {
-            let own = u32::try_from(host.vms.len() + host.incoming.len()).unwrap_or(u32::MAX);
-            let here = own + self.reserved.get(&host.id).map_or(0, |r| r.1);
-            let leaving = u32::from(req.credit.as_ref().is_some_and(|(h, _)| *h == host.id));
-            if here.saturating_sub(leaving) >= max {
-                return Some(filters::MAX_VMS);
-            }
-        }
-        if req.anti_affinity == AntiAffinity::Hard && self.group_on(req, &host.id) > 0 {
-            return Some(filters::ANTI_AFFINITY);
-        }
-        if !req.need.fits_within(self.free(host, req)) {
-            return Some(filters::CAPACITY);
-        }
-        None
-    }
-
-    /// VMs of the request's group on `host`, not counting the VM itself when it restarts there.
-    fn group_on(&self, req: &PlacementRequest, host: &HostId) -> u32 {
-        let Some(g) = &req.group else { return 0 };
-        let n = self.groups.get(g).and_then(|m| m.get(host)).copied().unwrap_or(0);
-        let itself = u32::from(req.credit.as_ref().is_some_and(|(h, _)| h == host));
-        n.saturating_sub(itself)
-    }
-
-    fn score(&self, host: &HostRecord, req: &PlacementRequest) -> (f64, BTreeMap<String, f64>) {
-        let w = self.cfg.weights;
-        let mut parts = BTreeMap::new();
-        let free = self.free(host, req);
-        let cap = self.capacity(host);
-        // How full the host is after placing, averaged over vCPUs and memory.
-        let used = |free: u64, need: u64, cap: u64| 1.0 - free.saturating_sub(need) as f64 / cap.max(1) as f64;
-        let fullness = (used(u64::from(free.vcpus), u64::from(req.need.vcpus), u64::from(cap.vcpus))
-            + used(free.memory_mib, req.need.memory_mib, cap.memory_mib))
-            / 2.0;
-        let fit = match self.cfg.strategy {
-            Strategy::BinPack => fullness,
-            Strategy::Spread => 1.0 - fullness,
-        };
-        parts.insert("fit".to_owned(), fit);
-        let mut total = w.fit * fit;
-        if let (Some(g), Some(d)) = (&req.group, Self::domain_of(self.state, self.cfg, &host.id)) {
-            let in_domain = f64::from(self.domains.get(&(d, g.clone())).copied().unwrap_or(0));
-            let in_group = f64::from(self.groups.get(g).map_or(0, |m| m.values().sum::<u32>()));
-            let c = -in_domain / (in_group + 1.0);
-            parts.insert("domain_spread".to_owned(), c);
-            total += w.domain_spread * c;
-        }
-        if req.anti_affinity == AntiAffinity::Soft && req.group.is_some() {
-            let here = f64::from(self.group_on(req, &host.id));
-            let c = -here / (here + 1.0);
-            parts.insert("anti_affinity".to_owned(), c);
-            total += w.anti_affinity * c;
-        }
-        if let Some(u) = self.load.cpu_util.get(&host.id) {
-            let c = -u.clamp(0.0, 1.0);
-            parts.insert("load".to_owned(), c);
-            total += w.load * c;
-        }
-        (total, parts)
     }
 
     /// Places one VM. On success the host is reserved for the rest of this planner's pass.
     pub fn place(&mut self, req: &PlacementRequest) -> Placement {
-        let mut rejections: BTreeMap<String, u32> = BTreeMap::new();
-        let mut considered = 0u32;
-        let mut best: Vec<Candidate> = Vec::new();
+        let w = self.cfg.weights;
         let top = self.cfg.explain_top.max(1);
-        for host in self.state.hosts.values() {
-            considered += 1;
-            if let Some(f) = self.rejects(host, req) {
-                *rejections.entry(f.to_owned()).or_default() += 1;
+        let credit_at = req.credit.as_ref().and_then(|(h, _)| self.index.get(h)).copied();
+        let avoid: Vec<usize> = req.avoid.iter().filter_map(|h| self.index.get(h).copied()).collect();
+        let group_hosts = req.group.as_ref().and_then(|g| self.groups.get(g));
+        let group_domains = req.group.as_ref().and_then(|g| self.domains.get(g));
+        let group_total = f64::from(group_hosts.map_or(0, |m| m.values().sum::<u32>()));
+        let mut counts = [0u32; 6];
+        let names = [
+            filters::HOST_STATE,
+            filters::AVOIDED,
+            filters::REQUIRED_LABELS,
+            filters::MAX_VMS,
+            filters::ANTI_AFFINITY,
+            filters::CAPACITY,
+        ];
+        let mut best: Vec<(f64, usize, Parts)> = Vec::with_capacity(top + 1);
+        let n = self.hosts.len();
+        // Small clusters: every host, in id order (ties go to the lowest id). Large ones: from the
+        // cursor, until enough feasible hosts have been scored.
+        let limit = self.cfg.max_candidates.filter(|m| n > *m);
+        let start = if limit.is_some() { self.cursor % n.max(1) } else { 0 };
+        let mut feasible = 0usize;
+        let mut examined = 0usize;
+        for k in 0..n {
+            if limit.is_some_and(|m| feasible >= m) {
+                break;
+            }
+            let i = (start + k) % n;
+            let (host, facts) = &self.hosts[i];
+            examined += 1;
+            let credit_here = credit_at == Some(i);
+            if !host.schedulable() {
+                counts[0] += 1;
                 continue;
             }
-            let (score, components) = self.score(host, req);
+            if avoid.contains(&i) {
+                counts[1] += 1;
+                continue;
+            }
+            if req.require_labels.iter().any(|(k, v)| host.labels.get(k) != Some(v)) {
+                counts[2] += 1;
+                continue;
+            }
+            if let Some(max) = self.cfg.max_vms_per_host {
+                let own = u32::try_from(host.vms.len() + host.incoming.len()).unwrap_or(u32::MAX);
+                let here = own + self.reserved.get(&i).map_or(0, |r| r.1);
+                if here.saturating_sub(u32::from(credit_here)) >= max {
+                    counts[3] += 1;
+                    continue;
+                }
+            }
+            let group_here =
+                group_hosts.and_then(|m| m.get(&i)).copied().unwrap_or(0).saturating_sub(u32::from(credit_here));
+            if req.anti_affinity == AntiAffinity::Hard && group_here > 0 {
+                counts[4] += 1;
+                continue;
+            }
+            let free = self.free(i, req, credit_here);
+            if !req.need.fits_within(free) {
+                counts[5] += 1;
+                continue;
+            }
+            // How full the host is after placing, averaged over vCPUs and memory.
+            let cap = facts.capacity;
+            let used = |free: u64, need: u64, cap: u64| 1.0 - free.saturating_sub(need) as f64 / cap.max(1) as f64;
+            let fullness = (used(u64::from(free.vcpus), u64::from(req.need.vcpus), u64::from(cap.vcpus))
+                + used(free.memory_mib, req.need.memory_mib, cap.memory_mib))
+                / 2.0;
+            let parts = Parts {
+                fit: match self.cfg.strategy {
+                    Strategy::BinPack => fullness,
+                    Strategy::Spread => 1.0 - fullness,
+                },
+                domain_spread: match (req.group.is_some(), facts.domain) {
+                    (true, Some(d)) => {
+                        let in_domain = f64::from(group_domains.and_then(|m| m.get(&d)).copied().unwrap_or(0));
+                        Some(-in_domain / (group_total + 1.0))
+                    }
+                    _ => None,
+                },
+                anti_affinity: (req.anti_affinity == AntiAffinity::Soft && req.group.is_some()).then(|| {
+                    let here = f64::from(group_here);
+                    -here / (here + 1.0)
+                }),
+                load: facts.load.map(|u| -u.clamp(0.0, 1.0)),
+            };
+            feasible += 1;
+            let score = parts.total(w);
             // Keep the best `top`, best first; hosts come in id order, so on equal scores the
             // lower id stays ahead.
-            let at = best.iter().position(|c| score > c.score).unwrap_or(best.len());
-            if at < top {
-                best.insert(at, Candidate { host: host.id.clone(), score, components });
+            if best.len() < top || score > best[best.len() - 1].0 {
+                let at = best.iter().position(|c| score > c.0).unwrap_or(best.len());
+                best.insert(at, (score, i, parts));
                 best.truncate(top);
             }
         }
+        let considered = u32::try_from(examined).unwrap_or(u32::MAX);
+        let rejections: BTreeMap<String, u32> =
+            names.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(f, n)| ((*f).to_owned(), n)).collect();
         let mut explanation = PlacementExplanation {
             planner: match self.cfg.strategy {
                 Strategy::BinPack => "filter-score/bin-pack".into(),
@@ -363,10 +449,19 @@ impl<'a> Planner<'a> {
             trigger: None,
             telemetry_watermark_ms: self.load.watermark_ms,
         };
-        match best.first().map(|c| c.host.clone()) {
-            Some(host) => {
-                explanation.candidates = best;
-                self.reserve(&host, req.need, req.group.as_deref());
+        match best.first().map(|(_, i, _)| *i) {
+            Some(i) => {
+                explanation.candidates = best
+                    .iter()
+                    .map(|(score, j, parts)| Candidate {
+                        host: self.hosts[*j].0.id.clone(),
+                        score: *score,
+                        components: parts.map(),
+                    })
+                    .collect();
+                let host = self.hosts[i].0.id.clone();
+                self.cursor = i;
+                self.reserve_at(i, req.need, req.group.as_deref());
                 Placement::Host { host, explanation }
             }
             None => {

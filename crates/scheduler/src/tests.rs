@@ -181,7 +181,7 @@ proptest! {
                     prop_assert!(u.0.fits_within(h.capacity), "{host} overcommitted: {:?}", u.0);
                     if let Some(m) = max_vms { prop_assert!(u.1 <= m); }
                     *groups_on.entry((host, group)).or_default() += 1;
-                    prop_assert_eq!(explanation.hosts_considered as usize, s.hosts.len());
+                    prop_assert!(explanation.hosts_considered as usize <= s.hosts.len());
                 }
                 Placement::Unplaceable { explanation, .. } => {
                     let eliminated: u32 = explanation.rejections.values().sum();
@@ -206,4 +206,28 @@ proptest! {
         };
         prop_assert_eq!(run(), run());
     }
+}
+
+#[test]
+fn a_large_cluster_is_scanned_only_until_enough_candidates_and_never_overcommitted() {
+    let hosts: Vec<HostSpec<'_>> = (0..500).map(|_| (8u32, 16384u64, &[][..])).collect();
+    let s = state_with(&hosts);
+    let cfg = PlannerConfig { max_candidates: Some(16), ..PlannerConfig::default() };
+    let load = LoadView::default();
+    let mut p = Planner::new(&s, &cfg, &load);
+    let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..2000 {
+        match p.place(&req(2, 1024)) {
+            Placement::Host { host, explanation } => {
+                assert!(explanation.hosts_considered <= 500);
+                *per_host.entry(host.to_string()).or_default() += 1;
+            }
+            Placement::Unplaceable { explanation, .. } => {
+                assert_eq!(explanation.hosts_considered, 500, "unplaceable only after every host");
+                break;
+            }
+        }
+    }
+    assert!(per_host.values().all(|n| *n <= 4), "8 vCPUs hold four 2-vCPU VMs");
+    assert_eq!(per_host.values().sum::<u32>(), 2000, "2,000 fit exactly into 500 × 4 slots");
 }
