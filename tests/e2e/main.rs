@@ -314,3 +314,44 @@ fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
     wait_for("real-1 deleted", || vm_status(&o.api, &id) == "deleted");
     wait_for("its QEMU process gone", || qemu_pids_of(&id).is_empty());
 }
+
+#[test]
+fn a_batch_with_hard_anti_affinity_spreads_over_hosts_and_says_why_the_rest_wait() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
+    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+
+    let created = cli_json(&[
+        "--server",
+        &o.api,
+        "vm",
+        "create",
+        "web",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "256",
+        "--group",
+        "web",
+        "--anti-affinity",
+        "hard",
+        "--count",
+        "6",
+    ]);
+    let vms = created.as_array().unwrap();
+    assert_eq!(vms.len(), 6);
+    let placed: Vec<&str> = vms.iter().filter_map(|v| v["host"].as_str()).collect();
+    let mut distinct = placed.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!((placed.len(), distinct.len()), (3, 3), "one per host: {created}");
+    for v in vms.iter().filter(|v| v["host"].is_null()) {
+        assert_eq!(v["status"], "pending");
+        let why = v["pending_reason"].as_str().unwrap();
+        assert!(why.contains("anti_affinity eliminated 3 of 3"), "{why}");
+    }
+    let (ok, _, err) = cli(&["--server", &o.api, "vm", "create", "web-1", "--vcpus", "1", "--memory-mib", "256"]);
+    assert!(!ok && err.contains("409"), "names from a batch are taken: {err}");
+}

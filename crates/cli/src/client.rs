@@ -100,6 +100,13 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
         VmCommand::Create(a) => {
             let labels: serde_json::Map<String, Value> =
                 a.labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            let required: serde_json::Map<String, Value> =
+                a.require_labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            let anti = match a.anti_affinity {
+                None => "none",
+                Some(crate::AntiAffinityArg::Hard) => "hard",
+                Some(crate::AntiAffinityArg::Soft) => "soft",
+            };
             let body = serde_json::json!({
                 "name": a.name, "vcpus": a.vcpus, "memory_mib": a.memory_mib, "disk_gib": a.disk_gib,
                 "group": a.group, "labels": labels,
@@ -108,8 +115,18 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
                     crate::RestartArg::OnFailure => "on-failure",
                     crate::RestartArg::Never => "never",
                 },
+                "placement": { "require_labels": required, "group_anti_affinity": anti },
+                "count": a.count,
             });
-            one(api.call("POST", "/api/v1/vms".into(), Some(body)).await?)
+            let created: Value = api.call("POST", "/api/v1/vms".into(), Some(body)).await?;
+            match (created, fmt) {
+                (v @ Value::Array(_), Format::Json) => output::json(&v),
+                (Value::Array(vms), Format::Text) => {
+                    output::table(&VM_HEADER, &vm_rows(&vms));
+                    Ok(())
+                }
+                (v, _) => one(v),
+            }
         }
         VmCommand::List { all } => {
             let vms: Vec<Value> = api.call("GET", format!("/api/v1/vms?all={all}"), None).await?;

@@ -224,6 +224,23 @@ struct VmCreateArgs {
     /// stop (always), or never.
     #[arg(long, value_enum, default_value_t = RestartArg::OnFailure)]
     restart: RestartArg,
+    /// A label the host must carry, repeatable: --require-label gpu=a100.
+    #[arg(long = "require-label", value_parser = parse_label)]
+    require_labels: Vec<(String, String)>,
+    /// Keep it off hosts running other VMs of its --group: hard (never) or soft (preferably).
+    #[arg(long, value_enum)]
+    anti_affinity: Option<AntiAffinityArg>,
+    /// Create N VMs named NAME-1 … NAME-N, placed together in one planning pass.
+    #[arg(long)]
+    count: Option<u32>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum AntiAffinityArg {
+    /// Never on a host with another VM of the group.
+    Hard,
+    /// Preferably not.
+    Soft,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -172,9 +172,17 @@ struct CreateVmBody {
     labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     restart: Option<novacron_types::RestartPolicy>,
+    #[serde(default)]
+    placement: Option<novacron_types::PlacementRules>,
+    /// Create this many VMs named `<name>-1` … `<name>-N`, placed in one planning pass.
+    #[serde(default)]
+    count: Option<u32>,
 }
 
-fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
+/// Most VMs one request may create.
+const MAX_BATCH: u32 = 10_000;
+
+fn parse_create(body: &[u8]) -> Result<(VmSpec, Option<u32>), ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let b: CreateVmBody = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -195,10 +203,15 @@ fn parse_create(body: &[u8]) -> Result<VmSpec, ApiError> {
         group: b.group,
         labels: b.labels.unwrap_or_default(),
         restart: b.restart.unwrap_or_default(),
-        placement: Default::default(),
+        placement: b.placement.unwrap_or_default(),
     };
     spec.validate().map_err(|e| ApiError::field(e.field, e.reason))?;
-    Ok(spec)
+    if let Some(n) = b.count
+        && !(1..=MAX_BATCH).contains(&n)
+    {
+        return Err(ApiError::field("count", format!("must be 1 to {MAX_BATCH}")));
+    }
+    Ok((spec, b.count))
 }
 
 fn backticked(msg: &str) -> Option<String> {
@@ -217,9 +230,18 @@ fn origin(headers: &HeaderMap) -> Origin {
 }
 
 async fn create_vm(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let spec = parse_create(&body)?;
-    let view = api.engine.create_vm(spec, origin(&headers)).await?;
-    Ok(ok(StatusCode::CREATED, view))
+    let (spec, count) = parse_create(&body)?;
+    match count {
+        None => {
+            let view = api.engine.create_vm(spec, origin(&headers)).await?;
+            Ok(ok(StatusCode::CREATED, view))
+        }
+        Some(n) => {
+            let specs = (1..=n).map(|i| VmSpec { name: format!("{}-{i}", spec.name), ..spec.clone() }).collect();
+            let views = api.engine.create_vms(specs, origin(&headers)).await?;
+            Ok(ok(StatusCode::CREATED, views))
+        }
+    }
 }
 
 async fn delete_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -331,5 +353,17 @@ mod tests {
         }
         assert!(parse_create(b"not json").is_err());
         assert!(parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512}"#).is_ok());
+        let err = parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "count": 0}"#).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("count"));
+        let (spec, n) = parse_create(
+            br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "count": 3,
+                 "placement": {"require_labels": {"gpu": "yes"}, "group_anti_affinity": "hard"}}"#,
+        )
+        .unwrap();
+        assert_eq!(n, Some(3));
+        assert_eq!(spec.placement.group_anti_affinity, novacron_types::AntiAffinity::Hard);
+        let err = parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "placement": {"colour": "red"}}"#)
+            .unwrap_err();
+        assert!(err.error.contains("colour"), "unknown placement fields are refused: {}", err.error);
     }
 }

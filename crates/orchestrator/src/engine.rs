@@ -59,10 +59,10 @@ pub enum ReportVerdict {
 }
 
 pub(crate) enum Request {
-    CreateVm {
-        spec: VmSpec,
+    CreateVms {
+        specs: Vec<VmSpec>,
         origin: Origin,
-        reply: oneshot::Sender<Result<VmView, EngineError>>,
+        reply: oneshot::Sender<Result<Vec<VmView>, EngineError>>,
     },
     DeleteVm {
         key: String,
@@ -112,7 +112,16 @@ impl EngineHandle {
     /// # Errors
     /// Refusals, or the log being unavailable.
     pub async fn create_vm(&self, spec: VmSpec, origin: Origin) -> Result<VmView, EngineError> {
-        self.ask(|reply| Request::CreateVm { spec, origin, reply }).await
+        let mut views = self.create_vms(vec![spec], origin).await?;
+        views.pop().ok_or_else(|| EngineError::LogUnavailable("no VM created".into()))
+    }
+
+    /// Creates several VMs in one planning pass; returns once their events are in the log.
+    ///
+    /// # Errors
+    /// Refusals (a name taken or repeated: then none is created), or the log being unavailable.
+    pub async fn create_vms(&self, specs: Vec<VmSpec>, origin: Origin) -> Result<Vec<VmView>, EngineError> {
+        self.ask(|reply| Request::CreateVms { specs, origin, reply }).await
     }
 
     /// Deletes a VM (by id or name); returns once the request is in the log.
@@ -256,14 +265,20 @@ impl Engine {
 
     async fn handle(&mut self, req: Request) {
         match req {
-            Request::CreateVm { spec, origin, reply } => {
+            Request::CreateVms { specs, origin, reply } => {
                 let planning = self.planning();
+                let n = specs.len() as u64;
                 let r = self
-                    .decide_and_commit(|s| decide::create_vm_with(s, spec.clone(), &planning, &mut WallClock, &origin))
+                    .decide_and_commit(|s| {
+                        decide::create_vms_with(s, specs.clone(), &planning, &mut WallClock, &origin)
+                    })
                     .await
-                    .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
+                    .map(|ids| {
+                        let state = read(&self.state);
+                        ids.iter().map(|vm| VmView::from(&state.vms[vm])).collect()
+                    });
                 if r.is_ok() {
-                    ::metrics::counter!(m::VMS_CREATED).increment(1);
+                    ::metrics::counter!(m::VMS_CREATED).increment(n);
                 }
                 let _ = reply.send(r);
             }

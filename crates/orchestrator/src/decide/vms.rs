@@ -35,14 +35,38 @@ pub fn create_vm_with(
     stamp: &mut impl Stamp,
     origin: &Origin,
 ) -> Result<(VmId, Vec<Envelope>), Refusal> {
-    if state.names.contains_key(&spec.name) {
-        return Err(Refusal::NameInUse(spec.name));
+    let (ids, events) = create_vms_with(state, vec![spec], planning, stamp, origin)?;
+    Ok((ids[0], events))
+}
+
+/// Several new VMs placed in one planning pass: each sees the hosts the earlier ones took.
+///
+/// # Errors
+/// A [`Refusal`] when a name is taken (or repeated in the batch); nothing is created then.
+pub fn create_vms_with(
+    state: &ClusterState,
+    specs: Vec<VmSpec>,
+    planning: &Planning,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(Vec<VmId>, Vec<Envelope>), Refusal> {
+    let mut seen = std::collections::BTreeSet::new();
+    for spec in &specs {
+        if state.names.contains_key(&spec.name) || !seen.insert(spec.name.clone()) {
+            return Err(Refusal::NameInUse(spec.name.clone()));
+        }
     }
-    let vm = stamp.vm_id();
-    let mut events = vec![envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() }))];
-    let decision = Planner::new(state, &planning.config, &planning.load).place(&PlacementRequest::for_spec(&spec));
-    events.extend(placement_events(state, vm, &spec, Generation(0), decision, None, stamp, origin));
-    Ok((vm, events))
+    let mut planner = Planner::new(state, &planning.config, &planning.load);
+    let mut ids = Vec::with_capacity(specs.len());
+    let mut events = Vec::new();
+    for spec in specs {
+        let vm = stamp.vm_id();
+        events.push(envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() })));
+        let decision = planner.place(&PlacementRequest::for_spec(&spec));
+        events.extend(placement_events(state, vm, &spec, Generation(0), decision, None, stamp, origin));
+        ids.push(vm);
+    }
+    Ok((ids, events))
 }
 
 #[allow(clippy::too_many_arguments)]
