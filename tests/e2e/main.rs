@@ -43,6 +43,22 @@ fn a_vm_created_through_the_api_runs_and_the_replayed_state_matches() {
     let placed = events.as_array().unwrap().iter().find(|e| e["kind"] == "VmPlaced").unwrap();
     assert_eq!(placed["payload"]["explanation"]["hosts_considered"], 2);
 
+    // The decision explains itself, through the API and `novacron explain`.
+    let decision_id = placed["id"].as_str().unwrap();
+    let explained = cli_json(&["--server", &o.api, "explain", decision_id]);
+    assert_eq!(explained["kind"], "VmPlaced");
+    assert_eq!(explained["vm_name"], "web-1");
+    assert_eq!(explained["host"], placed["payload"]["host"]);
+    assert_eq!(explained["explanation"]["hosts_considered"], 2);
+    assert!(!explained["explanation"]["candidates"].as_array().unwrap().is_empty());
+    let (ok, text, _) = cli(&["--server", &o.api, "explain", decision_id]);
+    assert!(ok && text.contains("candidates (best first)") && text.contains("FIT"), "{text}");
+    let (status, list) = get(&o.api, "/api/v1/decisions?vm=web-1");
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap()[0]["id"], decision_id);
+    let (ok, _, err) = cli(&["--server", &o.api, "explain", "01900000-0000-7000-8000-000000000000"]);
+    assert!(!ok && err.contains("404"), "{err}");
+
     // Replayed straight from JetStream, without the orchestrator, the state hashes the same.
     let replayed = cli_json(&["--nats", &nats.url(), "state"]);
     let (_, live) = get(&o.api, "/api/v1/state");

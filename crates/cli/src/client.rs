@@ -209,3 +209,67 @@ fn encode(segment: &str) -> String {
     }
     out
 }
+
+pub async fn explain(server: &str, event_id: &str, fmt: Format) -> anyhow::Result<()> {
+    let api = Api::new(server);
+    let d: Value = api.call("GET", format!("/api/v1/decisions/{}", encode(event_id)), None).await?;
+    if fmt == Format::Json {
+        return output::json(&d);
+    }
+    let s = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".to_owned());
+    let actor = format!("{}:{}", s(&d["actor"]["type"]), s(&d["actor"]["name"]));
+    println!("decision   {}  {}  (log seq {}, {}, by {actor})", s(&d["id"]), s(&d["kind"]), d["seq"], s(&d["at"]));
+    println!("vm         {} ({})", s(&d["vm_name"]), s(&d["vm"]));
+    match d["kind"].as_str() {
+        Some("VmPlaced") => println!("chosen     {}  generation {}", s(&d["host"]), d["generation"]),
+        Some("VmMigrationPlanned") => {
+            println!("move       {} → {}  generation {}", s(&d["from"]), s(&d["host"]), d["generation"]);
+        }
+        _ => println!("outcome    not placed: {}", s(&d["reason"])),
+    }
+    if let Some(r) = d["reason"].as_str().filter(|_| d["kind"] == "VmMigrationPlanned") {
+        println!("reason     {r}");
+    }
+    let e = &d["explanation"];
+    if e.is_null() {
+        return Ok(());
+    }
+    let watermark = e["telemetry_watermark_ms"].as_u64().map_or_else(
+        || "no telemetry".to_owned(),
+        |ms| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            format!("telemetry up to {}", humantime::format_rfc3339_millis(t))
+        },
+    );
+    println!("planner    {}; read the log at seq {}; {watermark}", s(&e["planner"]), e["log_seq"]);
+    if let Some(t) = e["trigger"].as_str() {
+        println!("trigger    {t}");
+    }
+    let rejected: Vec<String> =
+        e["rejections"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect()).unwrap_or_default();
+    let rejected = if rejected.is_empty() { "none".to_owned() } else { rejected.join(", ") };
+    println!("hosts      {} considered; eliminated: {rejected}", e["hosts_considered"]);
+    let candidates = e["candidates"].as_array().cloned().unwrap_or_default();
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let mut parts: Vec<String> = candidates
+        .iter()
+        .flat_map(|c| c["components"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default())
+        .collect();
+    parts.sort();
+    parts.dedup();
+    let mut header = vec!["host", "score"];
+    header.extend(parts.iter().map(String::as_str));
+    let rows: Vec<Vec<String>> = candidates
+        .iter()
+        .map(|c| {
+            let mut row = vec![s(&c["host"]), format!("{:.3}", c["score"].as_f64().unwrap_or(0.0))];
+            row.extend(parts.iter().map(|p| c["components"][p].as_f64().map_or("-".into(), |v| format!("{v:.3}"))));
+            row
+        })
+        .collect();
+    println!("candidates (best first)");
+    output::table(&header, &rows);
+    Ok(())
+}

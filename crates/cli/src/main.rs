@@ -71,6 +71,13 @@ enum Command {
     Events(audit::EventsArgs),
     /// Replay the log straight from JetStream to a point and print the state's summary and hash.
     State(audit::StateArgs),
+    /// Why a decision was made: the inputs the planner read, what each filter eliminated, and
+    /// the best candidates with their score components.
+    Explain {
+        /// The decision's event id (VmPlaced, VmPlacementFailed, VmMigrationPlanned), as
+        /// `novacron events` or `GET /api/v1/decisions` show it.
+        event_id: String,
+    },
     /// Benchmarks: fold, append (against raw JetStream publish) and replay.
     Bench(bench::BenchArgs),
 }
@@ -326,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host(c) => client::host(&cli.server, c, fmt).await,
         Command::Events(a) => audit::events(&cli.nats, a, fmt).await,
         Command::State(a) => audit::state(&cli.nats, a, fmt).await,
+        Command::Explain { event_id } => client::explain(&cli.server, &event_id, fmt).await,
         Command::Bench(a) => bench::run(a, fmt).await,
     }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Api {
     pub engine: EngineHandle,
     pub observations: SharedObservations,
     pub client: async_nats::Client,
+    /// The EVENTS stream, to read decisions back by sequence.
+    pub events: async_nats::jetstream::stream::Stream,
 }
 
 pub(crate) fn router(api: Api) -> Router {
@@ -41,6 +43,8 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(show_vm).delete(delete_vm))
         .route("/api/v1/vms/{id}/migrate", axum::routing::post(migrate_vm))
+        .route("/api/v1/decisions", get(list_decisions))
+        .route("/api/v1/decisions/{id}", get(show_decision))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{id}", get(show_host))
         .route("/api/v1/hosts/{id}/{action}", axum::routing::post(host_action))
@@ -291,6 +295,97 @@ async fn host_action(
     };
     let view = api.engine.host_action(id, action, origin(&headers)).await?;
     Ok(ok(StatusCode::OK, view))
+}
+
+/// Reads the decision logged at `seq` and shapes it for the API.
+async fn decision_json(api: &Api, seq: u64) -> Result<serde_json::Value, ApiError> {
+    let msg = api.events.direct_get(seq).await.map_err(|e| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot read sequence {seq} of the log: {e}"))
+    })?;
+    let ev = novacron_eventlog::decode_event(seq, msg.subject.as_str(), Some(&msg.headers), &msg.payload);
+    let env = ev.envelope.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("sequence {seq} does not decode: {e}"))
+    })?;
+    let at = humantime_rfc3339(env.at_ms);
+    let mut out = json!({
+        "id": env.id, "seq": seq, "at": at, "at_ms": env.at_ms, "kind": env.event.name(), "actor": env.actor,
+        "correlation_id": env.correlation_id,
+    });
+    match &env.event {
+        novacron_types::EventKind::VmPlaced(p) => {
+            out["vm"] = json!(p.vm);
+            out["host"] = json!(p.host);
+            out["generation"] = json!(p.generation);
+            out["explanation"] = json!(p.explanation);
+        }
+        novacron_types::EventKind::VmPlacementFailed(p) => {
+            out["vm"] = json!(p.vm);
+            out["host"] = serde_json::Value::Null;
+            out["reason"] = json!(p.reason);
+            out["explanation"] = json!(p.explanation);
+        }
+        novacron_types::EventKind::VmMigrationPlanned(p) => {
+            out["vm"] = json!(p.vm);
+            out["host"] = json!(p.to);
+            out["from"] = json!(p.from);
+            out["generation"] = json!(p.target_generation);
+            out["reason"] = json!(p.reason);
+        }
+        other => out["payload"] = json!(other),
+    }
+    if let Some(vm) = out["vm"].as_str().and_then(|v| v.parse::<novacron_types::VmId>().ok()) {
+        out["vm_name"] = json!(read(&api.engine.state).vms.get(&vm).map(|r| r.spec.name.clone()));
+    }
+    Ok(out)
+}
+
+fn humantime_rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+#[derive(Deserialize)]
+struct DecisionsQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    vm: Option<String>,
+}
+
+async fn list_decisions(State(api): State<Api>, Query(q): Query<DecisionsQuery>) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(20).min(1000);
+    let (mut seqs, vm): (Vec<u64>, Option<String>) = {
+        let state = read(&api.engine.state);
+        let vm = match &q.vm {
+            Some(key) => Some(
+                crate::decide::find_vm(&state, key)
+                    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no VM {key}")))?
+                    .id
+                    .to_string(),
+            ),
+            None => None,
+        };
+        (state.decisions.values().copied().collect(), vm)
+    };
+    seqs.sort_unstable_by(|a, b| b.cmp(a));
+    let mut out = Vec::new();
+    for seq in seqs {
+        if out.len() >= limit {
+            break;
+        }
+        let d = decision_json(&api, seq).await?;
+        if vm.as_deref().is_none_or(|v| d["vm"].as_str() == Some(v)) {
+            out.push(d);
+        }
+    }
+    Ok(ok(StatusCode::OK, out))
+}
+
+async fn show_decision(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let event: novacron_types::EventId =
+        id.parse().map_err(|_| ApiError::field("id", format!("{id:?} is not an event id")))?;
+    let seq = read(&api.engine.state).decisions.get(&event).copied();
+    let seq = seq.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no decision {id}")))?;
+    Ok(ok(StatusCode::OK, decision_json(&api, seq).await?))
 }
 
 /// A host as the API shows it: the log's view plus what we last observed.

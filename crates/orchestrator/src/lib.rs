@@ -196,7 +196,12 @@ impl Orchestrator {
             .map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
         let http_addr = listener.local_addr().map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
         std::fs::write(cfg.data_dir.join("orchestrator.addr"), http_addr.to_string()).map_err(dir_err)?;
-        let app = api::router(api::Api { engine: handle.clone(), observations, client: bus.client.clone() });
+        let events = bus
+            .js
+            .get_stream(novacron_protocol::EVENTS_STREAM)
+            .await
+            .map_err(|e| OrchestratorError::Log(e.to_string()))?;
+        let app = api::router(api::Api { engine: handle.clone(), observations, client: bus.client.clone(), events });
         let shutdown = cancel.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;

@@ -43,6 +43,10 @@ pub struct ClusterState {
     /// Healing is paused because too many hosts went silent at once.
     #[serde(default)]
     pub healing_paused: bool,
+    /// Planner decisions (`VmPlaced`, `VmPlacementFailed`, `VmMigrationPlanned`) by event id →
+    /// their log sequence, so a decision's explanation can be read back from the log.
+    #[serde(default)]
+    pub decisions: BTreeMap<EventId, u64>,
 }
 
 /// What the log knows of one host.
@@ -312,6 +316,14 @@ impl ClusterState {
     pub fn apply(&mut self, seq: u64, envelope: &Envelope) -> Applied {
         self.seq = seq;
         let outcome = self.apply_kind(seq, envelope);
+        if outcome == Applied::Changed
+            && matches!(
+                envelope.event,
+                EventKind::VmPlaced(_) | EventKind::VmPlacementFailed(_) | EventKind::VmMigrationPlanned(_)
+            )
+        {
+            self.decisions.insert(envelope.id, seq);
+        }
         if matches!(outcome, Applied::Ignored(_)) {
             self.ignored_events += 1;
         }
