@@ -124,7 +124,7 @@ fn workload(n: usize) -> Vec<Envelope> {
                 incarnation,
                 generation: g,
                 explanation: PlacementExplanation {
-                    planner: "first-fit".into(),
+                    planner: "filter-score/bin-pack".into(),
                     log_seq: out.len() as u64,
                     hosts_considered: 64,
                     ..Default::default()

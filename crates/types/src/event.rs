@@ -225,7 +225,7 @@ pub struct VmRequested {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementExplanation {
-    /// The planner and its strategy, e.g. `first-fit`.
+    /// The planner and its strategy, e.g. `filter-score/bin-pack`.
     pub planner: String,
     /// The log sequence of the state the planner read.
     pub log_seq: u64,
