@@ -119,26 +119,18 @@ impl Orchestrator {
     }
 }
 
-/// Starts `count` simulated hosts `<prefix>-1..N` in one agent process.
+/// Starts `count` simulated hosts `<prefix>-1..N` (8 vCPUs, 16 GiB) in one agent process.
 pub fn agents(nats: &str, prefix: &str, count: u32, data_dir: &Path) -> Proc {
-    let c = count.to_string();
+    agents_sized(nats, prefix, count, 8, data_dir)
+}
+
+/// [`agents`] with `vcpus` per host (2 GiB per vCPU).
+pub fn agents_sized(nats: &str, prefix: &str, count: u32, vcpus: u32, data_dir: &Path) -> Proc {
+    let (c, v, m) = (count.to_string(), vcpus.to_string(), (u64::from(vcpus) * 2048).to_string());
+    let d = data_dir.to_str().unwrap();
     Proc::spawn(
         "agent",
-        &[
-            "agent",
-            "--nats",
-            nats,
-            "--host",
-            prefix,
-            "--count",
-            &c,
-            "--vcpus",
-            "8",
-            "--memory-mib",
-            "16384",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ],
+        &["agent", "--nats", nats, "--host", prefix, "--count", &c, "--vcpus", &v, "--memory-mib", &m, "--data-dir", d],
     )
 }
 

@@ -103,14 +103,23 @@ fn a_killed_orchestrator_restarts_with_the_same_state_and_every_acknowledged_vm(
     }
     wait_for("every acknowledged VM running", || acknowledged.iter().all(|id| vm_status(&o.api, id) == "running"));
 
-    // Quiet now: a second crash and restart, this time from the snapshot, agrees bit for bit.
+    // Quiet now: a second crash and restart, this time from the snapshot. The new term adds a
+    // LeaderElected; everything before it is untouched, and the live state equals a replay.
     let before = get(&o.api, "/api/v1/state").1;
     let mut o = o;
     o.proc.kill9();
     let o = Orchestrator::start(&nats.url(), &orch_dir);
-    let after = get(&o.api, "/api/v1/state").1;
-    assert_eq!(before, after, "same sequence and hash after restart");
-    assert_eq!(cli_json(&["--nats", &nats.url(), "state"]), after, "and a fresh replay agrees");
+    wait_for("the restarted replica leads", || get(&o.api, "/api/v1/leader").1["role"] == "leader");
+    let at = before["seq"].as_u64().unwrap().to_string();
+    assert_eq!(
+        cli_json(&["--nats", &nats.url(), "state", "--at", &at]),
+        before,
+        "history up to the crash is unchanged"
+    );
+    wait_for("the live state equals a fresh replay", || {
+        cli_json(&["--nats", &nats.url(), "state"]) == get(&o.api, "/api/v1/state").1
+    });
+    assert_eq!(get(&o.api, "/api/v1/state").1["vms"], before["vms"]);
 }
 
 #[test]
@@ -247,11 +256,18 @@ fn up_runs_a_cluster_that_places_web_1_and_a_second_up_resumes() {
     let (ok, _, err) = cli(&["--server", &api, "host", "drain", "no-such-host"]);
     assert!(!ok && err.contains("404"), "{err}");
     let before = get(&api, "/api/v1/state").1;
+    let nats_url = banner["nats"].as_str().unwrap().to_owned();
 
     assert!(up.terminate().success(), "up exits 0 on SIGTERM: {}", up.stderr());
     let (mut up, banner) = start_up();
     let api = banner["api"].as_str().unwrap().to_owned();
-    wait_for("the same state", || get(&api, "/api/v1/state").1 == before);
+    let nats_url_2 = banner["nats"].as_str().unwrap().to_owned();
+    let _ = nats_url;
+    // The same history (a new term only adds its LeaderElected), web-1 still there.
+    wait_for("leading again", || get(&api, "/api/v1/leader").1["role"] == "leader");
+    let at = before["seq"].as_u64().unwrap().to_string();
+    assert_eq!(cli_json(&["--nats", &nats_url_2, "state", "--at", &at]), before);
+    assert_eq!(cli_json(&["--server", &api, "vm", "show", "web-1"])["status"], "running");
     assert!(up.terminate().success());
 }
 
@@ -370,4 +386,83 @@ fn a_batch_with_hard_anti_affinity_spreads_over_hosts_and_says_why_the_rest_wait
     }
     let (ok, _, err) = cli(&["--server", &o.api, "vm", "create", "web-1", "--vcpus", "1", "--memory-mib", "256"]);
     assert!(!ok && err.contains("409"), "names from a batch are taken: {err}");
+}
+
+#[test]
+fn a_standby_takes_over_when_the_leader_dies_and_nothing_acknowledged_is_lost() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |replica: &'static str| {
+        let d = dir.path().join(replica);
+        let addr_file = d.join("orchestrator.addr");
+        let p = Proc::spawn(
+            "orchestrator",
+            &[
+                "orchestrator",
+                "--nats",
+                &nats.url(),
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--replica-id",
+                replica,
+            ],
+        );
+        wait_for("the replica's API", || std::fs::read_to_string(&addr_file).is_ok_and(|a| !a.is_empty()));
+        let api = format!("http://{}", std::fs::read_to_string(&addr_file).unwrap().trim());
+        wait_for("the replica ready", || get(&api, "/readyz").0 == 200);
+        (p, api)
+    };
+    let (mut first, api1) = start("replica-1");
+    wait_for("replica-1 leads", || get(&api1, "/api/v1/leader").1["role"] == "leader");
+    let (_second, api2) = start("replica-2");
+    assert_eq!(get(&api2, "/api/v1/leader").1["role"], "follower");
+    let _agents = agents_sized(&nats.url(), "host", 2, 256, &dir.path().join("agents"));
+    wait_for("two hosts on the standby too", || get(&api2, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 2));
+
+    // A write sent to the standby is answered with the leader's address; the CLI follows it.
+    let (status, refused) = post(&api2, "/api/v1/vms", &json!({"name": "x", "vcpus": 1, "memory_mib": 128}));
+    assert_eq!(status, 503);
+    assert_eq!(refused["leader"], api1.as_str());
+    let via_standby =
+        cli_json(&["--server", &api2, "vm", "create", "via-standby", "--vcpus", "1", "--memory-mib", "128"]);
+    assert_eq!(via_standby["name"], "via-standby");
+
+    let leader_api = api1.clone();
+    let creator = std::thread::spawn(move || {
+        let mut acknowledged = Vec::new();
+        for i in 0..300 {
+            let (status, vm) =
+                post(&leader_api, "/api/v1/vms", &json!({"name": format!("vm-{i}"), "vcpus": 1, "memory_mib": 128}));
+            if status != 201 {
+                break;
+            }
+            acknowledged.push(vm["id"].as_str().unwrap().to_owned());
+        }
+        acknowledged
+    });
+    wait_for("some VMs acknowledged", || get(&api2, "/api/v1/state").1["vms"].as_u64().unwrap_or(0) >= 10);
+    first.kill9();
+    let acknowledged = creator.join().unwrap();
+
+    wait_for("replica-2 leads", || get(&api2, "/api/v1/leader").1["role"] == "leader");
+    for id in &acknowledged {
+        assert_eq!(get(&api2, &format!("/api/v1/vms/{id}")).0, 200, "acknowledged VM {id} lost in the failover");
+    }
+    if !novacron_testkit::wait_until(TIMEOUT, || acknowledged.iter().all(|id| vm_status(&api2, id) == "running")) {
+        let stuck: Vec<String> = acknowledged
+            .iter()
+            .map(|id| get(&api2, &format!("/api/v1/vms/{id}")).1)
+            .filter(|v| v["status"] != "running")
+            .map(|v| format!("{} {} on {}", v["name"], v["status"], v["host"]))
+            .collect();
+        panic!("not running on the new leader: {stuck:?}");
+    }
+    let events = cli_json(&["--nats", &nats.url(), "events", "--subject", "nc.events.cluster.leader"]);
+    let terms: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["payload"]["replica"].as_str()).collect();
+    assert_eq!(terms, ["replica-1", "replica-2"], "each term is in the log");
+    wait_for("the new leader's state equals a fresh replay", || {
+        cli_json(&["--nats", &nats.url(), "state"]) == get(&api2, "/api/v1/state").1
+    });
 }

@@ -34,20 +34,41 @@ impl Api {
     }
 
     fn call_blocking<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
+        self.call_at(&self.base, method, path, body, true)
+    }
+
+    /// One call; a standby's "not the leader" answer names the leader, and the call is made
+    /// there once (`follow`).
+    fn call_at<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        follow: bool,
+    ) -> anyhow::Result<T> {
+        let url = format!("{base}{path}");
         let user = std::env::var("USER").unwrap_or_else(|_| "anonymous".into());
-        let sent = match (method, body) {
+        let sent = match (method, body.clone()) {
             ("POST", Some(b)) => self.agent.post(&url).header("x-novacron-user", &user).send_json(b),
             ("DELETE", _) => self.agent.delete(&url).header("x-novacron-user", &user).call(),
             _ => self.agent.get(&url).call(),
         };
         let mut resp = sent.with_context(|| {
-            format!("cannot reach the NovaCron API at {} (is `novacron up` running? set --server)", self.base)
+            format!("cannot reach the NovaCron API at {base} (is `novacron up` running? set --server)")
         })?;
         let status = resp.status();
         let text = resp.body_mut().read_to_string().context("reading the API's answer")?;
         if !status.is_success() {
             let detail: Option<Value> = serde_json::from_str(&text).ok();
+            if let Some(leader) = detail.as_ref().and_then(|d| d.get("leader")).and_then(Value::as_str)
+                && follow
+                && status.as_u16() == 503
+                && leader.trim_end_matches('/') != base
+            {
+                tracing::info!(%leader, "this replica does not lead; asking the leader");
+                return self.call_at(leader.trim_end_matches('/'), method, path, body, false);
+            }
             let msg = detail
                 .as_ref()
                 .and_then(|d| d.get("error"))

@@ -31,6 +31,8 @@ pub(crate) struct Api {
     pub client: async_nats::Client,
     /// The EVENTS stream, to read decisions back by sequence.
     pub events: async_nats::jetstream::stream::Stream,
+    /// This replica's role.
+    pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
 }
 
 pub(crate) fn router(api: Api) -> Router {
@@ -40,6 +42,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/state", get(state))
+        .route("/api/v1/leader", get(leader))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(show_vm).delete(delete_vm))
         .route("/api/v1/vms/{id}/migrate", axum::routing::post(migrate_vm))
@@ -60,14 +63,17 @@ struct ApiError {
     error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<String>,
+    /// On a standby: the leader's API, where writes go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader: Option<String>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        ApiError { status, error: error.into(), field: None }
+        ApiError { status, error: error.into(), field: None, leader: None }
     }
     fn field(field: impl Into<String>, error: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, error: error.into(), field: Some(field.into()) }
+        ApiError { status: StatusCode::BAD_REQUEST, error: error.into(), field: Some(field.into()), leader: None }
     }
 }
 
@@ -89,6 +95,12 @@ impl From<EngineError> for ApiError {
             e @ (EngineError::LogUnavailable(_) | EngineError::ShuttingDown) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            EngineError::NotLeader(leader) => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: EngineError::NotLeader(leader.clone()).to_string(),
+                field: None,
+                leader: leader.map(|l| l.http),
+            },
         }
     }
 }
@@ -119,11 +131,32 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready when caught up and connected — leader or standby (a standby serves reads).
 async fn readyz(State(api): State<Api>) -> Response {
     let engine = api.engine.ready.load(Ordering::SeqCst);
     let nats = api.client.connection_state() == async_nats::connection::State::Connected;
-    let status = if engine && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "engine": engine, "nats": nats }))).into_response()
+    let role = role_name(&api.role.borrow());
+    let status = if engine && nats && role != "starting" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "engine": engine, "nats": nats, "role": role }))).into_response()
+}
+
+fn role_name(role: &crate::leader::Role) -> &'static str {
+    match role {
+        crate::leader::Role::Starting => "starting",
+        crate::leader::Role::Follower { .. } => "follower",
+        crate::leader::Role::Leader { .. } => "leader",
+    }
+}
+
+/// `GET /api/v1/leader`: who leads, as this replica knows it.
+async fn leader(State(api): State<Api>) -> Response {
+    let role = api.role.borrow().clone();
+    let elected = read(&api.engine.state).leader.clone();
+    let body = match &role {
+        crate::leader::Role::Follower { leader } => json!({ "role": "follower", "leader": leader, "elected": elected }),
+        other => json!({ "role": role_name(other), "leader": null, "elected": elected }),
+    };
+    ok(StatusCode::OK, body)
 }
 
 async fn metrics(State(api): State<Api>) -> Response {

@@ -47,6 +47,9 @@ pub enum EngineError {
     /// The engine is shutting down.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
+    /// Another replica leads; writes go there.
+    #[error("this orchestrator replica does not lead{}", .0.as_ref().map(|l| format!("; the leader is {} at {}", l.replica, l.http)).unwrap_or_default())]
+    NotLeader(Option<crate::leader::LeaderInfo>),
 }
 
 /// What happened to a report.
@@ -177,6 +180,10 @@ pub struct EngineConfig {
     pub reconcile: decide::ReconcileSettings,
     /// Heartbeats as they arrive (written by the ingest loop).
     pub observations: crate::ingest::SharedObservations,
+    /// This replica's role, from the election.
+    pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
+    /// Where this replica's API listens (recorded in `LeaderElected`).
+    pub http: String,
 }
 
 pub(crate) struct Engine {
@@ -248,19 +255,79 @@ impl Engine {
         let mut tick = tokio::time::interval(self.cfg.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ready.store(true, Ordering::SeqCst);
+        let mut role = self.cfg.role.clone();
+        let mut leading: Option<u64> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
+                _ = role.changed() => {}
                 req = rx.recv() => match req {
-                    Some(req) => self.handle(req).await,
+                    Some(req) if leading.is_some() => self.handle(req).await,
+                    Some(req) => self.refuse(req),
                     None => break,
                 },
-                _ = tick.tick() => self.reconcile().await,
+                _ = tick.tick() => {}
+            }
+            // Follow the election: a new term starts by catching up and saying so in the log.
+            let now = role.borrow().clone();
+            match (&now, leading) {
+                (crate::leader::Role::Leader { term }, prev) if prev != Some(*term) => {
+                    self.take_office(*term).await;
+                    leading = Some(*term);
+                }
+                (crate::leader::Role::Leader { .. }, _) => {}
+                (_, Some(_)) => {
+                    tracing::warn!("no longer the leader; following the log");
+                    leading = None;
+                }
+                (_, None) => {}
+            }
+            if leading.is_some() {
+                self.reconcile().await;
+            } else {
+                // A standby keeps its state warm by folding what the leader appends.
+                self.catch_up().await;
             }
         }
         ready.store(false, Ordering::SeqCst);
         self.snapshot();
         tracing::info!(seq = read(&self.state).seq, "engine stopped");
+    }
+
+    /// Begins a term: folds in everything appended so far, records `LeaderElected`, and gives
+    /// every host a fresh grace period (heartbeats seen as a standby still count).
+    async fn take_office(&mut self, term: u64) {
+        self.catch_up().await;
+        let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
+        let elected = novacron_types::Envelope::new(
+            novacron_eventlog::now_ms(),
+            origin.actor.clone(),
+            novacron_types::EventKind::LeaderElected(novacron_types::event::LeaderElected {
+                replica: self.cfg.replica.clone(),
+                term,
+                http: self.cfg.http.clone(),
+            }),
+        );
+        match self.commit(std::slice::from_ref(&elected)).await {
+            Ok(()) => tracing::info!(replica = %self.cfg.replica, term, seq = read(&self.state).seq, "leading"),
+            Err(e) => tracing::warn!(error = %e, "LeaderElected not recorded; acting anyway"),
+        }
+        self.started = std::time::Instant::now();
+    }
+
+    /// Answers a request this replica may not serve.
+    fn refuse(&self, req: Request) {
+        let leader = match &*self.cfg.role.borrow() {
+            crate::leader::Role::Follower { leader } => leader.clone(),
+            _ => None,
+        };
+        let err = || EngineError::NotLeader(leader.clone());
+        match req {
+            Request::CreateVms { reply, .. } => drop(reply.send(Err(err()))),
+            Request::DeleteVm { reply, .. } | Request::MigrateVm { reply, .. } => drop(reply.send(Err(err()))),
+            Request::HostAction { reply, .. } => drop(reply.send(Err(err()))),
+            Request::Report { reply, .. } => drop(reply.send(Err(err()))),
+        }
     }
 
     async fn handle(&mut self, req: Request) {
@@ -326,7 +393,9 @@ impl Engine {
                         }
                         return Ok(ReportVerdict::Accepted);
                     }
-                    Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS => continue,
+                    Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS && self.cfg.role.borrow().is_leader() => {
+                        continue;
+                    }
                     Err(e) => return Err(EngineError::LogUnavailable(e.to_string())),
                 },
             }
@@ -343,7 +412,7 @@ impl Engine {
             let (out, events) = decide(&read(&self.state))?;
             match self.commit(&events).await {
                 Ok(()) => return Ok(out),
-                Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS => {}
+                Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS && self.cfg.role.borrow().is_leader() => {}
                 Err(e) => return Err(EngineError::LogUnavailable(e.to_string())),
             }
         }

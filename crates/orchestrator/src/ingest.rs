@@ -133,8 +133,14 @@ where
     }
 }
 
-/// Consumes REPORTS: validate, hand to the engine, ack after the append.
-pub(crate) async fn reports(bus: Bus, engine: EngineHandle, cancel: CancellationToken) -> Result<(), String> {
+/// Consumes REPORTS while this replica leads: validate, hand to the engine, ack after the
+/// append. Standbys leave them in the work queue for the leader.
+pub(crate) async fn reports(
+    bus: Bus,
+    engine: EngineHandle,
+    mut role: tokio::sync::watch::Receiver<crate::leader::Role>,
+    cancel: CancellationToken,
+) -> Result<(), String> {
     let consumer = durable(
         &bus,
         proto::REPORTS_STREAM,
@@ -145,65 +151,66 @@ pub(crate) async fn reports(bus: Bus, engine: EngineHandle, cancel: Cancellation
     )
     .await?;
     let dead = DeadLetters::new(bus.js.clone());
-    consume(consumer, "reports", cancel, |msg| {
-        let engine = engine.clone();
-        let dead = dead.clone();
-        async move {
-            let subject = msg.subject.to_string();
-            let parsed = match Subject::parse(&subject) {
-                Ok(Subject::Report(host)) => decode::<Report>(msg.headers.as_ref(), &msg.payload).and_then(|r| {
-                    if r.host == host {
-                        Ok(r)
-                    } else {
-                        Err(Rejection(format!("report for host {} on the subject of host {host}", r.host)))
-                    }
-                }),
-                Ok(_) => Err(Rejection("not a report subject".into())),
-                Err(e) => Err(Rejection(e.to_string())),
-            };
-            let report = match parsed {
-                Ok(r) => r,
-                Err(Rejection(reason)) => {
-                    ::metrics::counter!(m::REPORTS, "outcome" => "malformed").increment(1);
-                    dead.send(
-                        "reports",
-                        &subject,
-                        content_type(msg.headers.as_ref()).as_deref(),
-                        &reason,
-                        msg.payload.clone(),
-                    )
-                    .await;
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    return;
-                }
-            };
-            match engine.report(report).await {
-                Ok(ReportVerdict::Accepted) => {
-                    ::metrics::counter!(m::REPORTS, "outcome" => "accepted").increment(1);
-                    let _ = msg.ack().await;
-                }
-                Ok(ReportVerdict::Rejected(reason)) => {
-                    ::metrics::counter!(m::REPORTS, "outcome" => "rejected").increment(1);
-                    dead.send(
-                        "reports",
-                        &subject,
-                        content_type(msg.headers.as_ref()).as_deref(),
-                        &reason,
-                        msg.payload.clone(),
-                    )
-                    .await;
-                    let _ = msg.ack_with(AckKind::Term).await;
-                }
-                Err(EngineError::ShuttingDown) => {} // not acked: redelivered to the next run
-                Err(e) => {
-                    tracing::warn!(error = %e, "report not processed; it will be redelivered");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                }
-            }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = role.wait_for(crate::leader::Role::is_leader) => if r.is_err() { return Ok(()) },
         }
-    })
-    .await;
-    Ok(())
+        // Consume until leadership is lost; what is in flight then comes back to the next leader.
+        let term = cancel.child_token();
+        let mut watch_role = role.clone();
+        let lost = term.clone();
+        let watcher = tokio::spawn(async move {
+            let _ = watch_role.wait_for(|r| !r.is_leader()).await;
+            lost.cancel();
+        });
+        consume(consumer.clone(), "reports", term.clone(), |msg| handle_report(engine.clone(), dead.clone(), msg))
+            .await;
+        term.cancel();
+        watcher.abort();
+    }
+}
+
+async fn handle_report(engine: EngineHandle, dead: DeadLetters, msg: async_nats::jetstream::Message) {
+    let subject = msg.subject.to_string();
+    let parsed = match Subject::parse(&subject) {
+        Ok(Subject::Report(host)) => decode::<Report>(msg.headers.as_ref(), &msg.payload).and_then(|r| {
+            if r.host == host {
+                Ok(r)
+            } else {
+                Err(Rejection(format!("report for host {} on the subject of host {host}", r.host)))
+            }
+        }),
+        Ok(_) => Err(Rejection("not a report subject".into())),
+        Err(e) => Err(Rejection(e.to_string())),
+    };
+    let report = match parsed {
+        Ok(r) => r,
+        Err(Rejection(reason)) => {
+            ::metrics::counter!(m::REPORTS, "outcome" => "malformed").increment(1);
+            dead.send("reports", &subject, content_type(msg.headers.as_ref()).as_deref(), &reason, msg.payload.clone())
+                .await;
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    match engine.report(report).await {
+        Ok(ReportVerdict::Accepted) => {
+            ::metrics::counter!(m::REPORTS, "outcome" => "accepted").increment(1);
+            let _ = msg.ack().await;
+        }
+        Ok(ReportVerdict::Rejected(reason)) => {
+            ::metrics::counter!(m::REPORTS, "outcome" => "rejected").increment(1);
+            dead.send("reports", &subject, content_type(msg.headers.as_ref()).as_deref(), &reason, msg.payload.clone())
+                .await;
+            let _ = msg.ack_with(AckKind::Term).await;
+        }
+        Err(EngineError::ShuttingDown) => {} // not acked: redelivered to the next run
+        Err(e) => {
+            tracing::warn!(error = %e, "report not processed; it will be redelivered");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
 }
 
 /// Consumes TELEMETRY into the observations.
@@ -211,17 +218,16 @@ pub(crate) async fn telemetry(
     bus: Bus,
     engine: EngineHandle,
     obs: SharedObservations,
+    replica: String,
     cancel: CancellationToken,
 ) -> Result<(), String> {
-    let consumer = durable(
-        &bus,
-        proto::TELEMETRY_STREAM,
-        proto::ORCHESTRATOR_TELEMETRY_CONSUMER,
-        "nc.telemetry.>",
-        AckPolicy::None,
-        DeliverPolicy::New,
-    )
-    .await?;
+    // Every replica sees every sample (a standby's view must be warm when it takes over), so
+    // each has its own consumer.
+    let token: String =
+        replica.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let name = format!("{}-{token}", proto::ORCHESTRATOR_TELEMETRY_CONSUMER);
+    let consumer =
+        durable(&bus, proto::TELEMETRY_STREAM, &name, "nc.telemetry.>", AckPolicy::None, DeliverPolicy::New).await?;
     let dead = DeadLetters::new(bus.js.clone());
     consume(consumer, "telemetry", cancel, |msg| {
         let dead = dead.clone();

@@ -10,13 +10,16 @@
 //!   TELEMETRY ─► ingest::telemetry ─► observations (latest per host/VM, not logged)
 //!   nc.hb.* ───► ingest::heartbeats ─┘
 //! ```
-//! One replica for now; leader election (KV lease) comes with the engine issue. The log's
-//! expected-sequence check already makes a second writer harmless: its appends are refused.
+//! Several replicas may run: they elect a leader through a KV lease ([`leader`]). The leader acts
+//! (appends, reconciles, consumes reports, answers writes); standbys fold the log as it grows and
+//! serve reads, answering writes with the leader's address. The log's expected-sequence check is
+//! the real fence: a deposed leader's appends are refused.
 
 pub mod api;
 pub mod decide;
 pub mod engine;
 pub mod ingest;
+pub mod leader;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -59,6 +62,8 @@ pub struct OrchestratorConfig {
     pub migration_limits: decide::MigrationLimits,
     /// Placement strategy, overcommit, limits and score weights.
     pub planner: novacron_scheduler::PlannerConfig,
+    /// The leader lease.
+    pub lease: leader::LeaseConfig,
 }
 
 impl OrchestratorConfig {
@@ -80,6 +85,7 @@ impl OrchestratorConfig {
             restart: decide::RestartTimings::default(),
             migration_limits: decide::MigrationLimits::default(),
             planner: novacron_scheduler::PlannerConfig::default(),
+            lease: leader::LeaseConfig::default(),
         }
     }
 }
@@ -156,6 +162,11 @@ impl Orchestrator {
         bus.provision(cfg.replicas).await?;
         let log = EventLog::open(bus.js.clone()).await.map_err(|e| OrchestratorError::Log(e.to_string()))?;
         let snapshots = SnapshotStore::open(&cfg.data_dir.join("snapshots"))?;
+        let listener = tokio::net::TcpListener::bind(cfg.http)
+            .await
+            .map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
+        let http_addr = listener.local_addr().map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
+        let (role_tx, role) = tokio::sync::watch::channel(leader::Role::Starting);
         let observations = Arc::new(Mutex::new(ingest::Observations::default()));
         let engine_cfg = engine::EngineConfig {
             replica: cfg.replica_id.clone(),
@@ -172,17 +183,33 @@ impl Orchestrator {
                 migrations: cfg.migration_limits,
                 planning: decide::Planning { config: cfg.planner.clone(), load: Default::default() },
             },
+            role: role.clone(),
+            http: format!("http://{http_addr}"),
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 
         let tracker = TaskTracker::new();
+        let lease = leader::bucket(&bus.js, cfg.lease, cfg.replicas).await.map_err(OrchestratorError::Loop)?;
+        let me = leader::LeaderInfo { replica: cfg.replica_id.clone(), http: format!("http://{http_addr}") };
+        tracker.spawn(leader::run(lease, me, cfg.lease, role_tx, cancel.clone()));
         tracker.spawn(engine.run(rx, handle.ready.clone(), cancel.clone()));
-        spawn_loop(&tracker, &cancel, "reports", ingest::reports(bus.clone(), handle.clone(), cancel.clone()));
+        spawn_loop(
+            &tracker,
+            &cancel,
+            "reports",
+            ingest::reports(bus.clone(), handle.clone(), role.clone(), cancel.clone()),
+        );
         spawn_loop(
             &tracker,
             &cancel,
             "telemetry",
-            ingest::telemetry(bus.clone(), handle.clone(), observations.clone(), cancel.clone()),
+            ingest::telemetry(
+                bus.clone(),
+                handle.clone(),
+                observations.clone(),
+                cfg.replica_id.clone(),
+                cancel.clone(),
+            ),
         );
         spawn_loop(
             &tracker,
@@ -191,17 +218,14 @@ impl Orchestrator {
             ingest::heartbeats(bus.clone(), handle.clone(), observations.clone(), cancel.clone()),
         );
 
-        let listener = tokio::net::TcpListener::bind(cfg.http)
-            .await
-            .map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
-        let http_addr = listener.local_addr().map_err(|source| OrchestratorError::Listen { addr: cfg.http, source })?;
         std::fs::write(cfg.data_dir.join("orchestrator.addr"), http_addr.to_string()).map_err(dir_err)?;
         let events = bus
             .js
             .get_stream(novacron_protocol::EVENTS_STREAM)
             .await
             .map_err(|e| OrchestratorError::Log(e.to_string()))?;
-        let app = api::router(api::Api { engine: handle.clone(), observations, client: bus.client.clone(), events });
+        let app =
+            api::router(api::Api { engine: handle.clone(), observations, client: bus.client.clone(), events, role });
         let shutdown = cancel.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;

@@ -94,6 +94,7 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::HostDrained(e) => format!("nc.events.host.{}", e.host),
         EventKind::HostUncordoned(e) => format!("nc.events.host.{}", e.host),
         EventKind::HealingPaused(_) | EventKind::HealingResumed(_) => "nc.events.cluster.healing".to_owned(),
+        EventKind::LeaderElected(_) => "nc.events.cluster.leader".to_owned(),
         EventKind::VmStartCommanded(c) => command_subject(&c.host, c.vm),
         EventKind::VmStopCommanded(c) => command_subject(&c.host, c.vm),
         EventKind::VmRequested(e) => vm_events(e.vm),

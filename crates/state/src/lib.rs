@@ -43,6 +43,9 @@ pub struct ClusterState {
     /// Healing is paused because too many hosts went silent at once.
     #[serde(default)]
     pub healing_paused: bool,
+    /// The replica that leads, and its term, as last elected.
+    #[serde(default)]
+    pub leader: Option<(String, u64)>,
     /// Planner decisions (`VmPlaced`, `VmPlacementFailed`, `VmMigrationPlanned`) by event id →
     /// their log sequence, so a decision's explanation can be read back from the log.
     #[serde(default)]
@@ -363,6 +366,14 @@ impl ClusterState {
                 HostAdmin::InService,
                 "HostUncordoned",
             ),
+            EventKind::LeaderElected(e) => {
+                if self.leader.as_ref().is_some_and(|(_, term)| *term >= e.term) {
+                    Applied::Ignored(format!("LeaderElected with term {} not above the current one", e.term))
+                } else {
+                    self.leader = Some((e.replica.clone(), e.term));
+                    Applied::Changed
+                }
+            }
             EventKind::HealingPaused(_) => {
                 self.healing_paused = true;
                 Applied::Changed

@@ -118,6 +118,8 @@ pub enum EventKind {
     HostDrained(HostDrained),
     /// An operator returned a cordoned or drained host to service.
     HostUncordoned(HostUncordoned),
+    /// An orchestrator replica acquired the leader lease and acts from now on.
+    LeaderElected(LeaderElected),
     /// Too many hosts went silent at once for it to be their fault: the orchestrator may be the
     /// one cut off, so nobody is declared failed until this clears.
     HealingPaused(HealingPaused),
@@ -173,6 +175,7 @@ impl EventKind {
             EventKind::HostDrainRequested(_) => "HostDrainRequested",
             EventKind::HostDrained(_) => "HostDrained",
             EventKind::HostUncordoned(_) => "HostUncordoned",
+            EventKind::LeaderElected(_) => "LeaderElected",
             EventKind::HealingPaused(_) => "HealingPaused",
             EventKind::HealingResumed(_) => "HealingResumed",
             EventKind::VmRequested(_) => "VmRequested",
@@ -495,4 +498,16 @@ pub struct HostDrained {
 pub struct HostUncordoned {
     /// The host.
     pub host: HostId,
+}
+
+/// Payload of [`EventKind::LeaderElected`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderElected {
+    /// The replica.
+    pub replica: String,
+    /// The lease revision it holds: a term number that only grows.
+    pub term: u64,
+    /// Where its HTTP API listens.
+    pub http: String,
 }

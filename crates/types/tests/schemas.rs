@@ -304,6 +304,14 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 },
             }),
         ),
+        (
+            "event-leader-elected",
+            EventKind::LeaderElected(LeaderElected {
+                replica: "orchestrator-2".into(),
+                term: 7,
+                http: "http://10.0.0.2:8080".into(),
+            }),
+        ),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));
@@ -371,7 +379,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         },
     );
     f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
-    assert!(f.count >= 40);
+    assert!(f.count >= 41);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }
 

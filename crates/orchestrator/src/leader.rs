@@ -1,0 +1,181 @@
+//! Leader election over a NATS KV lease.
+//!
+//! ```text
+//! KV bucket nc-leader (history 1, max_age = lease TTL), key "orchestrator"
+//!   value: {"replica": "orchestrator-2", "http": "http://10.0.0.2:8080"}
+//! acquire  create(key)                      succeeds only if nobody holds it (or it expired)
+//! renew    update(key, revision) every TTL/3  compare-and-set on the revision we hold
+//! resign   delete(key) on a clean shutdown  the next replica takes over at once
+//! ```
+//! A leader that has not renewed for `TTL − TTL/3` demotes itself before its lease can expire
+//! elsewhere; a renewal refused because the revision moved demotes it at once. Followers retry
+//! `create` every TTL/3, so a crashed leader is replaced within about TTL + TTL/3.
+//!
+//! Correctness never rests on the lease alone: every append to the log carries the expected
+//! last sequence, so a deposed leader that still believes it leads is refused by the server and
+//! has to catch up (see `engine.rs`). The lease decides who *acts* — runs reconcilers, consumes
+//! reports, answers writes; the log's fence decides what is *written*.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The KV bucket of the lease.
+pub const BUCKET: &str = "nc-leader";
+/// The key every orchestrator replica competes for.
+pub const KEY: &str = "orchestrator";
+
+/// Who holds (or claims) the lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    /// The replica's id.
+    pub replica: String,
+    /// Where its HTTP API listens.
+    pub http: String,
+}
+
+/// What this replica is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Not (yet) known: the election has not run.
+    Starting,
+    /// Another replica leads (if known); this one follows the log and serves reads.
+    Follower {
+        /// The current leader.
+        leader: Option<LeaderInfo>,
+    },
+    /// This replica leads; `term` is the lease's revision when it was acquired.
+    Leader {
+        /// The term.
+        term: u64,
+    },
+}
+
+impl Role {
+    /// Whether this replica leads.
+    #[must_use]
+    pub fn is_leader(&self) -> bool {
+        matches!(self, Role::Leader { .. })
+    }
+}
+
+/// Lease timing.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal.
+    pub ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    /// 3 s: on a single server an election is instant, so a short lease gives fast failover.
+    /// In an R3 cluster, use ~20 s: a KV leader election takes up to 9 s.
+    fn default() -> Self {
+        LeaseConfig { ttl: Duration::from_secs(3) }
+    }
+}
+
+/// Creates (or opens) the lease bucket.
+///
+/// # Errors
+/// When JetStream refuses.
+pub async fn bucket(
+    js: &async_nats::jetstream::Context,
+    cfg: LeaseConfig,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    js.create_key_value(kv::Config {
+        bucket: BUCKET.into(),
+        description: "NovaCron orchestrator leader lease".into(),
+        history: 1,
+        max_age: cfg.ttl,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("cannot create the lease bucket {BUCKET}: {e}"))
+}
+
+/// Runs the election until `cancel` fires, publishing this replica's role on `role`.
+pub async fn run(
+    store: kv::Store,
+    me: LeaderInfo,
+    cfg: LeaseConfig,
+    role: watch::Sender<Role>,
+    cancel: CancellationToken,
+) {
+    let value = Bytes::from(serde_json::to_vec(&me).unwrap_or_default());
+    let period = (cfg.ttl / 3).max(Duration::from_millis(50));
+    let give_up_after = cfg.ttl - cfg.ttl / 3;
+    let mut held: Option<(u64, Instant)> = None; // (revision, last successful renewal)
+    loop {
+        match held {
+            None => match store.create(KEY, value.clone()).await {
+                Ok(rev) => {
+                    tracing::info!(replica = %me.replica, term = rev, "acquired the leader lease");
+                    held = Some((rev, Instant::now()));
+                    role.send_replace(Role::Leader { term: rev });
+                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    let leader = match store.entry(KEY).await {
+                        Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                            serde_json::from_slice(&entry.value).ok()
+                        }
+                        _ => None,
+                    };
+                    role.send_if_modified(|r| {
+                        let next = Role::Follower { leader: leader.clone() };
+                        if *r == next {
+                            false
+                        } else {
+                            *r = next;
+                            true
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease unavailable; following");
+                    role.send_if_modified(|r| {
+                        if matches!(r, Role::Follower { .. }) {
+                            false
+                        } else {
+                            *r = Role::Follower { leader: None };
+                            true
+                        }
+                    });
+                }
+            },
+            Some((rev, last)) => match tokio::time::timeout(period, store.update(KEY, value.clone(), rev)).await {
+                Ok(Ok(next)) => held = Some((next, Instant::now())),
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    tracing::warn!(replica = %me.replica, "the lease moved to another replica; stepping down");
+                    held = None;
+                    role.send_replace(Role::Follower { leader: None });
+                }
+                other => {
+                    if last.elapsed() > give_up_after {
+                        tracing::error!(
+                            replica = %me.replica, silent_ms = last.elapsed().as_millis() as u64, error = ?other.err(),
+                            "could not renew the lease in time; stepping down before it expires"
+                        );
+                        held = None;
+                        role.send_replace(Role::Follower { leader: None });
+                    }
+                }
+            },
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(period) => {}
+        }
+    }
+    if let Some((rev, _)) = held {
+        // Hand over at once instead of letting the lease expire.
+        let _ = store.delete_expect_revision(KEY, Some(rev)).await;
+        tracing::info!(replica = %me.replica, "resigned the leader lease");
+    }
+    role.send_replace(Role::Follower { leader: None });
+}
