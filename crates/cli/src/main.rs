@@ -127,6 +127,10 @@ struct OrchestratorArgs {
     /// The agents' lease (they fence their VMs after it); must end 5 s before the timeout above.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     agent_lease: std::time::Duration,
+    /// The leader lease between orchestrator replicas: failover takes up to 4/3 of it. Keep 2 s on
+    /// a single NATS server; use ~20 s with an R3 cluster (its elections take up to 9 s).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    leader_lease: std::time::Duration,
 }
 
 #[derive(Args, Debug)]

@@ -136,6 +136,7 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
     cfg.suspect_after = a.suspect_after;
     cfg.host_failure_timeout = a.host_failure_timeout;
     cfg.agent_lease = a.agent_lease;
+    cfg.lease = novacron_orchestrator::leader::LeaseConfig { ttl: a.leader_lease };
     let cancel = CancellationToken::new();
     let o = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
     println!("novacron orchestrator: API on http://{}", o.http_addr);

@@ -71,10 +71,11 @@ pub struct LeaseConfig {
 }
 
 impl Default for LeaseConfig {
-    /// 3 s: on a single server an election is instant, so a short lease gives fast failover.
-    /// In an R3 cluster, use ~20 s: a KV leader election takes up to 9 s.
+    /// 2 s: on a single server the lease bucket never changes leader, so a short lease is safe
+    /// and a killed leader is replaced within TTL + TTL/3 ≈ 2.7 s. In an R3 cluster use ~20 s:
+    /// the KV stream's own leader election takes up to 9 s, and a shorter lease would expire then.
     fn default() -> Self {
-        LeaseConfig { ttl: Duration::from_secs(3) }
+        LeaseConfig { ttl: Duration::from_secs(2) }
     }
 }
 
