@@ -28,12 +28,17 @@ struct SimCluster {
 
 impl SimCluster {
     async fn start(hosts: &[&str]) -> SimCluster {
+        Self::start_with(hosts, |_| {}).await
+    }
+
+    async fn start_with(hosts: &[&str], tune: impl FnOnce(&mut OrchestratorConfig)) -> SimCluster {
         let nats = NatsServer::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cancel = CancellationToken::new();
         let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
         cfg.http = "127.0.0.1:0".parse().unwrap();
         cfg.reconcile_interval = Duration::from_millis(100);
+        tune(&mut cfg);
         let orchestrator = Orchestrator::start(cfg, cancel.clone()).await.unwrap();
         let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
         let db = sled::open(dir.path().join("agents")).unwrap();
@@ -243,5 +248,53 @@ async fn a_drain_empties_the_host_by_live_migration_and_moves_cold_what_cannot_m
         .await
         .unwrap();
     c.wait("s1 back in service", |s| s.hosts[&s1].status() == "ready").await;
+    c.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_reported_hot_long_enough_is_relieved_by_a_live_migration() {
+    let c = SimCluster::start_with(&["s1", "s2"], |cfg| {
+        cfg.rebalance.hold = Duration::from_secs(1);
+    })
+    .await;
+    let vms = [c.running_vm("busy-1").await, c.running_vm("busy-2").await];
+    let s1 = HostId::new("s1").unwrap();
+    // Another system reports s1 at 95 % CPU, again and again (telemetry is lossy by design).
+    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let sample = |util: f64| {
+        let t = novacron_types::HostTelemetry {
+            schema: novacron_types::SCHEMA_VERSION,
+            host: s1.clone(),
+            at_ms: novacron_eventlog::now_ms(),
+            cpu_util: util,
+            memory_used_mib: 1024,
+            load1: None,
+        };
+        bytes::Bytes::from(novacron_types::encode(&t))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        js.publish("nc.telemetry.host.s1", sample(0.95)).await.unwrap().await.unwrap();
+        let moved = {
+            let s = c.orchestrator.engine.state.read().unwrap();
+            vms.iter().any(|v| s.vms[v].host.as_ref() != Some(&s1) && s.vms[v].status == VmStatus::Running)
+        };
+        if moved {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the hot host was never relieved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = {
+        let url = c.nats.url();
+        let out = std::process::Command::new(BIN).args(["--nats", &url, "events", "-o", "json"]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let planned: Vec<&serde_json::Value> =
+        events.as_array().unwrap().iter().filter(|e| e["kind"] == "VmMigrationPlanned").collect();
+    assert_eq!(planned.len(), 1, "one VM moved, not both");
+    let reason = planned[0]["payload"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("rebalance: s1 at 95%") && reason.contains("expected"), "{reason}");
     c.cancel.cancel();
 }

@@ -178,6 +178,8 @@ pub struct EngineConfig {
     pub failure: decide::FailureTimeouts,
     /// Restart timings and migration limits of the reconcilers.
     pub reconcile: decide::ReconcileSettings,
+    /// The load-aware rebalancer.
+    pub rebalance: decide::RebalanceSettings,
     /// Heartbeats as they arrive (written by the ingest loop).
     pub observations: crate::ingest::SharedObservations,
     /// This replica's role, from the election.
@@ -195,6 +197,8 @@ pub(crate) struct Engine {
     since_snapshot: u64,
     /// When this engine started: hosts not heard from since count their silence from here.
     started: std::time::Instant,
+    /// Since when each host has been at or above the rebalancer's hot threshold.
+    hot_since: std::collections::BTreeMap<novacron_types::HostId, std::time::Instant>,
 }
 
 const MAX_ATTEMPTS: usize = 3;
@@ -242,6 +246,7 @@ impl Engine {
             stream_created_ns,
             since_snapshot: stats.applied,
             started: std::time::Instant::now(),
+            hot_since: std::collections::BTreeMap::new(),
         };
         Ok((engine, handle, rx))
     }
@@ -434,13 +439,66 @@ impl Engine {
         }
         let mut settings = self.cfg.reconcile.clone();
         settings.planning.load = self.load_view();
+        let migrations = settings.migrations;
         let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, settings);
+        let events = if events.is_empty() { self.rebalance_events(&origin, migrations) } else { events };
         if events.is_empty() {
             return;
         }
         if let Err(e) = self.commit(&events).await {
             tracing::warn!(error = %e, "reconcile pass not committed; the next pass retries");
         }
+    }
+
+    /// The rebalancer's proposals, from how long hosts have been hot (this engine's clock) and
+    /// the latest telemetry. Runs only when the reconcilers had nothing more urgent to do.
+    fn rebalance_events(&mut self, origin: &Origin, limits: decide::MigrationLimits) -> Vec<novacron_types::Envelope> {
+        let cfg = self.cfg.rebalance;
+        if !cfg.enabled {
+            return Vec::new();
+        }
+        let now = std::time::Instant::now();
+        let mut snapshot = decide::LoadSnapshot { now_ms: novacron_eventlog::now_ms(), ..Default::default() };
+        {
+            let obs = crate::ingest::lock(&self.cfg.observations);
+            for (host, o) in &obs.hosts {
+                if let Some(t) = &o.telemetry {
+                    snapshot.host_util.insert(host.clone(), t.cpu_util);
+                }
+            }
+            for (vm, t) in &obs.vms {
+                snapshot.vm_util.insert(*vm, t.cpu_util);
+            }
+        }
+        self.hot_since.retain(|h, _| snapshot.host_util.get(h).is_some_and(|u| *u >= cfg.hot_util));
+        for (h, u) in &snapshot.host_util {
+            if *u >= cfg.hot_util {
+                self.hot_since.entry(h.clone()).or_insert(now);
+            }
+        }
+        snapshot.hot_for = self.hot_since.iter().map(|(h, t)| (h.clone(), now - *t)).collect();
+        let events = {
+            let state = read(&self.state);
+            let in_flight = state.vms.values().filter(|v| v.migration.is_some()).count();
+            decide::rebalance(
+                &state,
+                &snapshot,
+                cfg,
+                &self.cfg.reconcile.planning.config,
+                in_flight,
+                limits,
+                &mut WallClock,
+                origin,
+            )
+        };
+        // A host that just shed a VM must stay hot for another hold time before it sheds
+        // another: the rebalancer sees the effect of a move before it moves more.
+        for e in &events {
+            if let novacron_types::EventKind::VmMigrationPlanned(p) = &e.event {
+                self.hot_since.insert(p.from.clone(), now);
+            }
+        }
+        events
     }
 
     /// The planner's inputs: its settings and the latest CPU load per host from telemetry.

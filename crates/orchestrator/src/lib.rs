@@ -64,6 +64,8 @@ pub struct OrchestratorConfig {
     pub planner: novacron_scheduler::PlannerConfig,
     /// The leader lease.
     pub lease: leader::LeaseConfig,
+    /// The load-aware rebalancer.
+    pub rebalance: decide::RebalanceSettings,
 }
 
 impl OrchestratorConfig {
@@ -86,6 +88,7 @@ impl OrchestratorConfig {
             migration_limits: decide::MigrationLimits::default(),
             planner: novacron_scheduler::PlannerConfig::default(),
             lease: leader::LeaseConfig::default(),
+            rebalance: decide::RebalanceSettings::default(),
         }
     }
 }
@@ -185,6 +188,7 @@ impl Orchestrator {
             },
             role: role.clone(),
             http: format!("http://{http_addr}"),
+            rebalance: cfg.rebalance,
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 

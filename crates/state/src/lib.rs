@@ -218,10 +218,27 @@ pub struct VmRecord {
     /// It failed too often and is not restarted any more.
     #[serde(default)]
     pub gave_up: bool,
+    /// Its most recent completed live migrations (at most [`MOVE_HISTORY`]), oldest first.
+    #[serde(default)]
+    pub moves: Vec<MoveRecord>,
     /// The host a live migration of it last failed from (cleared when it moves): a drain then
     /// moves it cold instead of trying again.
     #[serde(default)]
     pub migration_failed_from: Option<HostId>,
+}
+
+/// How many moves a VM remembers.
+pub const MOVE_HISTORY: usize = 8;
+
+/// One completed live migration of a VM, as the log recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    /// When the completion was written (writer's clock).
+    pub at_ms: u64,
+    /// Where it left.
+    pub from: HostId,
+    /// Where it went.
+    pub to: HostId,
 }
 
 /// How many failures a VM remembers.
@@ -418,7 +435,7 @@ impl ClusterState {
             EventKind::VmMigrationStarted(c) => self.with_migration(c.vm, c.target_incarnation, seq, env.id, |m| {
                 if m.to == c.target_host { Ok(()) } else { Err("VmMigrationStarted to another host".into()) }
             }),
-            EventKind::VmMigrationCompleted(e) => self.migration_completed(seq, env.id, e),
+            EventKind::VmMigrationCompleted(e) => self.migration_completed(seq, env, e),
             EventKind::VmMigrationFailed(e) => self.migration_failed(seq, env.id, e),
         }
     }
@@ -457,7 +474,8 @@ impl ClusterState {
         Applied::Changed
     }
 
-    fn migration_completed(&mut self, seq: u64, id: EventId, e: &VmMigrationCompleted) -> Applied {
+    fn migration_completed(&mut self, seq: u64, env: &Envelope, e: &VmMigrationCompleted) -> Applied {
+        let id = env.id;
         let Some(vm) = self.vms.get_mut(&e.vm) else {
             return Applied::Ignored(format!("VmMigrationCompleted for unknown VM {}", e.vm));
         };
@@ -473,6 +491,10 @@ impl ClusterState {
         if let Some(target) = self.hosts.get_mut(&m.to) {
             target.incoming.remove(&e.vm);
             target.vms.insert(e.vm);
+        }
+        vm.moves.push(MoveRecord { at_ms: env.at_ms, from: e.from.clone(), to: m.to.clone() });
+        if vm.moves.len() > MOVE_HISTORY {
+            vm.moves.remove(0);
         }
         vm.host = Some(m.to);
         vm.migration_failed_from = None;
@@ -595,6 +617,7 @@ impl ClusterState {
                 failures: Vec::new(),
                 gave_up: false,
                 migration_failed_from: None,
+                moves: Vec::new(),
             },
         );
         Applied::Changed

@@ -10,17 +10,20 @@
 //! | [`vms`] | create, delete, migrate one VM; the placement events they share |
 //! | [`hosts`] | cordon, drain, uncordon; failure detection from heartbeat silences |
 //! | [`reports`] | what an agent's report means for the log |
+//! | [`rebalance`](mod@rebalance) | relieving hosts that stay hot, without ping-pong |
 //! | [`reconcile`](mod@reconcile) | the periodic pass: place, heal, restart, drain, delete |
 
 use novacron_types::{Actor, Envelope, EventKind, IncarnationId, VmId};
 use uuid::Uuid;
 
 pub mod hosts;
+pub mod rebalance;
 pub mod reconcile;
 pub mod reports;
 pub mod vms;
 
 pub use hosts::*;
+pub use rebalance::*;
 pub use reconcile::*;
 pub use reports::*;
 pub use vms::*;

@@ -499,3 +499,164 @@ fn a_drain_migrates_within_its_limits_and_moves_cold_what_cannot_migrate() {
     });
     assert!(placed.is_some_and(|h| h.as_str() != "h1"), "then placed elsewhere: {:?}", names(&e));
 }
+
+/// Completes every migration planned in `events` at `at_ms`, as the agents would.
+fn complete_migrations(s: &mut ClusterState, events: &[Envelope], at_ms: u64) {
+    for e in events {
+        if let EventKind::VmMigrationPlanned(p) = &e.event {
+            let done = Envelope::new(
+                at_ms,
+                Actor::Agent(p.from.clone()),
+                EventKind::VmMigrationCompleted(novacron_types::event::VmMigrationCompleted {
+                    vm: p.vm,
+                    from: p.from.clone(),
+                    to: p.to.clone(),
+                    source_incarnation: p.source_incarnation,
+                    target_incarnation: p.target_incarnation,
+                    downtime_ms: 1,
+                    duration_ms: 10,
+                }),
+            );
+            apply_all(s, &[done]);
+        }
+    }
+}
+
+fn snapshot(hot: &[(&str, u64)], util: &[(&str, f64)], now_ms: u64) -> LoadSnapshot {
+    LoadSnapshot {
+        hot_for: hot.iter().map(|(h, s)| (HostId::new(*h).unwrap(), std::time::Duration::from_secs(*s))).collect(),
+        host_util: util.iter().map(|(h, u)| (HostId::new(*h).unwrap(), *u)).collect(),
+        vm_util: BTreeMap::new(),
+        now_ms,
+    }
+}
+
+fn running_on_h1(s: &mut ClusterState, n: usize) -> Vec<VmId> {
+    let mut vms = Vec::new();
+    for i in 0..n {
+        let (vm, ev) = create_vm(s, spec(&format!("r{i}"), 2), &mut Fixed(500 + i as u128 * 10), &origin()).unwrap();
+        apply_all(s, &ev);
+        run_vm_on(s, vm, "h1");
+        vms.push(vm);
+    }
+    vms
+}
+
+#[test]
+fn a_host_that_stays_hot_sheds_a_vm_to_the_coolest_host_and_says_why() {
+    let mut s = hosts(3);
+    let vms = running_on_h1(&mut s, 3);
+    let cfg = novacron_scheduler::PlannerConfig::default();
+    let settings = RebalanceSettings::default();
+    let limits = MigrationLimits::default();
+    let not_yet = snapshot(&[("h1", 30)], &[("h1", 0.95), ("h2", 0.50), ("h3", 0.10)], 1_000_000);
+    assert!(
+        rebalance(&s, &not_yet, settings, &cfg, 0, limits, &mut Fixed(900), &origin()).is_empty(),
+        "not hot long enough"
+    );
+    let hot = snapshot(&[("h1", 120)], &[("h1", 0.95), ("h2", 0.50), ("h3", 0.10)], 1_000_000);
+    let e = rebalance(&s, &hot, settings, &cfg, 0, limits, &mut Fixed(900), &origin());
+    assert_eq!(names(&e), ["VmMigrationPlanned", "VmIncomingCommanded"], "one VM per hot host per pass");
+    let EventKind::VmMigrationPlanned(p) = &e[0].event else { unreachable!() };
+    assert_eq!(p.to.as_str(), "h3", "to the coolest host");
+    assert!(vms.contains(&p.vm));
+    assert!(p.reason.contains("h1 at 95% for 120 s") && p.reason.contains("expected"), "{}", p.reason);
+    let cool = snapshot(&[], &[("h1", 0.5), ("h2", 0.5), ("h3", 0.5)], 1_000_000);
+    assert!(
+        rebalance(&s, &cool, settings, &cfg, 0, limits, &mut Fixed(900), &origin()).is_empty(),
+        "balanced: nothing moves"
+    );
+}
+
+#[test]
+fn an_oscillating_load_never_makes_a_vm_ping_pong() {
+    let mut s = hosts(3);
+    let vms = running_on_h1(&mut s, 4);
+    let cfg = novacron_scheduler::PlannerConfig::default();
+    let settings = RebalanceSettings::default();
+    let minute = 60_000u64;
+    // The hot spot moves every minute for two hours: the classic descheduler ping-pong, and a
+    // hop from host to host.
+    let names = ["h1", "h2", "h3"];
+    for round in 0..120u64 {
+        let now = 10_000_000 + round * minute;
+        let hot = names[(round % 3) as usize];
+        let util: Vec<(&str, f64)> = names.iter().map(|h| (*h, if *h == hot { 0.95 } else { 0.05 })).collect();
+        let load = snapshot(&[(hot, 300)], &util, now);
+        let e = rebalance(
+            &s,
+            &load,
+            settings,
+            &cfg,
+            0,
+            MigrationLimits::default(),
+            &mut Fixed(u128::from(round) * 1000 + 10_000),
+            &origin(),
+        );
+        apply_all(&mut s, &e);
+        complete_migrations(&mut s, &e, now);
+    }
+    let cooldown = settings.vm_cooldown.as_millis() as u64;
+    let back = settings.return_cooldown.as_millis() as u64;
+    let mut total_moves = 0;
+    for vm in &vms {
+        let moves = &s.vms[vm].moves;
+        total_moves += moves.len();
+        for pair in moves.windows(2) {
+            assert!(pair[1].at_ms - pair[0].at_ms >= cooldown, "{vm} moved twice within the cooldown: {moves:?}");
+            if pair[1].to == pair[0].from {
+                assert!(pair[1].at_ms - pair[0].at_ms >= back, "{vm} went back too soon: {moves:?}");
+            }
+        }
+    }
+    assert!(total_moves > 0, "the rebalancer did act");
+    // The cooldown bounds every VM to one move per cooldown period, whatever the load does.
+    let per_vm_bound = 1 + (120 * minute / cooldown) as usize;
+    assert!(
+        vms.iter().all(|vm| s.vms[vm].moves.len() <= per_vm_bound),
+        "a VM moved more often than its cooldown allows"
+    );
+}
+
+#[test]
+fn a_vm_never_goes_back_to_a_host_it_left_recently() {
+    let mut s = hosts(3);
+    let vms = running_on_h1(&mut s, 4);
+    let cfg = novacron_scheduler::PlannerConfig::default();
+    let settings = RebalanceSettings::default();
+    let minute = 60_000u64;
+    // Load swings between h1 and h2; h3 is too warm to take anything. Going back is the only
+    // relief on offer, and the return rule must refuse it for `return_cooldown`.
+    for round in 0..180u64 {
+        let now = 20_000_000 + round * minute;
+        let (hot, cool) = if (round / 5) % 2 == 0 { ("h1", "h2") } else { ("h2", "h1") };
+        let load = snapshot(&[(hot, 300)], &[(hot, 0.95), (cool, 0.05), ("h3", 0.80)], now);
+        let e = rebalance(
+            &s,
+            &load,
+            settings,
+            &cfg,
+            0,
+            MigrationLimits::default(),
+            &mut Fixed(u128::from(round) * 1000 + 50_000),
+            &origin(),
+        );
+        apply_all(&mut s, &e);
+        complete_migrations(&mut s, &e, now);
+    }
+    let back = settings.return_cooldown.as_millis() as u64;
+    let mut returns = 0;
+    for vm in &vms {
+        let moves = &s.vms[vm].moves;
+        for (i, m) in moves.iter().enumerate() {
+            for earlier in &moves[..i] {
+                if m.to == earlier.from {
+                    returns += 1;
+                    assert!(m.at_ms - earlier.at_ms >= back, "{vm} went back to {} too soon: {moves:?}", m.to);
+                }
+            }
+        }
+        assert!(moves.iter().all(|m| m.to.as_str() != "h3"), "h3 was too warm to take anything");
+    }
+    assert!(returns > 0, "returns do happen once the cooldown has passed");
+}
