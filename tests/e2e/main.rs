@@ -466,3 +466,48 @@ fn a_standby_takes_over_when_the_leader_dies_and_nothing_acknowledged_is_lost() 
         cli_json(&["--nats", &nats.url(), "state"]) == get(&api2, "/api/v1/state").1
     });
 }
+
+#[test]
+fn plan_consolidate_replays_the_log_and_plans_without_executing() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
+    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+
+    // Bin-packing puts three small VMs on one host; spread them out by hand.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, vm) =
+            post(&o.api, "/api/v1/vms", &json!({"name": format!("c-{i}"), "vcpus": 2, "memory_mib": 1024}));
+        assert_eq!(status, 201, "{vm}");
+        ids.push(vm["id"].as_str().unwrap().to_owned());
+    }
+    wait_for("all running", || ids.iter().all(|id| vm_status(&o.api, id) == "running"));
+    let first = get(&o.api, &format!("/api/v1/vms/{}", ids[0])).1["host"].as_str().unwrap().to_owned();
+    let others: Vec<String> = (1..=3).map(|i| format!("host-{i}")).filter(|h| *h != first).collect();
+    for (id, to) in ids[1..].iter().zip(&others) {
+        let (ok, _, err) = cli(&["--server", &o.api, "vm", "migrate", id, "--to", to]);
+        assert!(ok, "{err}");
+        wait_for("migrated", || {
+            let vm = get(&o.api, &format!("/api/v1/vms/{id}")).1;
+            vm["host"] == to.as_str() && vm["status"] == "running"
+        });
+    }
+
+    let before = get(&o.api, "/api/v1/state").1;
+    let plan = cli_json(&["--nats", &nats.url(), "plan", "consolidate"]);
+    assert_eq!((plan["hosts_before"].as_u64(), plan["hosts_after"].as_u64()), (Some(3), Some(1)), "{plan}");
+    assert_eq!(plan["emptied"].as_array().unwrap().len(), 2, "{plan}");
+    let moves = plan["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 2, "{plan}");
+    let target = moves[0]["to"].clone();
+    assert!(moves.iter().all(|m| m["to"] == target && m["from"] != target), "{plan}");
+    assert_eq!(plan["log_seq"], before["seq"]);
+    // Planning wrote nothing: the log and the state are as they were.
+    assert_eq!(get(&o.api, "/api/v1/state").1, before);
+    let (ok, text, _) = cli(&["--nats", &nats.url(), "plan", "consolidate"]);
+    assert!(ok && text.contains("hosts in use 3 → 1") && text.contains("nothing executed"), "{text}");
+    let (ok, _, err) = cli(&["--nats", &nats.url(), "plan", "consolidate", "--cpu-overcommit", "0.5"]);
+    assert!(!ok && err.contains("at least 1.0"), "{err}");
+}

@@ -5,6 +5,9 @@ use clap::Args;
 use futures::StreamExt;
 use novacron_eventlog::{Bus, BusConfig, LoggedEvent, fold_range, replay};
 use novacron_protocol as proto;
+use novacron_scheduler::PlannerConfig;
+use novacron_scheduler::consolidation::plan_consolidation;
+use novacron_scheduler::packing::Limits;
 use novacron_state::ClusterState;
 use serde_json::{Value, json};
 
@@ -51,6 +54,80 @@ pub struct StateArgs {
     /// Replay up to this sequence number or RFC 3339 time (default: the end of the log).
     #[arg(long, value_parser = parse_point)]
     at: Option<Point>,
+}
+
+#[derive(Args, Debug)]
+pub struct ConsolidateArgs {
+    /// vCPUs sold per physical vCPU (as the orchestrator's planner; `overcommit.cpu` host
+    /// labels override it).
+    #[arg(long, default_value_t = 1.0)]
+    cpu_overcommit: f64,
+    /// Memory sold per MiB (`overcommit.memory` host labels override it).
+    #[arg(long, default_value_t = 1.0)]
+    memory_overcommit: f64,
+    /// Most VMs on one host, if limited.
+    #[arg(long)]
+    max_vms_per_host: Option<u32>,
+    /// Search steps; the same log, settings and budget always give the same plan.
+    #[arg(long, default_value_t = 200_000)]
+    max_steps: u64,
+}
+
+/// `novacron plan consolidate`: replay the log, plan, print; nothing is executed.
+pub async fn plan_consolidate(nats: &str, a: ConsolidateArgs, fmt: Format) -> anyhow::Result<()> {
+    if !(a.cpu_overcommit >= 1.0 && a.memory_overcommit >= 1.0) {
+        bail!("--cpu-overcommit and --memory-overcommit must be at least 1.0");
+    }
+    let mut stream = events_stream(nats).await?;
+    let last = tail(&mut stream).await?;
+    let mut st = ClusterState::default();
+    fold_range(&stream, &mut st, last).await?;
+    let cfg = PlannerConfig {
+        cpu_overcommit: a.cpu_overcommit,
+        memory_overcommit: a.memory_overcommit,
+        max_vms_per_host: a.max_vms_per_host,
+        ..PlannerConfig::default()
+    };
+    let limits = Limits { max_steps: a.max_steps, ..Limits::default() };
+    let plan = tokio::task::spawn_blocking(move || plan_consolidation(&st, &cfg, &limits)).await??;
+    let moves: Vec<Value> = plan
+        .moves
+        .iter()
+        .map(|m| json!({ "vm": m.vm.to_string(), "name": m.name, "from": m.from.as_str(), "to": m.to.as_str() }))
+        .collect();
+    match fmt {
+        Format::Json => output::json(&json!({
+            "log_seq": plan.log_seq,
+            "hosts_before": plan.hosts_before,
+            "hosts_after": plan.hosts_after,
+            "emptied": plan.emptied.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+            "moves": moves,
+            "pinned": plan.pinned,
+            "steps": plan.steps,
+        })),
+        Format::Text => {
+            println!(
+                "hosts in use {} → {} ({} emptied), {} live migrations; planned at log sequence {}; nothing executed",
+                plan.hosts_before,
+                plan.hosts_after,
+                plan.emptied.len(),
+                plan.moves.len(),
+                plan.log_seq
+            );
+            if plan.pinned > 0 {
+                println!("{} VMs not running or migrating were left where they are", plan.pinned);
+            }
+            let rows: Vec<Vec<String>> = plan
+                .moves
+                .iter()
+                .map(|m| vec![m.vm.to_string(), m.name.clone(), m.from.to_string(), m.to.to_string()])
+                .collect();
+            if !rows.is_empty() {
+                output::table(&["vm", "name", "from", "to"], &rows);
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn events_stream(nats: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {

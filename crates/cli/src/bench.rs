@@ -46,6 +46,8 @@ enum Which {
     Qemu(crate::bench_agent::QemuArgs),
     /// One agent process hosting many simulated hosts: command rate and memory per host.
     Fleet(crate::bench_agent::FleetArgs),
+    /// The consolidation planner on vector bin packing instances with known optima.
+    Consolidate(crate::bench_consolidate::ConsolidateArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -375,6 +377,13 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
             a["ratio_to_fenced"].as_f64().unwrap_or(0.0),
         );
     }
+    if let Some(c) = report.get("consolidate") {
+        let mut summary = c.clone();
+        if let Some(o) = summary.as_object_mut() {
+            o.remove("per_instance");
+        }
+        println!("consolidate (per instance with -o json): {}", serde_json::to_string_pretty(&summary)?);
+    }
     for key in ["placement", "qemu", "fleet"] {
         if let Some(v) = report.get(key) {
             println!("{key}: {}", serde_json::to_string_pretty(v)?);
@@ -402,6 +411,9 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
         Which::Placement(a) => report["placement"] = placement_bench(&a),
         Which::Qemu(a) => report["qemu"] = crate::bench_agent::qemu(&a).await?,
         Which::Fleet(a) => report["fleet"] = crate::bench_agent::fleet(&a).await?,
+        Which::Consolidate(a) => {
+            report["consolidate"] = tokio::task::spawn_blocking(move || crate::bench_consolidate::run(&a)).await??;
+        }
         Which::All(a) => {
             report["fold"] = fold_bench(a.fold_events);
             let (append, replay) = append_and_replay(&a).await?;

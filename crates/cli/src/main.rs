@@ -9,6 +9,7 @@
 mod audit;
 mod bench;
 mod bench_agent;
+mod bench_consolidate;
 mod client;
 mod nats_server;
 mod output;
@@ -78,8 +79,19 @@ enum Command {
         /// `novacron events` or `GET /api/v1/decisions` show it.
         event_id: String,
     },
+    /// Offline plans over the state replayed from the log; they print, they do not execute.
+    #[command(subcommand)]
+    Plan(PlanCommand),
     /// Benchmarks: fold, append (against raw JetStream publish) and replay.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCommand {
+    /// Pack the running VMs onto as few hosts as the hard constraints allow (capacity ×
+    /// overcommit, hard anti-affinity, required labels); print the hosts it empties and the
+    /// live migrations it would take.
+    Consolidate(audit::ConsolidateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -337,6 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host(c) => client::host(&cli.server, c, fmt).await,
         Command::Events(a) => audit::events(&cli.nats, a, fmt).await,
         Command::State(a) => audit::state(&cli.nats, a, fmt).await,
+        Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,
         Command::Explain { event_id } => client::explain(&cli.server, &event_id, fmt).await,
         Command::Bench(a) => bench::run(a, fmt).await,
     }

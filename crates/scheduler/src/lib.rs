@@ -29,6 +29,9 @@
 //! [`PlacementExplanation`] — what was read, how many hosts each filter eliminated, and the best
 //! candidates with their score components.
 
+pub mod consolidation;
+pub mod packing;
+
 use std::collections::BTreeMap;
 
 use novacron_state::{ClusterState, HostRecord};
@@ -249,6 +252,19 @@ fn ratio(labels: &Labels, key: &str, default: f64) -> f64 {
     labels.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|r| r.is_finite() && *r >= 1.0).unwrap_or(default)
 }
 
+/// What a host offers the planners: its capacity × the overcommit ratios (the cluster's, or
+/// the host's `overcommit.*` labels).
+#[must_use]
+pub fn effective_capacity(h: &HostRecord, cfg: &PlannerConfig) -> Resources {
+    let cpu_r = ratio(&h.labels, LABEL_CPU_OVERCOMMIT, cfg.cpu_overcommit);
+    let mem_r = ratio(&h.labels, LABEL_MEMORY_OVERCOMMIT, cfg.memory_overcommit);
+    Resources {
+        vcpus: u32::try_from(scaled(u64::from(h.capacity.vcpus), cpu_r)).unwrap_or(u32::MAX),
+        memory_mib: scaled(h.capacity.memory_mib, mem_r),
+        disk_gib: h.capacity.disk_gib,
+    }
+}
+
 fn scaled(v: u64, r: f64) -> u64 {
     // Capacity × ratio, rounded down; exact for the ratio 1.0.
     if (r - 1.0).abs() < f64::EPSILON { v } else { (v as f64 * r).floor() as u64 }
@@ -262,13 +278,7 @@ impl<'a> Planner<'a> {
         let mut hosts = Vec::with_capacity(state.hosts.len());
         let mut index = BTreeMap::new();
         for (i, h) in state.hosts.values().enumerate() {
-            let cpu_r = ratio(&h.labels, LABEL_CPU_OVERCOMMIT, cfg.cpu_overcommit);
-            let mem_r = ratio(&h.labels, LABEL_MEMORY_OVERCOMMIT, cfg.memory_overcommit);
-            let capacity = Resources {
-                vcpus: u32::try_from(scaled(u64::from(h.capacity.vcpus), cpu_r)).unwrap_or(u32::MAX),
-                memory_mib: scaled(h.capacity.memory_mib, mem_r),
-                disk_gib: h.capacity.disk_gib,
-            };
+            let capacity = effective_capacity(h, cfg);
             let domain = cfg.failure_domain_label.as_ref().and_then(|l| h.labels.get(l)).map(|d| {
                 let next = domain_index.len();
                 *domain_index.entry(d.as_str()).or_insert(next)
