@@ -511,3 +511,34 @@ fn plan_consolidate_replays_the_log_and_plans_without_executing() {
     let (ok, _, err) = cli(&["--nats", &nats.url(), "plan", "consolidate", "--cpu-overcommit", "0.5"]);
     assert!(!ok && err.contains("at least 1.0"), "{err}");
 }
+
+#[test]
+fn bench_e2e_places_every_offered_vm_and_sees_each_start_command() {
+    let nats = novacron_testkit::find_nats_server().unwrap();
+    let bench = cli_json(&[
+        "bench",
+        "e2e",
+        "--hosts",
+        "3",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+        "--connections",
+        "4",
+        "--nats-server",
+        nats.to_str().unwrap(),
+    ]);
+    let e = &bench["e2e"];
+    assert_eq!(
+        (e["requests"].as_u64(), e["placed"].as_u64(), e["failed"].as_u64()),
+        (Some(100), Some(100), Some(0)),
+        "{e}"
+    );
+    assert!(e["start_commands_seen"].as_u64().unwrap() >= 100, "{e}");
+    assert_eq!(e["start_commands_complete"], true);
+    let (p50, p99) = (e["p50_ms"].as_f64().unwrap(), e["p99_ms"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p50 <= p99, "{e}");
+    assert!(e["raw_jetstream_publish_per_sec"].as_f64().unwrap() > 0.0, "{e}");
+    assert!(e["rss_mib"].as_f64().unwrap() > 0.0 && e["agents_rss_mib"].as_f64().unwrap() > 0.0, "{e}");
+}

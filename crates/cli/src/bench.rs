@@ -46,6 +46,8 @@ enum Which {
     Qemu(crate::bench_agent::QemuArgs),
     /// One agent process hosting many simulated hosts: command rate and memory per host.
     Fleet(crate::bench_agent::FleetArgs),
+    /// Placements end to end (API → events → command on the host subject) with simulated hosts.
+    E2e(crate::bench_e2e::E2eArgs),
     /// The consolidation planner on vector bin packing instances with known optima.
     Consolidate(crate::bench_consolidate::ConsolidateArgs),
 }
@@ -165,7 +167,7 @@ fn fold_bench(n: usize) -> Value {
 /// `s` Nats-Expected-Last-Sequence (on every message; `f`: on the first only), `l`
 /// Nats-Expected-Last-Msg-Id (all but the first) — built the cheapest way: the server-side
 /// cost of those headers without any of our client code. `ciksl` is what the log sends.
-async fn raw_publish(
+pub(crate) async fn raw_publish(
     bus: &Bus,
     stream: &str,
     payloads: &[Vec<u8>],
@@ -384,7 +386,7 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
         }
         println!("consolidate (per instance with -o json): {}", serde_json::to_string_pretty(&summary)?);
     }
-    for key in ["placement", "qemu", "fleet"] {
+    for key in ["placement", "qemu", "fleet", "e2e"] {
         if let Some(v) = report.get(key) {
             println!("{key}: {}", serde_json::to_string_pretty(v)?);
         }
@@ -411,6 +413,7 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
         Which::Placement(a) => report["placement"] = placement_bench(&a),
         Which::Qemu(a) => report["qemu"] = crate::bench_agent::qemu(&a).await?,
         Which::Fleet(a) => report["fleet"] = crate::bench_agent::fleet(&a).await?,
+        Which::E2e(a) => report["e2e"] = crate::bench_e2e::run(&a).await?,
         Which::Consolidate(a) => {
             report["consolidate"] = tokio::task::spawn_blocking(move || crate::bench_consolidate::run(&a)).await??;
         }

@@ -10,6 +10,7 @@ mod audit;
 mod bench;
 mod bench_agent;
 mod bench_consolidate;
+mod bench_e2e;
 mod client;
 mod nats_server;
 mod output;

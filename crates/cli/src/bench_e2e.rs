@@ -1,0 +1,240 @@
+//! `novacron bench e2e`: placements end to end — HTTP API → events appended → start command on
+//! the host's subject — against an in-process orchestrator, with N simulated hosts in a separate
+//! agent process (so the RSS figure is the orchestrator's plus the load generator's).
+//!
+//! The load is open-loop: request *i* is due at `i / rate` after the start, and its latency is
+//! measured from when it was due (not from when a free connection sent it), so a system that
+//! falls behind shows it in the percentiles instead of hiding it. A request is done when the API
+//! answers 201, which it does only after `VmRequested`, `VmPlaced` and `VmStartCommanded` are in
+//! the log; the start commands are also counted on `nc.cmd.>` as the hosts see them. In the same
+//! run, before the orchestrator starts, the raw JetStream publish rate of the same server is
+//! measured for comparison.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures::StreamExt;
+use novacron_eventlog::{Bus, BusConfig};
+use novacron_orchestrator::{Orchestrator, OrchestratorConfig};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::nats_server::{self, LocalNats};
+
+#[derive(Args, Debug, Clone)]
+pub struct E2eArgs {
+    /// Simulated hosts (64 vCPUs, 256 GiB each), all in one agent process.
+    #[arg(long, default_value_t = 10_000)]
+    hosts: u32,
+    /// Offered load, VM creations per second.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u32,
+    /// How long to offer it.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// HTTP connections (one thread each) carrying the load.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+}
+
+fn rss_mib_of(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Offers `total` creations at `rate`/s over `connections` threads; returns per-request
+/// latency (ms, from when due) of the successes, the failures, and when the last one finished.
+fn offer_load(api: &str, rate: u32, total: usize, connections: usize) -> (Vec<f64>, Vec<String>, Duration) {
+    let next = AtomicUsize::new(0);
+    let latencies = Mutex::new(Vec::with_capacity(total));
+    let failures = Mutex::new(Vec::new());
+    let start = Instant::now() + Duration::from_millis(50);
+    let last_done = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..connections.max(1) {
+            s.spawn(|| {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(30)))
+                    .build()
+                    .into();
+                let url = format!("{api}/api/v1/vms");
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let due = start + Duration::from_secs_f64(i as f64 / f64::from(rate));
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let body = json!({ "name": format!("e2e-{i}"), "vcpus": 1, "memory_mib": 512 });
+                    let r = agent.post(&url).send_json(&body);
+                    let done = Instant::now();
+                    match r {
+                        Ok(resp) if resp.status() == 201 => {
+                            let ms = done.duration_since(due).as_secs_f64() * 1e3;
+                            latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ms);
+                        }
+                        Ok(mut resp) => {
+                            let text = resp.body_mut().read_to_string().unwrap_or_default();
+                            failures
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(format!("{}: {text}", resp.status()));
+                        }
+                        Err(e) => {
+                            failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(e.to_string())
+                        }
+                    }
+                    let since = u64::try_from(done.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX);
+                    last_done.fetch_max(since, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let lat = latencies.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fail = failures.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    (lat, fail, Duration::from_micros(last_done.load(Ordering::Relaxed)))
+}
+
+async fn wait_until<F: FnMut() -> bool>(what: &str, limit: Duration, mut cond: F) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+pub async fn run(a: &E2eArgs) -> anyhow::Result<Value> {
+    if a.rate == 0 || a.hosts == 0 {
+        bail!("--rate and --hosts must be positive");
+    }
+    let bin = nats_server::find(a.nats_server.as_deref())?;
+    let dir = tempfile::tempdir()?;
+    let nats = LocalNats::start(&bin, &dir.path().join("nats"), 0).await?;
+    let result = measure(a, &nats.url, dir.path()).await;
+    nats.stop().await;
+    result
+}
+
+async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Result<Value> {
+    // The baseline: raw JetStream publishes on this server, ~ the size of one create's events.
+    let bus = Bus::connect(&BusConfig::new(url, "novacron-bench-e2e")).await?;
+    let payloads = vec![vec![0x5a_u8; 700]; 50_000];
+    let raw = crate::bench::raw_publish(&bus, "RAWE2E", &payloads, 512, None).await?;
+    bus.js.delete_stream("RAWE2E").await.context("deleting the baseline stream")?;
+
+    let cancel = CancellationToken::new();
+    let mut cfg = OrchestratorConfig::new(url.to_owned(), dir.join("orchestrator"));
+    cfg.http = "127.0.0.1:0".parse()?;
+    let orchestrator = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
+    let api = format!("http://{}", orchestrator.http_addr);
+
+    let agents_log = std::fs::File::create(dir.join("agents.log"))?;
+    let mut agents = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["agent", "--nats", url, "--host", "bench", "--count", &a.hosts.to_string()])
+        .args(["--vcpus", "64", "--memory-mib", "262144", "--data-dir"])
+        .arg(dir.join("agents"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(agents_log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the simulated hosts")?;
+    let agents_pid = agents.id().map(|p| p.to_string()).unwrap_or_default();
+
+    let result = async {
+        let state_url = format!("{api}/api/v1/state");
+        let hosts_up = || {
+            ureq::get(&state_url)
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
+                .and_then(|v| v["hosts"].as_u64())
+                .unwrap_or(0)
+        };
+        let registered = Instant::now();
+        wait_until("every simulated host to register", Duration::from_secs(300), || hosts_up() >= u64::from(a.hosts))
+            .await?;
+        let registration_s = registered.elapsed().as_secs_f64();
+
+        // Count the start commands as the hosts' subjects carry them.
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let mut sub = bus.client.subscribe("nc.cmd.>").await?;
+        let counter = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    if m.headers.as_ref().and_then(|h| h.get(novacron_protocol::HEADER_EVENT_KIND)).map(|v| v.as_str())
+                        == Some("VmStartCommanded")
+                    {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+
+        let total = usize::try_from((f64::from(a.rate) * a.duration.as_secs_f64()).round() as u64)?.max(1);
+        let (rate, connections, api2) = (a.rate, a.connections, api.clone());
+        let (mut lat, failures, elapsed) =
+            tokio::task::spawn_blocking(move || offer_load(&api2, rate, total, connections)).await?;
+        let ok = lat.len();
+        let cmd_wait = wait_until("the start commands on the host subjects", Duration::from_secs(60), || {
+            seen.load(Ordering::Relaxed) >= ok
+        })
+        .await;
+        counter.abort();
+        lat.sort_by(f64::total_cmp);
+        let orchestrator_rss = rss_mib_of("self").unwrap_or(0.0);
+        let agents_rss = rss_mib_of(&agents_pid).unwrap_or(0.0);
+        let placements_per_sec = ok as f64 / elapsed.as_secs_f64().max(1e-9);
+        Ok::<Value, anyhow::Error>(json!({
+            "hosts": a.hosts,
+            "offered_rate": a.rate,
+            "duration_s": a.duration.as_secs_f64(),
+            "connections": a.connections,
+            "requests": total,
+            "placed": ok,
+            "failed": failures.len(),
+            "first_failures": failures.iter().take(3).collect::<Vec<_>>(),
+            "placements_per_sec": placements_per_sec,
+            "p50_ms": percentile(&lat, 0.50),
+            "p95_ms": percentile(&lat, 0.95),
+            "p99_ms": percentile(&lat, 0.99),
+            "max_ms": lat.last().copied().unwrap_or(0.0),
+            "start_commands_seen": seen.load(Ordering::Relaxed),
+            "start_commands_complete": cmd_wait.is_ok(),
+            "rss_mib": orchestrator_rss,
+            "rss_note": "this process: the orchestrator and the HTTP load generator",
+            "agents_rss_mib": agents_rss,
+            "host_registration_s": registration_s,
+            "raw_jetstream_publish_per_sec": raw,
+            "goal": "≥ 10,000 placements/s sustained; p99 ≤ 20 ms at 1,000/s offered; RSS ≤ 512 MiB",
+        }))
+    }
+    .await;
+    let _ = agents.kill().await;
+    cancel.cancel();
+    orchestrator.shutdown().await;
+    result
+}
