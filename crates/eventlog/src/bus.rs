@@ -158,7 +158,10 @@ impl Bus {
             || current.max_messages != cfg.max_messages
             || current.duplicate_window != cfg.duplicate_window
             || current.allow_direct != cfg.allow_direct
-            || current.discard != cfg.discard;
+            || current.discard != cfg.discard
+            // Raise a consumer cap below ours (a stream created by an older build on 2.15);
+            // leave "unlimited" on older servers alone.
+            || (current.max_consumers > 0 && current.max_consumers < cfg.max_consumers);
         if differs {
             tracing::info!(stream = name, "updating stream configuration");
             self.js.update_stream(cfg).await.map_err(|e| prov(Box::new(e)))?;
@@ -188,6 +191,12 @@ pub fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
     }
 }
 
+/// Durable consumers the EVENTS stream allows: one per host agent, plus the replicas and tools.
+/// nats-server 2.15 caps a stream at 1,000 consumers unless the stream sets its own limit
+/// (and a limit of zero or below means "the server's default", not "unlimited"), which would
+/// stop the 1,001st host from ever receiving a command.
+pub const MAX_EVENTS_CONSUMERS: i32 = 1_000_000;
+
 /// The four streams of the bus contract (see `novacron_protocol`).
 #[must_use]
 pub fn stream_configs(replicas: usize) -> Vec<StreamConfig> {
@@ -210,6 +219,7 @@ pub fn stream_configs(replicas: usize) -> Vec<StreamConfig> {
             num_replicas: replicas,
             max_bytes: -1,
             max_messages: -1,
+            max_consumers: MAX_EVENTS_CONSUMERS,
             ..Default::default()
         },
         StreamConfig {

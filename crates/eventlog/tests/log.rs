@@ -264,3 +264,22 @@ async fn the_log_works_on_a_three_node_cluster_with_three_replicas() {
     log.append(&batch).await.expect("append to an R3 stream");
     assert_eq!(all_events(&log).await.len(), 100);
 }
+
+#[tokio::test]
+async fn the_log_takes_a_durable_consumer_per_host_beyond_the_servers_default_cap() {
+    // nats-server 2.15 caps a stream at 1,000 consumers unless the stream says otherwise; each
+    // host agent holds one on EVENTS, so the 1,001st host must still get its consumer.
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let events = bus.js.get_stream("EVENTS").await.unwrap();
+    for i in 0..1_050 {
+        let cfg = async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(format!("host-{i}")),
+            filter_subject: format!("nc.cmd.host-{i}.>"),
+            ..Default::default()
+        };
+        events.create_consumer(cfg).await.unwrap_or_else(|e| panic!("consumer {i}: {e}"));
+    }
+    let mut events = bus.js.get_stream("EVENTS").await.unwrap();
+    assert_eq!(events.info().await.unwrap().state.consumer_count, 1_050);
+}
