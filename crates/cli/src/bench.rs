@@ -48,6 +48,8 @@ enum Which {
     Fleet(crate::bench_agent::FleetArgs),
     /// Placements end to end (API → events → command on the host subject) with simulated hosts.
     E2e(crate::bench_e2e::E2eArgs),
+    /// Leader failover: SIGKILL the leader of two replicas, time the takeover and first write.
+    Failover(crate::bench_failover::FailoverArgs),
     /// The consolidation planner on vector bin packing instances with known optima.
     Consolidate(crate::bench_consolidate::ConsolidateArgs),
 }
@@ -386,7 +388,7 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
         }
         println!("consolidate (per instance with -o json): {}", serde_json::to_string_pretty(&summary)?);
     }
-    for key in ["placement", "qemu", "fleet", "e2e"] {
+    for key in ["placement", "qemu", "fleet", "e2e", "failover"] {
         if let Some(v) = report.get(key) {
             println!("{key}: {}", serde_json::to_string_pretty(v)?);
         }
@@ -414,6 +416,7 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
         Which::Qemu(a) => report["qemu"] = crate::bench_agent::qemu(&a).await?,
         Which::Fleet(a) => report["fleet"] = crate::bench_agent::fleet(&a).await?,
         Which::E2e(a) => report["e2e"] = crate::bench_e2e::run(&a).await?,
+        Which::Failover(a) => report["failover"] = crate::bench_failover::run(a).await?,
         Which::Consolidate(a) => {
             report["consolidate"] = tokio::task::spawn_blocking(move || crate::bench_consolidate::run(&a)).await??;
         }

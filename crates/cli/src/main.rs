@@ -11,6 +11,7 @@ mod bench;
 mod bench_agent;
 mod bench_consolidate;
 mod bench_e2e;
+mod bench_failover;
 mod client;
 mod nats_server;
 mod output;

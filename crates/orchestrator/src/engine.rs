@@ -197,11 +197,30 @@ pub(crate) struct Engine {
     since_snapshot: u64,
     /// When this engine started: hosts not heard from since count their silence from here.
     started: std::time::Instant,
+    /// When this engine first saw each host in the state (a host that registers late gets
+    /// its grace period from then, not from the engine's start).
+    known_since: std::collections::BTreeMap<novacron_types::HostId, std::time::Instant>,
+    /// When the last reconcile pass began.
+    last_reconcile: std::time::Instant,
     /// Since when each host has been at or above the rebalancer's hot threshold.
     hot_since: std::collections::BTreeMap<novacron_types::HostId, std::time::Instant>,
 }
 
 const MAX_ATTEMPTS: usize = 3;
+
+/// The least time between two reconcile passes triggered by requests (ticks always run one).
+const RECONCILE_MIN_GAP: Duration = Duration::from_millis(100);
+
+/// Since when a host counts as silent: its last heartbeat; or, never heard from, since this
+/// engine first saw it registered — and never before this engine (or its term) started, so a
+/// restart or a new leader gives every host a full grace period.
+fn silent_since(
+    last_seen: Option<std::time::Instant>,
+    known_since: std::time::Instant,
+    started: std::time::Instant,
+) -> std::time::Instant {
+    last_seen.unwrap_or(known_since).max(started)
+}
 
 impl Engine {
     /// Loads the newest usable snapshot and replays the tail. Returns the engine and its handle
@@ -246,6 +265,8 @@ impl Engine {
             stream_created_ns,
             since_snapshot: stats.applied,
             started: std::time::Instant::now(),
+            known_since: std::collections::BTreeMap::new(),
+            last_reconcile: std::time::Instant::now(),
             hot_since: std::collections::BTreeMap::new(),
         };
         Ok((engine, handle, rx))
@@ -262,17 +283,21 @@ impl Engine {
         ready.store(true, Ordering::SeqCst);
         let mut role = self.cfg.role.clone();
         let mut leading: Option<u64> = None;
+        // Between ticks, a request may trigger a pass (new capacity, a deletion to move along),
+        // but not more often than this: a full pass costs O(hosts), and under a stream of
+        // requests one pass per request would be most of the work.
+        let min_gap = RECONCILE_MIN_GAP.min(self.cfg.reconcile_interval);
         loop {
-            tokio::select! {
+            let ticked = tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = role.changed() => {}
+                _ = role.changed() => true,
                 req = rx.recv() => match req {
-                    Some(req) if leading.is_some() => self.handle(req).await,
-                    Some(req) => self.refuse(req),
+                    Some(req) if leading.is_some() => { self.handle(req).await; false }
+                    Some(req) => { self.refuse(req); false }
                     None => break,
                 },
-                _ = tick.tick() => {}
-            }
+                _ = tick.tick() => true,
+            };
             // Follow the election: a new term starts by catching up and saying so in the log.
             let now = role.borrow().clone();
             match (&now, leading) {
@@ -288,7 +313,9 @@ impl Engine {
                 (_, None) => {}
             }
             if leading.is_some() {
-                self.reconcile().await;
+                if ticked || self.last_reconcile.elapsed() >= min_gap {
+                    self.reconcile().await;
+                }
             } else {
                 // A standby keeps its state warm by folding what the leader appends.
                 self.catch_up().await;
@@ -393,9 +420,7 @@ impl Engine {
                 ReportOutcome::Reject(reason) => return Ok(ReportVerdict::Rejected(reason)),
                 ReportOutcome::Events(events) => match self.commit(&events).await {
                     Ok(()) => {
-                        if events.iter().any(|e| matches!(e.event, novacron_types::EventKind::HostRegistered(_))) {
-                            self.reconcile().await; // new capacity: place what waits
-                        }
+                        // New capacity is used by the pass that follows the request (see `run`).
                         return Ok(ReportVerdict::Accepted);
                     }
                     Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS && self.cfg.role.borrow().is_leader() => {
@@ -425,6 +450,7 @@ impl Engine {
     }
 
     async fn reconcile(&mut self) {
+        self.last_reconcile = std::time::Instant::now();
         let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
         let silences = self.silences();
         let detected = decide::detect(&read(&self.state), &silences, self.cfg.failure, &mut WallClock, &origin);
@@ -519,15 +545,17 @@ impl Engine {
     }
 
     /// How long each known host has been silent, on this process's monotonic clock.
-    fn silences(&self) -> std::collections::BTreeMap<novacron_types::HostId, Duration> {
+    fn silences(&mut self) -> std::collections::BTreeMap<novacron_types::HostId, Duration> {
         let now = std::time::Instant::now();
         let obs = crate::ingest::lock(&self.cfg.observations);
-        read(&self.state)
+        let state = read(&self.state);
+        state
             .hosts
             .keys()
             .map(|h| {
-                let since = obs.hosts.get(h).and_then(|o| o.last_seen).unwrap_or(self.started).max(self.started);
-                (h.clone(), now.saturating_duration_since(since))
+                let known = *self.known_since.entry(h.clone()).or_insert(now);
+                let last_seen = obs.hosts.get(h).and_then(|o| o.last_seen);
+                (h.clone(), now.saturating_duration_since(silent_since(last_seen, known, self.started)))
             })
             .collect()
     }
@@ -595,4 +623,27 @@ enum CommitError {
     Conflict,
     #[error("{0}")]
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::silent_since;
+
+    #[test]
+    fn a_host_registering_late_is_silent_only_since_it_registered() {
+        let started = Instant::now();
+        let registered = started + Duration::from_secs(100);
+        // Never heard from: counted from registration, not from the engine's start (the bug
+        // that failed every host registering more than 30 s after start at 10,000 hosts).
+        assert_eq!(silent_since(None, registered, started), registered);
+        // Heard from: counted from the last heartbeat.
+        let hb = registered + Duration::from_secs(3);
+        assert_eq!(silent_since(Some(hb), registered, started), hb);
+        // Nothing counts from before this engine (or term) started.
+        let later_start = hb + Duration::from_secs(60);
+        assert_eq!(silent_since(Some(hb), registered, later_start), later_start);
+        assert_eq!(silent_since(None, registered, later_start), later_start);
+    }
 }
