@@ -542,3 +542,26 @@ fn bench_e2e_places_every_offered_vm_and_sees_each_start_command() {
     assert!(e["raw_jetstream_publish_per_sec"].as_f64().unwrap() > 0.0, "{e}");
     assert!(e["rss_mib"].as_f64().unwrap() > 0.0 && e["agents_rss_mib"].as_f64().unwrap() > 0.0, "{e}");
 }
+
+#[test]
+fn bench_failover_times_a_takeover_after_the_leader_is_killed() {
+    let nats = novacron_testkit::find_nats_server().unwrap();
+    let bench = cli_json(&[
+        "bench",
+        "failover",
+        "--runs",
+        "1",
+        "--leader-lease",
+        "1s",
+        "--nats-server",
+        nats.to_str().unwrap(),
+    ]);
+    let f = &bench["failover"];
+    let (elected, written) =
+        (f["median_leader_elected_s"].as_f64().unwrap(), f["median_first_write_s"].as_f64().unwrap());
+    // The lease must run out first (a SIGKILLed leader does not resign), and a standby cannot
+    // write before it leads.
+    assert!(elected >= 0.5 && elected <= written, "{f}");
+    assert!(written < 30.0, "{f}");
+    assert_eq!(f["runs"].as_array().unwrap().len(), 1);
+}
