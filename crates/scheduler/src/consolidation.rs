@@ -83,6 +83,14 @@ pub fn plan_consolidation(
         }
         p.capacities.push(cap);
     }
+    // What a VM takes in each dimension of the bins.
+    let demand = |s: &novacron_types::VmSpec| {
+        let mut w = vec![i64::from(s.vcpus), as_i64(s.memory_mib), as_i64(s.disk_gib)];
+        if with_count {
+            w.push(1);
+        }
+        w
+    };
     let mut group_ids: BTreeMap<&str, u32> = BTreeMap::new();
     let mut allowed: Vec<Vec<bool>> = Vec::new();
     let mut start = Vec::new();
@@ -95,10 +103,7 @@ pub fn plan_consolidation(
             continue;
         }
         let s = &vm.spec;
-        let mut w = vec![i64::from(s.vcpus), as_i64(s.memory_mib), as_i64(s.disk_gib)];
-        if with_count {
-            w.push(1);
-        }
+        let w = demand(s);
         let may_move = vm.status == VmStatus::Running && vm.migration.is_none();
         p.items.push(w);
         p.groups.push(match (&s.group, s.placement.group_anti_affinity) {
@@ -122,13 +127,8 @@ pub fn plan_consolidation(
     // Reservations of migrations in flight hold room on their destination.
     for h in &hosts {
         for vm in h.incoming.iter().filter_map(|id| state.vms.get(id)) {
-            let s = &vm.spec;
-            let mut w = vec![i64::from(s.vcpus), as_i64(s.memory_mib), as_i64(s.disk_gib)];
-            if with_count {
-                w.push(1);
-            }
             let bin = bin_of_host[&h.id];
-            p.items.push(w);
+            p.items.push(demand(&vm.spec));
             p.groups.push(None);
             allowed.push((0..hosts.len()).map(|b| b == bin).collect());
             movable.push(None);
