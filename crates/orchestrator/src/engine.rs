@@ -208,6 +208,9 @@ pub(crate) struct Engine {
 
 const MAX_ATTEMPTS: usize = 3;
 
+/// The most create requests decided and appended together.
+const MAX_CREATE_GROUP: usize = 256;
+
 /// The least time between two reconcile passes triggered by requests (ticks always run one).
 const RECONCILE_MIN_GAP: Duration = Duration::from_millis(100);
 
@@ -292,7 +295,13 @@ impl Engine {
                 () = cancel.cancelled() => break,
                 _ = role.changed() => true,
                 req = rx.recv() => match req {
-                    Some(req) if leading.is_some() => { self.handle(req).await; false }
+                    Some(req) if leading.is_some() => {
+                        let mut next = Some(req);
+                        while let Some(req) = next.take() {
+                            next = self.handle_or_group(req, &mut rx).await;
+                        }
+                        false
+                    }
                     Some(req) => { self.refuse(req); false }
                     None => break,
                 },
@@ -360,6 +369,54 @@ impl Engine {
             Request::HostAction { reply, .. } => drop(reply.send(Err(err()))),
             Request::Report { reply, .. } => drop(reply.send(Err(err()))),
         }
+    }
+
+    /// Handles a request; a create is grouped with the creates queued behind it (group commit: one
+    /// planning pass, one pipelined append, one reply each). Returns a request it drained but
+    /// did not handle (the first non-create behind the group), to be handled next, in order.
+    async fn handle_or_group(&mut self, req: Request, rx: &mut mpsc::Receiver<Request>) -> Option<Request> {
+        let Request::CreateVms { specs, origin, reply } = req else {
+            self.handle(req).await;
+            return None;
+        };
+        let mut group = vec![(specs, origin, reply)];
+        let mut leftover = None;
+        while group.len() < MAX_CREATE_GROUP {
+            match rx.try_recv() {
+                Ok(Request::CreateVms { specs, origin, reply }) => group.push((specs, origin, reply)),
+                Ok(other) => {
+                    leftover = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let planning = self.planning();
+        let requests: Vec<(Vec<VmSpec>, Origin)> = group.iter().map(|(s, o, _)| (s.clone(), o.clone())).collect();
+        let decided =
+            self.decide_and_commit(|s| Ok(decide::create_vm_groups(s, &requests, &planning, &mut WallClock))).await;
+        match decided {
+            Ok(results) => {
+                let state = read(&self.state);
+                for ((specs, _, reply), r) in group.into_iter().zip(results) {
+                    let r = r.map_err(EngineError::from).map(|ids| {
+                        ::metrics::counter!(m::VMS_CREATED).increment(specs.len() as u64);
+                        ids.iter().map(|vm| VmView::from(&state.vms[vm])).collect()
+                    });
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                for (_, _, reply) in group {
+                    let _ = reply.send(Err(match &e {
+                        EngineError::LogUnavailable(m) => EngineError::LogUnavailable(m.clone()),
+                        EngineError::ShuttingDown => EngineError::ShuttingDown,
+                        other => EngineError::LogUnavailable(other.to_string()),
+                    }));
+                }
+            }
+        }
+        leftover
     }
 
     async fn handle(&mut self, req: Request) {

@@ -89,6 +89,7 @@ pub enum Refusal {
 }
 
 /// Context of one decision: who asked, and which request the events belong to.
+#[derive(Clone, Debug)]
 pub struct Origin {
     /// Recorded as the events' actor.
     pub actor: Actor,

@@ -660,3 +660,23 @@ fn a_vm_never_goes_back_to_a_host_it_left_recently() {
     }
     assert!(returns > 0, "returns do happen once the cooldown has passed");
 }
+
+#[test]
+fn grouped_creates_refuse_one_request_without_failing_the_others_and_never_double_book() {
+    // One host of 4 vCPUs; three requests decided together (the engine's group commit).
+    let mut s = with_host(4);
+    let requests = vec![
+        (vec![spec("a", 3)], origin()),
+        (vec![spec("a", 1)], origin()), // the name is taken by the first request
+        (vec![spec("b", 3)], origin()), // does not fit next to "a": stays pending
+    ];
+    let (results, events) = create_vm_groups(&s, &requests, &Planning::default(), &mut Fixed(0));
+    assert_eq!(results.len(), 3);
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert_eq!(results[1], Err(Refusal::NameInUse("a".into())));
+    apply_all(&mut s, &events);
+    let status = |name: &str| s.vms.values().find(|v| v.spec.name == name).map(|v| v.status);
+    assert_eq!(status("a"), Some(VmStatus::Starting), "placed and its start commanded");
+    assert_eq!(status("b"), Some(VmStatus::Pending), "the host's capacity was reserved by the first request");
+    assert_eq!(s.vms.len(), 2);
+}

@@ -50,23 +50,47 @@ pub fn create_vms_with(
     stamp: &mut impl Stamp,
     origin: &Origin,
 ) -> Result<(Vec<VmId>, Vec<Envelope>), Refusal> {
-    let mut seen = std::collections::BTreeSet::new();
-    for spec in &specs {
-        if state.names.contains_key(&spec.name) || !seen.insert(spec.name.clone()) {
-            return Err(Refusal::NameInUse(spec.name.clone()));
-        }
-    }
-    let mut planner = Planner::new(state, &planning.config, &planning.load);
-    let mut ids = Vec::with_capacity(specs.len());
-    let mut events = Vec::new();
-    for spec in specs {
-        let vm = stamp.vm_id();
-        events.push(envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() })));
-        let decision = planner.place(&PlacementRequest::for_spec(&spec));
-        events.extend(placement_events(state, vm, &spec, Generation(0), decision, None, stamp, origin));
-        ids.push(vm);
-    }
+    let (mut results, events) = create_vm_groups(state, &[(specs, origin.clone())], planning, stamp);
+    let ids = results.pop().unwrap_or_else(|| Ok(Vec::new()))?;
     Ok((ids, events))
+}
+
+/// Several independent create requests decided in one planning pass (the engine's group
+/// commit): each request is checked on its own — a refused one (a name taken, here or by an
+/// earlier request of the group) creates nothing and does not affect the others — and the
+/// accepted ones are placed by one planner, so later requests see the reservations of earlier
+/// ones. Returns, per request, its VM ids or its refusal, and all the events in request order.
+pub fn create_vm_groups(
+    state: &ClusterState,
+    requests: &[(Vec<VmSpec>, Origin)],
+    planning: &Planning,
+    stamp: &mut impl Stamp,
+) -> (Vec<Result<Vec<VmId>, Refusal>>, Vec<Envelope>) {
+    let mut taken = std::collections::BTreeSet::new();
+    let mut planner = Planner::new(state, &planning.config, &planning.load);
+    let mut results = Vec::with_capacity(requests.len());
+    let mut events = Vec::new();
+    for (specs, origin) in requests {
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(spec) = specs
+            .iter()
+            .find(|s| state.names.contains_key(&s.name) || taken.contains(&s.name) || !names.insert(s.name.clone()))
+        {
+            results.push(Err(Refusal::NameInUse(spec.name.clone())));
+            continue;
+        }
+        taken.extend(names);
+        let mut ids = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let vm = stamp.vm_id();
+            events.push(envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() })));
+            let decision = planner.place(&PlacementRequest::for_spec(spec));
+            events.extend(placement_events(state, vm, spec, Generation(0), decision, None, stamp, origin));
+            ids.push(vm);
+        }
+        results.push(Ok(ids));
+    }
+    (results, events)
 }
 
 #[allow(clippy::too_many_arguments)]
