@@ -537,6 +537,7 @@ fn bench_e2e_places_every_offered_vm_and_sees_each_start_command() {
     );
     assert!(e["start_commands_in_log"].as_u64().unwrap() >= 100, "{e}");
     assert_eq!(e["start_commands_complete"], true);
+    assert_eq!(e["pending_no_room"], 0, "three 64-vCPU hosts hold 100 one-vCPU VMs: {e}");
     let (p50, p99) = (e["p50_ms"].as_f64().unwrap(), e["p99_ms"].as_f64().unwrap());
     assert!(p50 > 0.0 && p50 <= p99, "{e}");
     assert!(e["raw_jetstream_publish_per_sec"].as_f64().unwrap() > 0.0, "{e}");
