@@ -334,13 +334,16 @@ fn placement_bench(a: &PlacementArgs) -> Value {
     })
 }
 
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+/// Resident memory of process `pid` (or `self`), MiB, from `/proc`.
+pub(crate) fn rss_mib_of(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Resident memory of this process, MiB (0 where `/proc` is not there).
+pub(crate) fn rss_mib() -> f64 {
+    rss_mib_of("self").unwrap_or(0.0)
 }
 
 fn machine() -> Value {

@@ -21,6 +21,7 @@ use novacron_types::{
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::bench::rss_mib;
 use crate::nats_server::{self, LocalNats};
 
 #[derive(Args, Debug)]
@@ -130,15 +131,6 @@ pub async fn qemu(a: &QemuArgs) -> anyhow::Result<Value> {
         );
     }
     Ok(Value::Object(out))
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 pub async fn fleet(a: &FleetArgs) -> anyhow::Result<Value> {

@@ -23,6 +23,7 @@ use novacron_orchestrator::{Orchestrator, OrchestratorConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::bench::rss_mib_of;
 use crate::nats_server::{self, LocalNats};
 
 #[derive(Args, Debug, Clone)]
@@ -43,12 +44,6 @@ pub struct E2eArgs {
     /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
     #[arg(long)]
     nats_server: Option<PathBuf>,
-}
-
-fn rss_mib_of(pid: &str) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

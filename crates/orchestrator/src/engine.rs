@@ -36,7 +36,7 @@ fn write(state: &SharedState) -> std::sync::RwLockWriteGuard<'_, ClusterState> {
 }
 
 /// Why the engine could not do what was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum EngineError {
     /// The request was refused on its merits.
     #[error(transparent)]
@@ -408,11 +408,7 @@ impl Engine {
             }
             Err(e) => {
                 for (_, _, reply) in group {
-                    let _ = reply.send(Err(match &e {
-                        EngineError::LogUnavailable(m) => EngineError::LogUnavailable(m.clone()),
-                        EngineError::ShuttingDown => EngineError::ShuttingDown,
-                        other => EngineError::LogUnavailable(other.to_string()),
-                    }));
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -610,7 +606,13 @@ impl Engine {
             .hosts
             .keys()
             .map(|h| {
-                let known = *self.known_since.entry(h.clone()).or_insert(now);
+                let known = match self.known_since.get(h) {
+                    Some(&t) => t,
+                    None => {
+                        self.known_since.insert(h.clone(), now);
+                        now
+                    }
+                };
                 let last_seen = obs.hosts.get(h).and_then(|o| o.last_seen);
                 (h.clone(), now.saturating_duration_since(silent_since(last_seen, known, self.started)))
             })
