@@ -54,15 +54,19 @@ fn parse_vbp(path: &Path) -> anyhow::Result<Instance> {
         let (i, t) = tokens.next().with_context(|| format!("{}: ends before {what}", path.display()))?;
         t.parse().with_context(|| format!("{}: token {} ({t:?}) is not {what}", path.display(), i + 1))
     };
-    let dims = usize::try_from(next("the number of dimensions")?)?;
-    if dims == 0 || dims > 64 {
+    let dims = next("the number of dimensions")?;
+    if !(1..=64).contains(&dims) {
         bail!("{}: {dims} dimensions (1-64 supported)", path.display());
     }
+    let dims = dims as usize;
     let capacity = (0..dims).map(|_| next("a capacity")).collect::<anyhow::Result<Vec<i64>>>()?;
     if capacity.iter().any(|&c| c <= 0) {
         bail!("{}: capacities must be positive, got {capacity:?}", path.display());
     }
     let kinds = next("the number of item types")?;
+    if kinds < 0 {
+        bail!("{}: {kinds} item types", path.display());
+    }
     let mut items = Vec::new();
     for k in 0..kinds {
         let w = (0..dims).map(|_| next("an item weight")).collect::<anyhow::Result<Vec<i64>>>()?;
@@ -260,6 +264,10 @@ mod tests {
         std::fs::write(&bad, "2\n100 x\n").expect("write");
         let err = format!("{:#}", parse_vbp(&bad).err().expect("fails"));
         assert!(err.contains("bad.vbp") && err.contains("token 3"), "{err}");
+        std::fs::write(&bad, "-2\n").expect("write");
+        assert!(format!("{:#}", parse_vbp(&bad).err().expect("fails")).contains("bad.vbp: -2 dimensions"));
+        std::fs::write(&bad, "1\n10\n-1\n").expect("write");
+        assert!(format!("{:#}", parse_vbp(&bad).err().expect("fails")).contains("-1 item types"));
         let big = dir.path().join("big.vbp");
         std::fs::write(&big, "1\n10\n1\n11 1\n").expect("write");
         assert!(format!("{:#}", parse_vbp(&big).err().expect("fails")).contains("larger than a bin"));
