@@ -103,11 +103,17 @@ impl Orchestrator {
     }
 
     pub fn start(nats: &str, data_dir: &Path) -> Orchestrator {
+        Self::start_with(nats, data_dir, &[])
+    }
+
+    /// [`Orchestrator::start`] with extra `novacron orchestrator` flags.
+    pub fn start_with(nats: &str, data_dir: &Path, extra: &[&str]) -> Orchestrator {
         let addr_file = data_dir.join("orchestrator.addr");
         let _ = std::fs::remove_file(&addr_file);
         let dir = data_dir.to_str().unwrap();
-        let proc =
-            Proc::spawn("orchestrator", &["orchestrator", "--nats", nats, "--http", "127.0.0.1:0", "--data-dir", dir]);
+        let mut args = vec!["orchestrator", "--nats", nats, "--http", "127.0.0.1:0", "--data-dir", dir];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("orchestrator", &args);
         let mut o = Orchestrator { proc, api: String::new() };
         let found = wait_until(TIMEOUT, || std::fs::read_to_string(&addr_file).is_ok_and(|a| !a.is_empty()));
         if !found {

@@ -389,6 +389,57 @@ fn a_batch_with_hard_anti_affinity_spreads_over_hosts_and_says_why_the_rest_wait
 }
 
 #[test]
+fn label_anti_affinity_group_affinity_and_the_cluster_strategy_reach_the_planner() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start_with(&nats.url(), &dir.path().join("orch"), &["--strategy", "spread"]);
+    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
+    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let create = |extra: &[&str]| {
+        let mut args = vec!["--server", &o.api, "vm", "create"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--vcpus", "1", "--memory-mib", "256"]);
+        cli_json(&args)
+    };
+    // One database per host, by label: the fourth waits and says why.
+    let dbs = create(&["db", "--label", "app=db", "--vm-anti-affinity", "app=db", "--count", "4"]);
+    let dbs = dbs.as_array().unwrap();
+    let mut hosts: Vec<&str> = dbs.iter().filter_map(|v| v["host"].as_str()).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 3, "one database per host: {dbs:?}");
+    let waiting: Vec<&Value> = dbs.iter().filter(|v| v["host"].is_null()).collect();
+    assert_eq!(waiting.len(), 1);
+    let why = waiting[0]["pending_reason"].as_str().unwrap();
+    assert!(why.contains("anti_affinity eliminated 3 of 3"), "{why}");
+
+    // A hard-affinity group stays on one host although the cluster spreads.
+    let side = create(&["side", "--group", "side", "--group-affinity", "hard", "--count", "3"]);
+    let on: Vec<&str> = side.as_array().unwrap().iter().map(|v| v["host"].as_str().expect("placed")).collect();
+    assert!(on.iter().all(|h| *h == on[0]), "together: {on:?}");
+    let decisions = get(&o.api, "/api/v1/decisions").1;
+    let planners: Vec<&str> =
+        decisions.as_array().unwrap().iter().filter_map(|d| d["explanation"]["planner"].as_str()).collect();
+    assert!(!planners.is_empty() && planners.iter().all(|p| *p == "filter-score/spread"), "{planners:?}");
+
+    // A rule that cannot hold is refused before anything is written.
+    let (ok, _, err) = cli(&[
+        "--server",
+        &o.api,
+        "vm",
+        "create",
+        "bad",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "256",
+        "--group-affinity",
+        "hard",
+    ]);
+    assert!(!ok && err.contains("needs the VM to have a group"), "{err}");
+}
+
+#[test]
 fn a_standby_takes_over_when_the_leader_dies_and_nothing_acknowledged_is_lost() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();

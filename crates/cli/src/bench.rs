@@ -312,7 +312,7 @@ fn placement_bench(a: &PlacementArgs) -> Value {
         let req = PlacementRequest {
             need: Resources { vcpus: 1 + i % 4, memory_mib: 2048, disk_gib: 0 },
             group: Some(format!("g{}", i / 10)),
-            anti_affinity: novacron_types::AntiAffinity::Soft,
+            anti_affinity: novacron_types::Strength::Soft,
             ..PlacementRequest::default()
         };
         let d = Instant::now();

@@ -123,11 +123,25 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
                 a.labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
             let required: serde_json::Map<String, Value> =
                 a.require_labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
-            let anti = match a.anti_affinity {
+            let strength = |s: Option<crate::AntiAffinityArg>| match s {
                 None => "none",
                 Some(crate::AntiAffinityArg::Hard) => "hard",
                 Some(crate::AntiAffinityArg::Soft) => "soft",
             };
+            let rule = |r: crate::LabelRule, relation: &str| {
+                let selector: serde_json::Map<String, Value> =
+                    r.selector.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+                serde_json::json!({
+                    "selector": selector, "relation": relation,
+                    "strength": if r.hard { "hard" } else { "soft" }, "topology": r.topology,
+                })
+            };
+            let rules: Vec<Value> = a
+                .vm_affinity
+                .into_iter()
+                .map(|r| rule(r, "affinity"))
+                .chain(a.vm_anti_affinity.into_iter().map(|r| rule(r, "anti-affinity")))
+                .collect();
             let body = serde_json::json!({
                 "name": a.name, "vcpus": a.vcpus, "memory_mib": a.memory_mib, "disk_gib": a.disk_gib,
                 "group": a.group, "labels": labels,
@@ -136,7 +150,13 @@ pub async fn vm(server: &str, cmd: VmCommand, fmt: Format) -> anyhow::Result<()>
                     crate::RestartArg::OnFailure => "on-failure",
                     crate::RestartArg::Never => "never",
                 },
-                "placement": { "require_labels": required, "group_anti_affinity": anti },
+                "placement": {
+                    "require_labels": required,
+                    "group_anti_affinity": strength(a.anti_affinity),
+                    "group_affinity": strength(a.group_affinity),
+                    "vm_affinity": rules,
+                    "strategy": a.strategy.map(|s| novacron_types::Strategy::from(s).as_str()),
+                },
                 "count": a.count,
             });
             let created: Value = api.call("POST", "/api/v1/vms".into(), Some(body)).await?;

@@ -145,6 +145,59 @@ struct OrchestratorArgs {
     /// a single NATS server; use ~20 s with an R3 cluster (its elections take up to 9 s).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     leader_lease: std::time::Duration,
+    #[command(flatten)]
+    placement: PlacementArgs,
+}
+
+/// The cluster's placement settings.
+#[derive(Args, Debug, Clone)]
+struct PlacementArgs {
+    /// Fill hosts before using new ones (bin-pack) or use the emptiest (spread).
+    #[arg(long, value_enum, default_value_t = StrategyArg::BinPack)]
+    strategy: StrategyArg,
+    /// A group's own strategy, repeatable: --group-strategy batch=spread (a VM's --strategy wins).
+    #[arg(long = "group-strategy", value_parser = parse_group_strategy)]
+    group_strategy: Vec<(String, novacron_types::Strategy)>,
+    /// vCPUs sold per physical vCPU (a host's overcommit.cpu label overrides it).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_ratio)]
+    cpu_overcommit: f64,
+    /// Memory sold per MiB (a host's overcommit.memory label overrides it).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_ratio)]
+    memory_overcommit: f64,
+    /// Most VMs on one host.
+    #[arg(long)]
+    max_vms_per_host: Option<u32>,
+    /// The host label naming failure domains a group is spread across ("" for none).
+    #[arg(long, default_value = "zone")]
+    failure_domain_label: String,
+}
+
+impl PlacementArgs {
+    fn config(&self) -> novacron_scheduler::PlannerConfig {
+        novacron_scheduler::PlannerConfig {
+            strategy: self.strategy.into(),
+            group_strategy: self.group_strategy.iter().cloned().collect(),
+            cpu_overcommit: self.cpu_overcommit,
+            memory_overcommit: self.memory_overcommit,
+            max_vms_per_host: self.max_vms_per_host,
+            failure_domain_label: Some(self.failure_domain_label.clone()).filter(|l| !l.is_empty()),
+            ..novacron_scheduler::PlannerConfig::default()
+        }
+    }
+}
+
+fn parse_group_strategy(s: &str) -> Result<(String, novacron_types::Strategy), String> {
+    match s.split_once('=') {
+        Some((g, st)) if !g.is_empty() => Ok((g.to_owned(), st.parse()?)),
+        _ => Err(format!("{s:?} must look like GROUP=bin-pack or GROUP=spread")),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 1.0 => Ok(r),
+        _ => Err(format!("{s:?} must be a ratio of at least 1.0")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -255,6 +308,20 @@ struct VmCreateArgs {
     /// Keep it off hosts running other VMs of its --group: hard (never) or soft (preferably).
     #[arg(long, value_enum)]
     anti_affinity: Option<AntiAffinityArg>,
+    /// Keep it on the host of the other VMs of its --group: hard (always, once one runs) or soft.
+    #[arg(long, value_enum)]
+    group_affinity: Option<AntiAffinityArg>,
+    /// Near the VMs carrying these labels, repeatable: [hard:|soft:]KEY=VALUE[,KEY=VALUE…][@TOPOLOGY]
+    /// (hard unless said; TOPOLOGY is a host label such as zone or rack, the host if omitted):
+    /// --vm-affinity app=web@zone.
+    #[arg(long = "vm-affinity", value_parser = parse_rule)]
+    vm_affinity: Vec<LabelRule>,
+    /// Away from the VMs carrying these labels, same form: --vm-anti-affinity soft:app=db.
+    #[arg(long = "vm-anti-affinity", value_parser = parse_rule)]
+    vm_anti_affinity: Vec<LabelRule>,
+    /// Bin-pack or spread this VM, overriding its group's and the cluster's strategy.
+    #[arg(long, value_enum)]
+    strategy: Option<StrategyArg>,
     /// Create N VMs named NAME-1 … NAME-N, placed together in one planning pass.
     #[arg(long)]
     count: Option<u32>,
@@ -266,6 +333,48 @@ enum AntiAffinityArg {
     Hard,
     /// Preferably not.
     Soft,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum StrategyArg {
+    /// Fill hosts before using new ones.
+    BinPack,
+    /// Use the emptiest host.
+    Spread,
+}
+
+impl From<StrategyArg> for novacron_types::Strategy {
+    fn from(a: StrategyArg) -> Self {
+        match a {
+            StrategyArg::BinPack => novacron_types::Strategy::BinPack,
+            StrategyArg::Spread => novacron_types::Strategy::Spread,
+        }
+    }
+}
+
+/// A label rule from the command line: `[hard:|soft:]KEY=VALUE[,KEY=VALUE…][@TOPOLOGY]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LabelRule {
+    hard: bool,
+    selector: Vec<(String, String)>,
+    topology: Option<String>,
+}
+
+fn parse_rule(s: &str) -> Result<LabelRule, String> {
+    let (hard, rest) = match s.split_once(':') {
+        Some(("hard", r)) => (true, r),
+        Some(("soft", r)) => (false, r),
+        Some((p, _)) => return Err(format!("rule {s:?}: {p:?} is not hard or soft")),
+        None => (true, s),
+    };
+    let (labels, topology) = match rest.split_once('@') {
+        Some((_, "")) => return Err(format!("rule {s:?}: nothing after '@' (a host label such as zone)")),
+        Some((l, t)) => (l, Some(t.to_owned())),
+        None => (rest, None),
+    };
+    let selector =
+        labels.split(',').map(parse_label).collect::<Result<Vec<_>, _>>().map_err(|e| format!("rule {s:?}: {e}"))?;
+    Ok(LabelRule { hard, selector, topology })
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -354,5 +463,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,
         Command::Explain { event_id } => client::explain(&cli.server, &event_id, fmt).await,
         Command::Bench(a) => bench::run(a, fmt).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_and_group_strategies_parse_or_say_what_is_wrong() {
+        let r = parse_rule("soft:app=web,tier=front@zone").unwrap();
+        assert!(!r.hard);
+        assert_eq!(r.selector, [("app".to_owned(), "web".to_owned()), ("tier".to_owned(), "front".to_owned())]);
+        assert_eq!(r.topology.as_deref(), Some("zone"));
+        let r = parse_rule("app=db").unwrap();
+        assert!(r.hard && r.topology.is_none());
+        assert!(parse_rule("must:app=db").unwrap_err().contains("not hard or soft"));
+        assert!(parse_rule("app=db@").unwrap_err().contains("after '@'"));
+        assert!(parse_rule("hard:app").unwrap_err().contains("key=value"));
+        assert_eq!(parse_group_strategy("batch=spread").unwrap().1, novacron_types::Strategy::Spread);
+        assert!(parse_group_strategy("batch=tight").unwrap_err().contains("bin-pack or spread"));
+        assert!(parse_ratio("0.5").is_err());
     }
 }

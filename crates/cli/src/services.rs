@@ -137,6 +137,7 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
     cfg.host_failure_timeout = a.host_failure_timeout;
     cfg.agent_lease = a.agent_lease;
     cfg.lease = novacron_orchestrator::leader::LeaseConfig { ttl: a.leader_lease };
+    cfg.planner = a.placement.config();
     let cancel = CancellationToken::new();
     let o = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
     println!("novacron orchestrator: API on http://{}", o.http_addr);

@@ -484,14 +484,31 @@ mod tests {
         let err = parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "count": 0}"#).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("count"));
         let (spec, n) = parse_create(
-            br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "count": 3,
+            br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "count": 3, "group": "g",
                  "placement": {"require_labels": {"gpu": "yes"}, "group_anti_affinity": "hard"}}"#,
         )
         .unwrap();
         assert_eq!(n, Some(3));
-        assert_eq!(spec.placement.group_anti_affinity, novacron_types::AntiAffinity::Hard);
+        assert_eq!(spec.placement.group_anti_affinity, novacron_types::Strength::Hard);
         let err = parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "placement": {"colour": "red"}}"#)
             .unwrap_err();
         assert!(err.error.contains("colour"), "unknown placement fields are refused: {}", err.error);
+        // Label rules as the CLI sends them (topology and strategy may be null).
+        let (spec, _) = parse_create(
+            br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "placement": {"strategy": null, "vm_affinity": [
+                 {"selector": {"app": "db"}, "relation": "anti-affinity", "strength": "hard", "topology": null}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.placement.vm_affinity[0].relation, novacron_types::Relation::AntiAffinity);
+        let err = parse_create(
+            br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "placement": {"vm_affinity": [
+                 {"selector": {"app": "db"}, "relation": "affinity", "strength": "none"}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("placement.vm_affinity[0].strength"), "{}", err.error);
+        let err =
+            parse_create(br#"{"name": "a", "vcpus": 1, "memory_mib": 512, "placement": {"group_affinity": "hard"}}"#)
+                .unwrap_err();
+        assert!(err.error.contains("needs the VM to have a group"), "{}", err.error);
     }
 }

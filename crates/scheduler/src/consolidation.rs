@@ -6,7 +6,9 @@
 //! `max_vms_per_host` is set); each VM assigned to one is an item. Hard group anti-affinity
 //! becomes an item group and required labels an allow-list. Only running VMs may move (live
 //! migration); VMs starting, stopping or migrating, and the reservations of migrations in flight,
-//! stay where they are. The search starts from the placement as it is, so a VM moves only if
+//! stay where they are. So do the VMs bound by hard affinity (to their group or to labelled
+//! VMs) or by hard label anti-affinity, either way round: the packer moves VMs one at a time,
+//! and those rules tie VMs together. The search starts from the placement as it is, so a VM moves only if
 //! its host is emptied or the search displaces it to make room.
 //!
 //! Soft preferences (soft anti-affinity, spreading over failure domains, observed load) are not
@@ -15,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use novacron_state::{ClusterState, VmStatus};
-use novacron_types::{HostId, VmId};
+use novacron_types::{HostId, Strength, VmId};
 
 use crate::packing::{self, Infeasible, Limits, Problem};
 use crate::{PlannerConfig, effective_capacity};
@@ -97,6 +99,15 @@ pub fn plan_consolidation(
     // Per item: the VM when it may move.
     let mut movable: Vec<Option<&novacron_state::VmRecord>> = Vec::new();
     let mut pinned = 0;
+    // The selectors of hard label rules: a VM they select is tied to others and stays put.
+    let live = || state.vms.values().filter(|v| v.status != VmStatus::Deleted && v.host.is_some());
+    let hard_rules: Vec<&novacron_types::VmAffinity> =
+        live().flat_map(|v| v.spec.placement.vm_affinity.iter()).filter(|r| r.strength == Strength::Hard).collect();
+    let tied = |s: &novacron_types::VmSpec| {
+        s.placement.group_affinity == Strength::Hard
+            || s.placement.vm_affinity.iter().any(|r| r.strength == Strength::Hard)
+            || hard_rules.iter().any(|r| r.selects(&s.labels))
+    };
     for vm in state.vms.values() {
         let Some(&bin) = vm.host.as_ref().and_then(|h| bin_of_host.get(h)) else { continue };
         if vm.status == VmStatus::Deleted {
@@ -104,10 +115,10 @@ pub fn plan_consolidation(
         }
         let s = &vm.spec;
         let w = demand(s);
-        let may_move = vm.status == VmStatus::Running && vm.migration.is_none();
+        let may_move = vm.status == VmStatus::Running && vm.migration.is_none() && !tied(s);
         p.items.push(w);
         p.groups.push(match (&s.group, s.placement.group_anti_affinity) {
-            (Some(g), novacron_types::AntiAffinity::Hard) => {
+            (Some(g), novacron_types::Strength::Hard) => {
                 let next = u32::try_from(group_ids.len()).unwrap_or(u32::MAX);
                 Some(*group_ids.entry(g.as_str()).or_insert(next))
             }
@@ -194,8 +205,7 @@ fn describe(e: &Infeasible, hosts: &[&novacron_state::HostRecord]) -> String {
 mod tests {
     use novacron_types::event::{HostRegistered, PlacementExplanation, VmIncarnationReport, VmPlaced, VmRequested};
     use novacron_types::{
-        Actor, AntiAffinity, Envelope, EventKind, Generation, IncarnationId, Labels, PlacementRules, Resources,
-        StartVm, VmSpec,
+        Actor, Envelope, EventKind, Generation, IncarnationId, Labels, PlacementRules, Resources, StartVm, VmSpec,
     };
 
     use super::*;
@@ -301,7 +311,7 @@ mod tests {
         let h0 = c.host("h0", 16, gpu.clone());
         let h1 = c.host("h1", 16, Labels::default());
         let h2 = c.host("h2", 16, Labels::default());
-        let hard = PlacementRules { group_anti_affinity: AntiAffinity::Hard, ..PlacementRules::default() };
+        let hard = PlacementRules { group_anti_affinity: Strength::Hard, ..PlacementRules::default() };
         // Two VMs of a hard anti-affinity group must stay on two hosts.
         c.running(&h1, 1, Some("db"), hard.clone());
         c.running(&h2, 1, Some("db"), hard);

@@ -8,14 +8,24 @@
 //!   avoided           the request asked to avoid it (e.g. the VM kept failing there)
 //!   required_labels   lacks a label the VM requires
 //!   max_vms           already runs the most VMs a host may
-//!   anti_affinity     runs another VM of the group (hard group anti-affinity)
+//!   anti_affinity     hard anti-affinity: runs another VM of the group, or a VM the request's
+//!                     rules select is in its domain, or it is in the domain of a VM whose own
+//!                     hard anti-affinity selects this one
+//!   affinity          hard affinity: the group, or VMs the rules select, run elsewhere but not
+//!                     in this host's domain
 //!   capacity          lacks vCPUs, memory or disk (capacity × the host's overcommit ratios)
 //! scores (weighted sum; the best total wins, ties go to the lowest host id):
-//!   fit               bin-pack: how full the host is after placing; spread: how empty
+//!   fit               bin-pack: how full the host is after placing; spread: how empty (the
+//!                     VM's own strategy, else its group's, else the cluster's)
 //!   domain_spread     fewer VMs of the group in the host's failure domain (label, e.g. zone)
-//!   anti_affinity     fewer VMs of the group on the host (soft group anti-affinity)
+//!   anti_affinity     soft anti-affinity: fewer of the avoided VMs in the domain
+//!   affinity          soft affinity: more of the sought VMs in the domain
 //!   load              lower observed CPU utilisation (telemetry)
 //! ```
+//!
+//! Affinity rules name their VMs by group ([`PlacementRules::group_affinity`],
+//! [`PlacementRules::group_anti_affinity`]) or by labels ([`VmAffinity`], per host or per
+//! failure domain). A VM being moved or restarted never counts against itself.
 //!
 //! In clusters larger than [`PlannerConfig::max_candidates`] (64) a decision does not score every
 //! host: it scans from where the previous decision of the pass landed and stops once that many
@@ -34,9 +44,10 @@ pub mod packing;
 
 use std::collections::BTreeMap;
 
-use novacron_state::{ClusterState, HostRecord};
+use novacron_state::{ClusterState, HostRecord, VmRecord, VmStatus};
+pub use novacron_types::Strategy;
 use novacron_types::event::{Candidate, PlacementExplanation};
-use novacron_types::{AntiAffinity, HostId, Labels, Resources, VmSpec};
+use novacron_types::{HostId, Labels, PlacementRules, Relation, Resources, Strength, VmAffinity, VmId, VmSpec};
 
 /// Filter names, as they appear in `rejections`.
 pub mod filters {
@@ -48,8 +59,11 @@ pub mod filters {
     pub const REQUIRED_LABELS: &str = "required_labels";
     /// The host already runs the most VMs a host may.
     pub const MAX_VMS: &str = "max_vms";
-    /// The host runs another VM of the group (hard anti-affinity).
+    /// Hard anti-affinity: the host's domain holds a VM to keep away from (or one that keeps
+    /// this VM away).
     pub const ANTI_AFFINITY: &str = "anti_affinity";
+    /// Hard affinity: the VMs to be near run elsewhere.
+    pub const AFFINITY: &str = "affinity";
     /// The host lacks free vCPUs, memory or disk.
     pub const CAPACITY: &str = "capacity";
 }
@@ -58,16 +72,6 @@ pub mod filters {
 pub const LABEL_CPU_OVERCOMMIT: &str = "overcommit.cpu";
 /// Host label overriding the cluster's memory overcommit ratio for one host.
 pub const LABEL_MEMORY_OVERCOMMIT: &str = "overcommit.memory";
-
-/// Pack VMs tightly or spread them out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Strategy {
-    /// Fill hosts before using new ones (fewer hosts busy; room for big VMs).
-    #[default]
-    BinPack,
-    /// Use the emptiest host (less contention; smaller blast radius).
-    Spread,
-}
 
 /// Weights of the score components.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -78,13 +82,15 @@ pub struct Weights {
     pub domain_spread: f64,
     /// Of soft `anti_affinity`.
     pub anti_affinity: f64,
+    /// Of soft `affinity`.
+    pub affinity: f64,
     /// Of `load`.
     pub load: f64,
 }
 
 impl Default for Weights {
     fn default() -> Self {
-        Weights { fit: 1.0, domain_spread: 0.5, anti_affinity: 1.0, load: 0.5 }
+        Weights { fit: 1.0, domain_spread: 0.5, anti_affinity: 1.0, affinity: 1.0, load: 0.5 }
     }
 }
 
@@ -93,6 +99,8 @@ impl Default for Weights {
 pub struct PlannerConfig {
     /// Bin-pack or spread.
     pub strategy: Strategy,
+    /// Per group: bin-pack or spread, overriding `strategy` (a VM's own setting overrides this).
+    pub group_strategy: BTreeMap<String, Strategy>,
     /// vCPUs sold per physical vCPU (a host's `overcommit.cpu` label overrides it).
     pub cpu_overcommit: f64,
     /// MiB sold per MiB (a host's `overcommit.memory` label overrides it).
@@ -114,6 +122,7 @@ impl Default for PlannerConfig {
     fn default() -> Self {
         PlannerConfig {
             strategy: Strategy::BinPack,
+            group_strategy: BTreeMap::new(),
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
             max_vms_per_host: None,
@@ -144,24 +153,53 @@ pub struct PlacementRequest {
     /// Resources already reserved by this very VM on a host (a restart in place), which count
     /// as free there.
     pub credit: Option<(HostId, Resources)>,
-    /// The VM's group, for anti-affinity and domain spread.
+    /// The VM's group, for (anti-)affinity and domain spread.
     pub group: Option<String>,
+    /// The VM's own labels (other VMs' rules select it by them).
+    pub labels: Labels,
     /// Labels a host must carry.
     pub require_labels: Labels,
     /// Group anti-affinity.
-    pub anti_affinity: AntiAffinity,
+    pub anti_affinity: Strength,
+    /// Group affinity.
+    pub group_affinity: Strength,
+    /// Affinity and anti-affinity to VMs selected by labels.
+    pub vm_affinity: Vec<VmAffinity>,
+    /// The VM's own bin-pack/spread setting.
+    pub strategy: Option<Strategy>,
+    /// The VM, when it already exists (its own rules never count against it).
+    pub vm: Option<VmId>,
+    /// Where the VM already counts (it is being moved or restarted): it is not counted there.
+    pub self_at: Option<HostId>,
 }
 
 impl PlacementRequest {
-    /// The request for a VM of this spec.
+    /// The request for a new VM of this spec.
     #[must_use]
     pub fn for_spec(spec: &VmSpec) -> PlacementRequest {
+        let PlacementRules { require_labels, group_anti_affinity, group_affinity, vm_affinity, strategy } =
+            &spec.placement;
         PlacementRequest {
             need: spec.resources(),
             group: spec.group.clone(),
-            require_labels: spec.placement.require_labels.clone(),
-            anti_affinity: spec.placement.group_anti_affinity,
+            labels: spec.labels.clone(),
+            require_labels: require_labels.clone(),
+            anti_affinity: *group_anti_affinity,
+            group_affinity: *group_affinity,
+            vm_affinity: vm_affinity.clone(),
+            strategy: *strategy,
             ..PlacementRequest::default()
+        }
+    }
+
+    /// The request to place an existing VM again (restart, move, migration): as for its spec,
+    /// and it does not count against itself where it is now.
+    #[must_use]
+    pub fn for_vm(vm: &VmRecord) -> PlacementRequest {
+        PlacementRequest {
+            vm: Some(vm.id),
+            self_at: vm.host.clone().filter(|_| vm.status != VmStatus::Deleted),
+            ..PlacementRequest::for_spec(&vm.spec)
         }
     }
 }
@@ -202,6 +240,7 @@ struct Parts {
     fit: f64,
     domain_spread: Option<f64>,
     anti_affinity: Option<f64>,
+    affinity: Option<f64>,
     load: Option<f64>,
 }
 
@@ -210,6 +249,7 @@ impl Parts {
         w.fit * self.fit
             + w.domain_spread * self.domain_spread.unwrap_or(0.0)
             + w.anti_affinity * self.anti_affinity.unwrap_or(0.0)
+            + w.affinity * self.affinity.unwrap_or(0.0)
             + w.load * self.load.unwrap_or(0.0)
     }
 
@@ -221,6 +261,9 @@ impl Parts {
         }
         if let Some(v) = self.anti_affinity {
             m.insert("anti_affinity".to_owned(), v);
+        }
+        if let Some(v) = self.affinity {
+            m.insert("affinity".to_owned(), v);
         }
         if let Some(v) = self.load {
             m.insert("load".to_owned(), v);
@@ -242,6 +285,14 @@ pub struct Planner<'a> {
     groups: BTreeMap<String, BTreeMap<usize, u32>>,
     /// Per group: VMs of the group per failure domain (index).
     domains: BTreeMap<String, BTreeMap<usize, u32>>,
+    /// Per label selector asked about: how many selected VMs run on each host (by position),
+    /// the state's plus this planner's own. Filled on first use.
+    selected: BTreeMap<Labels, BTreeMap<usize, u32>>,
+    /// The VMs (the state's and this planner's) with hard anti-affinity rules, which keep the
+    /// VMs they select out of their domain: (VM, host position, rule).
+    repellers: Vec<(Option<VmId>, usize, VmAffinity)>,
+    /// The labels of the VMs this planner placed, by host position (to update `selected`).
+    placed_labels: Vec<(usize, Labels)>,
     /// What this planner's decisions took on each host (by position): resources, VM count.
     reserved: BTreeMap<usize, (Resources, u32)>,
     /// Where the next limited scan starts: the previous winner's position.
@@ -250,6 +301,24 @@ pub struct Planner<'a> {
 
 fn ratio(labels: &Labels, key: &str, default: f64) -> f64 {
     labels.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|r| r.is_finite() && *r >= 1.0).unwrap_or(default)
+}
+
+/// A failure domain: the value of a topology label, or a host lacking it (or no topology).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Domain<'a> {
+    Label(&'a str),
+    Host(usize),
+}
+
+/// One of a request's affinity rules, resolved against the current placements.
+struct Rule<'a> {
+    relation: Relation,
+    strength: Strength,
+    topology: Option<&'a str>,
+    /// Selected VMs per domain, not counting the VM being placed.
+    per_domain: BTreeMap<Domain<'a>, u32>,
+    /// Selected VMs anywhere, not counting the VM being placed.
+    total: u32,
 }
 
 /// What a host offers the planners: its capacity × the overcommit ratios (the cluster's, or
@@ -295,19 +364,93 @@ impl<'a> Planner<'a> {
             index,
             groups: BTreeMap::new(),
             domains: BTreeMap::new(),
+            selected: BTreeMap::new(),
+            repellers: Vec::new(),
+            placed_labels: Vec::new(),
             reserved: BTreeMap::new(),
             cursor: 0,
         };
         for vm in state.vms.values() {
-            let (Some(group), Some(host)) = (&vm.spec.group, &vm.host) else { continue };
-            if vm.status == novacron_state::VmStatus::Deleted {
+            let Some(&i) = vm.host.as_ref().and_then(|h| planner.index.get(h)) else { continue };
+            if vm.status == VmStatus::Deleted {
                 continue;
             }
-            if let Some(&i) = planner.index.get(host) {
+            if let Some(group) = &vm.spec.group {
                 planner.count_group(group, i);
+            }
+            for rule in vm.spec.placement.vm_affinity.iter().filter(|r| is_hard_anti(r)) {
+                planner.repellers.push((Some(vm.id), i, rule.clone()));
             }
         }
         planner
+    }
+
+    /// The domain of host `i` under a topology label.
+    fn domain(&self, i: usize, topology: Option<&str>) -> Domain<'a> {
+        let host = self.hosts[i].0;
+        match topology.and_then(|t| host.labels.get(t)) {
+            Some(v) => Domain::Label(v.as_str()),
+            None => Domain::Host(i),
+        }
+    }
+
+    /// How many VMs carrying `selector` run on each host (by position).
+    fn selected_counts(&mut self, selector: &Labels) -> &BTreeMap<usize, u32> {
+        if !self.selected.contains_key(selector) {
+            let rule = VmAffinity {
+                selector: selector.clone(),
+                relation: Relation::Affinity,
+                strength: Strength::Soft,
+                topology: None,
+            };
+            let mut counts: BTreeMap<usize, u32> = BTreeMap::new();
+            for vm in self.state.vms.values() {
+                if vm.status == VmStatus::Deleted || !rule.selects(&vm.spec.labels) {
+                    continue;
+                }
+                if let Some(&i) = vm.host.as_ref().and_then(|h| self.index.get(h)) {
+                    *counts.entry(i).or_default() += 1;
+                }
+            }
+            for (i, labels) in &self.placed_labels {
+                if rule.selects(labels) {
+                    *counts.entry(*i).or_default() += 1;
+                }
+            }
+            self.selected.insert(selector.clone(), counts);
+        }
+        &self.selected[selector]
+    }
+
+    /// The request's label rules with the selected VMs counted per domain.
+    fn resolve_rules<'r>(&mut self, req: &'r PlacementRequest, self_idx: Option<usize>) -> Vec<Rule<'r>>
+    where
+        'a: 'r,
+    {
+        let mut rules = Vec::with_capacity(req.vm_affinity.len());
+        for r in &req.vm_affinity {
+            if r.strength.is_none() {
+                continue;
+            }
+            let topology = r.topology.as_deref();
+            let counts: Vec<(usize, u32)> = self.selected_counts(&r.selector).iter().map(|(i, n)| (*i, *n)).collect();
+            let mut per_domain: BTreeMap<Domain<'r>, u32> = BTreeMap::new();
+            let mut total = 0u32;
+            for (i, n) in counts {
+                *per_domain.entry(self.domain(i, topology)).or_default() += n;
+                total += n;
+            }
+            if let Some(s) = self_idx
+                && r.selects(&req.labels)
+                && let Some(n) = per_domain.get_mut(&self.domain(s, topology))
+                && *n > 0
+            {
+                *n -= 1;
+                total -= 1;
+            }
+            rules.push(Rule { relation: r.relation, strength: r.strength, topology, per_domain, total });
+        }
+        rules
     }
 
     fn count_group(&mut self, group: &str, i: usize) {
@@ -319,17 +462,28 @@ impl<'a> Planner<'a> {
 
     /// Counts a VM placed elsewhere in this pass (e.g. a migration's target) as if the planner
     /// had placed it.
-    pub fn reserve(&mut self, host: &HostId, need: Resources, group: Option<&str>) {
+    pub fn reserve(&mut self, host: &HostId, req: &PlacementRequest) {
         let Some(&i) = self.index.get(host) else { return };
-        self.reserve_at(i, need, group);
+        self.reserve_at(i, req);
     }
 
-    fn reserve_at(&mut self, i: usize, need: Resources, group: Option<&str>) {
+    fn reserve_at(&mut self, i: usize, req: &PlacementRequest) {
         let r = self.reserved.entry(i).or_default();
-        r.0 = r.0.checked_add(need).unwrap_or(r.0);
+        r.0 = r.0.checked_add(req.need).unwrap_or(r.0);
         r.1 += 1;
-        if let Some(g) = group {
+        if let Some(g) = &req.group {
             self.count_group(g, i);
+        }
+        for (selector, counts) in &mut self.selected {
+            if selector.iter().all(|(k, v)| req.labels.get(k) == Some(v)) {
+                *counts.entry(i).or_default() += 1;
+            }
+        }
+        if !req.labels.is_empty() {
+            self.placed_labels.push((i, req.labels.clone()));
+        }
+        for rule in req.vm_affinity.iter().filter(|r| is_hard_anti(r)) {
+            self.repellers.push((req.vm, i, rule.clone()));
         }
     }
 
@@ -349,18 +503,36 @@ impl<'a> Planner<'a> {
     pub fn place(&mut self, req: &PlacementRequest) -> Placement {
         let w = self.cfg.weights;
         let top = self.cfg.explain_top.max(1);
+        let strategy = req
+            .strategy
+            .or_else(|| req.group.as_ref().and_then(|g| self.cfg.group_strategy.get(g)).copied())
+            .unwrap_or(self.cfg.strategy);
         let credit_at = req.credit.as_ref().and_then(|(h, _)| self.index.get(h)).copied();
+        // Where the VM already counts (moved, restarted): not against itself.
+        let self_idx = req.self_at.as_ref().and_then(|h| self.index.get(h)).copied().or(credit_at);
         let avoid: Vec<usize> = req.avoid.iter().filter_map(|h| self.index.get(h).copied()).collect();
+        let rules = self.resolve_rules(req, self_idx);
+        // Domains other VMs' hard anti-affinity keeps this one out of.
+        let repelled: Vec<(Option<&str>, Domain<'_>)> = self
+            .repellers
+            .iter()
+            .filter(|(vm, _, rule)| (vm.is_none() || *vm != req.vm) && rule.selects(&req.labels))
+            .map(|(_, i, rule)| (rule.topology.as_deref(), self.domain(*i, rule.topology.as_deref())))
+            .collect();
         let group_hosts = req.group.as_ref().and_then(|g| self.groups.get(g));
         let group_domains = req.group.as_ref().and_then(|g| self.domains.get(g));
         let group_total = f64::from(group_hosts.map_or(0, |m| m.values().sum::<u32>()));
-        let mut counts = [0u32; 6];
+        let group_self =
+            u32::from(req.group.is_some() && self_idx.is_some_and(|s| group_hosts.is_some_and(|m| m.contains_key(&s))));
+        let group_others = group_hosts.map_or(0, |m| m.values().sum::<u32>()).saturating_sub(group_self);
+        let mut counts = [0u32; 7];
         let names = [
             filters::HOST_STATE,
             filters::AVOIDED,
             filters::REQUIRED_LABELS,
             filters::MAX_VMS,
             filters::ANTI_AFFINITY,
+            filters::AFFINITY,
             filters::CAPACITY,
         ];
         let mut best: Vec<(f64, usize, Parts)> = Vec::with_capacity(top + 1);
@@ -399,15 +571,31 @@ impl<'a> Planner<'a> {
                     continue;
                 }
             }
-            let group_here =
-                group_hosts.and_then(|m| m.get(&i)).copied().unwrap_or(0).saturating_sub(u32::from(credit_here));
-            if req.anti_affinity == AntiAffinity::Hard && group_here > 0 {
+            let group_here = group_hosts
+                .and_then(|m| m.get(&i))
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(u32::from(self_idx == Some(i)));
+            // Selected VMs in this host's domain, per rule.
+            let near: Vec<u32> =
+                rules.iter().map(|r| r.per_domain.get(&self.domain(i, r.topology)).copied().unwrap_or(0)).collect();
+            let hard = |r: &Rule<'_>, rel| r.strength == Strength::Hard && r.relation == rel;
+            if (req.anti_affinity == Strength::Hard && group_here > 0)
+                || rules.iter().zip(&near).any(|(r, n)| hard(r, Relation::AntiAffinity) && *n > 0)
+                || repelled.iter().any(|(t, d)| self.domain(i, *t) == *d)
+            {
                 counts[4] += 1;
+                continue;
+            }
+            if (req.group_affinity == Strength::Hard && group_others > 0 && group_here == 0)
+                || rules.iter().zip(&near).any(|(r, n)| hard(r, Relation::Affinity) && r.total > 0 && *n == 0)
+            {
+                counts[5] += 1;
                 continue;
             }
             let free = self.free(i, req, credit_here);
             if !req.need.fits_within(free) {
-                counts[5] += 1;
+                counts[6] += 1;
                 continue;
             }
             // How full the host is after placing, averaged over vCPUs and memory.
@@ -416,22 +604,32 @@ impl<'a> Planner<'a> {
             let fullness = (used(u64::from(free.vcpus), u64::from(req.need.vcpus), u64::from(cap.vcpus))
                 + used(free.memory_mib, req.need.memory_mib, cap.memory_mib))
                 / 2.0;
+            // Soft rules: each contributes n/(n+1) of the selected VMs in the domain, towards or
+            // away from them.
+            let saturate = |n: u32| f64::from(n) / (f64::from(n) + 1.0);
+            let grouped = req.group.is_some();
+            let mut anti = (req.anti_affinity == Strength::Soft && grouped).then(|| -saturate(group_here));
+            let mut attract = (req.group_affinity == Strength::Soft && grouped).then(|| saturate(group_here));
+            for (r, n) in rules.iter().zip(&near).filter(|(r, _)| r.strength == Strength::Soft) {
+                match r.relation {
+                    Relation::AntiAffinity => *anti.get_or_insert(0.0) -= saturate(*n),
+                    Relation::Affinity => *attract.get_or_insert(0.0) += saturate(*n),
+                }
+            }
             let parts = Parts {
-                fit: match self.cfg.strategy {
+                fit: match strategy {
                     Strategy::BinPack => fullness,
                     Strategy::Spread => 1.0 - fullness,
                 },
-                domain_spread: match (req.group.is_some(), facts.domain) {
+                domain_spread: match (grouped, facts.domain) {
                     (true, Some(d)) => {
                         let in_domain = f64::from(group_domains.and_then(|m| m.get(&d)).copied().unwrap_or(0));
                         Some(-in_domain / (group_total + 1.0))
                     }
                     _ => None,
                 },
-                anti_affinity: (req.anti_affinity == AntiAffinity::Soft && req.group.is_some()).then(|| {
-                    let here = f64::from(group_here);
-                    -here / (here + 1.0)
-                }),
+                anti_affinity: anti,
+                affinity: attract,
                 load: facts.load.map(|u| -u.clamp(0.0, 1.0)),
             };
             feasible += 1;
@@ -448,10 +646,7 @@ impl<'a> Planner<'a> {
         let rejections: BTreeMap<String, u32> =
             names.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(f, n)| ((*f).to_owned(), n)).collect();
         let mut explanation = PlacementExplanation {
-            planner: match self.cfg.strategy {
-                Strategy::BinPack => "filter-score/bin-pack".into(),
-                Strategy::Spread => "filter-score/spread".into(),
-            },
+            planner: format!("filter-score/{}", strategy.as_str()),
             log_seq: self.state.seq,
             hosts_considered: considered,
             rejections,
@@ -471,7 +666,7 @@ impl<'a> Planner<'a> {
                     .collect();
                 let host = self.hosts[i].0.id.clone();
                 self.cursor = i;
-                self.reserve_at(i, req.need, req.group.as_deref());
+                self.reserve_at(i, req);
                 Placement::Host { host, explanation }
             }
             None => {
@@ -497,6 +692,10 @@ impl<'a> Planner<'a> {
     }
 }
 
+fn is_hard_anti(rule: &VmAffinity) -> bool {
+    rule.strength == Strength::Hard && rule.relation == Relation::AntiAffinity
+}
+
 /// One placement with the default settings and no load view (tests, simple callers).
 #[must_use]
 pub fn place(state: &ClusterState, need: Resources, pending: &BTreeMap<HostId, Resources>) -> Placement {
@@ -511,7 +710,7 @@ pub fn place_request(state: &ClusterState, req: &PlacementRequest, pending: &BTr
     let load = LoadView::default();
     let mut planner = Planner::new(state, &cfg, &load);
     for (h, r) in pending {
-        planner.reserve(h, *r, None);
+        planner.reserve(h, &PlacementRequest { need: *r, ..PlacementRequest::default() });
     }
     planner.place(req)
 }

@@ -29,7 +29,7 @@ pub use report::{Report, ReportKind};
 pub use resources::Resources;
 pub use telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
 pub use validate::{Validate, ValidationError};
-pub use vm::{AntiAffinity, Labels, PlacementRules, RestartPolicy, VmSpec};
+pub use vm::{Labels, PlacementRules, Relation, RestartPolicy, Strategy, Strength, VmAffinity, VmSpec};
 
 /// The major schema version of every message this build writes and the only one it reads.
 ///

@@ -6,7 +6,7 @@
 
 use crate::report::{HostRegistration, Report, ReportKind};
 use crate::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
-use crate::{Resources, SCHEMA_VERSION, VmSpec};
+use crate::{Resources, SCHEMA_VERSION, Strength, VmSpec};
 
 /// A value that decoded but makes no sense. `field` is a dotted path into the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,8 +94,62 @@ impl Validate for VmSpec {
                 ));
             }
         }
-        Ok(())
+        rules_ok(self)
     }
+}
+
+/// Most label rules on one VM.
+pub const MAX_AFFINITY_RULES: usize = 16;
+
+fn rules_ok(spec: &VmSpec) -> Result<(), ValidationError> {
+    let p = &spec.placement;
+    if spec.group.is_none() {
+        for (field, s) in [("group_affinity", p.group_affinity), ("group_anti_affinity", p.group_anti_affinity)] {
+            if !s.is_none() {
+                return Err(ValidationError::new(&format!("placement.{field}"), "needs the VM to have a group"));
+            }
+        }
+    }
+    if p.group_affinity == Strength::Hard && p.group_anti_affinity == Strength::Hard {
+        return Err(ValidationError::new(
+            "placement.group_affinity",
+            "hard affinity and hard anti-affinity to the same group cannot both hold",
+        ));
+    }
+    if p.vm_affinity.len() > MAX_AFFINITY_RULES {
+        return Err(ValidationError::new("placement.vm_affinity", format!("at most {MAX_AFFINITY_RULES} rules")));
+    }
+    for (i, r) in p.vm_affinity.iter().enumerate() {
+        let at = |f: &str| format!("placement.vm_affinity[{i}].{f}");
+        if r.selector.is_empty() {
+            return Err(ValidationError::new(&at("selector"), "must name at least one label"));
+        }
+        if r.selector.iter().any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255) {
+            return Err(ValidationError::new(&at("selector"), "keys must be 1 to 63 bytes and values at most 255"));
+        }
+        if r.strength.is_none() {
+            return Err(ValidationError::new(&at("strength"), "must be soft or hard"));
+        }
+        if r.topology.as_ref().is_some_and(|t| t.is_empty() || t.len() > 63) {
+            return Err(ValidationError::new(&at("topology"), "must be a host label key of 1 to 63 bytes"));
+        }
+    }
+    for (i, a) in p.vm_affinity.iter().enumerate() {
+        for b in &p.vm_affinity[i + 1..] {
+            if a.strength == Strength::Hard
+                && b.strength == Strength::Hard
+                && a.relation != b.relation
+                && a.selector == b.selector
+                && a.topology == b.topology
+            {
+                return Err(ValidationError::new(
+                    &format!("placement.vm_affinity[{i}]"),
+                    "hard affinity and hard anti-affinity to the same VMs in the same domain cannot both hold",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Validate for Report {
@@ -208,5 +262,58 @@ mod tests {
         assert!(s.validate().is_ok());
         s.name = String::new();
         assert_eq!(s.validate().unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn placement_rules_that_cannot_hold_or_name_nothing_are_refused() {
+        use crate::{Relation, Strength, VmAffinity};
+        let base = VmSpec {
+            name: "db-1".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 0,
+            group: None,
+            labels: Default::default(),
+            restart: Default::default(),
+            placement: Default::default(),
+        };
+        let rule = |relation, strength, key: &str| VmAffinity {
+            selector: [(key.to_owned(), "db".to_owned())].into(),
+            relation,
+            strength,
+            topology: None,
+        };
+        let err = |f: &dyn Fn(&mut VmSpec)| {
+            let mut s = base.clone();
+            f(&mut s);
+            s.validate().unwrap_err()
+        };
+        assert_eq!(err(&|s| s.placement.group_affinity = Strength::Hard).field, "placement.group_affinity");
+        let e = err(&|s| {
+            s.group = Some("db".into());
+            s.placement.group_affinity = Strength::Hard;
+            s.placement.group_anti_affinity = Strength::Hard;
+        });
+        assert!(e.reason.contains("cannot both hold"), "{e}");
+        let e = err(&|s| s.placement.vm_affinity = vec![rule(Relation::Affinity, Strength::None, "app")]);
+        assert_eq!(e.field, "placement.vm_affinity[0].strength");
+        let e = err(&|s| {
+            s.placement.vm_affinity = vec![
+                rule(Relation::Affinity, Strength::Hard, "app"),
+                rule(Relation::AntiAffinity, Strength::Hard, "app"),
+            ];
+        });
+        assert_eq!(e.field, "placement.vm_affinity[0]");
+        let e = err(&|s| {
+            let mut r = rule(Relation::Affinity, Strength::Soft, "app");
+            r.selector.clear();
+            s.placement.vm_affinity = vec![r];
+        });
+        assert_eq!(e.field, "placement.vm_affinity[0].selector");
+        // A soft preference against a hard rule on the same VMs is allowed (the hard one wins).
+        let mut ok = base.clone();
+        ok.placement.vm_affinity =
+            vec![rule(Relation::Affinity, Strength::Soft, "app"), rule(Relation::AntiAffinity, Strength::Hard, "app")];
+        assert!(ok.validate().is_ok());
     }
 }

@@ -45,36 +45,124 @@ pub struct PlacementRules {
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub require_labels: Labels,
     /// Keep it off hosts that run other VMs of its group.
-    #[serde(default, skip_serializing_if = "AntiAffinity::is_none")]
-    pub group_anti_affinity: AntiAffinity,
+    #[serde(default, skip_serializing_if = "Strength::is_none")]
+    pub group_anti_affinity: Strength,
+    /// Keep it on hosts that run other VMs of its group (co-location). The group's first VM
+    /// goes anywhere; with `hard`, the others follow it while any member runs.
+    #[serde(default, skip_serializing_if = "Strength::is_none")]
+    pub group_affinity: Strength,
+    /// Affinity and anti-affinity to other VMs chosen by their labels, per host or per failure
+    /// domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm_affinity: Vec<VmAffinity>,
+    /// Bin-pack or spread this VM, overriding its group's and the cluster's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
 }
 
 impl PlacementRules {
     /// No constraints and no preferences.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.require_labels.is_empty() && self.group_anti_affinity.is_none()
+        self.require_labels.is_empty()
+            && self.group_anti_affinity.is_none()
+            && self.group_affinity.is_none()
+            && self.vm_affinity.is_empty()
+            && self.strategy.is_none()
     }
 }
 
-/// How strongly a VM avoids sharing a host with its group.
+/// How strongly a placement rule binds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum AntiAffinity {
-    /// No preference.
+pub enum Strength {
+    /// No rule.
     #[default]
     None,
-    /// A preference: the planner scores sharing down.
+    /// A preference: the planner scores hosts by it.
     Soft,
-    /// A constraint: never on a host with another VM of its group.
+    /// A constraint: a host breaking it is filtered out.
     Hard,
 }
 
-impl AntiAffinity {
-    /// Whether there is no preference.
+impl Strength {
+    /// Whether there is no rule.
     #[must_use]
     pub fn is_none(&self) -> bool {
-        *self == AntiAffinity::None
+        *self == Strength::None
+    }
+}
+
+/// Whether a rule draws a VM towards other VMs or keeps it away from them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Relation {
+    /// In the same domain as the selected VMs.
+    Affinity,
+    /// Not in the same domain as the selected VMs.
+    AntiAffinity,
+}
+
+/// An affinity or anti-affinity rule towards the VMs carrying some labels.
+///
+/// The domain is the host, or with `topology` the set of hosts sharing that host label's value
+/// (e.g. `zone`); a host without the label is a domain of its own. A VM never counts against
+/// itself. Hard affinity with no selected VM anywhere is met by any host (the first of its kind
+/// goes where it fits). Hard anti-affinity binds both ways: a VM that matches an existing VM's
+/// selector is kept out of that VM's domain too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmAffinity {
+    /// The VMs this rule is about: those carrying all these labels (at least one).
+    pub selector: Labels,
+    /// Towards them or away from them.
+    pub relation: Relation,
+    /// `hard` (a filter) or `soft` (a score).
+    pub strength: Strength,
+    /// The host label whose values are the domains (`zone`, `rack`); absent: the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+}
+
+impl VmAffinity {
+    /// Whether a VM with these labels is one of the rule's VMs.
+    #[must_use]
+    pub fn selects(&self, labels: &Labels) -> bool {
+        self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// Pack VMs tightly or spread them out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Fill hosts before using new ones (fewer hosts busy; room for big VMs).
+    #[default]
+    BinPack,
+    /// Use the emptiest host (less contention; smaller blast radius).
+    Spread,
+}
+
+impl Strategy {
+    /// The name used in flags, documents and explanations.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::BinPack => "bin-pack",
+            Strategy::Spread => "spread",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bin-pack" | "binpack" => Ok(Strategy::BinPack),
+            "spread" => Ok(Strategy::Spread),
+            other => Err(format!("unknown strategy {other:?}: expected bin-pack or spread")),
+        }
     }
 }
 

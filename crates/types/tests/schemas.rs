@@ -298,7 +298,8 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                     restart: RestartPolicy::Always,
                     placement: PlacementRules {
                         require_labels: [("gpu".to_owned(), "a100".to_owned())].into(),
-                        group_anti_affinity: AntiAffinity::Hard,
+                        group_anti_affinity: Strength::Hard,
+                        ..PlacementRules::default()
                     },
                     ..spec()
                 },
@@ -310,6 +311,36 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 replica: "orchestrator-2".into(),
                 term: 7,
                 http: "http://10.0.0.2:8080".into(),
+            }),
+        ),
+        (
+            "event-vm-requested-with-affinity",
+            EventKind::VmRequested(VmRequested {
+                vm,
+                spec: VmSpec {
+                    group: Some("cache".into()),
+                    labels: [("app".to_owned(), "cache".to_owned())].into(),
+                    placement: PlacementRules {
+                        group_affinity: Strength::Soft,
+                        vm_affinity: vec![
+                            VmAffinity {
+                                selector: [("app".to_owned(), "web".to_owned())].into(),
+                                relation: Relation::Affinity,
+                                strength: Strength::Hard,
+                                topology: Some("zone".into()),
+                            },
+                            VmAffinity {
+                                selector: [("app".to_owned(), "cache".to_owned())].into(),
+                                relation: Relation::AntiAffinity,
+                                strength: Strength::Soft,
+                                topology: None,
+                            },
+                        ],
+                        strategy: Some(Strategy::Spread),
+                        ..PlacementRules::default()
+                    },
+                    ..spec()
+                },
             }),
         ),
     ];

@@ -121,7 +121,9 @@ pub fn rebalance(
             .collect();
         movable.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
         for (vm, share) in movable {
-            let mut req = PlacementRequest::for_spec(&vm.spec);
+            let mut req = PlacementRequest::for_vm(vm);
+            // The destination is chosen for low load, whatever the VM's own strategy.
+            req.strategy = Some(Strategy::Spread);
             req.avoid.push(source.clone());
             // Never back to a host it left recently.
             req.avoid.extend(

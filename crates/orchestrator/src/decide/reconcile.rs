@@ -98,7 +98,7 @@ pub(crate) fn restart_step(
     }
     // A VM that keeps failing on one host is tried on another.
     let fails_here = recent.iter().filter(|f| Some(&f.host) == vm.host.as_ref()).count();
-    let mut req = PlacementRequest::for_spec(&vm.spec);
+    let mut req = PlacementRequest::for_vm(vm);
     let mut decision = None;
     if fails_here < 2
         && let Some(current) = &vm.host
@@ -174,7 +174,7 @@ pub fn reconcile_with(
                 events.push(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id })));
                 continue;
             }
-            let mut decision = planner.place(&PlacementRequest::for_spec(&vm.spec));
+            let mut decision = planner.place(&PlacementRequest::for_vm(vm));
             if let Placement::Host { explanation, .. } = &mut decision {
                 explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
             }
@@ -264,7 +264,7 @@ pub fn reconcile_with(
                     }
                 }
                 VmStatus::Stopped | VmStatus::Failed | VmStatus::Placed | VmStatus::Pending => {
-                    let mut req = PlacementRequest::for_spec(&vm.spec);
+                    let mut req = PlacementRequest::for_vm(vm);
                     req.avoid.push(source.clone());
                     let mut decision = planner.place(&req);
                     if let Placement::Host { explanation, .. } = &mut decision {
@@ -293,7 +293,7 @@ pub fn reconcile_with(
         }
         match vm.status {
             VmStatus::Pending => {
-                let decision = planner.place(&PlacementRequest::for_spec(&vm.spec));
+                let decision = planner.place(&PlacementRequest::for_vm(vm));
                 events.extend(placement_events(
                     state,
                     vm.id,

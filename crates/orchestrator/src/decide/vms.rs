@@ -250,7 +250,7 @@ pub(crate) fn plan_migration(
             vm.status.as_str()
         )));
     }
-    let mut req = PlacementRequest::for_spec(&vm.spec);
+    let mut req = PlacementRequest::for_vm(vm);
     req.avoid.push(from.clone());
     if let Some(t) = to {
         let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;
