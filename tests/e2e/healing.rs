@@ -155,6 +155,38 @@ async fn a_failed_hosts_vms_run_elsewhere_with_a_new_generation_and_nothing_runs
     let s = c.state();
     assert_eq!(s.hosts[&host("h1")].allocated, Resources::ZERO);
     assert!(s.hosts[&host("h1")].vms.is_empty());
+    // The failure was declared by overwriting h1's lease, which its agent can no longer renew.
+    let leases = c.bus.js.get_key_value(novacron_protocol::HOST_LEASE_BUCKET).await.unwrap();
+    let entry = leases.entry("h1").await.unwrap().expect("h1's lease");
+    assert_eq!(entry.value.as_ref(), novacron_protocol::LEASE_FAILED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_renews_its_lease_is_not_failed_though_its_heartbeats_are_lost() {
+    let c = Cluster::start(&["h1", "h2"]).await;
+    // h3's heartbeats never arrive (as if dropped on the way), but its agent is alive and
+    // renews its lease.
+    let mut cfg = AgentConfig::new(host("h3"), Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 });
+    cfg.heartbeats = false;
+    cfg.lease = LEASE;
+    cfg.host_failure_timeout = FAILURE;
+    let agent = Agent::new(cfg, c.bus.clone(), SimDriver::default(), &c.db).unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            let _ = agent.run(cancel).await;
+        }
+    });
+    c.wait("h3 suspected", |s| s.hosts.get(&host("h3")).is_some_and(|h| h.state == HostState::Suspect)).await;
+    // At the failure timeout the detector tries to overwrite the lease, finds it renewed, and
+    // counts the host as heard from: it comes back to ready instead of failing.
+    c.wait("h3 ready again", |s| s.hosts[&host("h3")].state == HostState::Ready).await;
+    let leases = c.bus.js.get_key_value(novacron_protocol::HOST_LEASE_BUCKET).await.unwrap();
+    let entry = leases.entry("h3").await.unwrap().expect("h3's lease");
+    assert_eq!(entry.value.as_ref(), novacron_protocol::LEASE_HELD, "never marked failed");
+    cancel.cancel();
+    let _ = task.await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

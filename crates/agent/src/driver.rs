@@ -121,6 +121,13 @@ pub trait Driver: Send + Sync + 'static {
     /// a no-op if it is not running.
     fn stop(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send;
 
+    /// Ends the incarnation at once, without asking the guest (fencing: the VM is about to be
+    /// restarted elsewhere, and every moment it keeps running here is a risk). A no-op if it is
+    /// not running. The default is [`Driver::stop`], for drivers whose stop is immediate.
+    fn kill(&self, vm: VmId, incarnation: IncarnationId) -> impl Future<Output = Result<(), DriverError>> + Send {
+        self.stop(vm, incarnation)
+    }
+
     /// Starts an incarnation that waits for a live migration; returns the URI the source must
     /// send the VM to. A start of the same incarnation later confirms it (a no-op once the
     /// migration has completed).

@@ -1,98 +1,210 @@
 //! Self-fencing: an agent cut off from the bus stops its VMs before anyone restarts them
 //! elsewhere.
 //!
-//! The agent proves it can reach NATS every `lease / 5` with a round trip to the server (a
-//! request on `nc.lease.<host>`; "no responders" is an answer from the server, so it counts).
-//! When no round trip has succeeded for longer than the lease, it fences: every VM it runs is
-//! stopped (or paused, by configuration) and recorded as not running. When the bus comes back it
-//! reports each fenced VM as `VmFailed` with the reason.
+//! The agent holds a **lease**: its key in the KV bucket [`proto::HOST_LEASE_BUCKET`], renewed
+//! every heartbeat period (at most a third of the lease) by a compare-and-set on the revision it
+//! last wrote, and each renewal is followed by a heartbeat carrying the revision. Each renewal
+//! that the server acknowledges extends the lease to *its send time* + `lease`. When the lease runs out
+//! the agent fences at once (a timer wakes it at the deadline): every VM it runs is killed (or
+//! paused, by configuration) and recorded as not running. When the bus comes back it reports
+//! each fenced VM as `VmFailed` with the reason.
 //!
-//! The orchestrator declares a host failed — and only then restarts its VMs elsewhere — after
-//! `host_failure_timeout` without heartbeats. [`crate::AgentConfig::check`] refuses a lease that
-//! is not shorter than that timeout by [`crate::FENCE_MARGIN`], which covers the probe period,
-//! the time to stop the VMs and clock-rate differences. `docs/fencing.md` has the argument.
+//! The orchestrator declares a host failed by a compare-and-set of [`proto::LEASE_FAILED`] on
+//! the revision the host's last heartbeat carried, after `host_failure_timeout` of silence. That
+//! write succeeds only if the agent has not renewed since — so the agent's lease ended by then,
+//! [`crate::FENCE_MARGIN`] earlier. A renewal that finds the marker tells a connected agent it
+//! was declared failed: it fences at once and takes a fresh lease. `docs/fencing.md` has the
+//! argument.
 
 use std::time::{Duration, Instant};
 
-use async_nats::RequestErrorKind;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use novacron_protocol as proto;
 use novacron_types::event::VmFailed;
-use novacron_types::{Generation, IncarnationId, ReportKind, VmId};
+use novacron_types::telemetry::Heartbeat;
+use novacron_types::{Generation, IncarnationId, ReportKind, SCHEMA_VERSION, VmId};
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::Driver;
 use crate::journal::JournalVm;
 use crate::{Agent, FenceAction, metrics as m};
 
+/// What one attempt to renew the lease found.
+enum Renewal {
+    /// The server stored the renewal at this revision.
+    Renewed(u64),
+    /// The orchestrator declared the host failed (the marker is at this revision).
+    DeclaredFailed(u64),
+    /// No answer, or an error: the lease is not extended.
+    Unreachable(String),
+}
+
 impl<D: Driver> Agent<D> {
-    /// One round trip to the server, bounded by `within`.
-    async fn bus_reachable(&self, within: Duration) -> bool {
-        let probe = self.bus.client.request(format!("nc.lease.{}", self.cfg.host), bytes::Bytes::new());
-        match tokio::time::timeout(within, probe).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => e.kind() == RequestErrorKind::NoResponders,
-            Err(_) => false,
+    /// One renewal: a compare-and-set on the revision held; without one (start, or the key
+    /// moved under us), whatever is there decides.
+    async fn renew(&self, store: &kv::Store, held: Option<u64>) -> Renewal {
+        let key = self.cfg.host.as_str();
+        let value = Bytes::from_static(proto::LEASE_HELD);
+        if let Some(rev) = held {
+            match store.update(key, value.clone(), rev).await {
+                Ok(next) => return Renewal::Renewed(next),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Renewal::Unreachable(e.to_string()),
+            }
+        }
+        match store.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put && e.value.as_ref() == proto::LEASE_FAILED => {
+                Renewal::DeclaredFailed(e.revision)
+            }
+            // Our own lease from before (a restart, or a server that lost a write): take it over.
+            Ok(Some(e)) if e.operation == kv::Operation::Put => match store.update(key, value, e.revision).await {
+                Ok(next) => Renewal::Renewed(next),
+                Err(e) => Renewal::Unreachable(e.to_string()),
+            },
+            Ok(_) => match store.create(key, value).await {
+                Ok(next) => Renewal::Renewed(next),
+                Err(e) => Renewal::Unreachable(e.to_string()),
+            },
+            Err(e) => Renewal::Unreachable(e.to_string()),
         }
     }
 
     pub(crate) async fn fence_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
-        let period = (self.cfg.lease / 5).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let mut last_contact = Instant::now();
+        let lease = self.cfg.lease;
+        let period = self.cfg.heartbeat_interval.min(lease / 3).max(Duration::from_millis(20));
+        let mut seq = 0u64;
+        // Registering proved contact with the bus: the lease counts from the loop's start
+        // until the first renewal.
+        let mut lease_from = Instant::now();
+        let mut store = None;
+        let mut held: Option<u64> = None;
         let mut fenced: Vec<(VmId, IncarnationId, Generation)> = Vec::new();
-        let mut fenced_after = Duration::ZERO;
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fenced_why = String::new();
         loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if self.bus_reachable(period.max(Duration::from_millis(250))).await {
-                last_contact = Instant::now();
-                if !fenced.is_empty() {
-                    tracing::warn!(host = %self.cfg.host, vms = fenced.len(), "bus reachable again; reporting fenced VMs");
-                    for (vm, incarnation, generation) in std::mem::take(&mut fenced) {
-                        let reason = format!(
-                            "self-fenced ({}) after losing the bus for {:.1} s (lease {:.1} s)",
-                            match self.cfg.fence_action {
-                                FenceAction::Stop => "stopped",
-                                FenceAction::Pause => "paused",
-                            },
-                            fenced_after.as_secs_f64(),
-                            self.cfg.lease.as_secs_f64()
-                        );
-                        let report = ReportKind::VmFailed(VmFailed {
-                            vm,
-                            host: self.cfg.host.clone(),
-                            incarnation,
-                            generation,
-                            reason,
-                        });
-                        if !self.report(report, &cancel).await {
-                            return;
-                        }
+            let now = Instant::now();
+            let remaining = (lease_from + lease).saturating_duration_since(now);
+            // An attempt never runs past the lease's end: fencing must not wait for it.
+            let within = if remaining.is_zero() { period } else { period.min(remaining) };
+            let attempt = async {
+                if store.is_none() {
+                    store = self.bus.host_leases(self.cfg.replicas).await.ok();
+                }
+                match &store {
+                    Some(s) => self.renew(s, held).await,
+                    None => {
+                        Renewal::Unreachable(format!("the lease bucket {} is unavailable", proto::HOST_LEASE_BUCKET))
                     }
                 }
-                continue;
+            };
+            let outcome = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = tokio::time::timeout(within, attempt) => r.unwrap_or_else(|_| Renewal::Unreachable("timed out".into())),
+            };
+            match outcome {
+                Renewal::Renewed(rev) => {
+                    held = Some(rev);
+                    lease_from = now;
+                    if !fenced.is_empty() && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await {
+                        return;
+                    }
+                }
+                Renewal::DeclaredFailed(rev) => {
+                    held = None;
+                    tracing::error!(host = %self.cfg.host, "the orchestrator declared this host failed; fencing now");
+                    let newly = self.fence("the orchestrator declared this host failed").await;
+                    if !newly.is_empty() {
+                        fenced_why = "the orchestrator declared this host failed".into();
+                        fenced.extend(newly);
+                    }
+                    // Nothing runs here any more: take a fresh lease over the marker.
+                    if let Some(s) = &store
+                        && let Ok(next) =
+                            s.update(self.cfg.host.as_str(), Bytes::from_static(proto::LEASE_HELD), rev).await
+                    {
+                        held = Some(next);
+                        lease_from = Instant::now();
+                    }
+                    if !fenced.is_empty()
+                        && held.is_some()
+                        && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await
+                    {
+                        return;
+                    }
+                }
+                // A write whose answer was lost moved the revision: the next compare-and-set
+                // fails and `renew` reads it back. The bucket is opened afresh (and re-created
+                // if the server lost it).
+                Renewal::Unreachable(why) => {
+                    tracing::debug!(host = %self.cfg.host, %why, "lease not renewed");
+                    store = None;
+                }
             }
-            let silent = last_contact.elapsed();
-            if silent <= self.cfg.lease {
-                continue;
+            if self.cfg.heartbeats {
+                // After the renewal, so the revision it carries is the newest: the orchestrator
+                // can fail the host only by overwriting that very revision.
+                let beat = Heartbeat {
+                    schema: SCHEMA_VERSION,
+                    host: self.cfg.host.clone(),
+                    at_ms: crate::now_ms(),
+                    seq,
+                    lease_revision: held,
+                };
+                seq += 1;
+                // Losing a heartbeat is harmless; the next one follows.
+                let subject = proto::heartbeat_subject(&self.cfg.host);
+                let _ = self.bus.client.publish(subject, novacron_types::encode(&beat).into()).await;
             }
-            let newly = self.fence(silent).await;
-            if !newly.is_empty() {
-                fenced_after = silent;
-                fenced.extend(newly);
+            let silent = lease_from.elapsed();
+            if silent > lease {
+                let why =
+                    format!("no lease renewal for {:.1} s (lease {:.1} s)", silent.as_secs_f64(), lease.as_secs_f64());
+                let newly = self.fence(&why).await;
+                if !newly.is_empty() {
+                    fenced_why = why;
+                    fenced.extend(newly);
+                }
+            }
+            // Sleep until the next renewal, but wake at the lease's end to fence on time.
+            let until_end = (lease_from + lease).saturating_duration_since(Instant::now());
+            let nap = if until_end.is_zero() { period } else { period.min(until_end + Duration::from_millis(1)) };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(nap) => {}
             }
         }
     }
 
-    /// Stops (or pauses) every VM the journal says runs. Returns what it fenced.
-    async fn fence(&self, silent: Duration) -> Vec<(VmId, IncarnationId, Generation)> {
+    /// Reports the fenced VMs as failed, once the bus is back. False when cancelled.
+    async fn report_fenced(
+        &self,
+        fenced: &mut Vec<(VmId, IncarnationId, Generation)>,
+        why: &str,
+        cancel: &CancellationToken,
+    ) -> bool {
+        tracing::warn!(host = %self.cfg.host, vms = fenced.len(), "bus reachable again; reporting fenced VMs");
+        let action = match self.cfg.fence_action {
+            FenceAction::Stop => "killed",
+            FenceAction::Pause => "paused",
+        };
+        for (vm, incarnation, generation) in std::mem::take(fenced) {
+            let reason = format!("self-fenced ({action}): {why}");
+            let report =
+                ReportKind::VmFailed(VmFailed { vm, host: self.cfg.host.clone(), incarnation, generation, reason });
+            if !self.report(report, cancel).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Kills (or pauses) every VM the journal says runs. Returns what it fenced.
+    async fn fence(&self, why: &str) -> Vec<(VmId, IncarnationId, Generation)> {
         let Ok(vms) = self.journal.vms() else { return Vec::new() };
         let mut done = Vec::new();
         for (vm, j) in vms.into_iter().filter(|(_, j)| j.running) {
             let result = match self.cfg.fence_action {
-                FenceAction::Stop => self.driver.stop(vm, j.incarnation).await,
+                FenceAction::Stop => self.driver.kill(vm, j.incarnation).await,
                 FenceAction::Pause => self.driver.pause(vm, j.incarnation).await,
             };
             match result {
@@ -103,8 +215,8 @@ impl<D: Driver> Agent<D> {
                     }
                     ::metrics::counter!(m::FENCED_VMS).increment(1);
                     tracing::error!(
-                        host = %self.cfg.host, %vm, silent_ms = silent.as_millis() as u64, lease_ms = self.cfg.lease.as_millis() as u64,
-                        action = ?self.cfg.fence_action, "self-fenced: no contact with the bus for longer than the lease"
+                        host = %self.cfg.host, %vm, lease_ms = self.cfg.lease.as_millis() as u64,
+                        action = ?self.cfg.fence_action, why, "self-fenced"
                     );
                     done.push((vm, j.incarnation, j.generation));
                 }

@@ -39,7 +39,7 @@ use novacron_types::event::{
     VmFailed, VmIncarnationReport, VmMigrationCompleted, VmMigrationFailed, VmMigrationIncomingReady,
 };
 use novacron_types::report::HostRegistration;
-use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
+use novacron_types::telemetry::{HostTelemetry, VmTelemetry};
 use novacron_types::{
     AgentCommand, ContentType, EventId, HostId, Labels, Report, ReportId, ReportKind, Resources, SCHEMA_VERSION, VmId,
 };
@@ -59,8 +59,12 @@ pub struct AgentConfig {
     pub capacity: Resources,
     /// The host's labels.
     pub labels: Labels,
-    /// Heartbeat period (default 1 s).
+    /// Lease renewal and heartbeat period (default 1 s; at most a third of the lease is used).
+    /// Each heartbeat follows a renewal and carries its revision.
     pub heartbeat_interval: Duration,
+    /// Publish heartbeats (default). Off only to simulate heartbeats lost on the way (tests):
+    /// the lease is still renewed.
+    pub heartbeats: bool,
     /// Host telemetry period (default 10 s).
     pub telemetry_interval: Duration,
     /// Stream replicas to provision with (1 single server, 3 cluster).
@@ -99,6 +103,7 @@ impl AgentConfig {
             capacity,
             labels: Labels::new(),
             heartbeat_interval: Duration::from_secs(1),
+            heartbeats: true,
             telemetry_interval: Duration::from_secs(10),
             replicas: 1,
             lease: proto::DEFAULT_AGENT_LEASE,
@@ -213,7 +218,7 @@ impl<D: Driver> Agent<D> {
 
         let tracker = TaskTracker::new();
         let agent = std::sync::Arc::new(self);
-        tracker.spawn(agent.clone().liveness_loop(cancel.clone()));
+        tracker.spawn(agent.clone().telemetry_loop(cancel.clone()));
         tracker.spawn(agent.clone().exit_watcher(cancel.clone()));
         tracker.spawn(agent.clone().fence_loop(cancel.clone()));
         agent.command_loop(consumer, cancel.clone()).await;
@@ -523,27 +528,18 @@ impl<D: Driver> Agent<D> {
         }
     }
 
-    /// Heartbeats on core NATS and periodic host telemetry.
-    async fn liveness_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
-        let mut hb = tokio::time::interval(self.cfg.heartbeat_interval);
+    /// Periodic host and VM telemetry (heartbeats go with lease renewals, in `fence_loop`).
+    async fn telemetry_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
         // The first sample waits one period: sent at once, it could reach the orchestrator
         // before the registration is folded in, and be dead-lettered as from an unknown host.
         let mut tele = tokio::time::interval_at(
             tokio::time::Instant::now() + self.cfg.telemetry_interval,
             self.cfg.telemetry_interval,
         );
-        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tele.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seq = 0u64;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                _ = hb.tick() => {
-                    let beat = Heartbeat { schema: SCHEMA_VERSION, host: self.cfg.host.clone(), at_ms: now_ms(), seq };
-                    seq += 1;
-                    // Losing a heartbeat is harmless; the next one follows.
-                    let _ = self.bus.client.publish(proto::heartbeat_subject(&self.cfg.host), novacron_types::encode(&beat).into()).await;
-                }
                 _ = tele.tick() => {
                     for u in self.driver.vm_usage() {
                         let sample = VmTelemetry {

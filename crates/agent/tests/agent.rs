@@ -309,11 +309,64 @@ async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile(
     handle.await.unwrap();
 }
 
+#[tokio::test]
+async fn an_agent_declared_failed_fences_at_once_and_takes_a_fresh_lease() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let mut heartbeats = h.bus.client.subscribe("nc.hb.h1").await.unwrap();
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, |c| c.heartbeat_interval = Duration::from_millis(100));
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.append(&[h.start_cmd(vm, inc, 1)]).await.unwrap();
+    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+
+    // Heartbeats carry the lease revision the agent holds.
+    let leases = h.bus.js.get_key_value(novacron_protocol::HOST_LEASE_BUCKET).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no heartbeat with a lease revision");
+        let msg = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut heartbeats))
+            .await
+            .unwrap()
+            .unwrap();
+        let hb: novacron_types::Heartbeat = rmp_serde::from_slice(&msg.payload).unwrap();
+        if hb.lease_revision.is_some() {
+            break;
+        }
+    }
+
+    // The orchestrator's move, as it makes it: overwrite the revision the agent last wrote.
+    let marked = loop {
+        let entry = leases.entry("h1").await.unwrap().expect("the agent's lease");
+        assert_eq!(entry.value.as_ref(), novacron_protocol::LEASE_HELD);
+        if let Ok(rev) = leases.update("h1", novacron_protocol::LEASE_FAILED.into(), entry.revision).await {
+            break rev;
+        }
+    };
+    wait_for("the VM fenced and reported", || async {
+        driver.running().is_empty()
+            && failures(&h.reports().await).iter().any(|r| r.contains("the orchestrator declared this host failed"))
+    })
+    .await;
+    wait_for("a fresh lease over the marker", || async {
+        leases
+            .entry("h1")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|e| e.revision > marked && e.value.as_ref() == novacron_protocol::LEASE_HELD)
+    })
+    .await;
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
 #[test]
 fn a_lease_that_does_not_end_before_the_host_failure_timeout_is_refused() {
     let mut cfg = AgentConfig::new(HostId::new("h1").unwrap(), Resources { vcpus: 1, memory_mib: 1, disk_gib: 0 });
     assert!(cfg.check().is_ok(), "the defaults keep the invariant");
-    cfg.lease = Duration::from_secs(26);
+    cfg.lease = Duration::from_millis(29_500);
     let err = cfg.check().unwrap_err();
     assert!(err.contains("host-failure timeout"), "{err}");
 }
@@ -429,11 +482,14 @@ mod qemu {
         let cut = std::time::Instant::now();
         wait_for("the VM fenced", || async { qemu_processes_of(vm) == 0 }).await;
         let fenced_after = cut.elapsed();
-        assert!(fenced_after >= lease, "fenced only after the lease ran out ({fenced_after:?})");
+        // The last renewal was at most one period before the cut; the VM must be dead within
+        // the fence margin after the lease (what the orchestrator's timeout relies on).
+        assert!(fenced_after >= lease - lease / 5, "fenced only once the lease ran out ({fenced_after:?})");
         assert!(
-            fenced_after < host_failure_timeout,
-            "fenced ({fenced_after:?}) before the orchestrator would declare the host failed ({host_failure_timeout:?})"
+            fenced_after < lease + novacron_protocol::FENCE_MARGIN,
+            "fenced {fenced_after:?} after the cut: later than lease {lease:?} + fence margin"
         );
+        assert!(fenced_after < host_failure_timeout);
 
         // The bus comes back: the agent says what it did.
         h.server.restart().unwrap();

@@ -50,6 +50,8 @@ enum Which {
     E2e(crate::bench_e2e::E2eArgs),
     /// Leader failover: SIGKILL the leader of two replicas, time the takeover and first write.
     Failover(crate::bench_failover::FailoverArgs),
+    /// Host failure: SIGKILL a host's agent, time until its VMs run on other hosts.
+    Heal(crate::bench_heal::HealArgs),
     /// The consolidation planner on vector bin packing instances with known optima.
     Consolidate(crate::bench_consolidate::ConsolidateArgs),
 }
@@ -391,7 +393,7 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
         }
         println!("consolidate (per instance with -o json): {}", serde_json::to_string_pretty(&summary)?);
     }
-    for key in ["placement", "qemu", "fleet", "e2e", "failover"] {
+    for key in ["placement", "qemu", "fleet", "e2e", "failover", "heal"] {
         if let Some(v) = report.get(key) {
             println!("{key}: {}", serde_json::to_string_pretty(v)?);
         }
@@ -420,6 +422,7 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
         Which::Fleet(a) => report["fleet"] = crate::bench_agent::fleet(&a).await?,
         Which::E2e(a) => report["e2e"] = crate::bench_e2e::run(&a).await?,
         Which::Failover(a) => report["failover"] = crate::bench_failover::run(a).await?,
+        Which::Heal(a) => report["heal"] = crate::bench_heal::run(a).await?,
         Which::Consolidate(a) => {
             report["consolidate"] = tokio::task::spawn_blocking(move || crate::bench_consolidate::run(&a)).await??;
         }

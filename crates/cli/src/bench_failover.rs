@@ -29,9 +29,9 @@ pub struct FailoverArgs {
     nats_server: Option<PathBuf>,
 }
 
-struct Replica {
-    child: Child,
-    api: String,
+pub(crate) struct Replica {
+    pub(crate) child: Child,
+    pub(crate) api: String,
     dir: PathBuf,
     id: String,
 }
@@ -43,7 +43,7 @@ impl Drop for Replica {
     }
 }
 
-fn http() -> ureq::Agent {
+pub(crate) fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(2)))
@@ -57,7 +57,7 @@ fn role(agent: &ureq::Agent, api: &str) -> Option<String> {
     v["role"].as_str().map(str::to_owned)
 }
 
-fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+pub(crate) fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<Duration> {
     let t = Instant::now();
     while !cond() {
         if t.elapsed() > limit {
@@ -69,14 +69,20 @@ fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::
 }
 
 fn start_replica(nats: &str, dir: &Path, id: &str, lease: Duration) -> anyhow::Result<Replica> {
+    let lease = humantime::format_duration(lease).to_string();
+    start_orchestrator(nats, dir, id, &["--leader-lease", &lease])
+}
+
+/// Starts `novacron orchestrator` (this binary) as a child process with `extra` flags, logging
+/// to `dir/orchestrator.log`, and waits until its API is ready.
+pub(crate) fn start_orchestrator(nats: &str, dir: &Path, id: &str, extra: &[&str]) -> anyhow::Result<Replica> {
     let addr_file = dir.join("orchestrator.addr");
     let _ = std::fs::remove_file(&addr_file);
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("orchestrator.log"))?;
     let child = Command::new(std::env::current_exe()?)
         .args(["orchestrator", "--nats", nats, "--http", "127.0.0.1:0", "--replica-id", id])
-        .arg("--leader-lease")
-        .arg(humantime::format_duration(lease).to_string())
+        .args(extra)
         .arg("--data-dir")
         .arg(dir)
         .stdin(Stdio::null())
@@ -103,7 +109,7 @@ fn create(agent: &ureq::Agent, api: &str, name: &str) -> bool {
         .is_ok_and(|r| r.status() == 201)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

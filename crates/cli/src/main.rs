@@ -12,6 +12,7 @@ mod bench_agent;
 mod bench_consolidate;
 mod bench_e2e;
 mod bench_failover;
+mod bench_heal;
 mod client;
 mod nats_server;
 mod output;

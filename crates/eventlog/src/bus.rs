@@ -145,7 +145,31 @@ impl Bus {
             let name = static_name(&cfg.name);
             self.ensure_stream(name, cfg).await?;
         }
+        self.host_leases(replicas).await?;
         Ok(())
+    }
+
+    /// Opens the agents' lease bucket ([`proto::HOST_LEASE_BUCKET`]), creating it if missing.
+    ///
+    /// # Errors
+    /// When JetStream refuses to create it.
+    pub async fn host_leases(&self, replicas: usize) -> Result<jetstream::kv::Store, BusError> {
+        if let Ok(store) = self.js.get_key_value(proto::HOST_LEASE_BUCKET).await {
+            return Ok(store);
+        }
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: proto::HOST_LEASE_BUCKET.into(),
+                description: "NovaCron agents' fencing leases, one key per host".into(),
+                history: 1,
+                // File storage: revisions keep rising across server restarts, so a revision
+                // the orchestrator saw never names a later write.
+                storage: StorageType::File,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Provision { stream: "KV_nc-host-leases", source: Box::new(e) })
     }
 
     async fn ensure_stream(&self, name: &'static str, cfg: StreamConfig) -> Result<(), BusError> {

@@ -182,6 +182,8 @@ pub struct EngineConfig {
     pub rebalance: decide::RebalanceSettings,
     /// Heartbeats as they arrive (written by the ingest loop).
     pub observations: crate::ingest::SharedObservations,
+    /// The agents' leases (KV `nc-host-leases`): a host is failed only by overwriting its lease.
+    pub host_leases: async_nats::jetstream::kv::Store,
     /// This replica's role, from the election.
     pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
     /// Where this replica's API listens (recorded in `LeaderElected`).
@@ -507,6 +509,7 @@ impl Engine {
         let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
         let silences = self.silences();
         let detected = decide::detect(&read(&self.state), &silences, self.cfg.failure, &mut WallClock, &origin);
+        let detected = self.confirm_failures(detected).await;
         if !detected.is_empty() {
             for e in &detected {
                 tracing::warn!(event = e.event.name(), payload = ?e.event, "failure detector");
@@ -595,6 +598,66 @@ impl Engine {
             }
         }
         view
+    }
+
+    /// Keeps a `HostFailed` only once the host's lease is overwritten with the failure marker, on
+    /// the revision its last heartbeat carried: that succeeds only if the agent has not renewed
+    /// since, so its lease — shorter than the silence by the fence margin — has run out and its
+    /// VMs are fenced. A host that renewed without its heartbeats arriving is alive: it counts
+    /// as heard from now. Anything else (the bucket unavailable) defers the decision.
+    async fn confirm_failures(&mut self, events: Vec<Envelope>) -> Vec<Envelope> {
+        use async_nats::jetstream::kv;
+        let mut kept = Vec::with_capacity(events.len());
+        for e in events {
+            let novacron_types::EventKind::HostFailed(f) = &e.event else {
+                kept.push(e);
+                continue;
+            };
+            let key = f.host.as_str();
+            let seen = crate::ingest::lock(&self.cfg.observations).hosts.get(&f.host).and_then(|o| o.lease_revision);
+            let marker = bytes::Bytes::from_static(novacron_protocol::LEASE_FAILED);
+            let store = &self.cfg.host_leases;
+            let written = match seen {
+                Some(rev) => match store.update(key, marker, rev).await {
+                    Ok(_) => Ok(true),
+                    Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                    Err(err) => Err(err.to_string()),
+                },
+                None => match store.create(key, marker).await {
+                    Ok(_) => Ok(true),
+                    Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                    Err(err) => Err(err.to_string()),
+                },
+            };
+            match written {
+                Ok(true) => kept.push(e),
+                Ok(false) => match store.entry(key).await {
+                    // Already marked (an earlier attempt whose append failed): still failed.
+                    Ok(Some(entry))
+                        if entry.operation == kv::Operation::Put
+                            && entry.value.as_ref() == novacron_protocol::LEASE_FAILED =>
+                    {
+                        kept.push(e);
+                    }
+                    Ok(Some(entry)) => {
+                        tracing::warn!(
+                            host = %f.host, seen = ?seen, revision = entry.revision, silent_ms = f.silent_ms,
+                            "host renewed its lease although its heartbeats did not arrive; not failing it"
+                        );
+                        let mut obs = crate::ingest::lock(&self.cfg.observations);
+                        let o = obs.hosts.entry(f.host.clone()).or_default();
+                        o.last_seen = Some(std::time::Instant::now());
+                        o.lease_revision = Some(entry.revision);
+                    }
+                    Ok(None) => tracing::warn!(host = %f.host, "lease vanished while failing the host; retrying"),
+                    Err(err) => tracing::warn!(host = %f.host, error = %err, "cannot read the host's lease; retrying"),
+                },
+                Err(err) => {
+                    tracing::warn!(host = %f.host, error = %err, "cannot mark the host's lease failed; not failing it yet");
+                }
+            }
+        }
+        kept
     }
 
     /// How long each known host has been silent, on this process's monotonic clock.

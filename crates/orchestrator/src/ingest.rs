@@ -43,6 +43,9 @@ pub struct HostObservation {
     /// When its last heartbeat arrived, on this process's monotonic clock: what failure
     /// detection measures (never the agent's clock).
     pub last_seen: Option<std::time::Instant>,
+    /// The lease revision its last heartbeat carried: the failure detector declares the host
+    /// failed only by overwriting that revision in KV `nc-host-leases`.
+    pub lease_revision: Option<u64>,
     /// Its last telemetry sample.
     pub telemetry: Option<HostTelemetry>,
 }
@@ -321,6 +324,7 @@ pub(crate) async fn heartbeats(
                     let entry = o.hosts.entry(hb.host).or_default();
                     entry.last_heartbeat_ms = Some(hb.at_ms);
                     entry.last_seen = Some(std::time::Instant::now());
+                    entry.lease_revision = hb.lease_revision;
                 } else {
                     // An agent heartbeats before its registration is folded in; not an error.
                     ::metrics::counter!(m::HEARTBEATS, "outcome" => "unknown_host").increment(1);

@@ -100,6 +100,17 @@ pub async fn bucket(
     .map_err(|e| format!("cannot create the lease bucket {BUCKET}: {e}"))
 }
 
+/// One renewal, bounded by `within`; the lease runs from when it was sent, not answered.
+async fn renew(
+    store: &kv::Store,
+    value: &Bytes,
+    rev: u64,
+    within: Duration,
+) -> Result<Result<(u64, Instant), kv::UpdateError>, tokio::time::error::Elapsed> {
+    let sent = Instant::now();
+    tokio::time::timeout(within, store.update(KEY, value.clone(), rev)).await.map(|r| r.map(|n| (n, sent)))
+}
+
 /// Runs the election until `cancel` fires, publishing this replica's role on `role`.
 pub async fn run(
     store: kv::Store,
@@ -149,8 +160,8 @@ pub async fn run(
                     });
                 }
             },
-            Some((rev, last)) => match tokio::time::timeout(period, store.update(KEY, value.clone(), rev)).await {
-                Ok(Ok(next)) => held = Some((next, Instant::now())),
+            Some((rev, last)) => match renew(&store, &value, rev, period).await {
+                Ok(Ok((next, sent))) => held = Some((next, sent)),
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::warn!(replica = %me.replica, "the lease moved to another replica; stepping down");
                     held = None;

@@ -163,6 +163,7 @@ impl Orchestrator {
         bus_cfg.retry_initial_connect = true;
         let bus = Bus::connect(&bus_cfg).await?;
         bus.provision(cfg.replicas).await?;
+        let host_leases = bus.host_leases(cfg.replicas).await?;
         let log = EventLog::open(bus.js.clone()).await.map_err(|e| OrchestratorError::Log(e.to_string()))?;
         let snapshots = SnapshotStore::open(&cfg.data_dir.join("snapshots"))?;
         let listener = tokio::net::TcpListener::bind(cfg.http)
@@ -181,6 +182,7 @@ impl Orchestrator {
                 agent_lease: cfg.agent_lease,
             },
             observations: observations.clone(),
+            host_leases,
             reconcile: decide::ReconcileSettings {
                 restart: cfg.restart,
                 migrations: cfg.migration_limits,

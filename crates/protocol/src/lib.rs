@@ -12,6 +12,8 @@
 //! nc.telemetry.vm.<vm>            TELEMETRY     agents, other systems → orchestrator
 //! nc.hb.<host>                    (core NATS)   agents → orchestrator failure detector
 //! nc.deadletter.<source>          DEADLETTER    whoever rejected a malformed message
+//! KV nc-host-leases, key <host>   (KV)          the host's agent renews its lease; the
+//!                                               orchestrator overwrites it to declare it failed
 //! ```
 
 use novacron_types::{EventKind, HostId, VmId};
@@ -23,10 +25,20 @@ pub const DEFAULT_AGENT_LEASE: Duration = Duration::from_secs(10);
 /// How long the orchestrator waits without heartbeats before it declares a host failed and
 /// restarts its VMs elsewhere (default).
 pub const DEFAULT_HOST_FAILURE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Slack between the end of an agent's lease and the host-failure timeout: the lease probe
-/// period, the time to stop the VMs, and clock-rate differences. Both sides check
+/// Slack between the end of an agent's lease and the host-failure timeout: the agent's timer
+/// firing late, killing the VMs, and clock-rate differences. Both sides check
 /// `lease + FENCE_MARGIN < host_failure_timeout` at start-up (see `docs/fencing.md`).
-pub const FENCE_MARGIN: Duration = Duration::from_secs(5);
+pub const FENCE_MARGIN: Duration = Duration::from_secs(1);
+
+/// KV bucket of the agents' leases, one key per host (history 1, file storage). An agent
+/// renews its lease by a compare-and-set on its key; the orchestrator declares a host failed
+/// by a compare-and-set of [`LEASE_FAILED`] on the revision it last saw in the host's
+/// heartbeats, which succeeds only if the agent has not renewed since.
+pub const HOST_LEASE_BUCKET: &str = "nc-host-leases";
+/// The value an agent writes when it renews its lease.
+pub const LEASE_HELD: &[u8] = b"held";
+/// The value the orchestrator writes when it declares the host failed.
+pub const LEASE_FAILED: &[u8] = b"failed";
 
 /// Checks the fencing invariant shared by agents and the orchestrator.
 ///

@@ -60,4 +60,8 @@ pub struct Heartbeat {
     pub at_ms: u64,
     /// Counts up from 0 at each agent start.
     pub seq: u64,
+    /// The revision of the host's lease (KV `nc-host-leases`) the agent last renewed, if it
+    /// holds one: the orchestrator fails the host only by overwriting that very revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_revision: Option<u64>,
 }

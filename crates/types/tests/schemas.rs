@@ -409,7 +409,14 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             status: Some("running".into()),
         },
     );
-    f.check("heartbeat", &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7 });
+    f.check(
+        "heartbeat",
+        &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 7, lease_revision: None },
+    );
+    f.check(
+        "heartbeat-with-lease",
+        &Heartbeat { schema: SCHEMA_VERSION, host: host(), at_ms: 1_780_000_000_000, seq: 8, lease_revision: Some(42) },
+    );
     assert!(f.count >= 41);
     assert!(f.drift.is_empty(), "fixtures drifted (run `make schemas` and review):\n{}", f.drift.join("\n"));
 }

@@ -484,6 +484,27 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
+    async fn kill(&self, vm: VmId, incarnation: IncarnationId) -> Result<(), DriverError> {
+        let inst = {
+            let mut map = self.lock();
+            if map.get(&vm).is_some_and(|i| i.incarnation == incarnation) { map.remove(&vm) } else { None }
+        };
+        let Some(inst) = inst else { return Ok(()) };
+        let pid = inst.pid;
+        inst.stopping.store(true, Ordering::SeqCst);
+        // SIGKILL first: no QMP round trip that a wedged QEMU could stall.
+        let _ = tokio::process::Command::new("kill").args(["-9", &pid.to_string()]).status().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process_alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if process_alive(pid) {
+            return Err(DriverError::StopFailed { vm, reason: format!("QEMU pid {pid} survived SIGKILL") });
+        }
+        let _ = std::fs::remove_dir_all(&inst.dir);
+        Ok(())
+    }
+
     async fn prepare_incoming(&self, cmd: &PrepareIncoming) -> Result<String, DriverError> {
         if let Some(i) = self.lock().get(&cmd.vm) {
             if i.incarnation == cmd.incarnation {
