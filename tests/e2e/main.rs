@@ -440,6 +440,75 @@ fn label_anti_affinity_group_affinity_and_the_cluster_strategy_reach_the_planner
 }
 
 #[test]
+fn policies_are_validated_applied_enforced_and_removed() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
+    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+
+    // A schema error names file, line and column, and the exit code says it failed.
+    let bad = file("bad.yaml", "name: db-apart\nscope: {group: db}\nrule:\n  anti-affinity:\n    topolgy: zone\n");
+    let (ok, _, err) = cli(&["policy", "validate", &bad]);
+    assert!(!ok && err.contains("bad.yaml:5:5: ") && err.contains("unknown field `topolgy`"), "{err}");
+
+    let apart = file("apart.yaml", "name: db-apart\nscope: {group: db}\nrule:\n  anti-affinity: {}\n");
+    let (ok, out, err) = cli(&["policy", "validate", &apart]);
+    assert!(ok, "{out}{err}");
+    let applied = cli_json(&["--server", &o.api, "policy", "apply", &apart]);
+    assert_eq!(applied["version"], 1, "{applied}");
+    // Applying the same document again changes nothing.
+    assert_eq!(cli_json(&["--server", &o.api, "policy", "apply", &apart])["applied"], serde_json::json!([]));
+
+    // A hard rule that can never hold beside it is refused, both named.
+    let near = file("near.yaml", "name: db-together\nscope: {group: db}\nrule:\n  affinity: {}\n");
+    let (ok, _, err) = cli(&["--server", &o.api, "policy", "apply", &near]);
+    assert!(!ok && err.contains("db-apart") && err.contains("db-together") && err.contains("409"), "{err}");
+
+    // Enforced: one database per host, the fourth waits; decisions record the policy version.
+    let dbs = cli_json(&[
+        "--server",
+        &o.api,
+        "vm",
+        "create",
+        "db",
+        "--group",
+        "db",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "256",
+        "--count",
+        "4",
+    ]);
+    let placed: Vec<&str> = dbs.as_array().unwrap().iter().filter_map(|v| v["host"].as_str()).collect();
+    let mut distinct = placed.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!((placed.len(), distinct.len()), (3, 3), "{dbs}");
+    let decisions = get(&o.api, "/api/v1/decisions").1;
+    assert!(decisions.as_array().unwrap().iter().all(|d| d["explanation"]["policy_version"] == 1), "{decisions}");
+
+    let listed = cli_json(&["--server", &o.api, "policy", "list"]);
+    assert_eq!(listed["policies"][0]["name"], "db-apart");
+    assert_eq!(listed["policies"][0]["kind"], "anti-affinity");
+    let removed = cli_json(&["--server", &o.api, "policy", "remove", "db-apart"]);
+    assert_eq!(removed["version"], 2);
+    // Without the rule, the waiting database finds room.
+    wait_for("the fourth database placed", || {
+        get(&o.api, "/api/v1/vms")
+            .1
+            .as_array()
+            .is_some_and(|vms| vms.iter().filter(|v| v["status"] == "running").count() == 4)
+    });
+}
+
+#[test]
 fn a_standby_takes_over_when_the_leader_dies_and_nothing_acknowledged_is_lost() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();

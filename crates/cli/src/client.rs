@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::output::{self, or_dash};
-use crate::{Format, HostCommand, VmCommand};
+use crate::{Format, HostCommand, PolicyCommand, VmCommand};
 
 /// A small blocking HTTP client, run off the async threads.
 #[derive(Clone)]
@@ -313,4 +313,150 @@ pub async fn explain(server: &str, event_id: &str, fmt: Format) -> anyhow::Resul
     println!("candidates (best first)");
     output::table(&header, &rows);
     Ok(())
+}
+
+/// Reads and parses policy files; a parse error names the file, line and column.
+fn read_policies(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<novacron_types::policy::Policy>> {
+    let mut all = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        all.extend(novacron_policy::parse_policies(&f.display().to_string(), &text)?);
+    }
+    Ok(all)
+}
+
+/// Every problem of a set of documents read from files, as lines.
+fn offline_problems(docs: &[novacron_types::policy::Policy]) -> Vec<String> {
+    let mut out: Vec<String> = docs.iter().flat_map(novacron_policy::validate).map(|p| p.to_string()).collect();
+    out.extend(novacron_policy::conflicts(docs, None).into_iter().map(|c| c.to_string()));
+    out
+}
+
+const POLICY_HEADER: [&str; 6] = ["name", "version", "kind", "enforcement", "priority", "scope"];
+
+fn policy_row(p: &Value) -> Vec<String> {
+    let scope = match (&p["scope"]["group"], &p["scope"]["selector"]) {
+        (Value::String(g), _) => format!("group {g}"),
+        (_, Value::Object(sel)) => {
+            let labels: Vec<String> =
+                sel.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect();
+            format!("selector {}", labels.join(","))
+        }
+        _ => "cluster".into(),
+    };
+    vec![
+        or_dash(p["name"].as_str().map(str::to_owned)),
+        p["version"].to_string(),
+        or_dash(p["kind"].as_str().map(str::to_owned)),
+        or_dash(p["enforcement"].as_str().map(str::to_owned)),
+        p["priority"].to_string(),
+        scope,
+    ]
+}
+
+pub async fn policy(server: &str, cmd: PolicyCommand, fmt: Format) -> anyhow::Result<()> {
+    let api = Api::new(server);
+    match cmd {
+        PolicyCommand::Validate { files, against_cluster } => {
+            let docs = read_policies(&files)?;
+            let mut problems = offline_problems(&docs);
+            let mut resolutions: Vec<Value> = novacron_policy::resolve(&docs)
+                .into_iter()
+                .map(|r| serde_json::json!({ "winner": r.winner, "loser": r.loser, "reason": r.reason }))
+                .collect();
+            if against_cluster && problems.is_empty() {
+                let body = serde_json::json!({ "file": "cli", "source": serde_json::to_string(&docs)? });
+                let v: Value = api.call("POST", "/api/v1/policies/validate".into(), Some(body)).await?;
+                problems
+                    .extend(v["errors"].as_array().into_iter().flatten().filter_map(|e| e.as_str().map(str::to_owned)));
+                if let Some(r) = v["resolutions"].as_array() {
+                    resolutions.clone_from(r);
+                }
+                for w in v["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                    eprintln!("warning: {w}");
+                }
+            }
+            let valid = problems.is_empty();
+            match fmt {
+                Format::Json => output::json(&serde_json::json!({
+                    "valid": valid, "policies": docs.len(), "errors": problems, "resolutions": resolutions,
+                }))?,
+                Format::Text => {
+                    for p in &problems {
+                        eprintln!("error: {p}");
+                    }
+                    for r in &resolutions {
+                        println!(
+                            "resolved: {} prevails over {} ({})",
+                            r["winner"].as_str().unwrap_or_default(),
+                            r["loser"].as_str().unwrap_or_default(),
+                            r["reason"].as_str().unwrap_or_default()
+                        );
+                    }
+                    if valid {
+                        println!("{} policies valid", docs.len());
+                    }
+                }
+            }
+            if !valid {
+                anyhow::bail!("{} problem(s) in {} policies", problems.len(), docs.len());
+            }
+            Ok(())
+        }
+        PolicyCommand::Apply { files } => {
+            let docs = read_policies(&files)?;
+            let problems = offline_problems(&docs);
+            if !problems.is_empty() {
+                anyhow::bail!("not applied: {}", problems.join("; "));
+            }
+            let body = serde_json::json!({ "file": "cli", "source": serde_json::to_string(&docs)? });
+            let v: Value = api.call("POST", "/api/v1/policies".into(), Some(body)).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    let applied: Vec<&str> =
+                        v["applied"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    if applied.is_empty() {
+                        println!("nothing changed (policy set version {})", v["version"]);
+                    } else {
+                        println!("applied {} (policy set version {})", applied.join(", "), v["version"]);
+                    }
+                    Ok(())
+                }
+            }
+        }
+        PolicyCommand::List => {
+            let v: Value = api.call("GET", "/api/v1/policies".into(), None).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    let rows: Vec<Vec<String>> =
+                        v["policies"].as_array().into_iter().flatten().map(policy_row).collect();
+                    output::table(&POLICY_HEADER, &rows);
+                    Ok(())
+                }
+            }
+        }
+        PolicyCommand::Show { name } => {
+            let v: Value = api.call("GET", format!("/api/v1/policies/{name}"), None).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    output::table(&POLICY_HEADER, &[policy_row(&v)]);
+                    println!("{}", serde_json::to_string_pretty(&v["policy"])?);
+                    Ok(())
+                }
+            }
+        }
+        PolicyCommand::Remove { name } => {
+            let v: Value = api.call("DELETE", format!("/api/v1/policies/{name}"), None).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    println!("removed {name} (policy set version {})", v["version"]);
+                    Ok(())
+                }
+            }
+        }
+    }
 }

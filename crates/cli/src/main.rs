@@ -71,6 +71,9 @@ enum Command {
     /// List and show hosts.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Policies: validate documents, apply them, list, show, remove (docs/policies.md).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Print events straight from the log (JetStream), optionally following new ones.
     Events(audit::EventsArgs),
     /// Replay the log straight from JetStream to a point and print the state's summary and hash.
@@ -87,6 +90,40 @@ enum Command {
     Plan(PlanCommand),
     /// Benchmarks: fold, append (against raw JetStream publish) and replay.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Check policy files (YAML or JSON): parse errors with file:line:column, each document's
+    /// values, and conflicts between them; exits non-zero when anything is wrong. With
+    /// --against-cluster, also against the policies in force and the cluster (via the API).
+    Validate {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Also check against the policies in force and the cluster as it is.
+        #[arg(long)]
+        against_cluster: bool,
+    },
+    /// Apply policy files: new documents and new versions go into the log (`PolicyApplied`);
+    /// conflicting ones are refused with both rules named.
+    Apply {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// The policies in force.
+    List,
+    /// One policy in full.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Withdraw a policy.
+    Remove {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -459,6 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(a) => services::agent(&cli.nats, a).await,
         Command::Vm(c) => client::vm(&cli.server, c, fmt).await,
         Command::Host(c) => client::host(&cli.server, c, fmt).await,
+        Command::Policy(c) => client::policy(&cli.server, c, fmt).await,
         Command::Events(a) => audit::events(&cli.nats, a, fmt).await,
         Command::State(a) => audit::state(&cli.nats, a, fmt).await,
         Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,

@@ -51,6 +51,9 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{id}", get(show_host))
         .route("/api/v1/hosts/{id}/{action}", axum::routing::post(host_action))
+        .route("/api/v1/policies", get(list_policies).post(apply_policies))
+        .route("/api/v1/policies/validate", axum::routing::post(validate_policies))
+        .route("/api/v1/policies/{name}", get(show_policy).delete(remove_policy))
         .fallback(not_found)
         .with_state(api)
 }
@@ -328,6 +331,93 @@ async fn host_action(
     };
     let view = api.engine.host_action(id, action, origin(&headers)).await?;
     Ok(ok(StatusCode::OK, view))
+}
+
+/// The body of the policy endpoints: a document's text (YAML or JSON) and the file it came
+/// from, so that errors can say where.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySource {
+    #[serde(default = "default_file")]
+    file: String,
+    source: String,
+}
+
+fn default_file() -> String {
+    "request".into()
+}
+
+fn parse_source(body: &[u8]) -> Result<Vec<novacron_types::policy::Policy>, ApiError> {
+    let src: PolicySource = serde_json::from_slice(body)
+        .map_err(|e| ApiError::field("source", format!("expected {{\"file\": …, \"source\": …}}: {e}")))?;
+    novacron_policy::parse_policies(&src.file, &src.source).map_err(|e| ApiError::field("source", e.to_string()))
+}
+
+async fn apply_policies(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let docs = parse_source(&body)?;
+    let applied = api.engine.apply_policies(docs, origin(&headers)).await?;
+    let version = read(&api.engine.state).policy_version;
+    Ok(ok(StatusCode::CREATED, json!({ "applied": applied, "version": version })))
+}
+
+/// Checks documents as `apply` would — parsing, each document, conflicts with the policies in
+/// force and with the cluster — and changes nothing.
+async fn validate_policies(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+    let docs = match parse_source(&body) {
+        Ok(d) => d,
+        Err(e) => return Ok(ok(StatusCode::OK, json!({ "valid": false, "errors": [e.error] }))),
+    };
+    let state = read(&api.engine.state);
+    Ok(ok(
+        StatusCode::OK,
+        match crate::decide::plan_policies(&state, &docs) {
+            Ok(plan) => json!({
+                "valid": true,
+                "errors": [],
+                "changed": plan.changed.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                "warnings": plan.warnings,
+                "resolutions": plan.resolutions.iter().map(|r| json!({
+                    "winner": r.winner, "loser": r.loser, "reason": r.reason,
+                })).collect::<Vec<_>>(),
+            }),
+            Err(e) => json!({ "valid": false, "errors": e.to_string().split("; ").collect::<Vec<_>>() }),
+        },
+    ))
+}
+
+fn policy_json(r: &novacron_state::PolicyRecord) -> serde_json::Value {
+    json!({
+        "name": r.policy.name, "version": r.version, "kind": r.policy.rule.kind(),
+        "enforcement": r.policy.enforcement, "priority": r.policy.priority, "scope": r.policy.scope,
+        "applied_at": humantime_rfc3339(r.at_ms), "seq": r.seq, "policy": r.policy,
+    })
+}
+
+async fn list_policies(State(api): State<Api>) -> Response {
+    let state = read(&api.engine.state);
+    let mut list: Vec<_> = state.policies.values().collect();
+    list.sort_by_key(|r| r.version);
+    ok(
+        StatusCode::OK,
+        json!({ "version": state.policy_version, "policies": list.into_iter().map(policy_json).collect::<Vec<_>>() }),
+    )
+}
+
+async fn show_policy(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let state = read(&api.engine.state);
+    let r =
+        state.policies.get(&name).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no policy {name}")))?;
+    Ok(ok(StatusCode::OK, policy_json(r)))
+}
+
+async fn remove_policy(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let removed = api.engine.remove_policy(name, origin(&headers)).await?;
+    let version = read(&api.engine.state).policy_version;
+    Ok(ok(StatusCode::OK, json!({ "removed": removed, "version": version })))
 }
 
 /// Reads the decision logged at `seq` and shapes it for the API.

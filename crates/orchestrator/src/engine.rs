@@ -88,6 +88,16 @@ pub(crate) enum Request {
         report: Box<Report>,
         reply: oneshot::Sender<Result<ReportVerdict, EngineError>>,
     },
+    ApplyPolicies {
+        docs: Vec<novacron_types::policy::Policy>,
+        origin: Origin,
+        reply: oneshot::Sender<Result<Vec<String>, EngineError>>,
+    },
+    RemovePolicy {
+        name: String,
+        origin: Origin,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
 }
 
 /// A cheap handle to the engine.
@@ -155,6 +165,27 @@ impl EngineHandle {
         origin: Origin,
     ) -> Result<novacron_state::HostView, EngineError> {
         self.ask(|reply| Request::HostAction { host, action, origin, reply }).await
+    }
+
+    /// Applies policy documents (new ones and new versions); returns the names that changed,
+    /// once they are in the log.
+    ///
+    /// # Errors
+    /// Invalid or conflicting documents, or the log being unavailable.
+    pub async fn apply_policies(
+        &self,
+        docs: Vec<novacron_types::policy::Policy>,
+        origin: Origin,
+    ) -> Result<Vec<String>, EngineError> {
+        self.ask(|reply| Request::ApplyPolicies { docs, origin, reply }).await
+    }
+
+    /// Withdraws a policy.
+    ///
+    /// # Errors
+    /// No such policy, or the log being unavailable.
+    pub async fn remove_policy(&self, name: String, origin: Origin) -> Result<String, EngineError> {
+        self.ask(|reply| Request::RemovePolicy { name, origin, reply }).await
     }
 
     /// Hands over an agent's report; returns once its events are in the log.
@@ -370,6 +401,8 @@ impl Engine {
             Request::DeleteVm { reply, .. } | Request::MigrateVm { reply, .. } => drop(reply.send(Err(err()))),
             Request::HostAction { reply, .. } => drop(reply.send(Err(err()))),
             Request::Report { reply, .. } => drop(reply.send(Err(err()))),
+            Request::ApplyPolicies { reply, .. } => drop(reply.send(Err(err()))),
+            Request::RemovePolicy { reply, .. } => drop(reply.send(Err(err()))),
         }
     }
 
@@ -463,6 +496,14 @@ impl Engine {
             }
             Request::Report { report, reply } => {
                 let r = self.handle_report(&report).await;
+                let _ = reply.send(r);
+            }
+            Request::ApplyPolicies { docs, origin, reply } => {
+                let r = self.decide_and_commit(|s| decide::apply_policies(s, &docs, &mut WallClock, &origin)).await;
+                let _ = reply.send(r);
+            }
+            Request::RemovePolicy { name, origin, reply } => {
+                let r = self.decide_and_commit(|s| decide::remove_policy(s, &name, &mut WallClock, &origin)).await;
                 let _ = reply.send(r);
             }
         }

@@ -123,6 +123,9 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::VmMigrationIncomingReady(e) => vm_events(e.vm),
         EventKind::VmMigrationCompleted(e) => vm_events(e.vm),
         EventKind::VmMigrationFailed(e) => vm_events(e.vm),
+        EventKind::PolicyApplied(e) => format!("nc.events.policy.{}", e.policy.name),
+        EventKind::PolicyRemoved(e) => format!("nc.events.policy.{}", e.name),
+        EventKind::PolicyConflictResolved(_) => "nc.events.cluster.policy".to_owned(),
     }
 }
 

@@ -20,6 +20,7 @@
 //!   domain_spread     fewer VMs of the group in the host's failure domain (label, e.g. zone)
 //!   anti_affinity     soft anti-affinity: fewer of the avoided VMs in the domain
 //!   affinity          soft affinity: more of the sought VMs in the domain
+//!   preferred_labels  the share of the preferred host labels the host carries
 //!   load              lower observed CPU utilisation (telemetry)
 //! ```
 //!
@@ -84,13 +85,15 @@ pub struct Weights {
     pub anti_affinity: f64,
     /// Of soft `affinity`.
     pub affinity: f64,
+    /// Of `preferred_labels`.
+    pub preferred_labels: f64,
     /// Of `load`.
     pub load: f64,
 }
 
 impl Default for Weights {
     fn default() -> Self {
-        Weights { fit: 1.0, domain_spread: 0.5, anti_affinity: 1.0, affinity: 1.0, load: 0.5 }
+        Weights { fit: 1.0, domain_spread: 0.5, anti_affinity: 1.0, affinity: 1.0, preferred_labels: 1.0, load: 0.5 }
     }
 }
 
@@ -165,6 +168,10 @@ pub struct PlacementRequest {
     pub group_affinity: Strength,
     /// Affinity and anti-affinity to VMs selected by labels.
     pub vm_affinity: Vec<VmAffinity>,
+    /// Affinity and anti-affinity to the other VMs of the request's group, per domain.
+    pub group_rules: Vec<GroupRule>,
+    /// Host labels preferred (a score, not a filter).
+    pub prefer_labels: Labels,
     /// The VM's own bin-pack/spread setting.
     pub strategy: Option<Strategy>,
     /// The VM, when it already exists (its own rules never count against it).
@@ -204,6 +211,18 @@ impl PlacementRequest {
     }
 }
 
+/// An affinity or anti-affinity rule between a VM and the rest of its group, per host or per
+/// failure domain (policies write these; a VM spec's own group rules are per host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRule {
+    /// Towards the group or away from it.
+    pub relation: Relation,
+    /// Hard or soft.
+    pub strength: Strength,
+    /// The host label whose values are the domains; `None`: the host.
+    pub topology: Option<String>,
+}
+
 /// The planner's answer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Placement {
@@ -241,6 +260,7 @@ struct Parts {
     domain_spread: Option<f64>,
     anti_affinity: Option<f64>,
     affinity: Option<f64>,
+    preferred_labels: Option<f64>,
     load: Option<f64>,
 }
 
@@ -250,6 +270,7 @@ impl Parts {
             + w.domain_spread * self.domain_spread.unwrap_or(0.0)
             + w.anti_affinity * self.anti_affinity.unwrap_or(0.0)
             + w.affinity * self.affinity.unwrap_or(0.0)
+            + w.preferred_labels * self.preferred_labels.unwrap_or(0.0)
             + w.load * self.load.unwrap_or(0.0)
     }
 
@@ -264,6 +285,9 @@ impl Parts {
         }
         if let Some(v) = self.affinity {
             m.insert("affinity".to_owned(), v);
+        }
+        if let Some(v) = self.preferred_labels {
+            m.insert("preferred_labels".to_owned(), v);
         }
         if let Some(v) = self.load {
             m.insert("load".to_owned(), v);
@@ -442,6 +466,25 @@ impl<'a> Planner<'a> {
             }
             if let Some(s) = self_idx
                 && r.selects(&req.labels)
+                && let Some(n) = per_domain.get_mut(&self.domain(s, topology))
+                && *n > 0
+            {
+                *n -= 1;
+                total -= 1;
+            }
+            rules.push(Rule { relation: r.relation, strength: r.strength, topology, per_domain, total });
+        }
+        let members = req.group.as_ref().and_then(|g| self.groups.get(g));
+        for r in req.group_rules.iter().filter(|r| !r.strength.is_none()) {
+            let topology = r.topology.as_deref();
+            let mut per_domain: BTreeMap<Domain<'r>, u32> = BTreeMap::new();
+            let mut total = 0u32;
+            for (i, n) in members.into_iter().flatten() {
+                *per_domain.entry(self.domain(*i, topology)).or_default() += n;
+                total += n;
+            }
+            if let Some(s) = self_idx
+                && members.is_some_and(|m| m.contains_key(&s))
                 && let Some(n) = per_domain.get_mut(&self.domain(s, topology))
                 && *n > 0
             {
@@ -630,6 +673,10 @@ impl<'a> Planner<'a> {
                 },
                 anti_affinity: anti,
                 affinity: attract,
+                preferred_labels: (!req.prefer_labels.is_empty()).then(|| {
+                    let have = req.prefer_labels.iter().filter(|(k, v)| host.labels.get(*k) == Some(*v)).count();
+                    have as f64 / req.prefer_labels.len() as f64
+                }),
                 load: facts.load.map(|u| -u.clamp(0.0, 1.0)),
             };
             feasible += 1;
@@ -653,6 +700,7 @@ impl<'a> Planner<'a> {
             candidates: Vec::new(),
             trigger: None,
             telemetry_watermark_ms: self.load.watermark_ms,
+            policy_version: None,
         };
         match best.first().map(|(_, i, _)| *i) {
             Some(i) => {

@@ -50,6 +50,25 @@ pub struct ClusterState {
     /// their log sequence, so a decision's explanation can be read back from the log.
     #[serde(default)]
     pub decisions: BTreeMap<EventId, u64>,
+    /// The policies in force, by name.
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyRecord>,
+    /// The version of the policy set: 0 before any policy, +1 with each apply or removal.
+    #[serde(default)]
+    pub policy_version: u64,
+}
+
+/// A policy in force.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// The document.
+    pub policy: novacron_types::policy::Policy,
+    /// The policy set version that brought it in.
+    pub version: u64,
+    /// The log sequence of its `PolicyApplied`.
+    pub seq: u64,
+    /// When it was applied, ms since the epoch (the writer's clock).
+    pub at_ms: u64,
 }
 
 /// What the log knows of one host.
@@ -352,6 +371,28 @@ impl ClusterState {
 
     fn apply_kind(&mut self, seq: u64, env: &Envelope) -> Applied {
         match &env.event {
+            EventKind::PolicyApplied(e) => {
+                if e.version != self.policy_version + 1 {
+                    return Applied::Ignored(format!(
+                        "PolicyApplied for version {} but the policy set is at {}",
+                        e.version, self.policy_version
+                    ));
+                }
+                self.policy_version = e.version;
+                let record = PolicyRecord { policy: e.policy.clone(), version: e.version, seq, at_ms: env.at_ms };
+                self.policies.insert(e.policy.name.clone(), record);
+                Applied::Changed
+            }
+            EventKind::PolicyRemoved(e) => {
+                if e.version != self.policy_version + 1 || !self.policies.contains_key(&e.name) {
+                    return Applied::Ignored(format!("PolicyRemoved of {} does not follow the set", e.name));
+                }
+                self.policy_version = e.version;
+                self.policies.remove(&e.name);
+                Applied::Changed
+            }
+            // A record for auditors; the resolution itself follows from the policies.
+            EventKind::PolicyConflictResolved(_) => Applied::Changed,
             EventKind::HostRegistered(e) => self.host_registered(env, e),
             EventKind::HostSuspected(e) => {
                 self.host_transition(&e.host, &[HostState::Ready], HostState::Suspect, "HostSuspected")

@@ -160,6 +160,12 @@ pub enum EventKind {
     VmMigrationCompleted(VmMigrationCompleted),
     /// The migration failed; the VM keeps running on the source.
     VmMigrationFailed(VmMigrationFailed),
+    /// A policy was applied (new, or a new version of one with the same name).
+    PolicyApplied(PolicyApplied),
+    /// A policy was withdrawn.
+    PolicyRemoved(PolicyRemoved),
+    /// Two policies pull apart and one gives way, by the documented order.
+    PolicyConflictResolved(PolicyConflictResolved),
 }
 
 impl EventKind {
@@ -195,6 +201,9 @@ impl EventKind {
             EventKind::VmMigrationStarted(_) => "VmMigrationStarted",
             EventKind::VmMigrationCompleted(_) => "VmMigrationCompleted",
             EventKind::VmMigrationFailed(_) => "VmMigrationFailed",
+            EventKind::PolicyApplied(_) => "PolicyApplied",
+            EventKind::PolicyRemoved(_) => "PolicyRemoved",
+            EventKind::PolicyConflictResolved(_) => "PolicyConflictResolved",
         }
     }
 }
@@ -244,6 +253,9 @@ pub struct PlacementExplanation {
     /// The newest telemetry sample the load-aware score read, ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry_watermark_ms: Option<u64>,
+    /// The policy set version the decision was made under (none before any policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
 }
 
 /// One host the planner weighed.
@@ -498,6 +510,41 @@ pub struct HostDrained {
 pub struct HostUncordoned {
     /// The host.
     pub host: HostId,
+}
+
+/// Payload of [`EventKind::PolicyApplied`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyApplied {
+    /// The version of the whole policy set once this is applied (1, 2, …): decisions record
+    /// the version they were made under.
+    pub version: u64,
+    /// The document, in full.
+    pub policy: crate::policy::Policy,
+}
+
+/// Payload of [`EventKind::PolicyRemoved`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRemoved {
+    /// The version of the policy set once it is removed.
+    pub version: u64,
+    /// The policy's name.
+    pub name: String,
+}
+
+/// Payload of [`EventKind::PolicyConflictResolved`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConflictResolved {
+    /// The policy set version this holds for.
+    pub version: u64,
+    /// The policy that prevails.
+    pub winner: String,
+    /// The policy that gives way where the two disagree.
+    pub loser: String,
+    /// What they disagree on and which step of the order decided.
+    pub reason: String,
 }
 
 /// Payload of [`EventKind::LeaderElected`].

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod command;
 pub mod event;
 pub mod ids;
+pub mod policy;
 pub mod report;
 pub mod resources;
 pub mod schema;

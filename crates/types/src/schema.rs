@@ -24,5 +24,6 @@ pub fn all() -> Vec<(&'static str, String)> {
     push("vm-telemetry.schema.json", schema_for!(VmTelemetry));
     push("heartbeat.schema.json", schema_for!(Heartbeat));
     push("vm-spec.schema.json", schema_for!(VmSpec));
+    push("policy.schema.json", schema_for!(crate::policy::Policy));
     out
 }

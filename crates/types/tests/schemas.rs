@@ -139,6 +139,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
         }],
         trigger: None,
         telemetry_watermark_ms: None,
+        policy_version: None,
     };
     let healing = PlacementExplanation { trigger: Some("host rack2-h03 failed".into()), ..explanation.clone() };
     let target = IncarnationId(id(3));
@@ -341,6 +342,33 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                     },
                     ..spec()
                 },
+            }),
+        ),
+        (
+            "event-policy-applied",
+            EventKind::PolicyApplied(PolicyApplied {
+                version: 3,
+                policy: novacron_types::policy::Policy {
+                    name: "db-one-per-zone".into(),
+                    description: "never two databases in one zone".into(),
+                    scope: novacron_types::policy::Scope { group: Some("db".into()), selector: None },
+                    priority: 10,
+                    enforcement: novacron_types::policy::Enforcement::Hard,
+                    rule: novacron_types::policy::Rule::AntiAffinity(novacron_types::policy::AffinityPolicy {
+                        selector: None,
+                        group: None,
+                        topology: Some("zone".into()),
+                    }),
+                },
+            }),
+        ),
+        (
+            "event-policy-conflict-resolved",
+            EventKind::PolicyConflictResolved(PolicyConflictResolved {
+                version: 4,
+                winner: "db-narrow".into(),
+                loser: "zone-wide".into(),
+                reason: "different values of host label zone: more specific scope".into(),
             }),
         ),
     ];

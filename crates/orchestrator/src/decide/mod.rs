@@ -17,12 +17,14 @@ use novacron_types::{Actor, Envelope, EventKind, IncarnationId, VmId};
 use uuid::Uuid;
 
 pub mod hosts;
+pub mod policies;
 pub mod rebalance;
 pub mod reconcile;
 pub mod reports;
 pub mod vms;
 
 pub use hosts::*;
+pub use policies::*;
 pub use rebalance::*;
 pub use reconcile::*;
 pub use reports::*;

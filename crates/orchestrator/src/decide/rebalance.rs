@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use novacron_scheduler::{PlacementRequest, Planner, PlannerConfig, Strategy};
+use novacron_scheduler::{Planner, PlannerConfig, Strategy};
 use novacron_state::{ClusterState, VmRecord, VmStatus};
 use novacron_types::{Envelope, EventKind, HostId, VmId};
 
@@ -85,7 +85,7 @@ pub fn rebalance(
         return events;
     }
     // Destinations are chosen for low load: spread, with load weighing most.
-    let mut cfg = planner_config.clone();
+    let mut cfg = super::planner_config(state, planner_config);
     cfg.strategy = Strategy::Spread;
     cfg.weights.load = 2.0;
     let view = novacron_scheduler::LoadView { cpu_util: load.host_util.clone(), watermark_ms: Some(load.now_ms) };
@@ -121,7 +121,7 @@ pub fn rebalance(
             .collect();
         movable.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
         for (vm, share) in movable {
-            let mut req = PlacementRequest::for_vm(vm);
+            let mut req = super::request_for_vm(state, vm);
             // The destination is chosen for low load, whatever the VM's own strategy.
             req.strategy = Some(Strategy::Spread);
             req.avoid.push(source.clone());

@@ -6,7 +6,7 @@ use novacron_state::{ClusterState, VmRecord, VmStatus};
 use novacron_types::event::VmDeleted;
 use novacron_types::{Envelope, EventKind, HostId, StartVm, StopVm};
 
-use novacron_scheduler::{Placement, PlacementRequest, Planner};
+use novacron_scheduler::{Placement, Planner};
 
 use super::*;
 
@@ -98,7 +98,7 @@ pub(crate) fn restart_step(
     }
     // A VM that keeps failing on one host is tried on another.
     let fails_here = recent.iter().filter(|f| Some(&f.host) == vm.host.as_ref()).count();
-    let mut req = PlacementRequest::for_vm(vm);
+    let mut req = request_for_vm(state, vm);
     let mut decision = None;
     if fails_here < 2
         && let Some(current) = &vm.host
@@ -133,7 +133,8 @@ pub fn reconcile_with(
     let settings = settings.into();
     let restart = settings.restart;
     // One planner for the whole pass: every decision sees what earlier ones took.
-    let mut planner = Planner::new(state, &settings.planning.config, &settings.planning.load);
+    let config = planner_config(state, &settings.planning.config);
+    let mut planner = Planner::new(state, &config, &settings.planning.load);
     // Migrations in flight, per source host and in all, for the drain's concurrency limits.
     let mut migrating_from: BTreeMap<HostId, usize> = BTreeMap::new();
     for vm in state.vms.values().filter(|v| v.migration.is_some()) {
@@ -174,7 +175,7 @@ pub fn reconcile_with(
                 events.push(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id })));
                 continue;
             }
-            let mut decision = planner.place(&PlacementRequest::for_vm(vm));
+            let mut decision = planner.place(&request_for_vm(state, vm));
             if let Placement::Host { explanation, .. } = &mut decision {
                 explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
             }
@@ -264,7 +265,7 @@ pub fn reconcile_with(
                     }
                 }
                 VmStatus::Stopped | VmStatus::Failed | VmStatus::Placed | VmStatus::Pending => {
-                    let mut req = PlacementRequest::for_vm(vm);
+                    let mut req = request_for_vm(state, vm);
                     req.avoid.push(source.clone());
                     let mut decision = planner.place(&req);
                     if let Placement::Host { explanation, .. } = &mut decision {
@@ -293,7 +294,7 @@ pub fn reconcile_with(
         }
         match vm.status {
             VmStatus::Pending => {
-                let decision = planner.place(&PlacementRequest::for_vm(vm));
+                let decision = planner.place(&request_for_vm(state, vm));
                 events.extend(placement_events(
                     state,
                     vm.id,

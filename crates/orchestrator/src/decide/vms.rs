@@ -6,7 +6,7 @@ use novacron_types::event::{
 };
 use novacron_types::{Envelope, EventKind, Generation, HostId, PrepareIncoming, StartVm, StopVm, VmId, VmSpec};
 
-use novacron_scheduler::{Placement, PlacementRequest, Planner};
+use novacron_scheduler::{Placement, Planner};
 
 use super::*;
 
@@ -67,7 +67,9 @@ pub fn create_vm_groups(
     stamp: &mut impl Stamp,
 ) -> (Vec<Result<Vec<VmId>, Refusal>>, Vec<Envelope>) {
     let mut taken = std::collections::BTreeSet::new();
-    let mut planner = Planner::new(state, &planning.config, &planning.load);
+    let mut accepted: Vec<&VmSpec> = Vec::new();
+    let config = planner_config(state, &planning.config);
+    let mut planner = Planner::new(state, &config, &planning.load);
     let mut results = Vec::with_capacity(requests.len());
     let mut events = Vec::new();
     for (specs, origin) in requests {
@@ -79,12 +81,27 @@ pub fn create_vm_groups(
             results.push(Err(Refusal::NameInUse(spec.name.clone())));
             continue;
         }
+        // Quotas and the policies' own label rules, counting the batch's earlier VMs.
+        let mut admitted: Vec<&VmSpec> = accepted.clone();
+        let mut refused = None;
+        for spec in specs {
+            if let Err(why) = novacron_policy::enforce::admit(state, spec, &admitted) {
+                refused = Some(why);
+                break;
+            }
+            admitted.push(spec);
+        }
+        if let Some(why) = refused {
+            results.push(Err(Refusal::Conflict(why)));
+            continue;
+        }
+        accepted = admitted;
         taken.extend(names);
         let mut ids = Vec::with_capacity(specs.len());
         for spec in specs {
             let vm = stamp.vm_id();
             events.push(envelope(stamp, origin, EventKind::VmRequested(VmRequested { vm, spec: spec.clone() })));
-            let decision = planner.place(&PlacementRequest::for_spec(spec));
+            let decision = planner.place(&request_for_spec(state, spec));
             events.extend(placement_events(state, vm, spec, Generation(0), decision, None, stamp, origin));
             ids.push(vm);
         }
@@ -107,6 +124,7 @@ pub(crate) fn placement_events(
     match decision {
         Placement::Host { host, mut explanation } => {
             explanation.log_seq = state.seq;
+            explanation.policy_version = (state.policy_version > 0).then_some(state.policy_version);
             let incarnation = stamp.incarnation_id();
             let generation = current.next().unwrap_or(current);
             let placed = envelope(
@@ -123,7 +141,8 @@ pub(crate) fn placement_events(
             .caused_by(cause);
             vec![placed, start]
         }
-        Placement::Unplaceable { reason, explanation } => {
+        Placement::Unplaceable { reason, mut explanation } => {
+            explanation.policy_version = (state.policy_version > 0).then_some(state.policy_version);
             if previous_failure == Some(reason.as_str()) {
                 return Vec::new(); // nothing new to say; don't flood the log
             }
@@ -225,7 +244,8 @@ pub fn migrate_vm_with(
     origin: &Origin,
 ) -> Result<(VmId, Vec<Envelope>), Refusal> {
     let vm = find_vm(state, key).ok_or_else(|| Refusal::NotFound(key.to_owned()))?;
-    let mut planner = Planner::new(state, &planning.config, &planning.load);
+    let config = planner_config(state, &planning.config);
+    let mut planner = Planner::new(state, &config, &planning.load);
     plan_migration(state, vm, to, reason, &mut planner, stamp, origin)
 }
 
@@ -250,7 +270,7 @@ pub(crate) fn plan_migration(
             vm.status.as_str()
         )));
     }
-    let mut req = PlacementRequest::for_vm(vm);
+    let mut req = request_for_vm(state, vm);
     req.avoid.push(from.clone());
     if let Some(t) = to {
         let host = HostId::new(t).map_err(|e| Refusal::Invalid { field: "to".into(), reason: e.to_string() })?;

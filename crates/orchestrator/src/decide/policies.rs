@@ -1,0 +1,136 @@
+//! Decisions about policies: apply new documents (or new versions), remove one; and the
+//! placement requests and planner settings the policies in force shape.
+
+use std::collections::BTreeSet;
+
+use novacron_policy::enforce;
+use novacron_scheduler::{PlacementRequest, PlannerConfig};
+use novacron_state::{ClusterState, VmRecord};
+use novacron_types::event::{PolicyApplied, PolicyConflictResolved, PolicyRemoved};
+use novacron_types::policy::Policy;
+use novacron_types::{Envelope, EventKind, VmSpec};
+
+use super::*;
+
+/// The placement request for a new VM of `spec`, with the policies in force.
+#[must_use]
+pub fn request_for_spec(state: &ClusterState, spec: &VmSpec) -> PlacementRequest {
+    let mut req = PlacementRequest::for_spec(spec);
+    enforce::constrain(state, spec, &mut req);
+    req
+}
+
+/// The placement request for an existing VM (restart, move), with the policies in force.
+#[must_use]
+pub fn request_for_vm(state: &ClusterState, vm: &VmRecord) -> PlacementRequest {
+    let mut req = PlacementRequest::for_vm(vm);
+    enforce::constrain(state, &vm.spec, &mut req);
+    req
+}
+
+/// The planner settings with the cluster-wide capacity policies applied.
+#[must_use]
+pub fn planner_config(state: &ClusterState, base: &PlannerConfig) -> PlannerConfig {
+    enforce::planner_config(state, base)
+}
+
+/// What applying some documents would do, without doing it.
+#[derive(Debug, Default)]
+pub struct PolicyPlan {
+    /// The documents that are new or changed (identical ones are left out).
+    pub changed: Vec<Policy>,
+    /// Softer disagreements involving them, and who prevails.
+    pub resolutions: Vec<novacron_policy::Resolution>,
+    /// Worth a look, not a refusal (a group nothing knows yet).
+    pub warnings: Vec<String>,
+}
+
+/// Checks documents against each other, the policies in force and the cluster: every problem
+/// of a document, then every hard conflict that involves one of them.
+///
+/// # Errors
+/// [`Refusal::Invalid`] listing the problems, or [`Refusal::Conflict`] listing the conflicts.
+pub fn plan_policies(state: &ClusterState, docs: &[Policy]) -> Result<PolicyPlan, Refusal> {
+    if docs.is_empty() {
+        return Err(Refusal::Invalid { field: "policies".into(), reason: "no policy given".into() });
+    }
+    let problems: Vec<String> = docs.iter().flat_map(novacron_policy::validate).map(|p| p.to_string()).collect();
+    if !problems.is_empty() {
+        return Err(Refusal::Invalid { field: "policies".into(), reason: problems.join("; ") });
+    }
+    let mut seen = BTreeSet::new();
+    if let Some(d) = docs.iter().find(|d| !seen.insert(d.name.as_str())) {
+        return Err(Refusal::Invalid { field: "policies".into(), reason: format!("policy {} is given twice", d.name) });
+    }
+    let changed: Vec<Policy> =
+        docs.iter().filter(|d| state.policies.get(&d.name).is_none_or(|r| r.policy != **d)).cloned().collect();
+    // The set as it would be, oldest first: what stays, then the new versions in order.
+    let names: BTreeSet<&str> = changed.iter().map(|d| d.name.as_str()).collect();
+    let mut kept: Vec<_> = state.policies.values().filter(|r| !names.contains(r.policy.name.as_str())).collect();
+    kept.sort_by_key(|r| r.version);
+    let set: Vec<Policy> = kept.into_iter().map(|r| r.policy.clone()).chain(changed.iter().cloned()).collect();
+    let involved = |a: &str, b: Option<&str>| names.contains(a) || b.is_some_and(|b| names.contains(b));
+    let conflicts: Vec<String> = novacron_policy::conflicts(&set, Some(state))
+        .into_iter()
+        .filter(|c| involved(&c.first, c.second.as_deref()))
+        .map(|c| c.to_string())
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(Refusal::Conflict(conflicts.join("; ")));
+    }
+    let resolutions =
+        novacron_policy::resolve(&set).into_iter().filter(|r| involved(&r.winner, Some(&r.loser))).collect();
+    let warnings = novacron_policy::unknown_groups(&changed, state).into_iter().map(|w| w.to_string()).collect();
+    Ok(PolicyPlan { changed, resolutions, warnings })
+}
+
+/// Applies documents: `PolicyApplied` for each new or changed one (each a new version of the
+/// set), then `PolicyConflictResolved` for each softer disagreement they bring. Returns the
+/// names applied.
+///
+/// # Errors
+/// As [`plan_policies`].
+pub fn apply_policies(
+    state: &ClusterState,
+    docs: &[Policy],
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(Vec<String>, Vec<Envelope>), Refusal> {
+    let plan = plan_policies(state, docs)?;
+    let mut version = state.policy_version;
+    let mut events = Vec::new();
+    for p in &plan.changed {
+        version += 1;
+        events.push(envelope(stamp, origin, EventKind::PolicyApplied(PolicyApplied { version, policy: p.clone() })));
+    }
+    for r in plan.resolutions {
+        events.push(envelope(
+            stamp,
+            origin,
+            EventKind::PolicyConflictResolved(PolicyConflictResolved {
+                version,
+                winner: r.winner,
+                loser: r.loser,
+                reason: r.reason,
+            }),
+        ));
+    }
+    Ok((plan.changed.into_iter().map(|p| p.name).collect(), events))
+}
+
+/// Withdraws a policy.
+///
+/// # Errors
+/// [`Refusal::NotFound`] when no policy has that name.
+pub fn remove_policy(
+    state: &ClusterState,
+    name: &str,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(String, Vec<Envelope>), Refusal> {
+    if !state.policies.contains_key(name) {
+        return Err(Refusal::NotFound(format!("policy {name}")));
+    }
+    let e = EventKind::PolicyRemoved(PolicyRemoved { version: state.policy_version + 1, name: name.to_owned() });
+    Ok((name.to_owned(), vec![envelope(stamp, origin, e)]))
+}
