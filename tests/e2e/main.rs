@@ -508,6 +508,103 @@ fn policies_are_validated_applied_enforced_and_removed() {
     });
 }
 
+/// `HH:MM` (UTC) `minutes` from now, wrapping around midnight.
+fn utc_hhmm(minutes: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 / 60;
+    let m = (now + minutes).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+#[test]
+fn an_anti_affinity_policy_spreads_co_located_vms_inside_the_maintenance_window_only() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
+    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    // Bin-pack puts the three web VMs on one host.
+    let created = cli_json(&[
+        "--server",
+        &o.api,
+        "vm",
+        "create",
+        "web",
+        "--group",
+        "web",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "256",
+        "--count",
+        "3",
+    ]);
+    let ids: Vec<String> = created.as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap().to_owned()).collect();
+    let hosts_of = || -> Vec<String> {
+        let vms = get(&o.api, "/api/v1/vms").1;
+        ids.iter()
+            .map(|id| {
+                let v = vms.as_array().unwrap().iter().find(|v| v["id"].as_str() == Some(id)).unwrap();
+                format!("{}:{}", v["host"].as_str().unwrap_or("-"), v["status"].as_str().unwrap_or("-"))
+            })
+            .collect()
+    };
+    wait_for("the VMs running together", || {
+        let h = hosts_of();
+        h.iter().all(|x| x.ends_with(":running")) && h.iter().all(|x| *x == h[0])
+    });
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let rules = write(
+        "web.yaml",
+        format!(
+            "name: web-apart\nscope: {{group: web}}\nrule:\n  anti-affinity: {{}}\n---\n\
+             name: web-window\nrule:\n  maintenance-window: {{start: '{}', end: '{}'}}\n",
+            utc_hhmm(120),
+            utc_hhmm(180)
+        ),
+    );
+    // The dry run says what would happen: two VMs break the rule and wait for the window.
+    let dry = cli_json(&["--server", &o.api, "policy", "dry-run", &rules]);
+    let actions: Vec<&str> =
+        dry["violations"].as_array().unwrap().iter().filter_map(|v| v["action"].as_str()).collect();
+    assert_eq!(actions, ["wait for a maintenance window"; 2], "{dry}");
+    cli_json(&["--server", &o.api, "policy", "apply", &rules]);
+    wait_for("the violations recorded", || {
+        get(&o.api, "/api/v1/policies").1["violations"].as_array().is_some_and(|v| v.len() == 2)
+    });
+    let recorded = get(&o.api, "/api/v1/policies").1;
+    for v in recorded["violations"].as_array().unwrap() {
+        assert_eq!(v["action"], "wait for a maintenance window", "{recorded}");
+    }
+    let h = hosts_of();
+    assert!(h.iter().all(|x| *x == h[0]), "nothing moved outside the window: {h:?}");
+
+    // The window opens (a new version of it): the two move, one per host.
+    let open = write(
+        "window.yaml",
+        format!(
+            "name: web-window\nrule:\n  maintenance-window: {{start: '{}', end: '{}'}}\n",
+            utc_hhmm(-60),
+            utc_hhmm(60)
+        ),
+    );
+    let dry = cli_json(&["--server", &o.api, "policy", "dry-run", &open]);
+    let predicted: Vec<&str> =
+        dry["violations"].as_array().unwrap().iter().filter_map(|v| v["action"].as_str()).collect();
+    assert!(predicted.len() == 2 && predicted.iter().all(|a| a.starts_with("migrate to host-")), "{dry}");
+    cli_json(&["--server", &o.api, "policy", "apply", &open]);
+    wait_for("the web VMs on three hosts", || {
+        let h = hosts_of();
+        let mut distinct = h.clone();
+        distinct.sort();
+        distinct.dedup();
+        h.iter().all(|x| x.ends_with(":running")) && distinct.len() == 3
+    });
+}
+
 #[test]
 fn a_standby_takes_over_when_the_leader_dies_and_nothing_acknowledged_is_lost() {
     let nats = NatsServer::start().unwrap();

@@ -425,6 +425,76 @@ pub async fn policy(server: &str, cmd: PolicyCommand, fmt: Format) -> anyhow::Re
                 }
             }
         }
+        PolicyCommand::Diff { files } => {
+            let docs = read_policies(&files)?;
+            let current: Value = api.call("GET", "/api/v1/policies".into(), None).await?;
+            let in_force: std::collections::BTreeMap<String, Value> = current["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some((p["name"].as_str()?.to_owned(), p["policy"].clone())))
+                .collect();
+            let mut report = Vec::new();
+            for d in &docs {
+                let new = serde_json::to_value(d)?;
+                let (status, changes) = match in_force.get(&d.name) {
+                    None => ("new", Vec::new()),
+                    Some(old) if *old == new => ("unchanged", Vec::new()),
+                    Some(old) => ("changed", json_diff("", old, &new)),
+                };
+                report.push(serde_json::json!({ "name": d.name, "status": status, "changes": changes }));
+            }
+            match fmt {
+                Format::Json => output::json(&report),
+                Format::Text => {
+                    for r in &report {
+                        println!(
+                            "{} {}",
+                            r["status"].as_str().unwrap_or_default(),
+                            r["name"].as_str().unwrap_or_default()
+                        );
+                        for c in r["changes"].as_array().into_iter().flatten() {
+                            println!("    {}", c.as_str().unwrap_or_default());
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        }
+        PolicyCommand::DryRun { files } => {
+            let docs = read_policies(&files)?;
+            let problems = offline_problems(&docs);
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("; "));
+            }
+            let body = serde_json::json!({ "file": "cli", "source": serde_json::to_string(&docs)? });
+            let v: Value = api.call("POST", "/api/v1/policies/dry-run".into(), Some(body)).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    for w in v["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                        eprintln!("warning: {w}");
+                    }
+                    let rows: Vec<Vec<String>> = v["violations"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|f| {
+                            ["policy", "vm_name", "host", "reason", "action"]
+                                .iter()
+                                .map(|k| or_dash(f[*k].as_str().map(str::to_owned)))
+                                .collect()
+                        })
+                        .collect();
+                    if rows.is_empty() {
+                        println!("no VM would break these policies");
+                    } else {
+                        output::table(&["policy", "vm", "host", "violation", "action"], &rows);
+                    }
+                    Ok(())
+                }
+            }
+        }
         PolicyCommand::List => {
             let v: Value = api.call("GET", "/api/v1/policies".into(), None).await?;
             match fmt {
@@ -458,5 +528,34 @@ pub async fn policy(server: &str, cmd: PolicyCommand, fmt: Format) -> anyhow::Re
                 }
             }
         }
+    }
+}
+
+/// Field-by-field differences between two JSON documents, as `path: old → new` lines.
+fn json_diff(path: &str, old: &Value, new: &Value) -> Vec<String> {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    json_diff(&p, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null))
+                })
+                .collect()
+        }
+        (a, b) if a == b => Vec::new(),
+        (a, b) => vec![format!("{path}: {a} → {b}")],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_diff_names_each_changed_field() {
+        let old = serde_json::json!({"name": "a", "rule": {"scaling": {"min": 1, "max": 3}}});
+        let new = serde_json::json!({"name": "a", "rule": {"scaling": {"min": 2, "max": 3}}, "priority": 5});
+        assert_eq!(json_diff("", &old, &new), ["priority: null → 5", "rule.scaling.min: 1 → 2"]);
     }
 }

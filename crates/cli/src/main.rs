@@ -112,6 +112,21 @@ enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// What would change against the policies in force: new, changed (field by field) and
+    /// unchanged documents.
+    Diff {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Evaluate the files as if applied, against the cluster as it is: every VM that would then
+    /// break a rule, and what the orchestrator would do (migrate where to, wait for a window,
+    /// report). Nothing is applied.
+    DryRun {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// The policies in force.
     List,
     /// One policy in full.

@@ -33,6 +33,10 @@ pub(crate) struct Api {
     pub events: async_nats::jetstream::stream::Stream,
     /// This replica's role.
     pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
+    /// What the policy pass runs with, for dry runs: planner settings, migration limits and
+    /// the rebalancer's VM cooldown.
+    pub passes:
+        std::sync::Arc<(novacron_scheduler::PlannerConfig, crate::decide::MigrationLimits, std::time::Duration)>,
 }
 
 pub(crate) fn router(api: Api) -> Router {
@@ -53,6 +57,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/hosts/{id}/{action}", axum::routing::post(host_action))
         .route("/api/v1/policies", get(list_policies).post(apply_policies))
         .route("/api/v1/policies/validate", axum::routing::post(validate_policies))
+        .route("/api/v1/policies/dry-run", axum::routing::post(dry_run_policies))
         .route("/api/v1/policies/{name}", get(show_policy).delete(remove_policy))
         .fallback(not_found)
         .with_state(api)
@@ -385,6 +390,47 @@ async fn validate_policies(State(api): State<Api>, body: Bytes) -> Result<Respon
     ))
 }
 
+/// What applying documents would do now — the violations the new set finds and the policy
+/// pass's action on each — without writing anything.
+async fn dry_run_policies(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let docs = parse_source(&body)?;
+    let planning =
+        crate::decide::Planning { config: api.passes.0.clone(), load: crate::ingest::load_view(&api.observations) };
+    let state = read(&api.engine.state).clone();
+    let (plan, pass) = crate::decide::dry_run(
+        &state,
+        &docs,
+        &planning,
+        api.passes.1,
+        api.passes.2,
+        &mut crate::decide::WallClock,
+        &origin(&headers),
+    )
+    .map_err(EngineError::from)?;
+    let findings: Vec<serde_json::Value> = pass
+        .findings
+        .iter()
+        .map(|(v, action)| {
+            json!({
+                "policy": v.policy, "enforcement": v.enforcement, "vm": v.vm,
+                "vm_name": state.vms.get(&v.vm).map(|r| r.spec.name.clone()),
+                "host": v.host, "reason": v.reason, "action": action,
+            })
+        })
+        .collect();
+    Ok(ok(
+        StatusCode::OK,
+        json!({
+            "changed": plan.changed.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "warnings": plan.warnings,
+            "resolutions": plan.resolutions.iter().map(|r| json!({
+                "winner": r.winner, "loser": r.loser, "reason": r.reason,
+            })).collect::<Vec<_>>(),
+            "violations": findings,
+        }),
+    ))
+}
+
 fn policy_json(r: &novacron_state::PolicyRecord) -> serde_json::Value {
     json!({
         "name": r.policy.name, "version": r.version, "kind": r.policy.rule.kind(),
@@ -397,9 +443,14 @@ async fn list_policies(State(api): State<Api>) -> Response {
     let state = read(&api.engine.state);
     let mut list: Vec<_> = state.policies.values().collect();
     list.sort_by_key(|r| r.version);
+    let violations: Vec<_> = state.policy_violations.values().collect();
     ok(
         StatusCode::OK,
-        json!({ "version": state.policy_version, "policies": list.into_iter().map(policy_json).collect::<Vec<_>>() }),
+        json!({
+            "version": state.policy_version,
+            "policies": list.into_iter().map(policy_json).collect::<Vec<_>>(),
+            "violations": violations,
+        }),
     )
 }
 

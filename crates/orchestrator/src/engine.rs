@@ -563,8 +563,17 @@ impl Engine {
         let mut settings = self.cfg.reconcile.clone();
         settings.planning.load = self.load_view();
         let migrations = settings.migrations;
+        let settings_config = settings.planning.config.clone();
         let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, settings);
         let events = if events.is_empty() { self.rebalance_events(&origin, migrations) } else { events };
+        let events = if events.is_empty() {
+            let planning = decide::Planning { config: settings_config, load: self.load_view() };
+            let state = read(&self.state);
+            decide::policy_pass(&state, &planning, migrations, self.cfg.rebalance.vm_cooldown, &mut WallClock, &origin)
+                .events
+        } else {
+            events
+        };
         if events.is_empty() {
             return;
         }
@@ -630,15 +639,7 @@ impl Engine {
     }
 
     fn load_view(&self) -> novacron_scheduler::LoadView {
-        let obs = crate::ingest::lock(&self.cfg.observations);
-        let mut view = novacron_scheduler::LoadView::default();
-        for (host, o) in &obs.hosts {
-            if let Some(t) = &o.telemetry {
-                view.cpu_util.insert(host.clone(), t.cpu_util);
-                view.watermark_ms = Some(view.watermark_ms.map_or(t.at_ms, |w| w.max(t.at_ms)));
-            }
-        }
-        view
+        crate::ingest::load_view(&self.cfg.observations)
     }
 
     /// Keeps a `HostFailed` only once the host's lease is overwritten with the failure marker, on

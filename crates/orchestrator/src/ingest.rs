@@ -50,6 +50,19 @@ pub struct HostObservation {
     pub telemetry: Option<HostTelemetry>,
 }
 
+/// The planner's load view: the latest CPU utilisation per host from telemetry.
+pub(crate) fn load_view(obs: &SharedObservations) -> novacron_scheduler::LoadView {
+    let obs = lock(obs);
+    let mut view = novacron_scheduler::LoadView::default();
+    for (host, o) in &obs.hosts {
+        if let Some(t) = &o.telemetry {
+            view.cpu_util.insert(host.clone(), t.cpu_util);
+            view.watermark_ms = Some(view.watermark_ms.map_or(t.at_ms, |w| w.max(t.at_ms)));
+        }
+    }
+    view
+}
+
 /// Shared observations.
 pub type SharedObservations = Arc<Mutex<Observations>>;
 

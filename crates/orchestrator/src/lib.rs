@@ -230,8 +230,15 @@ impl Orchestrator {
             .get_stream(novacron_protocol::EVENTS_STREAM)
             .await
             .map_err(|e| OrchestratorError::Log(e.to_string()))?;
-        let app =
-            api::router(api::Api { engine: handle.clone(), observations, client: bus.client.clone(), events, role });
+        let passes = Arc::new((cfg.planner.clone(), cfg.migration_limits, cfg.rebalance.vm_cooldown));
+        let app = api::router(api::Api {
+            engine: handle.clone(),
+            observations,
+            client: bus.client.clone(),
+            events,
+            role,
+            passes,
+        });
         let shutdown = cancel.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;

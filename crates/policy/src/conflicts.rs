@@ -11,7 +11,7 @@ use novacron_state::{ClusterState, VmStatus};
 use novacron_types::Labels;
 use novacron_types::policy::{AffinityPolicy, Enforcement, MaintenanceWindow, Policy, Rule, Scope};
 
-use crate::check::minutes;
+use crate::observe::week_ranges;
 
 /// Hard rules that cannot both hold (or one that cannot hold in this cluster).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -90,26 +90,6 @@ fn enforced(p: &Policy) -> bool {
 
 fn hard(p: &Policy) -> bool {
     p.enforcement == Enforcement::Hard
-}
-
-/// Minute ranges of the week a window covers, as half-open `[from, to)`.
-fn week_ranges(w: &MaintenanceWindow) -> Vec<(u32, u32)> {
-    let (Some(s), Some(e)) = (minutes(&w.start), minutes(&w.end)) else { return Vec::new() };
-    let days: Vec<u32> = if w.days.is_empty() { (0..7).collect() } else { w.days.iter().map(|d| *d as u32).collect() };
-    let week = 7 * 24 * 60;
-    let mut out = Vec::new();
-    for d in days {
-        let from = d * 24 * 60 + s;
-        let len = if e > s { e - s } else { 24 * 60 - s + e };
-        let to = from + len;
-        if to <= week {
-            out.push((from, to));
-        } else {
-            out.push((from, week));
-            out.push((0, to - week));
-        }
-    }
-    out
 }
 
 fn windows_overlap(a: &MaintenanceWindow, b: &MaintenanceWindow) -> bool {

@@ -6,6 +6,7 @@
 pub mod check;
 pub mod conflicts;
 pub mod enforce;
+pub mod observe;
 pub mod parse;
 
 pub use check::{Problem, validate};

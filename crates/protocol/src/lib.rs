@@ -126,6 +126,7 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::PolicyApplied(e) => format!("nc.events.policy.{}", e.policy.name),
         EventKind::PolicyRemoved(e) => format!("nc.events.policy.{}", e.name),
         EventKind::PolicyConflictResolved(_) => "nc.events.cluster.policy".to_owned(),
+        EventKind::PolicyViolationObserved(e) => vm_events(e.vm),
     }
 }
 

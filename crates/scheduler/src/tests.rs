@@ -441,6 +441,51 @@ proptest! {
     }
 
     #[test]
+    fn group_rules_per_zone_are_never_broken(
+        zones in prop::collection::vec(0u8..3, 1..8),
+        vms in prop::collection::vec(0u8..3, 1..30),
+    ) {
+        let names = ["a", "b", "c"];
+        let specs: Vec<OwnedHost<'_>> = zones.iter().map(|z| (4u32, 4096u64, vec![("zone", names[*z as usize])])).collect();
+        let refs: Vec<HostSpec<'_>> = specs.iter().map(|(c, m, l)| (*c, *m, l.as_slice())).collect();
+        let s = state_with(&refs);
+        let zone_of = |h: &HostId| s.hosts[h].labels["zone"].clone();
+        let cfg = PlannerConfig::default();
+        let load = LoadView::default();
+        let mut p = Planner::new(&s, &cfg, &load);
+        let mut placed: Vec<(u8, HostId)> = Vec::new();
+        for g in vms {
+            let mut r = req(1, 256);
+            r.group = Some(format!("g{g}"));
+            // g0: one per zone; g1: all in one zone; g2: no rule.
+            let relation = match g {
+                0 => Some(Relation::AntiAffinity),
+                1 => Some(Relation::Affinity),
+                _ => None,
+            };
+            if let Some(relation) = relation {
+                r.group_rules.push(GroupRule { relation, strength: Strength::Hard, topology: Some("zone".into()) });
+            }
+            match p.place(&r) {
+                Placement::Host { host, .. } => {
+                    for (_, oh) in placed.iter().filter(|(og, _)| *og == g) {
+                        match g {
+                            0 => prop_assert_ne!(zone_of(oh), zone_of(&host), "two g0 VMs in one zone"),
+                            1 => prop_assert_eq!(zone_of(oh), zone_of(&host), "g1 split across zones"),
+                            _ => {}
+                        }
+                    }
+                    placed.push((g, host));
+                }
+                Placement::Unplaceable { explanation, .. } => {
+                    let eliminated: u32 = explanation.rejections.values().sum();
+                    prop_assert_eq!(eliminated as usize, s.hosts.len());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_same_state_and_requests_give_the_same_decisions(
         hosts in prop::collection::vec((1u32..32, 512u64..65536), 1..8),
         vms in prop::collection::vec((1u32..8, 128u64..4096), 1..20),

@@ -56,6 +56,34 @@ pub struct ClusterState {
     /// The version of the policy set: 0 before any policy, +1 with each apply or removal.
     #[serde(default)]
     pub policy_version: u64,
+    /// Violations already recorded, by [`violation_key`] (policy and VM) → where the VM was
+    /// and what was decided then (a VM that moved since is checked afresh). Cleared for a
+    /// policy when it changes.
+    #[serde(default)]
+    pub policy_violations: BTreeMap<String, RecordedViolation>,
+}
+
+/// A recorded `PolicyViolationObserved`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedViolation {
+    /// The policy.
+    pub policy: String,
+    /// The VM.
+    pub vm: VmId,
+    /// Where it ran.
+    pub host: HostId,
+    /// How it broke the rule.
+    pub reason: String,
+    /// What was decided then.
+    pub action: String,
+    /// When, ms since the epoch (the writer's clock).
+    pub at_ms: u64,
+}
+
+/// The key of a recorded violation: `policy/vm`.
+#[must_use]
+pub fn violation_key(policy: &str, vm: VmId) -> String {
+    format!("{policy}/{vm}")
 }
 
 /// A policy in force.
@@ -379,6 +407,8 @@ impl ClusterState {
                     ));
                 }
                 self.policy_version = e.version;
+                let prefix = format!("{}/", e.policy.name);
+                self.policy_violations.retain(|k, _| !k.starts_with(&prefix));
                 let record = PolicyRecord { policy: e.policy.clone(), version: e.version, seq, at_ms: env.at_ms };
                 self.policies.insert(e.policy.name.clone(), record);
                 Applied::Changed
@@ -389,10 +419,24 @@ impl ClusterState {
                 }
                 self.policy_version = e.version;
                 self.policies.remove(&e.name);
+                let prefix = format!("{}/", e.name);
+                self.policy_violations.retain(|k, _| !k.starts_with(&prefix));
                 Applied::Changed
             }
             // A record for auditors; the resolution itself follows from the policies.
             EventKind::PolicyConflictResolved(_) => Applied::Changed,
+            EventKind::PolicyViolationObserved(e) => {
+                let record = RecordedViolation {
+                    policy: e.policy.clone(),
+                    vm: e.vm,
+                    host: e.host.clone(),
+                    reason: e.reason.clone(),
+                    action: e.action.clone(),
+                    at_ms: env.at_ms,
+                };
+                self.policy_violations.insert(violation_key(&e.policy, e.vm), record);
+                Applied::Changed
+            }
             EventKind::HostRegistered(e) => self.host_registered(env, e),
             EventKind::HostSuspected(e) => {
                 self.host_transition(&e.host, &[HostState::Ready], HostState::Suspect, "HostSuspected")

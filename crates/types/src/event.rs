@@ -166,6 +166,9 @@ pub enum EventKind {
     PolicyRemoved(PolicyRemoved),
     /// Two policies pull apart and one gives way, by the documented order.
     PolicyConflictResolved(PolicyConflictResolved),
+    /// A VM breaks a policy where it runs (a policy applied after it was placed, a host's
+    /// labels changed, an audit rule). Recorded once per policy version and placement.
+    PolicyViolationObserved(PolicyViolationObserved),
 }
 
 impl EventKind {
@@ -204,6 +207,7 @@ impl EventKind {
             EventKind::PolicyApplied(_) => "PolicyApplied",
             EventKind::PolicyRemoved(_) => "PolicyRemoved",
             EventKind::PolicyConflictResolved(_) => "PolicyConflictResolved",
+            EventKind::PolicyViolationObserved(_) => "PolicyViolationObserved",
         }
     }
 }
@@ -545,6 +549,25 @@ pub struct PolicyConflictResolved {
     pub loser: String,
     /// What they disagree on and which step of the order decided.
     pub reason: String,
+}
+
+/// Payload of [`EventKind::PolicyViolationObserved`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyViolationObserved {
+    /// The policy set version it was checked against.
+    pub version: u64,
+    /// The policy broken.
+    pub policy: String,
+    /// The VM breaking it.
+    pub vm: VmId,
+    /// Where the VM runs.
+    pub host: HostId,
+    /// How it breaks it.
+    pub reason: String,
+    /// What the orchestrator does about it: `migrate` (a hard rule, inside a maintenance
+    /// window), `wait for a maintenance window`, or `report` (audit and soft rules).
+    pub action: String,
 }
 
 /// Payload of [`EventKind::LeaderElected`].

@@ -371,6 +371,17 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 reason: "different values of host label zone: more specific scope".into(),
             }),
         ),
+        (
+            "event-policy-violation-observed",
+            EventKind::PolicyViolationObserved(PolicyViolationObserved {
+                version: 4,
+                policy: "web-apart".into(),
+                vm,
+                host: host(),
+                reason: "shares the host h-7 with web-1".into(),
+                action: "wait for a maintenance window".into(),
+            }),
+        ),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));

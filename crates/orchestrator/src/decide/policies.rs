@@ -134,3 +134,130 @@ pub fn remove_policy(
     let e = EventKind::PolicyRemoved(PolicyRemoved { version: state.policy_version + 1, name: name.to_owned() });
     Ok((name.to_owned(), vec![envelope(stamp, origin, e)]))
 }
+
+/// Migration limits with the cluster's migration-limits policies applied (the smaller wins).
+#[must_use]
+pub fn migration_limits(state: &ClusterState, base: MigrationLimits) -> MigrationLimits {
+    let p = novacron_policy::observe::migration_policy(state);
+    let cap = |b: usize, p: Option<u32>| p.map_or(b, |p| b.min(p as usize));
+    MigrationLimits { per_host: cap(base.per_host, p.per_host), cluster: cap(base.cluster, p.cluster) }
+}
+
+/// What the policy pass found and would do, for `policy dry-run` as for the pass itself.
+#[derive(Debug, Default)]
+pub struct PolicyPass {
+    /// Each violation with the action taken: `migrate to H`, `wait for a maintenance window`,
+    /// `wait for migration capacity`, `no destination: …`, or `report`.
+    pub findings: Vec<(novacron_policy::observe::Violation, String)>,
+    /// The events: observations not recorded before, and the corrective migrations.
+    pub events: Vec<Envelope>,
+}
+
+/// The policy pass: every running VM that breaks a policy where it runs is recorded once
+/// (`PolicyViolationObserved`); one that breaks a hard placement, exclusion or anti-affinity
+/// rule is live-migrated to a host that keeps every rule — inside a maintenance window (if
+/// one covers it), within the migration limits and the VM's cooldown.
+pub fn policy_pass(
+    state: &ClusterState,
+    planning: &Planning,
+    limits: MigrationLimits,
+    vm_cooldown: std::time::Duration,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> PolicyPass {
+    let mut pass = PolicyPass::default();
+    if state.policies.is_empty() || state.healing_paused {
+        return pass;
+    }
+    let found = novacron_policy::observe::violations(state);
+    if found.is_empty() {
+        return pass;
+    }
+    let now = stamp.now_ms();
+    let limits = migration_limits(state, limits);
+    let cooldown =
+        novacron_policy::observe::migration_policy(state).vm_cooldown.map_or(vm_cooldown, |c| c.max(vm_cooldown));
+    let config = planner_config(state, &planning.config);
+    let mut planner = novacron_scheduler::Planner::new(state, &config, &planning.load);
+    let mut migrating_from: std::collections::BTreeMap<novacron_types::HostId, usize> = Default::default();
+    for vm in state.vms.values().filter(|v| v.migration.is_some()) {
+        if let Some(h) = &vm.host {
+            *migrating_from.entry(h.clone()).or_default() += 1;
+        }
+    }
+    let mut total: usize = migrating_from.values().sum();
+    let mut moved = BTreeSet::new();
+    for v in found {
+        let vm = &state.vms[&v.vm];
+        let action = if !v.correctable {
+            "report".to_owned()
+        } else if moved.contains(&v.vm) {
+            "migrate (already planned)".to_owned()
+        } else if !novacron_policy::observe::may_disrupt(state, &vm.spec, now) {
+            "wait for a maintenance window".to_owned()
+        } else if vm.moves.last().is_some_and(|m| now.saturating_sub(m.at_ms) < cooldown.as_millis() as u64) {
+            "wait for the VM's migration cooldown".to_owned()
+        } else if total >= limits.cluster || migrating_from.get(&v.host).copied().unwrap_or(0) >= limits.per_host {
+            "wait for migration capacity".to_owned()
+        } else {
+            let reason = format!("policy {}: {}", v.policy, v.reason);
+            match plan_migration(state, vm, None, &reason, &mut planner, stamp, origin) {
+                Ok((_, events)) => {
+                    let to = events.iter().find_map(|e| match &e.event {
+                        EventKind::VmMigrationPlanned(p) => Some(p.to.to_string()),
+                        _ => None,
+                    });
+                    pass.events.extend(events);
+                    moved.insert(v.vm);
+                    *migrating_from.entry(v.host.clone()).or_default() += 1;
+                    total += 1;
+                    format!("migrate to {}", to.unwrap_or_default())
+                }
+                Err(e) => format!("no destination keeps every rule: {e}"),
+            }
+        };
+        let recorded = state.policy_violations.get(&novacron_state::violation_key(&v.policy, v.vm));
+        if recorded.is_none_or(|r| r.host != v.host) {
+            pass.events.push(envelope(
+                stamp,
+                origin,
+                EventKind::PolicyViolationObserved(novacron_types::event::PolicyViolationObserved {
+                    version: state.policy_version,
+                    policy: v.policy.clone(),
+                    vm: v.vm,
+                    host: v.host.clone(),
+                    reason: v.reason.clone(),
+                    action: action.clone(),
+                }),
+            ));
+        }
+        pass.findings.push((v, action));
+    }
+    pass
+}
+
+/// What applying documents would do now: the violations the new set finds in the cluster as it
+/// is and what the policy pass would do about each — computed by the very pass that runs after
+/// an apply, on the state as the apply would leave it. Nothing is written.
+///
+/// # Errors
+/// As [`plan_policies`].
+pub fn dry_run(
+    state: &ClusterState,
+    docs: &[Policy],
+    planning: &Planning,
+    limits: MigrationLimits,
+    vm_cooldown: std::time::Duration,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Result<(PolicyPlan, PolicyPass), Refusal> {
+    let plan = plan_policies(state, docs)?;
+    let (_, events) = apply_policies(state, docs, stamp, origin)?;
+    let mut after = state.clone();
+    for e in &events {
+        let seq = after.seq + 1;
+        after.apply(seq, e);
+    }
+    let pass = policy_pass(&after, planning, limits, vm_cooldown, stamp, origin);
+    Ok((plan, pass))
+}

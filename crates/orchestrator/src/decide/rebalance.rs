@@ -85,6 +85,10 @@ pub fn rebalance(
         return events;
     }
     // Destinations are chosen for low load: spread, with load weighing most.
+    let limits = super::migration_limits(state, limits);
+    let cooldown = novacron_policy::observe::migration_policy(state)
+        .vm_cooldown
+        .map_or(settings.vm_cooldown, |c| c.max(settings.vm_cooldown));
     let mut cfg = super::planner_config(state, planner_config);
     cfg.strategy = Strategy::Spread;
     cfg.weights.load = 2.0;
@@ -111,9 +115,9 @@ pub fn rebalance(
             .iter()
             .filter_map(|id| state.vms.get(id))
             .filter(|vm| vm.status == VmStatus::Running && vm.migration.is_none() && !vm.delete_requested)
-            .filter(|vm| {
-                vm.moves.last().is_none_or(|m| load.now_ms.saturating_sub(m.at_ms) >= ms(settings.vm_cooldown))
-            })
+            .filter(|vm| vm.moves.last().is_none_or(|m| load.now_ms.saturating_sub(m.at_ms) >= ms(cooldown)))
+            // Inside the VM's maintenance window, if a policy gives it one.
+            .filter(|vm| novacron_policy::observe::may_disrupt(state, &vm.spec, load.now_ms))
             .map(|vm| {
                 let vm_util = load.vm_util.get(&vm.id).copied().unwrap_or(util);
                 (vm, vm_util * f64::from(vm.spec.vcpus) / src_vcpus)

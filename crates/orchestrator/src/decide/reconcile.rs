@@ -132,6 +132,7 @@ pub fn reconcile_with(
 ) -> Vec<Envelope> {
     let settings = settings.into();
     let restart = settings.restart;
+    let limits = migration_limits(state, settings.migrations);
     // One planner for the whole pass: every decision sees what earlier ones took.
     let config = planner_config(state, &settings.planning.config);
     let mut planner = Planner::new(state, &config, &settings.planning.load);
@@ -144,7 +145,21 @@ pub fn reconcile_with(
     }
     let mut migrating_total: usize = migrating_from.values().sum();
     let mut events = Vec::new();
-    for vm in state.vms.values() {
+    // Healing policies: restart priority orders the pass (high first, so that they get the
+    // capacity when it is short; id order within a priority), and may override a VM's restart
+    // policy and limits.
+    let healing: BTreeMap<novacron_types::VmId, novacron_policy::observe::HealingView> = if state.policies.is_empty() {
+        BTreeMap::new()
+    } else {
+        state.vms.values().map(|v| (v.id, novacron_policy::observe::healing(state, &v.spec))).collect()
+    };
+    let mut order: Vec<&VmRecord> = state.vms.values().collect();
+    if !healing.is_empty() {
+        use novacron_types::policy::RestartPriority;
+        order.sort_by_key(|v| std::cmp::Reverse(healing[&v.id].priority.unwrap_or(RestartPriority::Medium)));
+    }
+    for vm in order {
+        let policy = healing.get(&vm.id).copied().unwrap_or_default();
         let on_failed_host = vm
             .host
             .as_ref()
@@ -191,13 +206,18 @@ pub fn reconcile_with(
             ));
             continue;
         }
-        let restartable = match vm.spec.restart {
+        let restartable = match policy.restart.unwrap_or(vm.spec.restart) {
             novacron_types::RestartPolicy::Never => false,
             novacron_types::RestartPolicy::OnFailure => vm.status == VmStatus::Failed,
             novacron_types::RestartPolicy::Always => matches!(vm.status, VmStatus::Failed | VmStatus::Stopped),
         };
         if restartable && !vm.gave_up && !vm.delete_requested {
             let now = stamp.now_ms();
+            let restart = RestartTimings {
+                max_restarts: policy.max_restarts.unwrap_or(restart.max_restarts),
+                window: policy.window.unwrap_or(restart.window),
+                ..restart
+            };
             match restart_step(state, vm, now, restart, &mut planner) {
                 None => {}
                 Some(Err((failures, reason))) => events.push(envelope(
@@ -236,7 +256,7 @@ pub fn reconcile_with(
             match vm.status {
                 VmStatus::Running if vm.migration_failed_from.as_ref() != Some(source) => {
                     let here = migrating_from.get(source).copied().unwrap_or(0);
-                    if here < settings.migrations.per_host && migrating_total < settings.migrations.cluster {
+                    if here < limits.per_host && migrating_total < limits.cluster {
                         match plan_migration(state, vm, None, &reason, &mut planner, stamp, origin) {
                             Ok((_, planned)) => {
                                 *migrating_from.entry(source.clone()).or_default() += 1;

@@ -680,3 +680,160 @@ fn grouped_creates_refuse_one_request_without_failing_the_others_and_never_doubl
     assert_eq!(status("b"), Some(VmStatus::Pending), "the host's capacity was reserved by the first request");
     assert_eq!(s.vms.len(), 2);
 }
+
+/// A stamp at a chosen time.
+struct At(u128, u64);
+impl Stamp for At {
+    fn now_ms(&mut self) -> u64 {
+        self.1
+    }
+    fn vm_id(&mut self) -> VmId {
+        self.0 += 1;
+        VmId(Uuid::from_u128(self.0))
+    }
+    fn incarnation_id(&mut self) -> IncarnationId {
+        self.0 += 1;
+        IncarnationId(Uuid::from_u128(self.0))
+    }
+}
+
+fn policies(yaml: &str) -> Vec<novacron_types::policy::Policy> {
+    novacron_policy::parse_policies("t.yaml", yaml).unwrap()
+}
+
+/// Planned migrations as VM → destination.
+fn planned_moves(events: &[Envelope]) -> BTreeMap<VmId, String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            EventKind::VmMigrationPlanned(p) => Some((p.vm, p.to.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+// 2026-11-28T23:00:00Z, a Saturday.
+const SAT_2300: u64 = 1_795_906_800_000;
+
+#[test]
+fn a_dry_run_predicts_what_the_policy_pass_then_does() {
+    let mut s = hosts(3);
+    let vms = running_on_h1(&mut s, 3);
+    let apart = policies("name: apart\nrule: {anti-affinity: {}}\n");
+    let planning = Planning::default();
+    let cooldown = std::time::Duration::from_secs(600);
+    let (plan, predicted) =
+        dry_run(&s, &apart, &planning, MigrationLimits::default(), cooldown, &mut At(100, SAT_2300), &origin())
+            .unwrap();
+    assert_eq!(plan.changed.len(), 1);
+    let actions: Vec<(VmId, &str)> = predicted.findings.iter().map(|(v, a)| (v.vm, a.as_str())).collect();
+    assert_eq!(actions.len(), 2, "the lowest id stays, the two others break the rule: {actions:?}");
+    assert!(actions.iter().all(|(vm, a)| *vm != vms[0] && a.starts_with("migrate to h")), "{actions:?}");
+
+    // Apply for real; the next pass does what the dry run said, move for move.
+    let (_, applied) = apply_policies(&s, &apart, &mut At(200, SAT_2300), &origin()).unwrap();
+    apply_all(&mut s, &applied);
+    let pass = policy_pass(&s, &planning, MigrationLimits::default(), cooldown, &mut At(300, SAT_2300), &origin());
+    assert_eq!(planned_moves(&pass.events), planned_moves(&predicted.events));
+    assert_eq!(planned_moves(&pass.events).len(), 2);
+    let to: std::collections::BTreeSet<String> = planned_moves(&pass.events).into_values().collect();
+    assert_eq!(to.len(), 2, "the two go to different hosts: the rule holds for them too");
+    assert_eq!(names(&pass.events).iter().filter(|n| **n == "PolicyViolationObserved").count(), 2);
+    apply_all(&mut s, &pass.events);
+    let again = policy_pass(&s, &planning, MigrationLimits::default(), cooldown, &mut At(400, SAT_2300), &origin());
+    assert!(again.events.is_empty(), "recorded once, and migrating VMs are left alone: {:?}", names(&again.events));
+}
+
+#[test]
+fn corrections_wait_for_the_maintenance_window() {
+    let mut s = hosts(3);
+    running_on_h1(&mut s, 2);
+    let docs = policies(
+        "name: apart\nrule: {anti-affinity: {}}\n---\nname: nights\nrule: {maintenance-window: {days: [sat], start: '22:00', end: '02:00'}}\n",
+    );
+    let (_, applied) = apply_policies(&s, &docs, &mut At(100, SAT_2300), &origin()).unwrap();
+    apply_all(&mut s, &applied);
+    let planning = Planning::default();
+    let cooldown = std::time::Duration::from_secs(600);
+    let afternoon = SAT_2300 - 8 * 3_600_000;
+    let closed = policy_pass(&s, &planning, MigrationLimits::default(), cooldown, &mut At(200, afternoon), &origin());
+    assert_eq!(names(&closed.events), ["PolicyViolationObserved"]);
+    let EventKind::PolicyViolationObserved(o) = &closed.events[0].event else { unreachable!() };
+    assert_eq!((o.policy.as_str(), o.action.as_str()), ("apart", "wait for a maintenance window"));
+    apply_all(&mut s, &closed.events);
+    let later =
+        policy_pass(&s, &planning, MigrationLimits::default(), cooldown, &mut At(300, afternoon + 60_000), &origin());
+    assert!(later.events.is_empty(), "observed once; still closed");
+    let open = policy_pass(&s, &planning, MigrationLimits::default(), cooldown, &mut At(400, SAT_2300), &origin());
+    assert_eq!(planned_moves(&open.events).len(), 1, "{:?}", names(&open.events));
+}
+
+#[test]
+fn healing_priority_decides_who_gets_scarce_capacity() {
+    let run = |with_policy: bool| {
+        let mut s = hosts(2);
+        if with_policy {
+            let (_, ev) = apply_policies(
+                &s,
+                &policies("name: gold-first\nscope: {selector: {tier: gold}}\nrule: {healing: {priority: high}}\n"),
+                &mut Fixed(1),
+                &origin(),
+            )
+            .unwrap();
+            apply_all(&mut s, &ev);
+        }
+        let mut gold = spec("gold", 4);
+        gold.labels.insert("tier".into(), "gold".into());
+        // Bin-pack puts both on h1 (created first: the plain one has the lower id).
+        let (plain, ev) = create_vm(&s, spec("plain", 4), &mut Fixed(10), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        let (gold, ev) = create_vm(&s, gold, &mut Fixed(20), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        let (_, ev) = create_vm(&s, spec("filler", 4), &mut Fixed(30), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        assert_eq!(s.vms[&gold].host, s.vms[&plain].host);
+        let on = s.vms[&gold].host.clone().unwrap();
+        let other = if on.as_str() == "h1" { "h2" } else { "h1" };
+        let down = detect(&s, &silences(&[(on.as_str(), 6), (other, 0)]), T, &mut Fixed(40), &origin());
+        apply_all(&mut s, &down);
+        let failed = detect(&s, &silences(&[(on.as_str(), 31), (other, 0)]), T, &mut Fixed(50), &origin());
+        apply_all(&mut s, &failed);
+        let healing = reconcile(&s, &mut Fixed(60), &origin());
+        let placed: Vec<VmId> = healing
+            .iter()
+            .filter_map(|e| match &e.event {
+                EventKind::VmPlaced(p) => Some(p.vm),
+                _ => None,
+            })
+            .collect();
+        (placed, plain, gold)
+    };
+    let (placed, plain, _) = run(false);
+    assert_eq!(placed, [plain], "without a policy, id order: the plain VM takes the last room");
+    let (placed, _, gold) = run(true);
+    assert_eq!(placed, [gold], "a high restart priority comes first");
+}
+
+#[test]
+fn the_rebalancer_moves_nothing_outside_a_maintenance_window_and_keeps_policy_limits() {
+    let mut s = hosts(3);
+    running_on_h1(&mut s, 3);
+    let cfg = novacron_scheduler::PlannerConfig::default();
+    let settings = RebalanceSettings::default();
+    let hot_at = |now| snapshot(&[("h1", 120)], &[("h1", 0.95), ("h2", 0.50), ("h3", 0.10)], now);
+    let docs = policies(
+        "name: nights\nrule: {maintenance-window: {days: [sat], start: '22:00', end: '02:00'}}\n---\n\
+         name: one-at-a-time\nrule: {migration-limits: {cluster: 1}}\n",
+    );
+    let (_, ev) = apply_policies(&s, &docs, &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let afternoon = SAT_2300 - 8 * 3_600_000;
+    let limits = MigrationLimits::default();
+    assert!(rebalance(&s, &hot_at(afternoon), settings, &cfg, 0, limits, &mut Fixed(900), &origin()).is_empty());
+    let inside = rebalance(&s, &hot_at(SAT_2300), settings, &cfg, 0, limits, &mut Fixed(900), &origin());
+    assert_eq!(names(&inside), ["VmMigrationPlanned", "VmIncomingCommanded"]);
+    assert!(
+        rebalance(&s, &hot_at(SAT_2300), settings, &cfg, 1, limits, &mut Fixed(900), &origin()).is_empty(),
+        "the policy allows one migration at a time in the cluster"
+    );
+}
