@@ -56,8 +56,14 @@ pub fn validate(p: &Policy) -> Vec<Problem> {
     let kind = p.rule.kind();
     match &p.rule {
         Rule::Placement(r) => {
-            if r.require_labels.is_empty() && r.exclude_hosts.is_empty() {
-                bad(&format!("rule.{kind}"), "asks for nothing: give require_labels or exclude_hosts".into());
+            if r.require_labels.is_empty() && r.exclude_hosts.is_empty() && r.spread_over.is_none() {
+                bad(
+                    &format!("rule.{kind}"),
+                    "asks for nothing: give require_labels, exclude_hosts or spread_over".into(),
+                );
+            }
+            if r.spread_over.as_ref().is_some_and(String::is_empty) {
+                bad("rule.placement.spread_over", "must be a host label key such as zone".into());
             }
             if !r.exclude_hosts.is_empty() && p.enforcement == Enforcement::Soft {
                 bad(
@@ -106,10 +112,15 @@ pub fn validate(p: &Policy) -> Vec<Problem> {
                     bad(&format!("rule.capacity.{field}"), format!("{v} must be a ratio from 1.0 to 64"));
                 }
             }
-            let host_level =
-                r.cpu_overcommit.is_some() || r.memory_overcommit.is_some() || r.max_vms_per_host.is_some();
+            let host_level = r.cpu_overcommit.is_some()
+                || r.memory_overcommit.is_some()
+                || r.max_vms_per_host.is_some()
+                || r.reserved.is_some();
             if host_level && !p.scope.is_cluster() {
-                bad("scope", "overcommit and max_vms_per_host are per host: they need the cluster scope".into());
+                bad(
+                    "scope",
+                    "overcommit, max_vms_per_host and reserved are per host: they need the cluster scope".into(),
+                );
             }
             if r.max_vms_per_host == Some(0) {
                 bad("rule.capacity.max_vms_per_host", "must be at least 1".into());

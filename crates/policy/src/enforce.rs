@@ -60,6 +60,11 @@ pub fn constrain(state: &ClusterState, spec: &VmSpec, req: &mut PlacementRequest
                 if hard {
                     req.avoid.extend(r.exclude_hosts.iter().filter_map(|h| novacron_types::HostId::new(h).ok()));
                 }
+                if let Some(label) = &r.spread_over {
+                    // Spreading the scope's VMs over a label is anti-affinity among them per
+                    // domain: one per domain when hard, fewer per domain scoring higher when soft.
+                    spread(p, label, req);
+                }
             }
             Rule::Affinity(r) | Rule::AntiAffinity(r) => {
                 let relation =
@@ -92,6 +97,20 @@ pub fn constrain(state: &ClusterState, spec: &VmSpec, req: &mut PlacementRequest
     }
 }
 
+fn spread(p: &Policy, label: &str, req: &mut PlacementRequest) {
+    let strength = strength(p.enforcement);
+    let topology = Some(label.to_owned());
+    match (&p.scope.group, &p.scope.selector) {
+        (Some(_), _) => req.group_rules.push(GroupRule { relation: Relation::AntiAffinity, strength, topology }),
+        (None, sel) => req.vm_affinity.push(VmAffinity {
+            selector: sel.clone().unwrap_or_default(),
+            relation: Relation::AntiAffinity,
+            strength,
+            topology,
+        }),
+    }
+}
+
 /// The cluster's placement settings with the cluster-wide capacity policies applied.
 #[must_use]
 pub fn planner_config(state: &ClusterState, base: &PlannerConfig) -> PlannerConfig {
@@ -106,6 +125,10 @@ pub fn planner_config(state: &ClusterState, base: &PlannerConfig) -> PlannerConf
             }
             if let Some(m) = c.max_vms_per_host {
                 cfg.max_vms_per_host = Some(cfg.max_vms_per_host.map_or(m, |b| b.min(m)));
+            }
+            if let Some(r) = &c.reserved {
+                cfg.reserved.vcpus = cfg.reserved.vcpus.max(r.vcpus);
+                cfg.reserved.memory_mib = cfg.reserved.memory_mib.max(r.memory_mib);
             }
         }
     }

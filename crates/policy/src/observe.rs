@@ -233,6 +233,8 @@ pub struct HealingView {
     pub max_restarts: Option<u32>,
     /// The restart window.
     pub window: Option<Duration>,
+    /// Migrate or restart when a VM must leave a host (drains).
+    pub prefer: Option<novacron_types::policy::Prefer>,
 }
 
 /// See [`HealingView`].
@@ -254,6 +256,7 @@ pub fn healing(state: &ClusterState, spec: &VmSpec) -> HealingView {
             v.restart = v.restart.or(h.restart);
             v.priority = v.priority.or(h.priority);
             v.max_restarts = v.max_restarts.or(h.max_restarts);
+            v.prefer = v.prefer.or(h.prefer);
             v.window = v.window.or_else(|| h.window.as_deref().and_then(|d| humantime::parse_duration(d).ok()));
         }
     }

@@ -168,3 +168,25 @@ fn rules_the_cluster_cannot_satisfy_are_conflicts_naming_the_policy() {
     let warned: Vec<String> = unknown_groups(&set, &c.state).iter().map(ToString::to_string).collect();
     assert_eq!(warned, ["policy ghost: group nobody is unknown: no VM is in it and no scaling policy defines it"]);
 }
+
+#[test]
+fn spread_over_and_reserved_headroom_act_on_placement() {
+    let mut c = Cluster::new(&[("h1", &[("zone", "a")]), ("h2", &[("zone", "a")]), ("h3", &[("zone", "b")])]);
+    c.policies(
+        "name: web-zones\nscope: {group: web}\nrule: {placement: {spread_over: zone}}\n---\n\
+         name: headroom\nrule: {capacity: {reserved: {vcpus: 6}}}\n",
+    );
+    assert_eq!(planner_config(&c.state, &PlannerConfig::default()).reserved.vcpus, 6);
+    let a = c.place(&spec("web-1", Some("web"), &[])).unwrap();
+    let b = c.place(&spec("web-2", Some("web"), &[])).unwrap();
+    let zone = |h: &str| c.state.hosts[&HostId::new(h).unwrap()].labels["zone"].clone();
+    assert_ne!(zone(&a), zone(&b), "hard spread: one per zone");
+    assert_eq!(c.place(&spec("web-3", Some("web"), &[])), None);
+    // 8 vCPUs less 6 reserved leave 2 per host: three hosts take six 1-vCPU VMs, not more.
+    let mut placed = 2;
+    while c.place(&spec(&format!("other-{placed}"), None, &[])).is_some() {
+        placed += 1;
+        assert!(placed <= 6, "the headroom is never given away");
+    }
+    assert_eq!(placed, 6);
+}

@@ -110,6 +110,8 @@ pub struct PlannerConfig {
     pub memory_overcommit: f64,
     /// Most VMs on one host, if limited.
     pub max_vms_per_host: Option<u32>,
+    /// Held back on every host (after overcommit), never given to VMs.
+    pub reserved: Resources,
     /// The host label naming failure domains a group is spread across (`zone`).
     pub failure_domain_label: Option<String>,
     /// Score weights.
@@ -129,6 +131,7 @@ impl Default for PlannerConfig {
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
             max_vms_per_host: None,
+            reserved: Resources::ZERO,
             failure_domain_label: Some("zone".into()),
             weights: Weights::default(),
             explain_top: 3,
@@ -356,6 +359,7 @@ pub fn effective_capacity(h: &HostRecord, cfg: &PlannerConfig) -> Resources {
         memory_mib: scaled(h.capacity.memory_mib, mem_r),
         disk_gib: h.capacity.disk_gib,
     }
+    .saturating_sub(cfg.reserved)
 }
 
 fn scaled(v: u64, r: f64) -> u64 {

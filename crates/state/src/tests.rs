@@ -127,6 +127,7 @@ fn envelope(n: usize, op: &Op) -> Envelope {
             target_incarnation: inc(v, gt),
             target_generation: Generation(gt),
             reason: "test".into(),
+            policy_version: None,
         }),
         Op::MigDone(v, a, b, g) => EventKind::VmMigrationCompleted(VmMigrationCompleted {
             vm: vm(v),

@@ -366,6 +366,9 @@ pub struct VmMigrationPlanned {
     pub target_generation: Generation,
     /// Why (operator request, drain, rebalance…).
     pub reason: String,
+    /// The policy set version the destination was chosen under (none before any policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
 }
 
 /// Payload of [`EventKind::VmMigrationIncomingReady`].

@@ -114,6 +114,10 @@ pub struct PlacementPolicy {
     /// Hosts not to use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_hosts: Vec<String>,
+    /// Spread the scope's VMs over the values of this host label (`zone`): one per domain with
+    /// `hard`, as evenly as possible otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_over: Option<String>,
 }
 
 /// The other VMs an affinity rule is about, and the domain.
@@ -144,9 +148,24 @@ pub struct CapacityPolicy {
     /// Most VMs on one host (cluster scope only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_vms_per_host: Option<u32>,
+    /// Headroom kept free on every host, never given to VMs (cluster scope only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<Headroom>,
     /// At most this much, summed over the scope's live VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
+}
+
+/// Resources held back on each host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Headroom {
+    /// vCPUs.
+    #[serde(default)]
+    pub vcpus: u32,
+    /// Memory, MiB.
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// Limits summed over a scope's live VMs.

@@ -241,6 +241,7 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 target_incarnation: target,
                 target_generation: Generation(2),
                 reason: "requested by an operator".into(),
+                policy_version: None,
             }),
         ),
         ("event-vm-incoming-commanded", EventKind::VmIncomingCommanded(prepare.clone())),

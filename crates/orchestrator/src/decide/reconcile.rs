@@ -254,7 +254,10 @@ pub fn reconcile_with(
         {
             let reason = format!("draining host {source}");
             match vm.status {
-                VmStatus::Running if vm.migration_failed_from.as_ref() != Some(source) => {
+                VmStatus::Running
+                    if vm.migration_failed_from.as_ref() != Some(source)
+                        && policy.prefer != Some(novacron_types::policy::Prefer::Restart) =>
+                {
                     let here = migrating_from.get(source).copied().unwrap_or(0);
                     if here < limits.per_host && migrating_total < limits.cluster {
                         match plan_migration(state, vm, None, &reason, &mut planner, stamp, origin) {

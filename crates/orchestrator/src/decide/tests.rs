@@ -837,3 +837,34 @@ fn the_rebalancer_moves_nothing_outside_a_maintenance_window_and_keeps_policy_li
         "the policy allows one migration at a time in the cluster"
     );
 }
+
+#[test]
+fn a_healing_policy_preferring_restart_makes_a_drain_move_vms_cold() {
+    let mut s = hosts(2);
+    let mut cold = spec("cold", 1);
+    cold.group = Some("db".into());
+    let (cold, ev) = create_vm(&s, cold, &mut Fixed(100), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    run_vm_on(&mut s, cold, "h1");
+    let (warm, ev) = create_vm(&s, spec("warm", 1), &mut Fixed(200), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    run_vm_on(&mut s, warm, "h1");
+    let (_, ev) = apply_policies(
+        &s,
+        &policies("name: db-restart\nscope: {group: db}\nrule: {healing: {prefer: restart}}\n"),
+        &mut Fixed(1),
+        &origin(),
+    )
+    .unwrap();
+    apply_all(&mut s, &ev);
+    let (_, e) = host_action(&s, "h1", HostAction::Drain, &mut Fixed(0), &origin()).unwrap();
+    apply_all(&mut s, &e);
+    let e = reconcile_with(&s, &mut Fixed(1000), &origin(), ReconcileSettings::default());
+    assert!(e.iter().any(|e| matches!(&e.event, EventKind::VmStopCommanded(c) if c.vm == cold)), "{:?}", names(&e));
+    assert!(e.iter().any(|e| matches!(&e.event, EventKind::VmMigrationPlanned(p) if p.vm == warm)), "{:?}", names(&e));
+    let planned = e.iter().find_map(|e| match &e.event {
+        EventKind::VmMigrationPlanned(p) => Some(p.policy_version),
+        _ => None,
+    });
+    assert_eq!(planned, Some(Some(1)), "migrations record the policy version");
+}

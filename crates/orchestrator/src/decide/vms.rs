@@ -312,6 +312,7 @@ pub(crate) fn plan_migration(
             target_incarnation,
             target_generation,
             reason: reason.to_owned(),
+            policy_version: (state.policy_version > 0).then_some(state.policy_version),
         }),
     );
     let cause = planned.id.0;
