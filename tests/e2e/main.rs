@@ -508,6 +508,37 @@ fn policies_are_validated_applied_enforced_and_removed() {
     });
 }
 
+#[test]
+fn generated_telemetry_is_evaluated_against_the_baselines() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("synthetic.csv");
+    let (ok, _, err) =
+        cli(&["data", "generate", "--series", "6", "--days", "10", "--seed", "3", "--out", csv.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let report = cli_json(&["models", "evaluate", "--data", csv.to_str().unwrap(), "--horizons", "1,12"]);
+    assert_eq!(report["series"], 6);
+    for h in ["1", "12"] {
+        let rows = report["report"]["horizons"][h].as_array().unwrap();
+        let names: Vec<&str> = rows.iter().filter_map(|r| r["model"].as_str()).collect();
+        for m in ["last-value", "mean-of-last-12", "seasonal-naive-288", "global-linear", "selected-per-series"] {
+            assert!(names.contains(&m), "{m} missing at h={h}: {names:?}");
+        }
+        // Ten days with a daily cycle: a model that knows yesterday beats "the last value" at
+        // one hour ahead.
+        let mae = |m: &str| rows.iter().find(|r| r["model"] == m).unwrap()["mae"].as_f64().unwrap();
+        if h == "12" {
+            assert!(mae("selected-per-series") < mae("last-value"), "{rows:?}");
+        }
+        assert!(rows.iter().all(|r| r["forecasts"].as_u64().unwrap() > 0));
+    }
+    let json = cli_json(&["data", "generate", "--series", "1", "--days", "1", "--format", "json"]);
+    assert_eq!(json["series"][0]["values"].as_array().unwrap().len(), 288);
+    // A bad file is named with its line.
+    std::fs::write(&csv, "step,a\n0,1\n1,oops\n").unwrap();
+    let (ok, _, err) = cli(&["models", "evaluate", "--data", csv.to_str().unwrap()]);
+    assert!(!ok && err.contains("synthetic.csv:3: \"oops\""), "{err}");
+}
+
 /// `HH:MM` (UTC) `minutes` from now, wrapping around midnight.
 fn utc_hhmm(minutes: i64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 / 60;

@@ -14,6 +14,7 @@ mod bench_e2e;
 mod bench_failover;
 mod bench_heal;
 mod client;
+mod models;
 mod nats_server;
 mod output;
 mod services;
@@ -85,6 +86,13 @@ enum Command {
         /// `novacron events` or `GET /api/v1/decisions` show it.
         event_id: String,
     },
+    /// Forecasting models: evaluate them on real traces against the naive baselines.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Sample data: synthetic telemetry with seasonality, trend, bursts, noise, outliers,
+    /// gaps and failures.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Offline plans over the state replayed from the log; they print, they do not execute.
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -139,6 +147,21 @@ enum PolicyCommand {
         /// Its name.
         name: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Train the global model and score every forecaster on the test part of each series
+    /// (rolling origin): MAE, RMSE, MASE, MAPE over actuals ≥ 1 %, 90 % interval coverage,
+    /// share within ±10 points, per-series win rates against the baselines, and a paired A/B
+    /// test of the per-series selection against the best baseline.
+    Evaluate(models::EvaluateArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Generate synthetic 5-minute CPU telemetry (CSV readable by `models evaluate`, or JSON).
+    Generate(models::GenerateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -517,6 +540,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,
         Command::Explain { event_id } => client::explain(&cli.server, &event_id, fmt).await,
         Command::Bench(a) => bench::run(a, fmt).await,
+        Command::Models(ModelsCommand::Evaluate(a)) => {
+            tokio::task::spawn_blocking(move || models::evaluate_cmd(&a, fmt)).await?
+        }
+        Command::Data(DataCommand::Generate(a)) => models::generate_cmd(&a),
     }
 }
 

@@ -1,0 +1,198 @@
+//! `novacron models evaluate` and `novacron data generate`: the forecasters measured on real
+//! traces against the naive baselines, and synthetic telemetry.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use novacron_predict::eval::{Report, evaluate};
+use novacron_predict::generate::{GenConfig, generate};
+use novacron_predict::model::{Forecaster, GlobalLinear};
+use novacron_predict::series::{Series, read_trace, to_wide_csv};
+use novacron_predict::train::{Split, TrainConfig, train_global_linear};
+use serde_json::{Value, json};
+
+use crate::{Format, output};
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    /// Trace files (gzip or plain CSV): wide `step,<series>…` (Azure, `data generate`) or rows
+    /// `vm,t000,…` (PlanetLab).
+    #[arg(long = "data", required = true)]
+    data: Vec<PathBuf>,
+    /// Horizons in 5-minute steps.
+    #[arg(long, value_delimiter = ',', default_value = "1,12")]
+    horizons: Vec<usize>,
+    /// Share of each series (its end) used as test.
+    #[arg(long, default_value_t = 0.2)]
+    test_share: f64,
+    /// Share before the test used for validation (model choice, intervals, early stopping).
+    #[arg(long, default_value_t = 0.2)]
+    val_share: f64,
+    /// Use at most this many series (the first ones), for a quick look.
+    #[arg(long)]
+    max_series: Option<usize>,
+    /// Training origins sampled per series and horizon for the global model.
+    #[arg(long, default_value_t = 120)]
+    train_origins: usize,
+    /// Seed of the training.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn load(a: &EvaluateArgs) -> anyhow::Result<Vec<Series>> {
+    let mut all = Vec::new();
+    for p in &a.data {
+        all.extend(read_trace(p)?);
+    }
+    if let Some(m) = a.max_series {
+        all.truncate(m);
+    }
+    if all.is_empty() {
+        bail!("no series in {:?}", a.data);
+    }
+    Ok(all)
+}
+
+/// Trains the global model on the training parts and evaluates everything on the test parts.
+pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&a.test_share) || !(0.0..1.0).contains(&a.val_share) || a.test_share + a.val_share >= 0.9 {
+        bail!("--test-share and --val-share must be in [0, 1) and leave at least 10 % for training");
+    }
+    if a.horizons.is_empty() || a.horizons.contains(&0) {
+        bail!("--horizons must be steps of at least 1");
+    }
+    let series = load(a)?;
+    let splits: Vec<Split> =
+        series.iter().map(|s| Split::fractions(s.values.len(), a.val_share, a.test_share)).collect();
+    let started = std::time::Instant::now();
+    let cfg = TrainConfig { origins_per_series: a.train_origins, seed: a.seed, ..TrainConfig::default() };
+    let fits = train_global_linear(&series, &splits, &a.horizons, &cfg);
+    let trained = started.elapsed();
+    let linear: Box<dyn Forecaster> =
+        Box::new(GlobalLinear::new(fits.iter().map(|f| (f.horizon, f.weights)).collect()));
+    let started = std::time::Instant::now();
+    let report = evaluate(&series, &splits, &a.horizons, &[linear]);
+    let evaluated = started.elapsed();
+    let forecasts: u64 = report.horizons.values().flatten().map(|m| m.scores.forecasts).sum();
+    let out = json!({
+        "data": a.data,
+        "series": series.len(),
+        "split": { "test_share": a.test_share, "val_share": a.val_share },
+        "training": { "config": cfg, "horizons": fits, "seconds": trained.as_secs_f64() },
+        "evaluation_seconds": evaluated.as_secs_f64(),
+        "forecasts_per_sec": forecasts as f64 / evaluated.as_secs_f64().max(1e-9),
+        "report": report,
+    });
+    match fmt {
+        Format::Json => output::json(&out),
+        Format::Text => {
+            print_report(&report);
+            println!(
+                "{forecasts} forecasts in {:.1} s; training {:.1} s",
+                evaluated.as_secs_f64(),
+                trained.as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_report(r: &Report) {
+    for (h, rows) in &r.horizons {
+        println!("horizon {h} ({} min), {} series:", h * 5, r.series);
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|m| {
+                vec![
+                    m.model.clone(),
+                    format!("{:.3}", m.scores.mae),
+                    format!("{:.3}", m.scores.rmse),
+                    format!("{:.3}", m.scores.mase),
+                    format!("{:.1} %", m.scores.mape * 100.0),
+                    format!("{:.1} %", m.scores.coverage * 100.0),
+                    format!("{:.1} %", m.scores.within_10pp * 100.0),
+                    format!("{:.1} %", m.win_rate_vs_last_value * 100.0),
+                    format!("{:.1} %", m.win_rate_vs_mean_of_last_12 * 100.0),
+                ]
+            })
+            .collect();
+        output::table(
+            &["model", "MAE", "RMSE", "MASE", "MAPE≥1", "cover90", "±10pp", "wins/last", "wins/mean12"],
+            &table,
+        );
+        if let Some(t) = r.ab_tests.get(h) {
+            println!(
+                "A/B {} vs {}: Δ MAE {:+.3}, effect {:.2}, p = {:.2e} → {}",
+                t.a, t.b, t.mean_difference, t.effect_size, t.p_value, t.recommendation
+            );
+        }
+        println!();
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Series.
+    #[arg(long, default_value_t = 10)]
+    series: usize,
+    /// Days of 5-minute samples.
+    #[arg(long, default_value_t = 14)]
+    days: usize,
+    /// Seed (the same seed, the same data).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Noise standard deviation, CPU-% points.
+    #[arg(long, default_value_t = 3.0)]
+    noise: f64,
+    /// Share of points missing.
+    #[arg(long, default_value_t = 0.01)]
+    missing: f64,
+    /// Failures per series per week.
+    #[arg(long, default_value_t = 0.5)]
+    failures_per_week: f64,
+    /// `csv` (wide, readable by `models evaluate`) or `json`.
+    #[arg(long, default_value = "csv")]
+    format: String,
+    /// Write here instead of standard output.
+    #[arg(long = "out")]
+    out: Option<PathBuf>,
+}
+
+/// Generates synthetic telemetry.
+pub fn generate_cmd(a: &GenerateArgs) -> anyhow::Result<()> {
+    if a.series == 0 || a.days == 0 {
+        bail!("--series and --days must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.missing) || !a.noise.is_finite() || a.noise < 0.0 || a.failures_per_week < 0.0 {
+        bail!("--missing must be in [0, 1]; --noise and --failures-per-week must be non-negative");
+    }
+    let cfg = GenConfig {
+        series: a.series,
+        days: a.days,
+        seed: a.seed,
+        noise: a.noise,
+        missing: a.missing,
+        failures_per_week: a.failures_per_week,
+        ..GenConfig::default()
+    };
+    let series = generate(&cfg);
+    let text = match a.format.as_str() {
+        "csv" => to_wide_csv(&series),
+        "json" => {
+            let v: Vec<Value> = series
+                .iter()
+                .map(|s| json!({ "name": s.name, "step_seconds": 300, "values": s.values.iter().map(|v| if v.is_nan() { Value::Null } else { json!(v) }).collect::<Vec<_>>() }))
+                .collect();
+            serde_json::to_string(&json!({ "config": cfg, "series": v }))? + "\n"
+        }
+        other => bail!("--format {other:?}: use csv or json"),
+    };
+    match &a.out {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Forecasters. Each one sees a series one point at a time ([`Forecaster::observe`]) and
+//! forecasts any horizon from what it has seen, so that a rolling-origin evaluation costs one
+//! update per step, not one refit per origin.
+//!
+//! Baselines: [`LastValue`], [`MeanOfLast`], [`SeasonalNaive`]. Models: [`Ses`] (simple
+//! exponential smoothing, ETS(A,N,N), its smoothing weight chosen by validation) and
+//! [`GlobalLinear`] (one linear model per horizon over recent-history features, trained across
+//! many series with an absolute-error loss — see [`crate::train`]). Exponential smoothing is a
+//! few lines here rather than a dependency: the library implementations refit on every call,
+//! and evaluation needs millions of forecasts from one running state.
+
+use std::collections::VecDeque;
+
+/// Steps in a day at 5-minute sampling.
+pub const DAY: usize = 288;
+
+/// A forecaster over one series.
+pub trait Forecaster: Send {
+    /// A name with its hyperparameters (`ses(α=0.3)`).
+    fn name(&self) -> String;
+    /// The next point (NaN: missing; the forecaster carries on without it).
+    fn observe(&mut self, x: f64);
+    /// The point forecast `h` ≥ 1 steps after the last point observed.
+    fn forecast(&self, h: usize) -> f64;
+    /// A fresh copy with the same hyperparameters and nothing observed.
+    fn fresh(&self) -> Box<dyn Forecaster>;
+}
+
+/// Tomorrow is today: the last value seen.
+#[derive(Clone, Debug, Default)]
+pub struct LastValue {
+    last: Option<f64>,
+}
+
+impl Forecaster for LastValue {
+    fn name(&self) -> String {
+        "last-value".into()
+    }
+    fn observe(&mut self, x: f64) {
+        if !x.is_nan() {
+            self.last = Some(x);
+        }
+    }
+    fn forecast(&self, _h: usize) -> f64 {
+        self.last.unwrap_or(f64::NAN)
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(LastValue::default())
+    }
+}
+
+/// The mean of the last `k` values seen.
+#[derive(Clone, Debug)]
+pub struct MeanOfLast {
+    k: usize,
+    window: VecDeque<f64>,
+    sum: f64,
+}
+
+impl MeanOfLast {
+    /// Over the last `k` (≥ 1) values.
+    #[must_use]
+    pub fn new(k: usize) -> MeanOfLast {
+        MeanOfLast { k: k.max(1), window: VecDeque::new(), sum: 0.0 }
+    }
+}
+
+impl Forecaster for MeanOfLast {
+    fn name(&self) -> String {
+        format!("mean-of-last-{}", self.k)
+    }
+    fn observe(&mut self, x: f64) {
+        if x.is_nan() {
+            return;
+        }
+        self.window.push_back(x);
+        self.sum += x;
+        if self.window.len() > self.k {
+            self.sum -= self.window.pop_front().unwrap_or(0.0);
+        }
+    }
+    fn forecast(&self, _h: usize) -> f64 {
+        if self.window.is_empty() { f64::NAN } else { self.sum / self.window.len() as f64 }
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(MeanOfLast::new(self.k))
+    }
+}
+
+/// The value one season ago (yesterday at the same time), or the last value before a full
+/// season has been seen.
+#[derive(Clone, Debug)]
+pub struct SeasonalNaive {
+    period: usize,
+    hist: VecDeque<f64>,
+}
+
+impl SeasonalNaive {
+    /// With this season length in steps.
+    #[must_use]
+    pub fn new(period: usize) -> SeasonalNaive {
+        SeasonalNaive { period: period.max(1), hist: VecDeque::new() }
+    }
+}
+
+impl Forecaster for SeasonalNaive {
+    fn name(&self) -> String {
+        format!("seasonal-naive-{}", self.period)
+    }
+    fn observe(&mut self, x: f64) {
+        let x = if x.is_nan() { self.hist.back().copied().unwrap_or(f64::NAN) } else { x };
+        self.hist.push_back(x);
+        if self.hist.len() > self.period {
+            self.hist.pop_front();
+        }
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        if self.hist.len() < self.period {
+            return self.hist.back().copied().unwrap_or(f64::NAN);
+        }
+        self.hist[(h - 1) % self.period]
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(SeasonalNaive::new(self.period))
+    }
+}
+
+/// Simple exponential smoothing (ETS(A,N,N)): `level ← α·x + (1−α)·level`; flat forecasts.
+#[derive(Clone, Debug)]
+pub struct Ses {
+    alpha: f64,
+    level: Option<f64>,
+}
+
+impl Ses {
+    /// With smoothing weight `alpha` in (0, 1].
+    #[must_use]
+    pub fn new(alpha: f64) -> Ses {
+        Ses { alpha: alpha.clamp(1e-3, 1.0), level: None }
+    }
+}
+
+impl Forecaster for Ses {
+    fn name(&self) -> String {
+        format!("ses(α={:.2})", self.alpha)
+    }
+    fn observe(&mut self, x: f64) {
+        if x.is_nan() {
+            return;
+        }
+        self.level = Some(self.level.map_or(x, |l| self.alpha * x + (1.0 - self.alpha) * l));
+    }
+    fn forecast(&self, _h: usize) -> f64 {
+        self.level.unwrap_or(f64::NAN)
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(Ses::new(self.alpha))
+    }
+}
+
+/// How many features [`features`] computes.
+pub const FEATURES: usize = 7;
+
+/// The features of the history `hist` (oldest first, gaps filled) for a forecast `h` steps
+/// ahead, scaled to 0–1: bias, last value, means of the last 3, 12 and 48, the value a day
+/// before the target (or the 48-mean), and the 48-step range (volatility).
+#[must_use]
+pub fn features(hist: &VecDeque<f64>, h: usize) -> [f64; FEATURES] {
+    let n = hist.len();
+    let mean = |k: usize| {
+        let k = k.min(n).max(1);
+        hist.iter().rev().take(k).sum::<f64>() / k as f64
+    };
+    let last = hist.back().copied().unwrap_or(0.0);
+    let m48 = mean(48);
+    let seasonal = if n + h > DAY { hist[n + h - 1 - DAY] } else { m48 };
+    let (lo, hi) = hist.iter().rev().take(48).fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    let range = if n == 0 { 0.0 } else { hi - lo };
+    [1.0, last / 100.0, mean(3) / 100.0, mean(12) / 100.0, m48 / 100.0, seasonal / 100.0, range / 100.0]
+}
+
+/// A linear model per horizon over [`features`], trained across series ([`crate::train`]).
+#[derive(Clone, Debug)]
+pub struct GlobalLinear {
+    /// (horizon, weights), horizons ascending.
+    pub weights: Vec<(usize, [f64; FEATURES])>,
+    hist: VecDeque<f64>,
+}
+
+impl GlobalLinear {
+    /// A model with these trained weights.
+    #[must_use]
+    pub fn new(weights: Vec<(usize, [f64; FEATURES])>) -> GlobalLinear {
+        GlobalLinear { weights, hist: VecDeque::new() }
+    }
+}
+
+impl Forecaster for GlobalLinear {
+    fn name(&self) -> String {
+        "global-linear".into()
+    }
+    fn observe(&mut self, x: f64) {
+        let x = if x.is_nan() { self.hist.back().copied().unwrap_or(0.0) } else { x };
+        self.hist.push_back(x);
+        if self.hist.len() > DAY + 48 {
+            self.hist.pop_front();
+        }
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        if self.hist.is_empty() {
+            return f64::NAN;
+        }
+        // The trained horizon nearest to h.
+        let Some((_, w)) = self.weights.iter().min_by_key(|(k, _)| k.abs_diff(h)) else { return f64::NAN };
+        let x = features(&self.hist, h);
+        (w.iter().zip(x).map(|(w, x)| w * x).sum::<f64>() * 100.0).clamp(0.0, 100.0)
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(GlobalLinear::new(self.weights.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fed(mut f: Box<dyn Forecaster>, xs: &[f64]) -> Box<dyn Forecaster> {
+        for x in xs {
+            f.observe(*x);
+        }
+        f
+    }
+
+    #[test]
+    fn baselines_do_what_their_names_say() {
+        let xs = [1.0, 2.0, f64::NAN, 4.0];
+        assert_eq!(fed(Box::new(LastValue::default()), &xs).forecast(5), 4.0);
+        assert!((fed(Box::new(MeanOfLast::new(2)), &xs).forecast(1) - 3.0).abs() < 1e-12, "the gap is skipped");
+        let s = fed(Box::new(SeasonalNaive::new(3)), &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!((s.forecast(1), s.forecast(2), s.forecast(4)), (4.0, 5.0, 4.0));
+        let e = fed(Box::new(Ses::new(0.5)), &[10.0, 20.0]);
+        assert_eq!(e.forecast(1), 15.0);
+        assert!(LastValue::default().forecast(1).is_nan(), "nothing seen, nothing said");
+    }
+
+    #[test]
+    fn the_linear_model_reads_its_features() {
+        // Weights that copy the last value.
+        let mut w = [0.0; FEATURES];
+        w[1] = 1.0;
+        let m = fed(Box::new(GlobalLinear::new(vec![(1, w)])), &[10.0, 30.0]);
+        assert!((m.forecast(1) - 30.0).abs() < 1e-9);
+        assert!((m.forecast(12) - 30.0).abs() < 1e-9, "the nearest trained horizon serves");
+        let hist: VecDeque<f64> = (0..300).map(f64::from).collect();
+        let f = features(&hist, 1);
+        assert!((f[5] - (300.0 + 1.0 - 1.0 - 288.0) / 100.0).abs() < 1e-12, "a day before the target");
+    }
+}
