@@ -3,6 +3,7 @@
 mod harness;
 mod healing;
 mod migration;
+mod scaling;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::output::{self, or_dash};
-use crate::{Format, HostCommand, PolicyCommand, VmCommand};
+use crate::{Format, GroupCommand, HostCommand, PolicyCommand, VmCommand};
 
 /// A small blocking HTTP client, run off the async threads.
 #[derive(Clone)]
@@ -545,6 +545,81 @@ fn json_diff(path: &str, old: &Value, new: &Value) -> Vec<String> {
         }
         (a, b) if a == b => Vec::new(),
         (a, b) => vec![format!("{path}: {a} → {b}")],
+    }
+}
+
+const GROUP_HEADER: [&str; 7] = ["name", "members", "running", "min", "max", "target_cpu", "mode"];
+
+fn group_row(g: &Value) -> Vec<String> {
+    vec![
+        or_dash(g["name"].as_str().map(str::to_owned)),
+        g["members"].to_string(),
+        g["running"].to_string(),
+        g["min"].to_string(),
+        g["max"].to_string(),
+        g["target_cpu"].to_string(),
+        or_dash(g["mode"].as_str().map(str::to_owned)),
+    ]
+}
+
+pub async fn group(server: &str, cmd: GroupCommand, fmt: Format) -> anyhow::Result<()> {
+    let api = Api::new(server);
+    let show = |v: Value| -> anyhow::Result<()> {
+        match fmt {
+            Format::Json => output::json(&v),
+            Format::Text => {
+                output::table(&GROUP_HEADER, &[group_row(&v)]);
+                Ok(())
+            }
+        }
+    };
+    match cmd {
+        GroupCommand::Create(a) => {
+            let labels: serde_json::Map<String, Value> =
+                a.labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            let anti = match a.anti_affinity {
+                None => "none",
+                Some(crate::AntiAffinityArg::Hard) => "hard",
+                Some(crate::AntiAffinityArg::Soft) => "soft",
+            };
+            let body = serde_json::json!({
+                "name": a.name, "min": a.min, "max": a.max, "vcpus": a.vcpus, "memory_mib": a.memory_mib,
+                "disk_gib": a.disk_gib, "target_cpu": a.target_cpu, "labels": labels,
+                "placement": { "group_anti_affinity": anti },
+                "mode": match a.mode {
+                    crate::ModeArg::Reactive => "reactive",
+                    crate::ModeArg::Predictive => "predictive",
+                    crate::ModeArg::ForecastOnly => "forecast-only",
+                },
+                "scale_up_cooldown_s": a.scale_up_cooldown.as_secs(),
+                "scale_down_cooldown_s": a.scale_down_cooldown.as_secs(),
+                "stabilization_s": a.stabilization.as_secs(),
+                "schedules": a.schedules,
+            });
+            show(api.call("POST", "/api/v1/groups".into(), Some(body)).await?)
+        }
+        GroupCommand::List => {
+            let v: Value = api.call("GET", "/api/v1/groups".into(), None).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    let rows: Vec<Vec<String>> = v.as_array().into_iter().flatten().map(group_row).collect();
+                    output::table(&GROUP_HEADER, &rows);
+                    Ok(())
+                }
+            }
+        }
+        GroupCommand::Show { name } => show(api.call("GET", format!("/api/v1/groups/{name}"), None).await?),
+        GroupCommand::Delete { name } => {
+            let v: Value = api.call("DELETE", format!("/api/v1/groups/{name}"), None).await?;
+            match fmt {
+                Format::Json => output::json(&v),
+                Format::Text => {
+                    println!("deleted group {name} and its members");
+                    Ok(())
+                }
+            }
+        }
     }
 }
 

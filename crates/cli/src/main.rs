@@ -72,6 +72,9 @@ enum Command {
     /// List and show hosts.
     #[command(subcommand)]
     Host(HostCommand),
+    /// VM groups: a set of like VMs kept within bounds and scaled to a CPU target.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Policies: validate documents, apply them, list, show, remove (docs/policies.md).
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -98,6 +101,102 @@ enum Command {
     Plan(PlanCommand),
     /// Benchmarks: fold, append (against raw JetStream publish) and replay.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a group; the orchestrator brings it to --min members and scales it between
+    /// --min and --max to keep the members' mean CPU near --target-cpu.
+    Create(GroupCreateArgs),
+    /// List groups.
+    List,
+    /// Show one group.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Delete a group and all its members.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GroupCreateArgs {
+    /// Name (members are NAME-1, NAME-2, …).
+    name: String,
+    /// Fewest members.
+    #[arg(long)]
+    min: u32,
+    /// Most members.
+    #[arg(long)]
+    max: u32,
+    /// vCPUs of each member.
+    #[arg(long)]
+    vcpus: u32,
+    /// Memory of each member, MiB.
+    #[arg(long)]
+    memory_mib: u64,
+    /// Disk of each member, GiB.
+    #[arg(long, default_value_t = 0)]
+    disk_gib: u64,
+    /// Target mean CPU utilisation of the members, 0–1.
+    #[arg(long, default_value_t = 0.6)]
+    target_cpu: f64,
+    /// reactive (target tracking), predictive (also scale up ahead of the forecast; never in),
+    /// or forecast-only (record what the forecast recommends, act reactively).
+    #[arg(long, value_enum, default_value_t = ModeArg::Reactive)]
+    mode: ModeArg,
+    /// Least time between two scale-ups.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    scale_up_cooldown: std::time::Duration,
+    /// Least time between two scale-downs (also counted from the last scale-up).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    scale_down_cooldown: std::time::Duration,
+    /// A scale-down goes no lower than the highest size recommended within this window.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    stabilization: std::time::Duration,
+    /// A minimum size during a time window (UTC), repeatable: [DAYS@]HH:MM-HH:MM=MIN, e.g.
+    /// mon,tue,wed,thu,fri@08:00-18:00=6 or 22:00-02:00=2.
+    #[arg(long = "schedule", value_parser = parse_schedule)]
+    schedules: Vec<novacron_types::group::ScheduledSize>,
+    /// Member label, repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Keep members off hosts running other members: hard or soft.
+    #[arg(long, value_enum)]
+    anti_affinity: Option<AntiAffinityArg>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// Target tracking.
+    Reactive,
+    /// Target tracking, and scale-ups ahead of the forecast.
+    Predictive,
+    /// Target tracking; forecasts recorded, not acted on.
+    ForecastOnly,
+}
+
+fn parse_schedule(s: &str) -> Result<novacron_types::group::ScheduledSize, String> {
+    let err = || format!("schedule {s:?} must look like [mon,tue@]HH:MM-HH:MM=MIN");
+    let (when, min) = s.rsplit_once('=').ok_or_else(err)?;
+    let min: u32 = min.parse().map_err(|_| err())?;
+    let (days, times) = match when.split_once('@') {
+        Some((d, t)) => (d, t),
+        None => ("", when),
+    };
+    let (start, end) = times.split_once('-').ok_or_else(err)?;
+    let days = days
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            serde_json::from_value(serde_json::Value::String(d.to_owned()))
+                .map_err(|_| format!("{d:?} is not a day (mon … sun)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(novacron_types::group::ScheduledSize { days, start: start.to_owned(), end: end.to_owned(), min })
 }
 
 #[derive(Subcommand, Debug)]
@@ -535,6 +634,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => client::vm(&cli.server, c, fmt).await,
         Command::Host(c) => client::host(&cli.server, c, fmt).await,
         Command::Policy(c) => client::policy(&cli.server, c, fmt).await,
+        Command::Group(c) => client::group(&cli.server, c, fmt).await,
         Command::Events(a) => audit::events(&cli.nats, a, fmt).await,
         Command::State(a) => audit::state(&cli.nats, a, fmt).await,
         Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,

@@ -55,6 +55,8 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{id}", get(show_host))
         .route("/api/v1/hosts/{id}/{action}", axum::routing::post(host_action))
+        .route("/api/v1/groups", get(list_groups).post(create_group))
+        .route("/api/v1/groups/{name}", get(show_group).delete(delete_group))
         .route("/api/v1/policies", get(list_policies).post(apply_policies))
         .route("/api/v1/policies/validate", axum::routing::post(validate_policies))
         .route("/api/v1/policies/dry-run", axum::routing::post(dry_run_policies))
@@ -336,6 +338,52 @@ async fn host_action(
     };
     let view = api.engine.host_action(id, action, origin(&headers)).await?;
     Ok(ok(StatusCode::OK, view))
+}
+
+async fn create_group(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let spec: novacron_types::group::GroupSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::field(path, format!("invalid group: {}", e.into_inner()))
+    })?;
+    let name = api.engine.create_group(spec, origin(&headers)).await?;
+    let state = read(&api.engine.state);
+    Ok(ok(StatusCode::CREATED, group_json(&state, &state.groups[&name])))
+}
+
+fn group_json(state: &novacron_state::ClusterState, g: &novacron_state::GroupRecord) -> serde_json::Value {
+    let members = crate::decide::members(state, &g.spec.name);
+    let (min, max, target) = crate::decide::bounds(state, g, novacron_eventlog::now_ms());
+    json!({
+        "name": g.spec.name, "members": members.len(),
+        "running": members.iter().filter(|v| v.status == novacron_state::VmStatus::Running).count(),
+        "min": min, "max": max, "target_cpu": target, "mode": g.spec.mode,
+        "last_scale_up_ms": g.last_up_ms, "last_scale_down_ms": g.last_down_ms,
+        "last_recommendation": g.last_recommendation,
+        "member_names": members.iter().map(|v| v.spec.name.clone()).collect::<Vec<_>>(),
+        "spec": g.spec,
+    })
+}
+
+async fn list_groups(State(api): State<Api>) -> Response {
+    let state = read(&api.engine.state);
+    let list: Vec<_> = state.groups.values().map(|g| group_json(&state, g)).collect();
+    ok(StatusCode::OK, list)
+}
+
+async fn show_group(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let state = read(&api.engine.state);
+    let g = state.groups.get(&name).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no group {name}")))?;
+    Ok(ok(StatusCode::OK, group_json(&state, g)))
+}
+
+async fn delete_group(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let removed = api.engine.delete_group(name, origin(&headers)).await?;
+    Ok(ok(StatusCode::ACCEPTED, json!({ "deleted": removed })))
 }
 
 /// The body of the policy endpoints: a document's text (YAML or JSON) and the file it came

@@ -9,6 +9,7 @@
 //! Readers (the HTTP API) share the state behind an `RwLock` that the engine holds only while
 //! folding, never across an await.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -94,6 +95,16 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Result<Vec<String>, EngineError>>,
     },
     RemovePolicy {
+        name: String,
+        origin: Origin,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    CreateGroup {
+        spec: Box<novacron_types::group::GroupSpec>,
+        origin: Origin,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    DeleteGroup {
         name: String,
         origin: Origin,
         reply: oneshot::Sender<Result<String, EngineError>>,
@@ -188,6 +199,26 @@ impl EngineHandle {
         self.ask(|reply| Request::RemovePolicy { name, origin, reply }).await
     }
 
+    /// Creates a VM group; the scaler brings it to its minimum.
+    ///
+    /// # Errors
+    /// An invalid spec or a taken name, or the log being unavailable.
+    pub async fn create_group(
+        &self,
+        spec: novacron_types::group::GroupSpec,
+        origin: Origin,
+    ) -> Result<String, EngineError> {
+        self.ask(|reply| Request::CreateGroup { spec: Box::new(spec), origin, reply }).await
+    }
+
+    /// Deletes a group and its members.
+    ///
+    /// # Errors
+    /// No such group, or the log being unavailable.
+    pub async fn delete_group(&self, name: String, origin: Origin) -> Result<String, EngineError> {
+        self.ask(|reply| Request::DeleteGroup { name, origin, reply }).await
+    }
+
     /// Hands over an agent's report; returns once its events are in the log.
     ///
     /// # Errors
@@ -213,6 +244,11 @@ pub struct EngineConfig {
     pub rebalance: decide::RebalanceSettings,
     /// Heartbeats as they arrive (written by the ingest loop).
     pub observations: crate::ingest::SharedObservations,
+    /// How often a predictive group's load model takes a sample (5 minutes, as the traces it
+    /// is measured on).
+    pub forecast_step: Duration,
+    /// How many steps ahead predictive scaling looks (covering a VM's start time).
+    pub forecast_horizon_steps: u32,
     /// The agents' leases (KV `nc-host-leases`): a host is failed only by overwriting its lease.
     pub host_leases: async_nats::jetstream::kv::Store,
     /// This replica's role, from the election.
@@ -237,6 +273,17 @@ pub(crate) struct Engine {
     last_reconcile: std::time::Instant,
     /// Since when each host has been at or above the rebalancer's hot threshold.
     hot_since: std::collections::BTreeMap<novacron_types::HostId, std::time::Instant>,
+    /// Per group: sizes recommended recently (for the stabilization window).
+    recommendations: BTreeMap<String, std::collections::VecDeque<(std::time::Instant, u32)>>,
+    /// Per group in predictive or forecast-only mode: its load model.
+    group_load: BTreeMap<String, GroupLoad>,
+}
+
+/// A group's load forecaster and its recent one-step errors.
+struct GroupLoad {
+    last: Option<std::time::Instant>,
+    model: novacron_predict::model::Ses,
+    residuals: std::collections::VecDeque<f64>,
 }
 
 const MAX_ATTEMPTS: usize = 3;
@@ -304,6 +351,8 @@ impl Engine {
             known_since: std::collections::BTreeMap::new(),
             last_reconcile: std::time::Instant::now(),
             hot_since: std::collections::BTreeMap::new(),
+            recommendations: BTreeMap::new(),
+            group_load: BTreeMap::new(),
         };
         Ok((engine, handle, rx))
     }
@@ -403,6 +452,7 @@ impl Engine {
             Request::Report { reply, .. } => drop(reply.send(Err(err()))),
             Request::ApplyPolicies { reply, .. } => drop(reply.send(Err(err()))),
             Request::RemovePolicy { reply, .. } => drop(reply.send(Err(err()))),
+            Request::CreateGroup { reply, .. } | Request::DeleteGroup { reply, .. } => drop(reply.send(Err(err()))),
         }
     }
 
@@ -506,6 +556,15 @@ impl Engine {
                 let r = self.decide_and_commit(|s| decide::remove_policy(s, &name, &mut WallClock, &origin)).await;
                 let _ = reply.send(r);
             }
+            Request::CreateGroup { spec, origin, reply } => {
+                let r =
+                    self.decide_and_commit(|s| decide::create_group(s, (*spec).clone(), &mut WallClock, &origin)).await;
+                let _ = reply.send(r);
+            }
+            Request::DeleteGroup { name, origin, reply } => {
+                let r = self.decide_and_commit(|s| decide::delete_group(s, &name, &mut WallClock, &origin)).await;
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -565,6 +624,13 @@ impl Engine {
         let migrations = settings.migrations;
         let settings_config = settings.planning.config.clone();
         let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, settings);
+        let events = if events.is_empty() {
+            let inputs = self.scaling_inputs();
+            let planning = decide::Planning { config: settings_config.clone(), load: self.load_view() };
+            decide::scale_groups(&read(&self.state), &inputs, &planning, &mut WallClock, &origin)
+        } else {
+            events
+        };
         let events = if events.is_empty() { self.rebalance_events(&origin, migrations) } else { events };
         let events = if events.is_empty() {
             let planning = decide::Planning { config: settings_config, load: self.load_view() };
@@ -631,6 +697,81 @@ impl Engine {
             }
         }
         events
+    }
+
+    /// What the scaler reads: VM utilisation, each group's forecast (updated every forecast
+    /// step with the mean CPU of its members) and the highest size recommended within each
+    /// group's stabilization window (kept here, on this replica's clock).
+    fn scaling_inputs(&mut self) -> decide::ScalingInputs {
+        use novacron_predict::model::Forecaster;
+        let now = std::time::Instant::now();
+        let now_ms = novacron_eventlog::now_ms();
+        let vm_util: BTreeMap<novacron_types::VmId, f64> =
+            crate::ingest::lock(&self.cfg.observations).vms.iter().map(|(id, t)| (*id, t.cpu_util)).collect();
+        let mut inputs = decide::ScalingInputs { vm_util, ..Default::default() };
+        let state = read(&self.state).clone();
+        self.recommendations.retain(|g, _| state.groups.contains_key(g));
+        self.group_load.retain(|g, _| state.groups.contains_key(g));
+        for g in state.groups.values() {
+            let name = g.spec.name.clone();
+            let members = decide::members(&state, &name);
+            let utils: Vec<f64> = members.iter().filter_map(|v| inputs.vm_util.get(&v.id).copied()).collect();
+            let observed = (!utils.is_empty()).then(|| utils.iter().sum::<f64>() / utils.len() as f64);
+            let (min, max, target) = decide::bounds(&state, g, now_ms);
+            let n = u32::try_from(members.len()).unwrap_or(u32::MAX);
+            if let Some(r) = decide::reactive_size(n, observed, target, min, max) {
+                let window = Duration::from_secs(g.spec.stabilization_s);
+                let recs = self.recommendations.entry(name.clone()).or_default();
+                recs.push_back((now, r));
+                while recs.front().is_some_and(|(t, _)| now.duration_since(*t) > window) {
+                    recs.pop_front();
+                }
+                inputs.stable_desired.insert(name.clone(), recs.iter().map(|(_, r)| *r).max().unwrap_or(r));
+            }
+            if g.spec.mode == novacron_types::group::ScalingMode::Reactive {
+                continue;
+            }
+            let step = self.cfg.forecast_step;
+            let load = self.group_load.entry(name.clone()).or_insert_with(|| GroupLoad {
+                last: None,
+                model: novacron_predict::model::Ses::new(0.3),
+                residuals: std::collections::VecDeque::new(),
+            });
+            if let Some(u) = observed
+                && load.last.is_none_or(|t| now.duration_since(t) >= step)
+            {
+                let predicted = load.model.forecast(1);
+                if !predicted.is_nan() {
+                    load.residuals.push_back((u - predicted).abs());
+                    if load.residuals.len() > 100 {
+                        load.residuals.pop_front();
+                    }
+                }
+                load.model.observe(u);
+                load.last = Some(now);
+            }
+            let point = load.model.forecast(self.cfg.forecast_horizon_steps as usize);
+            if point.is_nan() {
+                continue;
+            }
+            // The 90th percentile of past one-step errors, widened with the horizon.
+            let mut r: Vec<f64> = load.residuals.iter().copied().collect();
+            r.sort_by(f64::total_cmp);
+            let q = if r.len() < 5 { 0.1 } else { r[(r.len() - 1) * 9 / 10] };
+            let q = q * f64::from(self.cfg.forecast_horizon_steps).sqrt();
+            inputs.forecasts.insert(
+                name,
+                novacron_types::group::ForecastNote {
+                    model: load.model.name(),
+                    horizon_steps: self.cfg.forecast_horizon_steps,
+                    step_s: step.as_secs(),
+                    point,
+                    lower: (point - q).max(0.0),
+                    upper: (point + q).min(1.0),
+                },
+            );
+        }
+        inputs
     }
 
     /// The planner's inputs: its settings and the latest CPU load per host from telemetry.

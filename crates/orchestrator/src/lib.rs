@@ -66,6 +66,11 @@ pub struct OrchestratorConfig {
     pub lease: leader::LeaseConfig,
     /// The load-aware rebalancer.
     pub rebalance: decide::RebalanceSettings,
+    /// How often a predictive group's load model samples its members' mean CPU (5 min).
+    pub forecast_step: Duration,
+    /// How many steps ahead predictive scaling provisions for (1: the next 5 minutes, which
+    /// covers a VM's start).
+    pub forecast_horizon_steps: u32,
 }
 
 impl OrchestratorConfig {
@@ -89,6 +94,8 @@ impl OrchestratorConfig {
             planner: novacron_scheduler::PlannerConfig::default(),
             lease: leader::LeaseConfig::default(),
             rebalance: decide::RebalanceSettings::default(),
+            forecast_step: Duration::from_secs(300),
+            forecast_horizon_steps: 1,
         }
     }
 }
@@ -182,6 +189,8 @@ impl Orchestrator {
                 agent_lease: cfg.agent_lease,
             },
             observations: observations.clone(),
+            forecast_step: cfg.forecast_step,
+            forecast_horizon_steps: cfg.forecast_horizon_steps.max(1),
             host_leases,
             reconcile: decide::ReconcileSettings {
                 restart: cfg.restart,

@@ -141,8 +141,10 @@ pub fn violations(state: &ClusterState) -> Vec<Violation> {
     out
 }
 
-/// Minute ranges of the week (Monday 00:00 = 0) a window covers, half-open.
-pub(crate) fn week_ranges(w: &MaintenanceWindow) -> Vec<(u32, u32)> {
+/// Minute ranges of the week (Monday 00:00 = 0) a window covers, half-open (empty when its
+/// times do not parse).
+#[must_use]
+pub fn week_ranges(w: &MaintenanceWindow) -> Vec<(u32, u32)> {
     let (Some(s), Some(e)) = (crate::check::minutes(&w.start), crate::check::minutes(&w.end)) else {
         return Vec::new();
     };

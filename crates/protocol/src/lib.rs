@@ -127,6 +127,9 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::PolicyRemoved(e) => format!("nc.events.policy.{}", e.name),
         EventKind::PolicyConflictResolved(_) => "nc.events.cluster.policy".to_owned(),
         EventKind::PolicyViolationObserved(e) => vm_events(e.vm),
+        EventKind::GroupCreated(e) => format!("nc.events.group.{}", e.spec.name),
+        EventKind::GroupDeleted(e) => format!("nc.events.group.{}", e.group),
+        EventKind::GroupScaled(e) => format!("nc.events.group.{}", e.group),
     }
 }
 

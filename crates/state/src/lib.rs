@@ -61,6 +61,24 @@ pub struct ClusterState {
     /// policy when it changes.
     #[serde(default)]
     pub policy_violations: BTreeMap<String, RecordedViolation>,
+    /// VM groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupRecord>,
+}
+
+/// A VM group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// What it is.
+    pub spec: novacron_types::group::GroupSpec,
+    /// When it last grew, ms since the epoch (the writer's clock).
+    pub last_up_ms: Option<u64>,
+    /// When it last shrank.
+    pub last_down_ms: Option<u64>,
+    /// The last recommendation recorded in forecast-only mode.
+    pub last_recommendation: Option<u32>,
+    /// The next member number (members are `<group>-<n>`).
+    pub next_member: u64,
 }
 
 /// A recorded `PolicyViolationObserved`.
@@ -399,6 +417,42 @@ impl ClusterState {
 
     fn apply_kind(&mut self, seq: u64, env: &Envelope) -> Applied {
         match &env.event {
+            EventKind::GroupCreated(e) => {
+                if self.groups.contains_key(&e.spec.name) {
+                    return Applied::Ignored(format!("GroupCreated for existing group {}", e.spec.name));
+                }
+                let record = GroupRecord {
+                    spec: e.spec.clone(),
+                    last_up_ms: None,
+                    last_down_ms: None,
+                    last_recommendation: None,
+                    next_member: 1,
+                };
+                self.groups.insert(e.spec.name.clone(), record);
+                Applied::Changed
+            }
+            EventKind::GroupDeleted(e) => {
+                if self.groups.remove(&e.group).is_none() {
+                    return Applied::Ignored(format!("GroupDeleted for unknown group {}", e.group));
+                }
+                Applied::Changed
+            }
+            EventKind::GroupScaled(e) => {
+                let Some(g) = self.groups.get_mut(&e.group) else {
+                    return Applied::Ignored(format!("GroupScaled for unknown group {}", e.group));
+                };
+                if e.recommendation_only {
+                    g.last_recommendation = Some(e.to);
+                } else {
+                    if e.to > e.from {
+                        g.last_up_ms = Some(env.at_ms);
+                    } else if e.to < e.from {
+                        g.last_down_ms = Some(env.at_ms);
+                    }
+                    g.next_member += e.created.len() as u64;
+                }
+                Applied::Changed
+            }
             EventKind::PolicyApplied(e) => {
                 if e.version != self.policy_version + 1 {
                     return Applied::Ignored(format!(

@@ -166,6 +166,12 @@ pub enum EventKind {
     PolicyRemoved(PolicyRemoved),
     /// Two policies pull apart and one gives way, by the documented order.
     PolicyConflictResolved(PolicyConflictResolved),
+    /// A VM group was created.
+    GroupCreated(GroupCreated),
+    /// A VM group was deleted (its members are deleted with it).
+    GroupDeleted(GroupDeleted),
+    /// A group's size changed (or, in forecast-only mode, a change was recommended), and why.
+    GroupScaled(GroupScaled),
     /// A VM breaks a policy where it runs (a policy applied after it was placed, a host's
     /// labels changed, an audit rule). Recorded once per policy version and placement.
     PolicyViolationObserved(PolicyViolationObserved),
@@ -208,6 +214,9 @@ impl EventKind {
             EventKind::PolicyRemoved(_) => "PolicyRemoved",
             EventKind::PolicyConflictResolved(_) => "PolicyConflictResolved",
             EventKind::PolicyViolationObserved(_) => "PolicyViolationObserved",
+            EventKind::GroupCreated(_) => "GroupCreated",
+            EventKind::GroupDeleted(_) => "GroupDeleted",
+            EventKind::GroupScaled(_) => "GroupScaled",
         }
     }
 }
@@ -571,6 +580,66 @@ pub struct PolicyViolationObserved {
     /// What the orchestrator does about it: `migrate` (a hard rule, inside a maintenance
     /// window), `wait for a maintenance window`, or `report` (audit and soft rules).
     pub action: String,
+}
+
+/// Payload of [`EventKind::GroupCreated`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupCreated {
+    /// The group.
+    pub spec: crate::group::GroupSpec,
+}
+
+/// Payload of [`EventKind::GroupDeleted`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupDeleted {
+    /// The group's name.
+    pub group: String,
+}
+
+/// Payload of [`EventKind::GroupScaled`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupScaled {
+    /// The group.
+    pub group: String,
+    /// Members before.
+    pub from: u32,
+    /// Members after (or recommended).
+    pub to: u32,
+    /// Only a recommendation (forecast-only mode): nothing was created or deleted.
+    #[serde(default)]
+    pub recommendation_only: bool,
+    /// Why, for humans (`mean CPU 0.82 above target 0.60`, `below the scheduled minimum 6`).
+    pub reason: String,
+    /// The observed mean CPU utilisation of the members, 0–1, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_cpu: Option<f64>,
+    /// The target it tracks.
+    pub target_cpu: f64,
+    /// The forecast it acted on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<crate::group::ForecastNote>,
+    /// The bounds in force (after schedules and scaling policies).
+    pub min: u32,
+    /// The upper bound in force.
+    pub max: u32,
+    /// The cooldowns then: seconds since the last scale-up and scale-down, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_last_up_s: Option<u64>,
+    /// Seconds since the last scale-down, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_last_down_s: Option<u64>,
+    /// The policy set version the bounds were read under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
+    /// Members created (their `VmRequested` follow in the same append).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created: Vec<VmId>,
+    /// Members removed (their `VmDeleteRequested` follow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<VmId>,
 }
 
 /// Payload of [`EventKind::LeaderElected`].

@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod command;
 pub mod event;
+pub mod group;
 pub mod ids;
 pub mod policy;
 pub mod report;

@@ -383,6 +383,44 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 action: "wait for a maintenance window".into(),
             }),
         ),
+        (
+            "event-group-created",
+            EventKind::GroupCreated(GroupCreated {
+                spec: serde_json::from_value(serde_json::json!({
+                    "name": "web", "min": 2, "max": 12, "vcpus": 2, "memory_mib": 2048, "target_cpu": 0.6,
+                    "mode": "predictive",
+                    "schedules": [{"days": ["mon", "fri"], "start": "08:00", "end": "18:00", "min": 6}],
+                }))
+                .expect("a valid group"),
+            }),
+        ),
+        (
+            "event-group-scaled",
+            EventKind::GroupScaled(GroupScaled {
+                group: "web".into(),
+                from: 3,
+                to: 5,
+                recommendation_only: false,
+                reason: "forecast mean CPU up to 88 % (upper 90 % bound) against target 60 %".into(),
+                observed_cpu: Some(0.55),
+                target_cpu: 0.6,
+                forecast: Some(novacron_types::group::ForecastNote {
+                    model: "ses(α=0.30)".into(),
+                    horizon_steps: 1,
+                    step_s: 300,
+                    point: 0.7,
+                    lower: 0.52,
+                    upper: 0.88,
+                }),
+                min: 2,
+                max: 12,
+                since_last_up_s: Some(900),
+                since_last_down_s: None,
+                policy_version: Some(3),
+                created: vec![vm],
+                removed: vec![],
+            }),
+        ),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));

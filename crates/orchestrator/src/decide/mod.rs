@@ -16,6 +16,7 @@
 use novacron_types::{Actor, Envelope, EventKind, IncarnationId, VmId};
 use uuid::Uuid;
 
+pub mod groups;
 pub mod hosts;
 pub mod policies;
 pub mod rebalance;
@@ -23,6 +24,7 @@ pub mod reconcile;
 pub mod reports;
 pub mod vms;
 
+pub use groups::*;
 pub use hosts::*;
 pub use policies::*;
 pub use rebalance::*;

@@ -868,3 +868,183 @@ fn a_healing_policy_preferring_restart_makes_a_drain_move_vms_cold() {
     });
     assert_eq!(planned, Some(Some(1)), "migrations record the policy version");
 }
+
+fn group_spec(name: &str, min: u32, max: u32, target: f64) -> novacron_types::group::GroupSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "min": min, "max": max, "vcpus": 1, "memory_mib": 256, "target_cpu": target,
+        "scale_up_cooldown_s": 60, "scale_down_cooldown_s": 300, "stabilization_s": 300,
+    }))
+    .unwrap()
+}
+
+fn group_members(s: &ClusterState, g: &str) -> Vec<VmId> {
+    members(s, g).iter().map(|v| v.id).collect()
+}
+
+/// Runs every member of a group (as its agent would report).
+fn run_members(s: &mut ClusterState, g: &str) {
+    for id in group_members(s, g) {
+        if s.vms[&id].status == VmStatus::Starting {
+            let host = s.vms[&id].host.clone().unwrap();
+            run_vm_on(s, id, host.as_str());
+        }
+    }
+}
+
+fn util(s: &ClusterState, g: &str, u: f64) -> BTreeMap<VmId, f64> {
+    group_members(s, g).into_iter().map(|v| (v, u)).collect()
+}
+
+fn scaled(events: &[Envelope]) -> Vec<&novacron_types::event::GroupScaled> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            EventKind::GroupScaled(g) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_group_is_brought_to_its_minimum_then_tracks_its_cpu_target_within_cooldowns() {
+    let mut s = hosts(4);
+    let (_, ev) = create_group(&s, group_spec("web", 2, 6, 0.6), &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let planning = Planning::default();
+    let t0 = 1_000_000;
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(100, t0), &origin());
+    assert_eq!((scaled(&e)[0].from, scaled(&e)[0].to), (0, 2));
+    assert!(scaled(&e)[0].reason.contains("below the minimum 2"), "{}", scaled(&e)[0].reason);
+    apply_all(&mut s, &e);
+    run_members(&mut s, "web");
+    let names: Vec<String> = members(&s, "web").iter().map(|v| v.spec.name.clone()).collect();
+    assert_eq!(names, ["web-1", "web-2"]);
+
+    // Hot: 2 × 0.9 / 0.6 = 3 members.
+    let hot = ScalingInputs { vm_util: util(&s, "web", 0.9), ..Default::default() };
+    // Within the scale-up cooldown of filling the group to its minimum: nothing yet.
+    assert!(scale_groups(&s, &hot, &planning, &mut At(150, t0 + 1000), &origin()).is_empty());
+    let e = scale_groups(&s, &hot, &planning, &mut At(200, t0 + 61_000), &origin());
+    let g = scaled(&e)[0];
+    assert_eq!((g.from, g.to, g.created.len()), (2, 3, 1));
+    assert_eq!(g.observed_cpu, Some(0.9));
+    assert!(g.since_last_up_s.is_some(), "the cooldown state is recorded");
+    apply_all(&mut s, &e);
+    run_members(&mut s, "web");
+    // Still hot, inside the scale-up cooldown: nothing.
+    let hot = ScalingInputs { vm_util: util(&s, "web", 0.9), ..Default::default() };
+    assert!(scale_groups(&s, &hot, &planning, &mut At(300, t0 + 90_000), &origin()).is_empty());
+    let e = scale_groups(&s, &hot, &planning, &mut At(400, t0 + 122_000), &origin());
+    assert_eq!((scaled(&e)[0].from, scaled(&e)[0].to), (3, 5));
+    apply_all(&mut s, &e);
+    run_members(&mut s, "web");
+
+    // Cold: target tracking asks for 2, but the window still recommends 4, and the scale-down
+    // cooldown counts from the last scale-up too.
+    let cold = |s: &ClusterState, stable: u32| ScalingInputs {
+        vm_util: util(s, "web", 0.2),
+        stable_desired: BTreeMap::from([("web".to_owned(), stable)]),
+        ..Default::default()
+    };
+    assert!(scale_groups(&s, &cold(&s, 4), &planning, &mut At(500, t0 + 200_000), &origin()).is_empty());
+    let e = scale_groups(&s, &cold(&s, 4), &planning, &mut At(600, t0 + 430_000), &origin());
+    let g = scaled(&e)[0];
+    assert_eq!((g.from, g.to, g.removed.len()), (5, 4, 1));
+    let newest = *members(&s, "web").last().map(|v| &v.id).unwrap();
+    assert_eq!(g.removed, [newest], "the newest member goes first");
+    assert!(e.iter().any(|e| matches!(&e.event, EventKind::VmDeleteRequested(d) if d.vm == newest)));
+}
+
+#[test]
+fn predictive_scaling_goes_up_ahead_of_the_forecast_never_down_on_it_and_forecast_only_just_records() {
+    let mut s = hosts(4);
+    let mut spec = group_spec("api", 2, 8, 0.5);
+    spec.mode = novacron_types::group::ScalingMode::Predictive;
+    let (_, ev) = create_group(&s, spec, &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let planning = Planning::default();
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(100, 1_000), &origin());
+    apply_all(&mut s, &e);
+    run_members(&mut s, "api");
+    let note = |point: f64, upper: f64| novacron_types::group::ForecastNote {
+        model: "ses(α=0.30)".into(),
+        horizon_steps: 1,
+        step_s: 300,
+        point,
+        lower: point / 2.0,
+        upper,
+    };
+    // At target now (0.5), but the forecast's upper bound is 0.9: 2 × 0.9 / 0.5 → 4.
+    let inputs = ScalingInputs {
+        vm_util: util(&s, "api", 0.5),
+        forecasts: BTreeMap::from([("api".to_owned(), note(0.8, 0.9))]),
+        ..Default::default()
+    };
+    let e = scale_groups(&s, &inputs, &planning, &mut At(200, 1_000_000), &origin());
+    let g = scaled(&e)[0];
+    assert_eq!((g.from, g.to), (2, 4));
+    assert_eq!(g.forecast.as_ref().map(|f| f.upper), Some(0.9), "the forecast it acted on is recorded");
+    assert!(g.reason.contains("forecast"), "{}", g.reason);
+    // A low forecast alone never shrinks it.
+    let inputs = ScalingInputs {
+        vm_util: util(&s, "api", 0.5),
+        forecasts: BTreeMap::from([("api".to_owned(), note(0.05, 0.1))]),
+        ..Default::default()
+    };
+    assert!(scale_groups(&s, &inputs, &planning, &mut At(300, 9_000_000), &origin()).is_empty());
+
+    // Forecast-only: the recommendation is recorded once, and nothing is created.
+    let mut s = hosts(4);
+    let mut spec = group_spec("batch", 2, 8, 0.5);
+    spec.mode = novacron_types::group::ScalingMode::ForecastOnly;
+    let (_, ev) = create_group(&s, spec, &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(100, 1_000), &origin());
+    apply_all(&mut s, &e);
+    run_members(&mut s, "batch");
+    let inputs = ScalingInputs {
+        vm_util: util(&s, "batch", 0.5),
+        forecasts: BTreeMap::from([("batch".to_owned(), note(0.8, 0.9))]),
+        ..Default::default()
+    };
+    let e = scale_groups(&s, &inputs, &planning, &mut At(200, 1_000_000), &origin());
+    assert_eq!(names(&e), ["GroupScaled"], "a recommendation, no VM");
+    assert!(scaled(&e)[0].recommendation_only && scaled(&e)[0].to == 4);
+    apply_all(&mut s, &e);
+    assert!(scale_groups(&s, &inputs, &planning, &mut At(300, 2_000_000), &origin()).is_empty(), "not repeated");
+}
+
+#[test]
+fn schedules_raise_the_minimum_and_scaling_policies_narrow_the_bounds() {
+    let mut s = hosts(4);
+    let mut spec = group_spec("shop", 1, 10, 0.6);
+    spec.schedules = vec![novacron_types::group::ScheduledSize {
+        days: vec![novacron_types::policy::Weekday::Sat],
+        start: "22:00".into(),
+        end: "02:00".into(),
+        min: 5,
+    }];
+    let (_, ev) = create_group(&s, spec, &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let (_, ev) = apply_policies(
+        &s,
+        &policies("name: shop-size\nscope: {group: shop}\nrule: {scaling: {min: 2, max: 4}}\n"),
+        &mut Fixed(2),
+        &origin(),
+    )
+    .unwrap();
+    apply_all(&mut s, &ev);
+    let planning = Planning::default();
+    let afternoon = SAT_2300 - 8 * 3_600_000;
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(100, afternoon), &origin());
+    assert_eq!(scaled(&e)[0].to, 2, "the policy's minimum");
+    assert_eq!(scaled(&e)[0].policy_version, Some(1));
+    apply_all(&mut s, &e);
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(200, SAT_2300), &origin());
+    let g = scaled(&e)[0];
+    assert_eq!((g.to, g.min, g.max), (4, 4, 4), "the schedule asks for 5; the policy caps at 4");
+    assert!(matches!(
+        create_group(&s, group_spec("bad", 3, 2, 0.5), &mut Fixed(3), &origin()),
+        Err(Refusal::Invalid { field, .. }) if field == "min"
+    ));
+}
