@@ -540,6 +540,67 @@ fn generated_telemetry_is_evaluated_against_the_baselines() {
     assert!(!ok && err.contains("synthetic.csv:3: \"oops\""), "{err}");
 }
 
+#[test]
+fn models_are_trained_registered_compared_promoted_and_rolled_back() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let csv = dir.path().join("load.csv");
+    let (ok, _, err) =
+        cli(&["data", "generate", "--series", "8", "--days", "6", "--seed", "5", "--out", csv.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let url = nats.url();
+    let csv = csv.to_str().unwrap();
+    let train = |seed: &str| {
+        let out = cli_json(&[
+            "--nats",
+            &url,
+            "--server",
+            &o.api,
+            "models",
+            "train",
+            "--data",
+            csv,
+            "--horizons",
+            "1,12",
+            "--seed",
+            seed,
+        ]);
+        let scores = out["record"]["scores"].as_array().unwrap().clone();
+        assert_eq!(scores.len(), 2, "{out}");
+        assert!(scores.iter().all(|s| s["test_mae"].as_f64().is_some_and(f64::is_finite)), "{out}");
+        out["registered"].as_str().unwrap().to_owned()
+    };
+    let a = train("1");
+    let b = train("2");
+    assert!(a.starts_with("global-linear-") && a != b, "{a} {b}");
+    let listed = cli_json(&["--server", &o.api, "models", "list"]);
+    assert_eq!(listed["models"].as_array().unwrap().len(), 2);
+    assert!(listed["in_use"].is_null(), "trained is not promoted: {listed}");
+
+    let ab =
+        cli_json(&["--nats", &url, "--server", &o.api, "models", "abtest", &a, &b, "--data", csv, "--horizons", "12"]);
+    let t = &ab[0]["test"];
+    assert_eq!(t["series"], 8, "{ab}");
+    assert!(t["p_value"].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)), "{ab}");
+
+    assert_eq!(cli_json(&["--server", &o.api, "models", "promote", &a])["in_use"], a.as_str());
+    assert_eq!(cli_json(&["--server", &o.api, "models", "promote", &b])["in_use"], b.as_str());
+    assert_eq!(cli_json(&["--server", &o.api, "models", "rollback"])["in_use"], a.as_str());
+    let listed = cli_json(&["--server", &o.api, "models", "list"]);
+    assert_eq!(listed["in_use"], a.as_str());
+    assert_eq!(listed["promotions"], json!([a]));
+    // A record whose artifact is not stored is refused.
+    let mut bogus = listed["models"][0].clone();
+    let record = json!({
+        "model": "global-linear-000000000000", "kind": "global-linear", "digest": "0".repeat(64),
+        "hyperparameters": bogus["hyperparameters"].take(), "scores": bogus["scores"].take(), "data": bogus["data"].take(),
+    });
+    let (status, body) = post(&o.api, "/api/v1/models", &record);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no artifact"), "{body}");
+}
+
 /// `HH:MM` (UTC) `minutes` from now, wrapping around midnight.
 fn utc_hhmm(minutes: i64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 / 60;

@@ -81,3 +81,70 @@ async fn a_hot_group_grows_to_its_maximum_in_cooldown_steps_and_goes_with_its_me
     .await;
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_model_forecasts_for_the_groups_and_its_live_errors_are_scored() {
+    use sha2::Digest;
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
+    cfg.http = "127.0.0.1:0".parse().unwrap();
+    cfg.reconcile_interval = Duration::from_millis(100);
+    cfg.forecast_step = Duration::from_millis(100);
+    let o = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
+    let db = sled::open(dir.path().join("agents")).unwrap();
+    let cancel = CancellationToken::new();
+    let mut a = AgentConfig::new(HostId::new("h1").unwrap(), Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 });
+    a.telemetry_interval = Duration::from_millis(100);
+    let agent = Agent::new(a, bus.clone(), SimDriver::default(), &db).unwrap();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let _ = agent.run(c).await;
+    });
+    wait(&o, "the host", |s| s.hosts.len() == 1).await;
+
+    // A model that says "the last value", stored and registered as `models train` would.
+    let mut w = [0.0; novacron_predict::model::FEATURES];
+    w[1] = 1.0;
+    let artifact = serde_json::to_vec(&novacron_predict::model::Artifact::global_linear(&[(1, w)])).unwrap();
+    let digest: String = sha2::Sha256::digest(&artifact).iter().map(|b| format!("{b:02x}")).collect();
+    bus.model_artifacts(1).await.unwrap().put(format!("sha256-{digest}"), artifact.into()).await.unwrap();
+    let id = format!("global-linear-{}", &digest[..12]);
+    let record: novacron_types::model::ModelTrained = serde_json::from_value(serde_json::json!({
+        "model": id, "kind": "global-linear", "digest": digest,
+        "hyperparameters": [{"horizon": 1, "learning_rate": 0.01, "l2": 0.0, "epochs": 1}],
+        "scores": [{"horizon": 1, "validation_mae": 1.0, "test_mae": 1.0, "baseline_mae": 1.0, "baseline": "last-value", "win_rate": 0.5}],
+        "data": {"sources": ["test"], "series": 1, "val_share": 0.2, "test_share": 0.2, "seed": 1},
+    }))
+    .unwrap();
+    let origin = Origin { actor: Actor::User("test".into()), correlation: None };
+    use novacron_orchestrator::decide::ModelAction;
+    o.engine.model(ModelAction::Register(Box::new(record)), origin.clone()).await.unwrap();
+    o.engine.model(ModelAction::Promote { model: id.clone(), reason: "test".into() }, origin.clone()).await.unwrap();
+
+    let spec = serde_json::from_value(serde_json::json!({
+        "name": "api", "min": 1, "max": 1, "vcpus": 1, "memory_mib": 256, "target_cpu": 0.6, "mode": "forecast-only",
+    }))
+    .unwrap();
+    o.engine.create_group(spec, origin).await.unwrap();
+    wait(&o, "the member running", |s| running_members(s, "api") == 1).await;
+    // The members run at 60 %; the promoted model's one-step forecasts are scored as samples
+    // arrive, under its own id.
+    let api = format!("http://{}", o.http_addr);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let api = api.clone();
+        let (_, models) =
+            tokio::task::spawn_blocking(move || crate::harness::get(&api, "/api/v1/models")).await.unwrap();
+        let live = &models["live"][&id];
+        if live["forecasts"].as_u64().is_some_and(|n| n >= 3) {
+            assert!(live["live_mae"].as_f64().is_some_and(|m| m < 5.0), "copying 60 % predicts 60 %: {models}");
+            assert_eq!(models["in_use"], id.as_str());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no live forecasts scored: {models}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+}

@@ -548,6 +548,16 @@ fn json_diff(path: &str, old: &Value, new: &Value) -> Vec<String> {
     }
 }
 
+/// One API call from elsewhere in the CLI (the leader is followed as usual).
+pub(crate) async fn api_call(
+    server: &str,
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    Api::new(server).call(method, path, body).await
+}
+
 const GROUP_HEADER: [&str; 7] = ["name", "members", "running", "min", "max", "target_cpu", "mode"];
 
 fn group_row(g: &Value) -> Vec<String> {

@@ -255,6 +255,28 @@ enum ModelsCommand {
     /// share within ±10 points, per-series win rates against the baselines, and a paired A/B
     /// test of the per-series selection against the best baseline.
     Evaluate(models::EvaluateArgs),
+    /// Train the global model on trace files, score it on their held-out test parts against
+    /// the best baseline, store its artifact by digest and register it (not promoted).
+    Train(models::TrainArgs),
+    /// Registered models, the one in use, and live accuracy per model (the prediction ledger).
+    List,
+    /// Use a registered model for forecasts from now on.
+    Promote {
+        /// Model id.
+        id: String,
+        /// Why (recorded in the log).
+        #[arg(long, default_value = "promoted by an operator")]
+        reason: String,
+    },
+    /// Go back to the model in use before the current one.
+    Rollback {
+        /// Why (recorded in the log).
+        #[arg(long, default_value = "rolled back by an operator")]
+        reason: String,
+    },
+    /// Compare two registered models on the same traces: paired t-test of per-series error,
+    /// effect size and a promote/keep recommendation.
+    Abtest(models::AbTestArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -642,6 +664,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a, fmt).await,
         Command::Models(ModelsCommand::Evaluate(a)) => {
             tokio::task::spawn_blocking(move || models::evaluate_cmd(&a, fmt)).await?
+        }
+        Command::Models(ModelsCommand::Train(a)) => models::train_cmd(&cli.server, &cli.nats, a, fmt).await,
+        Command::Models(ModelsCommand::Abtest(a)) => models::abtest_cmd(&cli.server, &cli.nats, a, fmt).await,
+        Command::Models(ModelsCommand::List) => {
+            let v = client::api_call(&cli.server, "GET", "/api/v1/models".into(), None).await?;
+            models::print_models(&v, fmt)
+        }
+        Command::Models(ModelsCommand::Promote { id, reason }) => {
+            let body = serde_json::json!({ "reason": reason });
+            output::json(
+                &client::api_call(&cli.server, "POST", format!("/api/v1/models/{id}/promote"), Some(body)).await?,
+            )
+        }
+        Command::Models(ModelsCommand::Rollback { reason }) => {
+            let body = serde_json::json!({ "reason": reason });
+            output::json(&client::api_call(&cli.server, "POST", "/api/v1/models/rollback".into(), Some(body)).await?)
         }
         Command::Data(DataCommand::Generate(a)) => models::generate_cmd(&a),
     }

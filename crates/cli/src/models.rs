@@ -196,3 +196,203 @@ pub fn generate_cmd(a: &GenerateArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    eval: EvaluateArgs,
+}
+
+/// The model registry's commands that need a trained artifact.
+fn artifact_key(digest: &str) -> String {
+    format!("sha256-{digest}")
+}
+
+async fn artifacts(nats: &str) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    let bus = novacron_eventlog::Bus::connect(&novacron_eventlog::BusConfig::new(nats, "novacron-cli")).await?;
+    Ok(bus.model_artifacts(1).await?)
+}
+
+/// Trains the global model, scores it on held-out test data against the best baseline, stores
+/// its artifact by digest and registers it (`ModelTrained`). It is not promoted.
+pub async fn train_cmd(server: &str, nats: &str, a: TrainArgs, fmt: Format) -> anyhow::Result<()> {
+    use sha2::Digest;
+    let a = a.eval;
+    let (sources, val_share, test_share, seed) = (a.data.clone(), a.val_share, a.test_share, a.seed);
+    let (count, fits, report) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let series = load(&a)?;
+        let splits: Vec<Split> =
+            series.iter().map(|s| Split::fractions(s.values.len(), a.val_share, a.test_share)).collect();
+        let cfg = TrainConfig { origins_per_series: a.train_origins, seed: a.seed, ..TrainConfig::default() };
+        let fits = train_global_linear(&series, &splits, &a.horizons, &cfg);
+        let linear: Box<dyn Forecaster> =
+            Box::new(GlobalLinear::new(fits.iter().map(|f| (f.horizon, f.weights)).collect()));
+        let report = evaluate(&series, &splits, &a.horizons, &[linear]);
+        Ok((series.len(), fits, report))
+    })
+    .await??;
+    let weights: Vec<(usize, [f64; novacron_predict::model::FEATURES])> =
+        fits.iter().map(|f| (f.horizon, f.weights)).collect();
+    let artifact = serde_json::to_vec(&novacron_predict::model::Artifact::global_linear(&weights))?;
+    let digest: String = sha2::Sha256::digest(&artifact).iter().map(|b| format!("{b:02x}")).collect();
+    let store = artifacts(nats).await?;
+    store.put(artifact_key(&digest), artifact.into()).await.context("storing the artifact")?;
+    let scores: Vec<Value> = fits
+        .iter()
+        .map(|f| {
+            let rows = &report.horizons[&f.horizon];
+            let mae = |m: &str| rows.iter().find(|r| r.model == m).map(|r| r.scores.mae);
+            let mine = rows.iter().find(|r| r.model == "global-linear");
+            let (base, base_mae) = [("last-value", mae("last-value")), ("mean-of-last-12", mae("mean-of-last-12"))]
+                .into_iter()
+                .filter_map(|(n, m)| m.map(|m| (n, m)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap_or(("last-value", f64::NAN));
+            let win = mine.map_or(0.0, |m| if base == "last-value" { m.win_rate_vs_last_value } else { m.win_rate_vs_mean_of_last_12 });
+            json!({
+                "horizon": f.horizon, "validation_mae": f.validation_mae, "test_mae": mine.map_or(f64::NAN, |m| m.scores.mae),
+                "baseline_mae": base_mae, "baseline": base, "win_rate": win,
+            })
+        })
+        .collect();
+    let record = json!({
+        "model": format!("global-linear-{}", &digest[..12]),
+        "kind": "global-linear",
+        "digest": digest,
+        "hyperparameters": fits.iter().map(|f| json!({
+            "horizon": f.horizon, "learning_rate": f.learning_rate, "l2": f.l2, "epochs": f.epochs,
+        })).collect::<Vec<_>>(),
+        "scores": scores,
+        "data": { "sources": sources, "series": count, "val_share": val_share, "test_share": test_share, "seed": seed },
+    });
+    let registered = crate::client::api_call(server, "POST", "/api/v1/models".into(), Some(record.clone())).await?;
+    match fmt {
+        Format::Json => output::json(&json!({ "registered": registered["model"], "record": record })),
+        Format::Text => {
+            println!("registered {} (not promoted)", registered["model"].as_str().unwrap_or_default());
+            for s in record["scores"].as_array().into_iter().flatten() {
+                println!(
+                    "  h={}: test MAE {:.3} vs {} {:.3}, wins on {:.0} % of series",
+                    s["horizon"],
+                    s["test_mae"].as_f64().unwrap_or(f64::NAN),
+                    s["baseline"].as_str().unwrap_or_default(),
+                    s["baseline_mae"].as_f64().unwrap_or(f64::NAN),
+                    s["win_rate"].as_f64().unwrap_or(0.0) * 100.0
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct AbTestArgs {
+    /// The candidate model id.
+    a: String,
+    /// The incumbent model id.
+    b: String,
+    #[command(flatten)]
+    eval: EvaluateArgs,
+}
+
+/// Compares two registered models on the same series: a paired t-test of per-series test MAE.
+pub async fn abtest_cmd(server: &str, nats: &str, a: AbTestArgs, fmt: Format) -> anyhow::Result<()> {
+    let listed = crate::client::api_call(server, "GET", "/api/v1/models".into(), None).await?;
+    let store = artifacts(nats).await?;
+    let mut models = Vec::new();
+    for id in [&a.a, &a.b] {
+        let digest = listed["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["model"].as_str() == Some(id.as_str()))
+            .and_then(|m| m["digest"].as_str().map(str::to_owned))
+            .with_context(|| format!("no model {id} is registered"))?;
+        let bytes =
+            store.get(artifact_key(&digest)).await?.with_context(|| format!("the artifact of {id} is missing"))?;
+        let artifact: novacron_predict::model::Artifact = serde_json::from_slice(&bytes)?;
+        models.push(novacron_predict::model::Named {
+            name: id.clone(),
+            inner: Box::new(artifact.model().map_err(anyhow::Error::msg)?),
+        });
+    }
+    let (ida, idb) = (a.a.clone(), a.b.clone());
+    let eval = a.eval;
+    let tests = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Value>> {
+        let series = load(&eval)?;
+        let splits: Vec<Split> =
+            series.iter().map(|s| Split::fractions(s.values.len(), eval.val_share, eval.test_share)).collect();
+        let mut out = Vec::new();
+        for &h in &eval.horizons {
+            let ea = novacron_predict::eval::per_series_mae(&series, &splits, h, &models[0]);
+            let eb = novacron_predict::eval::per_series_mae(&series, &splits, h, &models[1]);
+            let t = novacron_predict::eval::ab_test(&ida, &idb, &ea, &eb);
+            out.push(json!({ "horizon": h, "test": t }));
+        }
+        Ok(out)
+    })
+    .await??;
+    match fmt {
+        Format::Json => output::json(&tests),
+        Format::Text => {
+            for t in &tests {
+                let x = &t["test"];
+                println!(
+                    "h={}: {} vs {} over {} series: Δ MAE {:+.3}, effect {:.2}, p = {:.2e} → {}",
+                    t["horizon"],
+                    a.a,
+                    a.b,
+                    x["series"],
+                    x["mean_difference"].as_f64().unwrap_or(0.0),
+                    x["effect_size"].as_f64().unwrap_or(0.0),
+                    x["p_value"].as_f64().unwrap_or(1.0),
+                    x["recommendation"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prints the registry.
+pub fn print_models(v: &Value, fmt: Format) -> anyhow::Result<()> {
+    match fmt {
+        Format::Json => output::json(v),
+        Format::Text => {
+            let rows: Vec<Vec<String>> = v["models"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    let scores: Vec<String> = m["scores"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| {
+                            format!(
+                                "h{}: {:.2} vs {:.2}",
+                                s["horizon"],
+                                s["test_mae"].as_f64().unwrap_or(f64::NAN),
+                                s["baseline_mae"].as_f64().unwrap_or(f64::NAN)
+                            )
+                        })
+                        .collect();
+                    vec![
+                        m["model"].as_str().unwrap_or_default().to_owned(),
+                        if m["in_use"].as_bool() == Some(true) { "yes".into() } else { String::new() },
+                        m["trained_at"].as_str().unwrap_or_default().to_owned(),
+                        scores.join(", "),
+                    ]
+                })
+                .collect();
+            output::table(&["model", "in use", "trained", "test MAE vs baseline"], &rows);
+            for (m, l) in v["live"].as_object().into_iter().flatten() {
+                println!(
+                    "live {m}: {} forecasts, MAE {}, drift alarms {}",
+                    l["forecasts"], l["live_mae"], l["drift_alarms"]
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -146,7 +146,30 @@ impl Bus {
             self.ensure_stream(name, cfg).await?;
         }
         self.host_leases(replicas).await?;
+        self.model_artifacts(replicas).await?;
         Ok(())
+    }
+
+    /// Opens the bucket of trained models' artifacts ([`proto::MODEL_ARTIFACTS_BUCKET`]),
+    /// creating it if missing.
+    ///
+    /// # Errors
+    /// When JetStream refuses to create it.
+    pub async fn model_artifacts(&self, replicas: usize) -> Result<jetstream::kv::Store, BusError> {
+        if let Ok(store) = self.js.get_key_value(proto::MODEL_ARTIFACTS_BUCKET).await {
+            return Ok(store);
+        }
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: proto::MODEL_ARTIFACTS_BUCKET.into(),
+                description: "NovaCron forecasting model artifacts, keyed sha256-<digest>".into(),
+                history: 1,
+                storage: StorageType::File,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Provision { stream: "KV_nc-model-artifacts", source: Box::new(e) })
     }
 
     /// Opens the agents' lease bucket ([`proto::HOST_LEASE_BUCKET`]), creating it if missing.

@@ -37,6 +37,10 @@ pub(crate) struct Api {
     /// the rebalancer's VM cooldown.
     pub passes:
         std::sync::Arc<(novacron_scheduler::PlannerConfig, crate::decide::MigrationLimits, std::time::Duration)>,
+    /// Trained models' artifacts (a registration must name a stored one).
+    pub model_artifacts: async_nats::jetstream::kv::Store,
+    /// Live forecast accuracy per model.
+    pub ledger: crate::ingest::SharedLedger,
 }
 
 pub(crate) fn router(api: Api) -> Router {
@@ -55,6 +59,9 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{id}", get(show_host))
         .route("/api/v1/hosts/{id}/{action}", axum::routing::post(host_action))
+        .route("/api/v1/models", get(list_models).post(register_model))
+        .route("/api/v1/models/rollback", axum::routing::post(rollback_model))
+        .route("/api/v1/models/{id}/promote", axum::routing::post(promote_model))
         .route("/api/v1/groups", get(list_groups).post(create_group))
         .route("/api/v1/groups/{name}", get(show_group).delete(delete_group))
         .route("/api/v1/policies", get(list_policies).post(apply_policies))
@@ -338,6 +345,93 @@ async fn host_action(
     };
     let view = api.engine.host_action(id, action, origin(&headers)).await?;
     Ok(ok(StatusCode::OK, view))
+}
+
+async fn register_model(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let m: novacron_types::model::ModelTrained = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::field(path, format!("invalid model record: {}", e.into_inner()))
+    })?;
+    // The artifact must be stored, and be what the digest says.
+    let key = format!("sha256-{}", m.digest);
+    let stored =
+        api.model_artifacts.get(&key).await.map_err(|e| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot read the artifact store: {e}"))
+        })?;
+    let Some(bytes) = stored else {
+        return Err(ApiError::field(
+            "digest",
+            format!("no artifact {key} in {}", novacron_protocol::MODEL_ARTIFACTS_BUCKET),
+        ));
+    };
+    use sha2::Digest;
+    let actual = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    if actual != m.digest {
+        return Err(ApiError::field("digest", format!("the stored artifact's digest is {actual}")));
+    }
+    let id = api.engine.model(crate::decide::ModelAction::Register(Box::new(m)), origin(&headers)).await?;
+    Ok(ok(StatusCode::CREATED, json!({ "model": id })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn reason(body: &[u8], default: &str) -> Result<String, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(default.to_owned());
+    }
+    let b: ReasonBody = serde_json::from_slice(body).map_err(|e| ApiError::field("reason", e.to_string()))?;
+    Ok(b.reason.unwrap_or_else(|| default.to_owned()))
+}
+
+async fn promote_model(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let reason = reason(&body, "promoted by an operator")?;
+    let id = api.engine.model(crate::decide::ModelAction::Promote { model: id, reason }, origin(&headers)).await?;
+    Ok(ok(StatusCode::OK, json!({ "in_use": id })))
+}
+
+async fn rollback_model(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let reason = reason(&body, "rolled back by an operator")?;
+    let id = api.engine.model(crate::decide::ModelAction::Rollback { reason }, origin(&headers)).await?;
+    Ok(ok(StatusCode::OK, json!({ "in_use": id })))
+}
+
+async fn list_models(State(api): State<Api>) -> Response {
+    let state = read(&api.engine.state);
+    let ledger = crate::ingest::lock_ledger(&api.ledger);
+    let live: serde_json::Map<String, serde_json::Value> = ledger
+        .iter()
+        .map(|(m, e)| {
+            let mae = if e.forecasts == 0 { None } else { Some(e.abs_error / e.forecasts as f64) };
+            (m.clone(), json!({ "forecasts": e.forecasts, "live_mae": mae, "drift_alarms": e.drift_alarms }))
+        })
+        .collect();
+    let models: Vec<_> = state
+        .models
+        .values()
+        .map(|m| {
+            json!({
+                "model": m.trained.model, "kind": m.trained.kind, "digest": m.trained.digest,
+                "trained_at": humantime_rfc3339(m.at_ms), "scores": m.trained.scores,
+                "hyperparameters": m.trained.hyperparameters, "data": m.trained.data,
+                "in_use": state.promoted.last() == Some(&m.trained.model),
+            })
+        })
+        .collect();
+    ok(
+        StatusCode::OK,
+        json!({ "in_use": state.promoted.last(), "promotions": state.promoted, "models": models, "live": live }),
+    )
 }
 
 async fn create_group(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {

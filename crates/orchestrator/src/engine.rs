@@ -109,6 +109,11 @@ pub(crate) enum Request {
         origin: Origin,
         reply: oneshot::Sender<Result<String, EngineError>>,
     },
+    Model {
+        action: decide::ModelAction,
+        origin: Origin,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
 }
 
 /// A cheap handle to the engine.
@@ -219,6 +224,14 @@ impl EngineHandle {
         self.ask(|reply| Request::DeleteGroup { name, origin, reply }).await
     }
 
+    /// Registers, promotes or rolls back a forecasting model; returns the model concerned.
+    ///
+    /// # Errors
+    /// Refusals, or the log being unavailable.
+    pub async fn model(&self, action: decide::ModelAction, origin: Origin) -> Result<String, EngineError> {
+        self.ask(|reply| Request::Model { action, origin, reply }).await
+    }
+
     /// Hands over an agent's report; returns once its events are in the log.
     ///
     /// # Errors
@@ -249,6 +262,10 @@ pub struct EngineConfig {
     pub forecast_step: Duration,
     /// How many steps ahead predictive scaling looks (covering a VM's start time).
     pub forecast_horizon_steps: u32,
+    /// Trained models' artifacts.
+    pub model_artifacts: async_nats::jetstream::kv::Store,
+    /// Live forecast accuracy per model (the prediction ledger), shared with the API.
+    pub ledger: crate::ingest::SharedLedger,
     /// The agents' leases (KV `nc-host-leases`): a host is failed only by overwriting its lease.
     pub host_leases: async_nats::jetstream::kv::Store,
     /// This replica's role, from the election.
@@ -277,13 +294,36 @@ pub(crate) struct Engine {
     recommendations: BTreeMap<String, std::collections::VecDeque<(std::time::Instant, u32)>>,
     /// Per group in predictive or forecast-only mode: its load model.
     group_load: BTreeMap<String, GroupLoad>,
+    /// The promoted forecasting model, loaded from its artifact.
+    promoted_model: Option<(String, novacron_predict::model::GlobalLinear)>,
 }
 
 /// A group's load forecaster and its recent one-step errors.
 struct GroupLoad {
+    /// When the last sample was taken.
     last: Option<std::time::Instant>,
-    model: novacron_predict::model::Ses,
+    /// The promoted model it runs (`None`: exponential smoothing).
+    model_id: Option<String>,
+    model: Box<dyn novacron_predict::model::Forecaster>,
+    /// Recent samples (CPU %), to warm up a newly promoted model.
+    history: std::collections::VecDeque<f64>,
+    /// Recent one-step errors (CPU-% points), for the interval.
     residuals: std::collections::VecDeque<f64>,
+    /// One-step forecasts waiting for their actual.
+    pending: std::collections::VecDeque<f64>,
+}
+
+impl GroupLoad {
+    fn new() -> GroupLoad {
+        GroupLoad {
+            last: None,
+            model_id: None,
+            model: Box::new(novacron_predict::model::Ses::new(0.3)),
+            history: std::collections::VecDeque::new(),
+            residuals: std::collections::VecDeque::new(),
+            pending: std::collections::VecDeque::new(),
+        }
+    }
 }
 
 const MAX_ATTEMPTS: usize = 3;
@@ -353,6 +393,7 @@ impl Engine {
             hot_since: std::collections::BTreeMap::new(),
             recommendations: BTreeMap::new(),
             group_load: BTreeMap::new(),
+            promoted_model: None,
         };
         Ok((engine, handle, rx))
     }
@@ -452,7 +493,9 @@ impl Engine {
             Request::Report { reply, .. } => drop(reply.send(Err(err()))),
             Request::ApplyPolicies { reply, .. } => drop(reply.send(Err(err()))),
             Request::RemovePolicy { reply, .. } => drop(reply.send(Err(err()))),
-            Request::CreateGroup { reply, .. } | Request::DeleteGroup { reply, .. } => drop(reply.send(Err(err()))),
+            Request::CreateGroup { reply, .. } | Request::DeleteGroup { reply, .. } | Request::Model { reply, .. } => {
+                drop(reply.send(Err(err())))
+            }
         }
     }
 
@@ -561,6 +604,10 @@ impl Engine {
                     self.decide_and_commit(|s| decide::create_group(s, (*spec).clone(), &mut WallClock, &origin)).await;
                 let _ = reply.send(r);
             }
+            Request::Model { action, origin, reply } => {
+                let r = self.decide_and_commit(|s| decide::model_action(s, &action, &mut WallClock, &origin)).await;
+                let _ = reply.send(r);
+            }
             Request::DeleteGroup { name, origin, reply } => {
                 let r = self.decide_and_commit(|s| decide::delete_group(s, &name, &mut WallClock, &origin)).await;
                 let _ = reply.send(r);
@@ -625,9 +672,11 @@ impl Engine {
         let settings_config = settings.planning.config.clone();
         let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, settings);
         let events = if events.is_empty() {
-            let inputs = self.scaling_inputs();
+            self.refresh_promoted_model().await;
+            let (inputs, mut requested) = self.scaling_inputs();
             let planning = decide::Planning { config: settings_config.clone(), load: self.load_view() };
-            decide::scale_groups(&read(&self.state), &inputs, &planning, &mut WallClock, &origin)
+            requested.extend(decide::scale_groups(&read(&self.state), &inputs, &planning, &mut WallClock, &origin));
+            requested
         } else {
             events
         };
@@ -699,19 +748,52 @@ impl Engine {
         events
     }
 
+    /// Loads the promoted model's artifact when the promotion changed (kept otherwise).
+    async fn refresh_promoted_model(&mut self) {
+        let wanted = read(&self.state).promoted.last().cloned();
+        if self.promoted_model.as_ref().map(|(id, _)| id) == wanted.as_ref() {
+            return;
+        }
+        let Some(id) = wanted else {
+            self.promoted_model = None;
+            return;
+        };
+        let digest = read(&self.state).models.get(&id).map(|m| m.trained.digest.clone());
+        let Some(digest) = digest else { return };
+        let loaded = match self.cfg.model_artifacts.get(format!("sha256-{digest}")).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<novacron_predict::model::Artifact>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.model()),
+            Ok(None) => Err(format!("artifact sha256-{digest} is missing")),
+            Err(e) => Err(e.to_string()),
+        };
+        match loaded {
+            Ok(model) => {
+                tracing::info!(model = %id, "forecasts now use the promoted model");
+                self.promoted_model = Some((id, model));
+            }
+            Err(e) => {
+                tracing::warn!(model = %id, error = %e, "cannot load the promoted model; keeping the previous one")
+            }
+        }
+    }
+
     /// What the scaler reads: VM utilisation, each group's forecast (updated every forecast
-    /// step with the mean CPU of its members) and the highest size recommended within each
-    /// group's stabilization window (kept here, on this replica's clock).
-    fn scaling_inputs(&mut self) -> decide::ScalingInputs {
-        use novacron_predict::model::Forecaster;
+    /// step with the mean CPU of its members, by the promoted model or else exponential
+    /// smoothing) and the highest size recommended within each group's stabilization window
+    /// (kept here, on this replica's clock). Also returns the retraining requests raised by
+    /// drift in the live forecast errors.
+    fn scaling_inputs(&mut self) -> (decide::ScalingInputs, Vec<Envelope>) {
         let now = std::time::Instant::now();
         let now_ms = novacron_eventlog::now_ms();
         let vm_util: BTreeMap<novacron_types::VmId, f64> =
             crate::ingest::lock(&self.cfg.observations).vms.iter().map(|(id, t)| (*id, t.cpu_util)).collect();
         let mut inputs = decide::ScalingInputs { vm_util, ..Default::default() };
+        let mut requests = Vec::new();
         let state = read(&self.state).clone();
         self.recommendations.retain(|g, _| state.groups.contains_key(g));
         self.group_load.retain(|g, _| state.groups.contains_key(g));
+        let promoted = self.promoted_model.clone();
         for g in state.groups.values() {
             let name = g.spec.name.clone();
             let members = decide::members(&state, &name);
@@ -732,37 +814,77 @@ impl Engine {
                 continue;
             }
             let step = self.cfg.forecast_step;
-            let load = self.group_load.entry(name.clone()).or_insert_with(|| GroupLoad {
-                last: None,
-                model: novacron_predict::model::Ses::new(0.3),
-                residuals: std::collections::VecDeque::new(),
-            });
+            let h = self.cfg.forecast_horizon_steps as usize;
+            let load = self.group_load.entry(name.clone()).or_insert_with(GroupLoad::new);
+            // A new promotion: the new model replays the group's history.
+            let wanted = promoted.as_ref().map(|(id, _)| id.clone());
+            if load.model_id != wanted {
+                load.model = match &promoted {
+                    Some((_, m)) => Box::new(m.clone()),
+                    None => Box::new(novacron_predict::model::Ses::new(0.3)),
+                };
+                for x in &load.history {
+                    load.model.observe(*x);
+                }
+                load.model_id = wanted;
+                load.residuals.clear();
+                load.pending.clear();
+            }
+            let label = load.model_id.clone().unwrap_or_else(|| load.model.name());
             if let Some(u) = observed
                 && load.last.is_none_or(|t| now.duration_since(t) >= step)
             {
-                let predicted = load.model.forecast(1);
-                if !predicted.is_nan() {
-                    load.residuals.push_back((u - predicted).abs());
+                let x = u * 100.0;
+                // Score the forecasts that were due now (the prediction ledger).
+                if let Some(p) = load.pending.pop_front() {
+                    let err = (x - p).abs();
+                    load.residuals.push_back(err);
                     if load.residuals.len() > 100 {
                         load.residuals.pop_front();
                     }
+                    let mut ledger = crate::ingest::lock_ledger(&self.cfg.ledger);
+                    let entry = ledger.entry(label.clone()).or_insert_with(crate::ingest::LedgerEntry::new);
+                    entry.forecasts += 1;
+                    entry.abs_error += err;
+                    if entry.drift.add(err) {
+                        entry.drift_alarms += 1;
+                        let mae = entry.abs_error / entry.forecasts as f64;
+                        requests.push(novacron_types::model::ModelRetrainingRequested {
+                            model: label.clone(),
+                            group: name.clone(),
+                            reason: format!(
+                                "live forecast errors drifted upwards (Page-Hinkley) for group {name}; live MAE {mae:.2} points over {} forecasts",
+                                entry.forecasts
+                            ),
+                            live_mae: mae,
+                            forecasts: entry.forecasts,
+                        });
+                    }
                 }
-                load.model.observe(u);
+                load.model.observe(x);
+                load.history.push_back(x);
+                if load.history.len() > 400 {
+                    load.history.pop_front();
+                }
                 load.last = Some(now);
+                let p = load.model.forecast(h);
+                if !p.is_nan() {
+                    // Scored h steps from now; one-step scoring keeps the queue short.
+                    load.pending.push_back(load.model.forecast(1));
+                }
             }
-            let point = load.model.forecast(self.cfg.forecast_horizon_steps as usize);
+            let point = load.model.forecast(h) / 100.0;
             if point.is_nan() {
                 continue;
             }
             // The 90th percentile of past one-step errors, widened with the horizon.
             let mut r: Vec<f64> = load.residuals.iter().copied().collect();
             r.sort_by(f64::total_cmp);
-            let q = if r.len() < 5 { 0.1 } else { r[(r.len() - 1) * 9 / 10] };
-            let q = q * f64::from(self.cfg.forecast_horizon_steps).sqrt();
+            let q = if r.len() < 5 { 10.0 } else { r[(r.len() - 1) * 9 / 10] } / 100.0 * (h as f64).sqrt();
             inputs.forecasts.insert(
                 name,
                 novacron_types::group::ForecastNote {
-                    model: load.model.name(),
+                    model: label,
                     horizon_steps: self.cfg.forecast_horizon_steps,
                     step_s: step.as_secs(),
                     point,
@@ -771,7 +893,12 @@ impl Engine {
                 },
             );
         }
-        inputs
+        let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
+        let events = requests
+            .into_iter()
+            .map(|r| decide::envelope(&mut WallClock, &origin, novacron_types::EventKind::ModelRetrainingRequested(r)))
+            .collect();
+        (inputs, events)
     }
 
     /// The planner's inputs: its settings and the latest CPU load per host from telemetry.

@@ -63,6 +63,39 @@ pub(crate) fn load_view(obs: &SharedObservations) -> novacron_scheduler::LoadVie
     view
 }
 
+/// Live accuracy of one model's forecasts, scored as actuals arrive.
+#[derive(Clone, Debug)]
+pub struct LedgerEntry {
+    /// Forecasts scored.
+    pub forecasts: u64,
+    /// Sum of absolute errors, CPU-% points.
+    pub abs_error: f64,
+    /// Drift detector over the errors.
+    pub drift: novacron_predict::eval::PageHinkley,
+    /// How often it raised the alarm.
+    pub drift_alarms: u64,
+}
+
+impl LedgerEntry {
+    pub(crate) fn new() -> LedgerEntry {
+        // Alarm when errors rise by more than 2 points on average for long enough that the
+        // excess passes 100 point-steps.
+        LedgerEntry {
+            forecasts: 0,
+            abs_error: 0.0,
+            drift: novacron_predict::eval::PageHinkley::new(2.0, 100.0),
+            drift_alarms: 0,
+        }
+    }
+}
+
+/// The prediction ledger: per model (id, or the built-in smoothing), its live accuracy.
+pub type SharedLedger = Arc<Mutex<BTreeMap<String, LedgerEntry>>>;
+
+pub(crate) fn lock_ledger(l: &SharedLedger) -> std::sync::MutexGuard<'_, BTreeMap<String, LedgerEntry>> {
+    l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Shared observations.
 pub type SharedObservations = Arc<Mutex<Observations>>;
 

@@ -171,6 +171,8 @@ impl Orchestrator {
         let bus = Bus::connect(&bus_cfg).await?;
         bus.provision(cfg.replicas).await?;
         let host_leases = bus.host_leases(cfg.replicas).await?;
+        let model_artifacts = bus.model_artifacts(cfg.replicas).await?;
+        let ledger: ingest::SharedLedger = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
         let log = EventLog::open(bus.js.clone()).await.map_err(|e| OrchestratorError::Log(e.to_string()))?;
         let snapshots = SnapshotStore::open(&cfg.data_dir.join("snapshots"))?;
         let listener = tokio::net::TcpListener::bind(cfg.http)
@@ -191,6 +193,8 @@ impl Orchestrator {
             observations: observations.clone(),
             forecast_step: cfg.forecast_step,
             forecast_horizon_steps: cfg.forecast_horizon_steps.max(1),
+            model_artifacts: model_artifacts.clone(),
+            ledger: ledger.clone(),
             host_leases,
             reconcile: decide::ReconcileSettings {
                 restart: cfg.restart,
@@ -247,6 +251,8 @@ impl Orchestrator {
             events,
             role,
             passes,
+            model_artifacts,
+            ledger,
         });
         let shutdown = cancel.clone();
         tracker.spawn(async move {

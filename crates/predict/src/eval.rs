@@ -262,6 +262,26 @@ impl PageHinkley {
     }
 }
 
+/// Each series' test MAE for one model at one horizon (NaN where it made no forecast), for
+/// paired comparisons.
+#[must_use]
+pub fn per_series_mae(series: &[Series], splits: &[Split], h: usize, model: &dyn Forecaster) -> Vec<f64> {
+    series
+        .iter()
+        .zip(splits)
+        .map(|(s, sp)| {
+            let mut m = model.fresh();
+            let run = walk(m.as_mut(), s, sp, &[h]);
+            let pairs = run.test.get(&h).map_or(&[][..], Vec::as_slice);
+            if pairs.is_empty() {
+                f64::NAN
+            } else {
+                pairs.iter().map(|(p, y)| (p - y).abs()).sum::<f64>() / pairs.len() as f64
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

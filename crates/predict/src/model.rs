@@ -256,3 +256,74 @@ mod tests {
         assert!((f[5] - (300.0 + 1.0 - 1.0 - 288.0) / 100.0).abs() < 1e-12, "a day before the target");
     }
 }
+
+/// A trained model as stored: what is needed to forecast with it again.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// The model family.
+    pub kind: String,
+    /// The version of [`features`] it was trained on.
+    pub features_version: u32,
+    /// Per horizon, the weights.
+    pub horizons: Vec<(usize, Vec<f64>)>,
+}
+
+/// The version of [`features`] (bumped when they change: an artifact of another version is
+/// refused, not misread).
+pub const FEATURES_VERSION: u32 = 1;
+
+impl Artifact {
+    /// The artifact of a trained global linear model.
+    #[must_use]
+    pub fn global_linear(weights: &[(usize, [f64; FEATURES])]) -> Artifact {
+        Artifact {
+            kind: "global-linear".into(),
+            features_version: FEATURES_VERSION,
+            horizons: weights.iter().map(|(h, w)| (*h, w.to_vec())).collect(),
+        }
+    }
+
+    /// The model it holds.
+    ///
+    /// # Errors
+    /// Another family, another feature version, or weights of the wrong length.
+    pub fn model(&self) -> Result<GlobalLinear, String> {
+        if self.kind != "global-linear" || self.features_version != FEATURES_VERSION {
+            return Err(format!("cannot use a {} model of feature version {}", self.kind, self.features_version));
+        }
+        let weights = self
+            .horizons
+            .iter()
+            .map(|(h, w)| {
+                <[f64; FEATURES]>::try_from(w.as_slice())
+                    .map(|w| (*h, w))
+                    .map_err(|_| format!("horizon {h}: {} weights, expected {FEATURES}", w.len()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(GlobalLinear::new(weights))
+    }
+}
+
+/// A model under its own name (e.g. a model id), for comparing versions side by side.
+pub struct Named {
+    /// The name.
+    pub name: String,
+    /// The model.
+    pub inner: Box<dyn Forecaster>,
+}
+
+impl Forecaster for Named {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn observe(&mut self, x: f64) {
+        self.inner.observe(x);
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        self.inner.forecast(h)
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(Named { name: self.name.clone(), inner: self.inner.fresh() })
+    }
+}

@@ -40,6 +40,9 @@ pub const LEASE_HELD: &[u8] = b"held";
 /// The value the orchestrator writes when it declares the host failed.
 pub const LEASE_FAILED: &[u8] = b"failed";
 
+/// KV bucket of trained models' artifacts, keyed `sha256-<hex digest>`.
+pub const MODEL_ARTIFACTS_BUCKET: &str = "nc-model-artifacts";
+
 /// Checks the fencing invariant shared by agents and the orchestrator.
 ///
 /// # Errors
@@ -128,6 +131,10 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::PolicyConflictResolved(_) => "nc.events.cluster.policy".to_owned(),
         EventKind::PolicyViolationObserved(e) => vm_events(e.vm),
         EventKind::GroupCreated(e) => format!("nc.events.group.{}", e.spec.name),
+        EventKind::ModelTrained(e) => format!("nc.events.model.{}", e.model),
+        EventKind::ModelPromoted(e) => format!("nc.events.model.{}", e.model),
+        EventKind::ModelRolledBack(e) => format!("nc.events.model.{}", e.from),
+        EventKind::ModelRetrainingRequested(_) => "nc.events.cluster.models".to_owned(),
         EventKind::GroupDeleted(e) => format!("nc.events.group.{}", e.group),
         EventKind::GroupScaled(e) => format!("nc.events.group.{}", e.group),
     }

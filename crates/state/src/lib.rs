@@ -64,6 +64,21 @@ pub struct ClusterState {
     /// VM groups by name.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupRecord>,
+    /// Trained forecasting models by id.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelRecord>,
+    /// The promotions in force, oldest first: the last is the model in use; a rollback pops it.
+    #[serde(default)]
+    pub promoted: Vec<String>,
+}
+
+/// A trained model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// What was recorded when it was trained.
+    pub trained: novacron_types::model::ModelTrained,
+    /// When, ms since the epoch (the writer's clock).
+    pub at_ms: u64,
 }
 
 /// A VM group.
@@ -417,6 +432,29 @@ impl ClusterState {
 
     fn apply_kind(&mut self, seq: u64, env: &Envelope) -> Applied {
         match &env.event {
+            EventKind::ModelTrained(e) => {
+                if self.models.contains_key(&e.model) {
+                    return Applied::Ignored(format!("ModelTrained for known model {}", e.model));
+                }
+                self.models.insert(e.model.clone(), ModelRecord { trained: e.clone(), at_ms: env.at_ms });
+                Applied::Changed
+            }
+            EventKind::ModelPromoted(e) => {
+                if !self.models.contains_key(&e.model) || self.promoted.last() == Some(&e.model) {
+                    return Applied::Ignored(format!("ModelPromoted of unknown or current model {}", e.model));
+                }
+                self.promoted.push(e.model.clone());
+                Applied::Changed
+            }
+            // A trigger for whoever retrains; the state keeps nothing of it.
+            EventKind::ModelRetrainingRequested(_) => Applied::Changed,
+            EventKind::ModelRolledBack(e) => {
+                if self.promoted.last() != Some(&e.from) {
+                    return Applied::Ignored(format!("ModelRolledBack of {} which is not in use", e.from));
+                }
+                self.promoted.pop();
+                Applied::Changed
+            }
             EventKind::GroupCreated(e) => {
                 if self.groups.contains_key(&e.spec.name) {
                     return Applied::Ignored(format!("GroupCreated for existing group {}", e.spec.name));

@@ -166,6 +166,15 @@ pub enum EventKind {
     PolicyRemoved(PolicyRemoved),
     /// Two policies pull apart and one gives way, by the documented order.
     PolicyConflictResolved(PolicyConflictResolved),
+    /// A forecasting model was trained and its artifact stored.
+    ModelTrained(crate::model::ModelTrained),
+    /// A model was promoted: forecasts use it from now on.
+    ModelPromoted(crate::model::ModelPromoted),
+    /// A promotion was undone.
+    ModelRolledBack(crate::model::ModelRolledBack),
+    /// A model's live forecasts drifted: retraining is due (the trigger; training is
+    /// `novacron models train`).
+    ModelRetrainingRequested(crate::model::ModelRetrainingRequested),
     /// A VM group was created.
     GroupCreated(GroupCreated),
     /// A VM group was deleted (its members are deleted with it).
@@ -215,6 +224,10 @@ impl EventKind {
             EventKind::PolicyConflictResolved(_) => "PolicyConflictResolved",
             EventKind::PolicyViolationObserved(_) => "PolicyViolationObserved",
             EventKind::GroupCreated(_) => "GroupCreated",
+            EventKind::ModelTrained(_) => "ModelTrained",
+            EventKind::ModelPromoted(_) => "ModelPromoted",
+            EventKind::ModelRolledBack(_) => "ModelRolledBack",
+            EventKind::ModelRetrainingRequested(_) => "ModelRetrainingRequested",
             EventKind::GroupDeleted(_) => "GroupDeleted",
             EventKind::GroupScaled(_) => "GroupScaled",
         }

@@ -15,6 +15,7 @@ pub mod command;
 pub mod event;
 pub mod group;
 pub mod ids;
+pub mod model;
 pub mod policy;
 pub mod report;
 pub mod resources;

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 pub mod groups;
 pub mod hosts;
+pub mod models;
 pub mod policies;
 pub mod rebalance;
 pub mod reconcile;
@@ -26,6 +27,7 @@ pub mod vms;
 
 pub use groups::*;
 pub use hosts::*;
+pub use models::*;
 pub use policies::*;
 pub use rebalance::*;
 pub use reconcile::*;
