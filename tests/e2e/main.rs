@@ -601,6 +601,31 @@ fn models_are_trained_registered_compared_promoted_and_rolled_back() {
     assert!(body["error"].as_str().unwrap().contains("no artifact"), "{body}");
 }
 
+#[test]
+fn the_failure_risk_classifier_reads_failure_records_and_says_how_it_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("failures.csv");
+    // One system of four nodes over three years: node 0 fails every 4 days, the others yearly.
+    let mut csv = String::from("System,nodes,nodenumz,Prob Started,Down Time,Hardware,Software\n");
+    for day in (0..1100).step_by(4) {
+        let (y, doy) = (2001 + day / 365, day % 365);
+        let (m, d) = (1 + doy / 31, 1 + doy % 28);
+        csv.push_str(&format!("1,4,0,{m}/{d}/{y} 10:00,30,Disk,\n"));
+    }
+    for (node, y) in [(1, 2001), (2, 2002), (3, 2003), (1, 2003)] {
+        csv.push_str(&format!("1,4,{node},6/15/{y} 12:00,60,,Kernel\n"));
+    }
+    std::fs::write(&path, csv).unwrap();
+    let out =
+        cli_json(&["models", "risk", "--data", path.to_str().unwrap(), "--cutoff", "2003-01-01", "--val-days", "120"]);
+    let scores = out["report"]["scores"].as_array().unwrap();
+    let model = scores.iter().find(|s| s["model"].as_str().unwrap().starts_with("logistic")).unwrap();
+    assert!(model["roc_auc"].as_f64().unwrap() > 0.8, "{out}");
+    assert!(scores.iter().any(|s| s["model"] == "most failures so far"), "baselines reported: {out}");
+    let (ok, _, err) = cli(&["models", "risk", "--data", path.to_str().unwrap(), "--cutoff", "2003-13-01"]);
+    assert!(!ok && err.contains("must be YYYY-MM-DD"), "{err}");
+}
+
 /// `HH:MM` (UTC) `minutes` from now, wrapping around midnight.
 fn utc_hhmm(minutes: i64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 / 60;

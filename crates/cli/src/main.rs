@@ -277,6 +277,10 @@ enum ModelsCommand {
     /// Compare two registered models on the same traces: paired t-test of per-series error,
     /// effect size and a promote/keep recommendation.
     Abtest(models::AbTestArgs),
+    /// Train and score the failure-risk classifier (which nodes fail within the next days) on
+    /// failure records, against ranking baselines: ROC AUC, PR AUC, precision, recall, F1,
+    /// Brier score and calibration.
+    Risk(models::RiskArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -664,6 +668,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a, fmt).await,
         Command::Models(ModelsCommand::Evaluate(a)) => {
             tokio::task::spawn_blocking(move || models::evaluate_cmd(&a, fmt)).await?
+        }
+        Command::Models(ModelsCommand::Risk(a)) => {
+            tokio::task::spawn_blocking(move || models::risk_cmd(&a, fmt)).await?
         }
         Command::Models(ModelsCommand::Train(a)) => models::train_cmd(&cli.server, &cli.nats, a, fmt).await,
         Command::Models(ModelsCommand::Abtest(a)) => models::abtest_cmd(&cli.server, &cli.nats, a, fmt).await,

@@ -396,3 +396,76 @@ pub fn print_models(v: &Value, fmt: Format) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(Args, Debug)]
+pub struct RiskArgs {
+    /// The LANL failure records (CSV, gzip or plain).
+    #[arg(long)]
+    data: PathBuf,
+    /// Train before this date (YYYY-MM-DD), test from it on.
+    #[arg(long, default_value = "2003-01-01")]
+    cutoff: String,
+    /// The last days before the cut-off used for early stopping and calibration.
+    #[arg(long, default_value_t = 180.0)]
+    val_days: f64,
+    /// A node is "at risk" if it fails within this many days.
+    #[arg(long, default_value_t = 7.0)]
+    window_days: f64,
+}
+
+/// Trains and scores the failure-risk classifier against the ranking baselines.
+pub fn risk_cmd(a: &RiskArgs, fmt: Format) -> anyhow::Result<()> {
+    use novacron_predict::risk::{days_from_civil, evaluate_risk, read_lanl};
+    let mut p = a.cutoff.split('-');
+    let (y, m, d) = match (
+        p.next().and_then(|x| x.parse().ok()),
+        p.next().and_then(|x| x.parse().ok()),
+        p.next().and_then(|x| x.parse().ok()),
+    ) {
+        (Some(y), Some(m), Some(d)) if (1..=12).contains(&m) && (1..=31).contains(&d) => (y, m, d),
+        _ => bail!("--cutoff {:?} must be YYYY-MM-DD", a.cutoff),
+    };
+    if !(a.window_days > 0.0 && a.val_days > a.window_days) {
+        bail!("--window-days must be positive and --val-days longer than it");
+    }
+    let fleet = read_lanl(&a.data)?;
+    let started = std::time::Instant::now();
+    let report = evaluate_risk(&fleet, days_from_civil(y, m, d) as f64, a.val_days, a.window_days);
+    let out =
+        json!({ "data": a.data, "cutoff": a.cutoff, "seconds": started.elapsed().as_secs_f64(), "report": report });
+    match fmt {
+        Format::Json => output::json(&out),
+        Format::Text => {
+            println!(
+                "failure within {} days; {} / {} / {} train / validation / test node-weeks; base rate {:.2} %",
+                report.window_days,
+                report.rows.0,
+                report.rows.1,
+                report.rows.2,
+                report.base_rate * 100.0
+            );
+            let rows: Vec<Vec<String>> = report
+                .scores
+                .iter()
+                .map(|s| {
+                    let opt = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.3}"));
+                    vec![
+                        s.model.clone(),
+                        format!("{:.3}", s.roc_auc),
+                        format!("{:.3}", s.pr_auc),
+                        opt(s.precision),
+                        opt(s.recall),
+                        opt(s.f1),
+                        opt(s.brier),
+                    ]
+                })
+                .collect();
+            output::table(&["scorer", "ROC AUC", "PR AUC", "precision", "recall", "F1", "Brier"], &rows);
+            println!(
+                "calibration (predicted → observed): {}",
+                report.calibration.iter().map(|(p, o, _)| format!("{:.3}→{:.3}", p, o)).collect::<Vec<_>>().join("  ")
+            );
+            Ok(())
+        }
+    }
+}

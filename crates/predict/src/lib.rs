@@ -8,5 +8,6 @@ pub mod eval;
 pub mod generate;
 pub mod metrics;
 pub mod model;
+pub mod risk;
 pub mod series;
 pub mod train;
