@@ -91,6 +91,9 @@ async fn a_promoted_model_forecasts_for_the_groups_and_its_live_errors_are_score
     cfg.http = "127.0.0.1:0".parse().unwrap();
     cfg.reconcile_interval = Duration::from_millis(100);
     cfg.forecast_step = Duration::from_millis(100);
+    // An accuracy trigger that model fails: once 3 forecasts are scored, it fires.
+    cfg.retraining.live_mae_above = Some(1.0);
+    cfg.retraining.min_forecasts = 3;
     let o = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
     let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
     let db = sled::open(dir.path().join("agents")).unwrap();
@@ -104,9 +107,10 @@ async fn a_promoted_model_forecasts_for_the_groups_and_its_live_errors_are_score
     });
     wait(&o, "the host", |s| s.hosts.len() == 1).await;
 
-    // A model that says "the last value", stored and registered as `models train` would.
+    // A model that says "nine tenths of the last value", stored and registered as `models
+    // train` would: against members at 60 % it is 6 points off.
     let mut w = [0.0; novacron_predict::model::FEATURES];
-    w[1] = 1.0;
+    w[1] = 0.9;
     let artifact = serde_json::to_vec(&novacron_predict::model::Artifact::global_linear(&[(1, w)])).unwrap();
     let digest: String = sha2::Sha256::digest(&artifact).iter().map(|b| format!("{b:02x}")).collect();
     bus.model_artifacts(1).await.unwrap().put(format!("sha256-{digest}"), artifact.into()).await.unwrap();
@@ -139,12 +143,16 @@ async fn a_promoted_model_forecasts_for_the_groups_and_its_live_errors_are_score
             tokio::task::spawn_blocking(move || crate::harness::get(&api, "/api/v1/models")).await.unwrap();
         let live = &models["live"][&id];
         if live["forecasts"].as_u64().is_some_and(|n| n >= 3) {
-            assert!(live["live_mae"].as_f64().is_some_and(|m| m < 5.0), "copying 60 % predicts 60 %: {models}");
+            assert!(live["live_mae"].as_f64().is_some_and(|m| (5.9..6.1).contains(&m)), "54 % against 60 %: {models}");
             assert_eq!(models["in_use"], id.as_str());
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "no live forecasts scored: {models}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    wait(&o, "a retraining request from the accuracy trigger", |s| {
+        s.retraining_requests.get(&id).is_some_and(|n| *n == 1)
+    })
+    .await;
     cancel.cancel();
 }

@@ -17,6 +17,7 @@ mod client;
 mod models;
 mod nats_server;
 mod output;
+mod profile;
 mod services;
 
 use std::net::SocketAddr;
@@ -348,6 +349,13 @@ struct OrchestratorArgs {
     leader_lease: std::time::Duration,
     #[command(flatten)]
     placement: PlacementArgs,
+    /// A profiles file (YAML; see deploy/profiles.yaml) …
+    #[arg(long, requires = "profile")]
+    config: Option<PathBuf>,
+    /// … and the environment to take from it (dev, staging, prod): forecasting cadence,
+    /// retraining triggers, resource limits.
+    #[arg(long, requires = "config")]
+    profile: Option<String>,
 }
 
 /// The cluster's placement settings.

@@ -38,6 +38,13 @@ pub struct EvaluateArgs {
     /// Seed of the training.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Robustness: add Gaussian noise of this standard deviation (CPU-% points) to what the
+    /// models see at evaluation (scored against the true values).
+    #[arg(long, default_value_t = 0.0)]
+    noise: f64,
+    /// Robustness: drop this share of the points the models see at evaluation.
+    #[arg(long, default_value_t = 0.0)]
+    drop: f64,
 }
 
 fn load(a: &EvaluateArgs) -> anyhow::Result<Vec<Series>> {
@@ -72,13 +79,22 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
     let linear: Box<dyn Forecaster> =
         Box::new(GlobalLinear::new(fits.iter().map(|f| (f.horizon, f.weights)).collect()));
     let started = std::time::Instant::now();
-    let report = evaluate(&series, &splits, &a.horizons, &[linear]);
+    if !(a.noise.is_finite() && a.noise >= 0.0 && (0.0..1.0).contains(&a.drop)) {
+        bail!("--noise must be a non-negative number and --drop a share in [0, 1)");
+    }
+    let perturbation = (a.noise > 0.0 || a.drop > 0.0).then_some(novacron_predict::eval::Perturbation {
+        noise_sd: a.noise,
+        missing: a.drop,
+        seed: a.seed,
+    });
+    let report = novacron_predict::eval::evaluate_with(&series, &splits, &a.horizons, &[linear], perturbation);
     let evaluated = started.elapsed();
     let forecasts: u64 = report.horizons.values().flatten().map(|m| m.scores.forecasts).sum();
     let out = json!({
         "data": a.data,
         "series": series.len(),
         "split": { "test_share": a.test_share, "val_share": a.val_share },
+        "perturbation": perturbation,
         "training": { "config": cfg, "horizons": fits, "seconds": trained.as_secs_f64() },
         "evaluation_seconds": evaluated.as_secs_f64(),
         "forecasts_per_sec": forecasts as f64 / evaluated.as_secs_f64().max(1e-9),

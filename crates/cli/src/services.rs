@@ -138,6 +138,11 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
     cfg.agent_lease = a.agent_lease;
     cfg.lease = novacron_orchestrator::leader::LeaseConfig { ttl: a.leader_lease };
     cfg.planner = a.placement.config();
+    if let (Some(file), Some(name)) = (&a.config, &a.profile) {
+        let p = crate::profile::load(file, name)?;
+        crate::profile::apply(&p, &mut cfg);
+        tracing::info!(profile = %name, file = %file.display(), "orchestrator profile applied");
+    }
     let cancel = CancellationToken::new();
     let o = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
     println!("novacron orchestrator: API on http://{}", o.http_addr);

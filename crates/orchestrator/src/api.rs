@@ -41,6 +41,8 @@ pub(crate) struct Api {
     pub model_artifacts: async_nats::jetstream::kv::Store,
     /// Live forecast accuracy per model.
     pub ledger: crate::ingest::SharedLedger,
+    /// The most members a group may be created with (the profile's limit).
+    pub max_group_members: u32,
 }
 
 pub(crate) fn router(api: Api) -> Router {
@@ -430,7 +432,10 @@ async fn list_models(State(api): State<Api>) -> Response {
         .collect();
     ok(
         StatusCode::OK,
-        json!({ "in_use": state.promoted.last(), "promotions": state.promoted, "models": models, "live": live }),
+        json!({
+            "in_use": state.promoted.last(), "promotions": state.promoted, "models": models, "live": live,
+            "retraining_requests": state.retraining_requests,
+        }),
     )
 }
 
@@ -440,6 +445,12 @@ async fn create_group(State(api): State<Api>, headers: HeaderMap, body: Bytes) -
         let path = e.path().to_string();
         ApiError::field(path, format!("invalid group: {}", e.into_inner()))
     })?;
+    if spec.max > api.max_group_members {
+        return Err(ApiError::field(
+            "max",
+            format!("{} is above this orchestrator's limit of {} members per group", spec.max, api.max_group_members),
+        ));
+    }
     let name = api.engine.create_group(spec, origin(&headers)).await?;
     let state = read(&api.engine.state);
     Ok(ok(StatusCode::CREATED, group_json(&state, &state.groups[&name])))

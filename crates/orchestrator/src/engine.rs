@@ -266,6 +266,8 @@ pub struct EngineConfig {
     pub model_artifacts: async_nats::jetstream::kv::Store,
     /// Live forecast accuracy per model (the prediction ledger), shared with the API.
     pub ledger: crate::ingest::SharedLedger,
+    /// When live errors call for retraining.
+    pub retraining: crate::ingest::RetrainingTriggers,
     /// The agents' leases (KV `nc-host-leases`): a host is failed only by overwriting its lease.
     pub host_leases: async_nats::jetstream::kv::Store,
     /// This replica's role, from the election.
@@ -843,9 +845,29 @@ impl Engine {
                         load.residuals.pop_front();
                     }
                     let mut ledger = crate::ingest::lock_ledger(&self.cfg.ledger);
-                    let entry = ledger.entry(label.clone()).or_insert_with(crate::ingest::LedgerEntry::new);
+                    let triggers = self.cfg.retraining;
+                    let entry =
+                        ledger.entry(label.clone()).or_insert_with(|| crate::ingest::LedgerEntry::new(triggers));
                     entry.forecasts += 1;
                     entry.abs_error += err;
+                    let live = entry.abs_error / entry.forecasts as f64;
+                    if let Some(limit) = triggers.live_mae_above
+                        && entry.forecasts >= triggers.min_forecasts
+                        && live > limit
+                        && !entry.accuracy_alarmed
+                    {
+                        entry.accuracy_alarmed = true;
+                        requests.push(novacron_types::model::ModelRetrainingRequested {
+                            model: label.clone(),
+                            group: name.clone(),
+                            reason: format!(
+                                "live MAE {live:.2} points over {} forecasts is above the profile's limit {limit}",
+                                entry.forecasts
+                            ),
+                            live_mae: live,
+                            forecasts: entry.forecasts,
+                        });
+                    }
                     if entry.drift.add(err) {
                         entry.drift_alarms += 1;
                         let mae = entry.abs_error / entry.forecasts as f64;

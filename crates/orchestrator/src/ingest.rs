@@ -74,17 +74,37 @@ pub struct LedgerEntry {
     pub drift: novacron_predict::eval::PageHinkley,
     /// How often it raised the alarm.
     pub drift_alarms: u64,
+    /// Whether the accuracy trigger has fired for it.
+    pub accuracy_alarmed: bool,
+}
+
+/// When live forecast errors call for retraining.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetrainingTriggers {
+    /// Page–Hinkley tolerance: a rise of the mean error smaller than this (points) is noise.
+    pub drift_delta: f64,
+    /// Page–Hinkley threshold: the cumulated excess (point-steps) that raises the alarm.
+    pub drift_lambda: f64,
+    /// Also request retraining once the live MAE exceeds this (points), if set.
+    pub live_mae_above: Option<f64>,
+    /// …after at least this many scored forecasts.
+    pub min_forecasts: u64,
+}
+
+impl Default for RetrainingTriggers {
+    fn default() -> Self {
+        RetrainingTriggers { drift_delta: 2.0, drift_lambda: 100.0, live_mae_above: None, min_forecasts: 50 }
+    }
 }
 
 impl LedgerEntry {
-    pub(crate) fn new() -> LedgerEntry {
-        // Alarm when errors rise by more than 2 points on average for long enough that the
-        // excess passes 100 point-steps.
+    pub(crate) fn new(t: RetrainingTriggers) -> LedgerEntry {
         LedgerEntry {
             forecasts: 0,
             abs_error: 0.0,
-            drift: novacron_predict::eval::PageHinkley::new(2.0, 100.0),
+            drift: novacron_predict::eval::PageHinkley::new(t.drift_delta, t.drift_lambda),
             drift_alarms: 0,
+            accuracy_alarmed: false,
         }
     }
 }

@@ -71,6 +71,10 @@ pub struct OrchestratorConfig {
     /// How many steps ahead predictive scaling provisions for (1: the next 5 minutes, which
     /// covers a VM's start).
     pub forecast_horizon_steps: u32,
+    /// When live forecast errors call for retraining.
+    pub retraining: ingest::RetrainingTriggers,
+    /// The most members a group may be created with.
+    pub max_group_members: u32,
 }
 
 impl OrchestratorConfig {
@@ -96,6 +100,8 @@ impl OrchestratorConfig {
             rebalance: decide::RebalanceSettings::default(),
             forecast_step: Duration::from_secs(300),
             forecast_horizon_steps: 1,
+            retraining: ingest::RetrainingTriggers::default(),
+            max_group_members: 10_000,
         }
     }
 }
@@ -195,6 +201,7 @@ impl Orchestrator {
             forecast_horizon_steps: cfg.forecast_horizon_steps.max(1),
             model_artifacts: model_artifacts.clone(),
             ledger: ledger.clone(),
+            retraining: cfg.retraining,
             host_leases,
             reconcile: decide::ReconcileSettings {
                 restart: cfg.restart,
@@ -253,6 +260,7 @@ impl Orchestrator {
             passes,
             model_artifacts,
             ledger,
+            max_group_members: cfg.max_group_members,
         });
         let shutdown = cancel.clone();
         tracker.spawn(async move {

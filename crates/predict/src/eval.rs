@@ -28,8 +28,14 @@ struct Run {
 }
 
 fn walk(model: &mut dyn Forecaster, s: &Series, sp: &Split, horizons: &[usize]) -> Run {
+    walk_observed(model, &s.values, s, sp, horizons)
+}
+
+/// Walks a series feeding the model `observed` (perhaps degraded) and scoring against the
+/// series' own values.
+fn walk_observed(model: &mut dyn Forecaster, observed: &[f64], s: &Series, sp: &Split, horizons: &[usize]) -> Run {
     let mut run = Run { val: BTreeMap::new(), test: BTreeMap::new() };
-    for (t, x) in s.values.iter().enumerate().take(sp.len) {
+    for (t, x) in observed.iter().enumerate().take(sp.len) {
         if t >= sp.val_start {
             for &h in horizons {
                 let target = t + h - 1;
@@ -138,16 +144,60 @@ pub struct Report {
     pub selected: BTreeMap<usize, BTreeMap<String, usize>>,
 }
 
+/// Degraded inputs for a robustness check: the models see the series with Gaussian noise added
+/// and points dropped, and are scored against the true values.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Perturbation {
+    /// Standard deviation of the added noise, CPU-% points.
+    pub noise_sd: f64,
+    /// Share of points dropped (seen as missing).
+    pub missing: f64,
+    /// Seed.
+    pub seed: u64,
+}
+
+fn perturbed(values: &[f64], p: &Perturbation, salt: u64) -> Vec<f64> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let noise = rand_distr::Normal::new(0.0, p.noise_sd.max(0.0))
+        .unwrap_or_else(|_| rand_distr::Normal::new(0.0, 0.0).expect("valid"));
+    values
+        .iter()
+        .map(|v| {
+            if rng.random_bool(p.missing.clamp(0.0, 1.0)) {
+                f64::NAN
+            } else {
+                (v + noise.sample(&mut rng)).clamp(0.0, 100.0)
+            }
+        })
+        .collect()
+}
+
 /// Evaluates the baselines, exponential smoothing (weight chosen per series on validation),
 /// the given extra models (e.g. a trained [`crate::model::GlobalLinear`]) and the per-series
 /// selection, on every series.
 #[must_use]
 pub fn evaluate(series: &[Series], splits: &[Split], horizons: &[usize], extra: &[Box<dyn Forecaster>]) -> Report {
+    evaluate_with(series, splits, horizons, extra, None)
+}
+
+/// [`evaluate`], the models seeing inputs degraded by `perturbation` when given.
+#[must_use]
+pub fn evaluate_with(
+    series: &[Series],
+    splits: &[Split],
+    horizons: &[usize],
+    extra: &[Box<dyn Forecaster>],
+    perturbation: Option<Perturbation>,
+) -> Report {
     // name → horizon → accumulated test accuracy; name → horizon → per-series test MAE.
     let mut acc: BTreeMap<String, BTreeMap<usize, Accuracy>> = BTreeMap::new();
     let mut per_series: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
     let mut chosen: BTreeMap<usize, BTreeMap<String, usize>> = BTreeMap::new();
-    for (s, sp) in series.iter().zip(splits) {
+    for (k, (s, sp)) in series.iter().zip(splits).enumerate() {
+        let observed = perturbation.map(|p| perturbed(&s.values, &p, k as u64));
+        let observed = observed.as_deref().unwrap_or(&s.values);
         // MASE scale: the one-step naive MAE before the test part (none if it was flat).
         let seen: Vec<f64> = s.values[..sp.test_start].iter().copied().filter(|v| !v.is_nan()).collect();
         let scale = mean(&seen.windows(2).map(|w| (w[1] - w[0]).abs()).collect::<Vec<_>>());
@@ -157,7 +207,7 @@ pub fn evaluate(series: &[Series], splits: &[Split], horizons: &[usize], extra: 
         candidates.extend(SES_ALPHAS.iter().map(|a| Box::new(Ses::new(*a)) as Box<dyn Forecaster>));
         candidates.extend(extra.iter().map(|m| m.fresh()));
         let runs: Vec<(String, Run)> =
-            candidates.iter_mut().map(|m| (m.name(), walk(m.as_mut(), s, sp, horizons))).collect();
+            candidates.iter_mut().map(|m| (m.name(), walk_observed(m.as_mut(), observed, s, sp, horizons))).collect();
         for &h in horizons {
             let val_mae = |r: &Run| mean(r.val.get(&h).map_or(&[][..], Vec::as_slice));
             // Exponential smoothing: the weight with the best validation error on this series.
@@ -304,6 +354,20 @@ mod tests {
         let noise: Vec<f64> = b.iter().enumerate().map(|(i, x)| x + if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
         let t = ab_test("a", "b", &noise, &b);
         assert!(t.p_value > 0.5 && t.recommendation == "keep", "{t:?}");
+    }
+
+    #[test]
+    fn degraded_inputs_cost_accuracy_reproducibly() {
+        let series =
+            crate::generate::generate(&crate::generate::GenConfig { series: 4, days: 6, ..Default::default() });
+        let splits: Vec<Split> = series.iter().map(|s| Split::fractions(s.values.len(), 0.2, 0.2)).collect();
+        let mae = |r: &Report| r.horizons[&1].iter().find(|m| m.model == "mean-of-last-12").unwrap().scores.mae;
+        let clean = evaluate(&series, &splits, &[1], &[]);
+        let p = Perturbation { noise_sd: 8.0, missing: 0.2, seed: 3 };
+        let noisy = evaluate_with(&series, &splits, &[1], &[], Some(p));
+        let again = evaluate_with(&series, &splits, &[1], &[], Some(p));
+        assert!(mae(&noisy) > mae(&clean), "{} vs {}", mae(&noisy), mae(&clean));
+        assert_eq!(mae(&noisy).to_bits(), mae(&again).to_bits(), "same seed, same result");
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct ClusterState {
     /// The promotions in force, oldest first: the last is the model in use; a rollback pops it.
     #[serde(default)]
     pub promoted: Vec<String>,
+    /// Retraining requests raised per model (its id, or the built-in smoothing's name).
+    #[serde(default)]
+    pub retraining_requests: BTreeMap<String, u64>,
 }
 
 /// A trained model.
@@ -446,8 +449,11 @@ impl ClusterState {
                 self.promoted.push(e.model.clone());
                 Applied::Changed
             }
-            // A trigger for whoever retrains; the state keeps nothing of it.
-            EventKind::ModelRetrainingRequested(_) => Applied::Changed,
+            // A trigger for whoever retrains; the state counts them per model.
+            EventKind::ModelRetrainingRequested(e) => {
+                *self.retraining_requests.entry(e.model.clone()).or_default() += 1;
+                Applied::Changed
+            }
             EventKind::ModelRolledBack(e) => {
                 if self.promoted.last() != Some(&e.from) {
                     return Applied::Ignored(format!("ModelRolledBack of {} which is not in use", e.from));
