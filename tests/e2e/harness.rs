@@ -203,3 +203,23 @@ pub fn wait_for(what: &str, cond: impl FnMut() -> bool) {
 pub fn vm_status(api: &str, id: &str) -> String {
     get(api, &format!("/api/v1/vms/{id}")).1["status"].as_str().unwrap_or("").to_owned()
 }
+
+/// A nats-server, an orchestrator process (with `flags`) and three simulated hosts
+/// `host-1..3` in one agent process, every host registered. Fields keep them alive.
+pub struct ThreeHosts {
+    pub nats: novacron_testkit::NatsServer,
+    pub dir: tempfile::TempDir,
+    pub o: Orchestrator,
+    pub _agents: Proc,
+}
+
+impl ThreeHosts {
+    pub fn start(flags: &[&str]) -> ThreeHosts {
+        let nats = novacron_testkit::NatsServer::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let o = Orchestrator::start_with(&nats.url(), &dir.path().join("orch"), flags);
+        let agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
+        wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+        ThreeHosts { nats, dir, o, _agents: agents }
+    }
+}

@@ -350,11 +350,8 @@ fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
 
 #[test]
 fn a_batch_with_hard_anti_affinity_spreads_over_hosts_and_says_why_the_rest_wait() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
-    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
-    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let cluster = ThreeHosts::start(&[]);
+    let o = &cluster.o;
 
     let created = cli_json(&[
         "--server",
@@ -391,11 +388,8 @@ fn a_batch_with_hard_anti_affinity_spreads_over_hosts_and_says_why_the_rest_wait
 
 #[test]
 fn label_anti_affinity_group_affinity_and_the_cluster_strategy_reach_the_planner() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let o = Orchestrator::start_with(&nats.url(), &dir.path().join("orch"), &["--strategy", "spread"]);
-    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
-    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let cluster = ThreeHosts::start(&["--strategy", "spread"]);
+    let o = &cluster.o;
     let create = |extra: &[&str]| {
         let mut args = vec!["--server", &o.api, "vm", "create"];
         args.extend_from_slice(extra);
@@ -442,11 +436,8 @@ fn label_anti_affinity_group_affinity_and_the_cluster_strategy_reach_the_planner
 
 #[test]
 fn policies_are_validated_applied_enforced_and_removed() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
-    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
-    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let cluster = ThreeHosts::start(&[]);
+    let (dir, o) = (&cluster.dir, &cluster.o);
     let file = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
@@ -635,11 +626,8 @@ fn utc_hhmm(minutes: i64) -> String {
 
 #[test]
 fn an_anti_affinity_policy_spreads_co_located_vms_inside_the_maintenance_window_only() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
-    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
-    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let cluster = ThreeHosts::start(&[]);
+    let (dir, o) = (&cluster.dir, &cluster.o);
     // Bin-pack puts the three web VMs on one host.
     let created = cli_json(&[
         "--server",
@@ -804,11 +792,8 @@ fn a_standby_takes_over_when_the_leader_dies_and_nothing_acknowledged_is_lost() 
 
 #[test]
 fn plan_consolidate_replays_the_log_and_plans_without_executing() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
-    let _agents = agents(&nats.url(), "host", 3, &dir.path().join("agents"));
-    wait_for("three hosts", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 3));
+    let cluster = ThreeHosts::start(&[]);
+    let (nats, o) = (&cluster.nats, &cluster.o);
 
     // Bin-packing puts three small VMs on one host; spread them out by hand.
     let mut ids = Vec::new();

@@ -162,12 +162,22 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<Value> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let bin = nats_server::find(a.nats_server.as_deref())?;
+    let bin = a.nats_server.clone();
+    on_local_nats(bin.as_deref(), move |url, dir| measure(&a, url, dir)).await
+}
+
+/// Runs a blocking measurement against a fresh nats-server in a temporary directory (the
+/// measurement's own processes go there too), and stops the server afterwards.
+pub(crate) async fn on_local_nats<T: Send + 'static>(
+    nats_server: Option<&Path>,
+    measure: impl FnOnce(&str, &Path) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let bin = nats_server::find(nats_server)?;
     let dir = tempfile::tempdir()?;
     let nats = LocalNats::start(&bin, &dir.path().join("nats"), 0).await?;
     let url = nats.url.clone();
     let path = dir.path().to_path_buf();
-    let result = tokio::task::spawn_blocking(move || measure(&a, &url, &path)).await?;
+    let result = tokio::task::spawn_blocking(move || measure(&url, &path)).await?;
     nats.stop().await;
     result
 }

@@ -20,8 +20,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::bench_failover::{http, median, start_orchestrator, wait};
-use crate::nats_server::{self, LocalNats};
+use crate::bench_failover::{http, median, on_local_nats, start_orchestrator, wait};
 
 #[derive(Args, Debug, Clone)]
 pub struct HealArgs {
@@ -201,12 +200,6 @@ pub async fn run(a: HealArgs) -> anyhow::Result<Value> {
     }
     novacron_protocol::check_fencing(a.agent_lease, a.host_failure_timeout)
         .map_err(|e| anyhow::anyhow!("{e} (see --agent-lease and --host-failure-timeout)"))?;
-    let bin = nats_server::find(a.nats_server.as_deref())?;
-    let dir = tempfile::tempdir()?;
-    let nats = LocalNats::start(&bin, &dir.path().join("nats"), 0).await?;
-    let url = nats.url.clone();
-    let path = dir.path().to_path_buf();
-    let result = tokio::task::spawn_blocking(move || measure(&a, &url, &path)).await?;
-    nats.stop().await;
-    result
+    let bin = a.nats_server.clone();
+    on_local_nats(bin.as_deref(), move |url, dir| measure(&a, url, dir)).await
 }

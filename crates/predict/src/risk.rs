@@ -73,13 +73,7 @@ pub struct Fleet {
 /// The file and line of anything that does not parse.
 pub fn read_lanl(path: &Path) -> Result<Fleet, ReadError> {
     let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| ReadError::Io { path: name.clone(), source })?;
-    let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let mut lines = std::io::BufReader::new(reader).lines();
+    let mut lines = crate::series::open(path)?.lines();
     let fmt = |line: usize, reason: String| ReadError::Format { path: name.clone(), line, reason };
     let header =
         lines.next().transpose().map_err(|source| ReadError::Io { path: name.clone(), source })?.unwrap_or_default();

@@ -37,7 +37,8 @@ pub enum ReadError {
     },
 }
 
-fn open(path: &Path) -> Result<Box<dyn BufRead>, ReadError> {
+/// Opens a file for reading lines, decompressing `.gz` files.
+pub(crate) fn open(path: &Path) -> Result<Box<dyn BufRead>, ReadError> {
     let io = |source| ReadError::Io { path: path.display().to_string(), source };
     let file = std::fs::File::open(path).map_err(io)?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {

@@ -314,6 +314,14 @@ fn strategy_is_the_vms_then_the_groups_then_the_clusters() {
     assert_eq!(chosen(&batch), ("h01".into(), "filter-score/bin-pack".into()));
 }
 
+/// Hosts of 4 vCPUs and 4 GiB in zones `a`, `b`, `c` (by index).
+fn zoned(zones: &[u8]) -> ClusterState {
+    let names = ["a", "b", "c"];
+    let specs: Vec<OwnedHost<'_>> = zones.iter().map(|z| (4u32, 4096u64, vec![("zone", names[*z as usize])])).collect();
+    let refs: Vec<HostSpec<'_>> = specs.iter().map(|(c, m, l)| (*c, *m, l.as_slice())).collect();
+    state_with(&refs)
+}
+
 proptest! {
     #[test]
     fn placement_never_exceeds_capacity_or_breaks_a_hard_constraint(
@@ -377,9 +385,7 @@ proptest! {
         ),
     ) {
         let names = ["a", "b", "c"];
-        let specs: Vec<OwnedHost<'_>> = zones.iter().map(|z| (4u32, 4096u64, vec![("zone", names[*z as usize])])).collect();
-        let refs: Vec<HostSpec<'_>> = specs.iter().map(|(c, m, l)| (*c, *m, l.as_slice())).collect();
-        let s = state_with(&refs);
+        let s = zoned(&zones);
         let zone_of = |h: &HostId| s.hosts[h].labels["zone"].clone();
         let cfg = PlannerConfig::default();
         let load = LoadView::default();
@@ -445,10 +451,7 @@ proptest! {
         zones in prop::collection::vec(0u8..3, 1..8),
         vms in prop::collection::vec(0u8..3, 1..30),
     ) {
-        let names = ["a", "b", "c"];
-        let specs: Vec<OwnedHost<'_>> = zones.iter().map(|z| (4u32, 4096u64, vec![("zone", names[*z as usize])])).collect();
-        let refs: Vec<HostSpec<'_>> = specs.iter().map(|(c, m, l)| (*c, *m, l.as_slice())).collect();
-        let s = state_with(&refs);
+        let s = zoned(&zones);
         let zone_of = |h: &HostId| s.hosts[h].labels["zone"].clone();
         let cfg = PlannerConfig::default();
         let load = LoadView::default();

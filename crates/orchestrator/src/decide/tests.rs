@@ -12,19 +12,10 @@ use novacron_types::{ReportId, SCHEMA_VERSION};
 
 use super::*;
 
-struct Fixed(u128);
-impl Stamp for Fixed {
-    fn now_ms(&mut self) -> u64 {
-        7
-    }
-    fn vm_id(&mut self) -> VmId {
-        self.0 += 1;
-        VmId(Uuid::from_u128(self.0))
-    }
-    fn incarnation_id(&mut self) -> IncarnationId {
-        self.0 += 1;
-        IncarnationId(Uuid::from_u128(self.0))
-    }
+/// A stamp at 7 ms past the epoch, its ids counting up from `n`.
+#[allow(non_snake_case)]
+fn Fixed(n: u128) -> At {
+    At(n, 7)
 }
 
 fn origin() -> Origin {
