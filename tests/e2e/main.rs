@@ -452,6 +452,12 @@ fn policies_are_validated_applied_enforced_and_removed() {
     let apart = file("apart.yaml", "name: db-apart\nscope: {group: db}\nrule:\n  anti-affinity: {}\n");
     let (ok, out, err) = cli(&["policy", "validate", &apart]);
     assert!(ok, "{out}{err}");
+    // A policy about a group the cluster does not know is refused (a typo, most likely).
+    let (ok, _, err) = cli(&["--server", &o.api, "policy", "apply", &apart]);
+    assert!(!ok && err.contains("group db is unknown"), "{err}");
+    let seed =
+        cli_json(&["--server", &o.api, "vm", "create", "db-0", "--group", "db", "--vcpus", "1", "--memory-mib", "256"]);
+    assert!(seed["host"].is_string(), "{seed}");
     let applied = cli_json(&["--server", &o.api, "policy", "apply", &apart]);
     assert_eq!(applied["version"], 1, "{applied}");
     // Applying the same document again changes nothing.
@@ -462,7 +468,8 @@ fn policies_are_validated_applied_enforced_and_removed() {
     let (ok, _, err) = cli(&["--server", &o.api, "policy", "apply", &near]);
     assert!(!ok && err.contains("db-apart") && err.contains("db-together") && err.contains("409"), "{err}");
 
-    // Enforced: one database per host, the fourth waits; decisions record the policy version.
+    // Enforced: one database per host — with db-0 on one, two more are placed on the other
+    // two and the third waits; decisions record the policy version.
     let dbs = cli_json(&[
         "--server",
         &o.api,
@@ -476,14 +483,15 @@ fn policies_are_validated_applied_enforced_and_removed() {
         "--memory-mib",
         "256",
         "--count",
-        "4",
+        "3",
     ]);
-    let placed: Vec<&str> = dbs.as_array().unwrap().iter().filter_map(|v| v["host"].as_str()).collect();
+    let mut placed: Vec<&str> = dbs.as_array().unwrap().iter().filter_map(|v| v["host"].as_str()).collect();
+    placed.push(seed["host"].as_str().unwrap());
     let mut distinct = placed.clone();
     distinct.sort_unstable();
     distinct.dedup();
     assert_eq!((placed.len(), distinct.len()), (3, 3), "{dbs}");
-    let decisions = get(&o.api, "/api/v1/decisions").1;
+    let decisions = get(&o.api, "/api/v1/decisions?limit=3").1;
     assert!(decisions.as_array().unwrap().iter().all(|d| d["explanation"]["policy_version"] == 1), "{decisions}");
 
     let listed = cli_json(&["--server", &o.api, "policy", "list"]);

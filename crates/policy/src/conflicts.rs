@@ -198,13 +198,13 @@ pub fn conflicts(set: &[Policy], state: Option<&ClusterState>) -> Vec<Conflict> 
     out
 }
 
-/// Policies about a group that neither a VM nor a scaling policy knows — often a typo, but
-/// also a policy written before its group's first VM, so a warning rather than a refusal
-/// (until groups are declared objects of their own).
+/// Policies about a group the cluster does not know: not a declared group (`group create`),
+/// no VM in it, and no scaling policy of the set defining it — a typo, most likely.
 #[must_use]
 pub fn unknown_groups(set: &[Policy], state: &ClusterState) -> Vec<Conflict> {
-    let groups: BTreeSet<&str> =
+    let mut groups: BTreeSet<&str> =
         state.vms.values().filter(|v| v.status != VmStatus::Deleted).filter_map(|v| v.spec.group.as_deref()).collect();
+    groups.extend(state.groups.keys().map(String::as_str));
     let scaled: BTreeSet<&str> =
         set.iter().filter(|p| matches!(p.rule, Rule::Scaling(_))).filter_map(|p| p.scope.group.as_deref()).collect();
     set.iter()

@@ -164,7 +164,7 @@ fn rules_the_cluster_cannot_satisfy_are_conflicts_naming_the_policy() {
         found.iter().any(|c| c.starts_with("policies web-apart and web-size: group web must keep at least 3 VMs")),
         "{found:?}"
     );
-    assert!(!found.iter().any(|c| c.contains("ghost")), "an unknown group is a warning: {found:?}");
+    assert!(!found.iter().any(|c| c.contains("ghost")), "an unknown group is its own check: {found:?}");
     let warned: Vec<String> = unknown_groups(&set, &c.state).iter().map(ToString::to_string).collect();
     assert_eq!(warned, ["policy ghost: group nobody is unknown: no VM is in it and no scaling policy defines it"]);
 }

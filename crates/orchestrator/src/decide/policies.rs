@@ -41,7 +41,7 @@ pub struct PolicyPlan {
     pub changed: Vec<Policy>,
     /// Softer disagreements involving them, and who prevails.
     pub resolutions: Vec<novacron_policy::Resolution>,
-    /// Worth a look, not a refusal (a group nothing knows yet).
+    /// Worth a look, not a refusal.
     pub warnings: Vec<String>,
 }
 
@@ -64,6 +64,11 @@ pub fn plan_policies(state: &ClusterState, docs: &[Policy]) -> Result<PolicyPlan
     }
     let changed: Vec<Policy> =
         docs.iter().filter(|d| state.policies.get(&d.name).is_none_or(|r| r.policy != **d)).cloned().collect();
+    let unknown: Vec<String> =
+        novacron_policy::unknown_groups(docs, state).into_iter().map(|c| c.to_string()).collect();
+    if !unknown.is_empty() {
+        return Err(Refusal::Invalid { field: "policies".into(), reason: unknown.join("; ") });
+    }
     // The set as it would be, oldest first: what stays, then the new versions in order.
     let names: BTreeSet<&str> = changed.iter().map(|d| d.name.as_str()).collect();
     let mut kept: Vec<_> = state.policies.values().filter(|r| !names.contains(r.policy.name.as_str())).collect();
@@ -80,8 +85,7 @@ pub fn plan_policies(state: &ClusterState, docs: &[Policy]) -> Result<PolicyPlan
     }
     let resolutions =
         novacron_policy::resolve(&set).into_iter().filter(|r| involved(&r.winner, Some(&r.loser))).collect();
-    let warnings = novacron_policy::unknown_groups(&changed, state).into_iter().map(|w| w.to_string()).collect();
-    Ok(PolicyPlan { changed, resolutions, warnings })
+    Ok(PolicyPlan { changed, resolutions, warnings: Vec::new() })
 }
 
 /// Applies documents: `PolicyApplied` for each new or changed one (each a new version of the
