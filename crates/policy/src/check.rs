@@ -141,6 +141,18 @@ pub fn validate(p: &Policy) -> Vec<Problem> {
             {
                 bad("rule.scaling.target_cpu", format!("{t} must be in (0, 1]"));
             }
+            for (i, s) in r.schedules.iter().enumerate() {
+                let w = MaintenanceWindow { days: s.days.clone(), start: s.start.clone(), end: s.end.clone() };
+                if crate::observe::week_ranges(&w).is_empty() {
+                    bad(
+                        &format!("rule.scaling.schedules[{i}]"),
+                        format!("{:?}–{:?} must be HH:MM (UTC)", s.start, s.end),
+                    );
+                }
+                if s.min > r.max {
+                    bad(&format!("rule.scaling.schedules[{i}].min"), format!("{} is above max {}", s.min, r.max));
+                }
+            }
             duration("rule.scaling.scale_up_cooldown", &r.scale_up_cooldown, &mut bad);
             duration("rule.scaling.scale_down_cooldown", &r.scale_down_cooldown, &mut bad);
         }

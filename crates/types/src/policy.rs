@@ -200,6 +200,9 @@ pub struct ScalingPolicy {
     /// Least time between two scale-downs (`15m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down_cooldown: Option<String>,
+    /// Minimum sizes during time windows (UTC), as a group's own schedules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<crate::group::ScheduledSize>,
     /// vCPUs of one member (for quota checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_vcpus: Option<u32>,

@@ -129,31 +129,55 @@ pub fn members<'a>(state: &'a ClusterState, group: &str) -> Vec<&'a VmRecord> {
     m
 }
 
-/// The bounds and target in force for a group now: its own, raised by open schedules, and
-/// narrowed by the hard scaling policies about it.
+/// The bounds and target in force for a group now: its own, raised by open schedules (its own
+/// and its scaling policies'), and narrowed by the hard scaling policies about it.
 #[must_use]
 pub fn bounds(state: &ClusterState, g: &GroupRecord, now_ms: u64) -> (u32, u32, f64) {
     let spec = &g.spec;
     let (mut min, mut max, mut target) = (spec.min, spec.max, spec.target_cpu);
-    for s in &spec.schedules {
+    let open = |s: &novacron_types::group::ScheduledSize| {
         let w = MaintenanceWindow { days: s.days.clone(), start: s.start.clone(), end: s.end.clone() };
-        if novacron_policy::observe::window_open_at(&w, now_ms) {
+        novacron_policy::observe::window_open_at(&w, now_ms)
+    };
+    for s in spec.schedules.iter().filter(|s| open(s)) {
+        min = min.max(s.min);
+    }
+    for sc in scaling_policies(state, &spec.name) {
+        min = min.max(sc.min);
+        max = max.min(sc.max);
+        if let Some(t) = sc.target_cpu {
+            target = t;
+        }
+        for s in sc.schedules.iter().filter(|s| open(s)) {
             min = min.max(s.min);
         }
     }
-    for p in novacron_policy::enforce::in_force(state) {
-        if p.enforcement == Enforcement::Hard
-            && p.scope.group.as_deref() == Some(spec.name.as_str())
-            && let Rule::Scaling(sc) = &p.rule
-        {
-            min = min.max(sc.min);
-            max = max.min(sc.max);
-            if let Some(t) = sc.target_cpu {
-                target = t;
-            }
-        }
-    }
     (min.min(max), max, target)
+}
+
+/// The hard scaling policies in force about a group.
+fn scaling_policies<'a>(state: &'a ClusterState, group: &str) -> Vec<&'a novacron_types::policy::ScalingPolicy> {
+    novacron_policy::enforce::in_force(state)
+        .into_iter()
+        .filter(|p| p.enforcement == Enforcement::Hard && p.scope.group.as_deref() == Some(group))
+        .filter_map(|p| match &p.rule {
+            Rule::Scaling(sc) => Some(sc),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A group's cooldowns (scale-up, scale-down, seconds): its own, lengthened by its scaling
+/// policies'.
+#[must_use]
+pub fn cooldowns(state: &ClusterState, g: &GroupRecord) -> (u64, u64) {
+    let (mut up, mut down) = (g.spec.scale_up_cooldown_s, g.spec.scale_down_cooldown_s);
+    let secs = |d: &Option<String>| d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs());
+    for sc in scaling_policies(state, &g.spec.name) {
+        up = up.max(secs(&sc.scale_up_cooldown).unwrap_or(0));
+        down = down.max(secs(&sc.scale_down_cooldown).unwrap_or(0));
+    }
+    (up, down)
 }
 
 /// The size target tracking asks for: members × utilisation / target, rounded up, within the
@@ -189,9 +213,10 @@ pub fn scale_groups(
             want.clamp(min, max)
         });
         let since = |t: Option<u64>| t.map(|t| now.saturating_sub(t) / 1000);
-        let up_ok = since(g.last_up_ms).is_none_or(|s| s >= g.spec.scale_up_cooldown_s);
-        let down_ok = since(g.last_down_ms).is_none_or(|s| s >= g.spec.scale_down_cooldown_s)
-            && since(g.last_up_ms).is_none_or(|s| s >= g.spec.scale_down_cooldown_s);
+        let (up_cooldown, down_cooldown) = cooldowns(state, g);
+        let up_ok = since(g.last_up_ms).is_none_or(|s| s >= up_cooldown);
+        let down_ok = since(g.last_down_ms).is_none_or(|s| s >= down_cooldown)
+            && since(g.last_up_ms).is_none_or(|s| s >= down_cooldown);
         let pct = |u: f64| format!("{:.0} %", u * 100.0);
         let mut decision: Option<(u32, String, Option<ForecastNote>)> = None;
         if n < min {

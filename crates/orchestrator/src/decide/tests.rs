@@ -1039,3 +1039,34 @@ fn schedules_raise_the_minimum_and_scaling_policies_narrow_the_bounds() {
         Err(Refusal::Invalid { field, .. }) if field == "min"
     ));
 }
+
+#[test]
+fn a_scaling_policy_lengthens_cooldowns_and_its_schedules_raise_the_minimum() {
+    let mut s = hosts(4);
+    let (_, ev) = create_group(&s, group_spec("api", 1, 6, 0.5), &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let planning = Planning::default();
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(100, 1_000), &origin());
+    apply_all(&mut s, &e);
+    run_members(&mut s, "api");
+    let (_, ev) = apply_policies(
+        &s,
+        &policies(
+            "name: api-slow\nscope: {group: api}\nrule: {scaling: {min: 1, max: 6, scale_up_cooldown: 10m, \
+             schedules: [{days: [sat], start: '22:00', end: '02:00', min: 3}]}}\n",
+        ),
+        &mut Fixed(2),
+        &origin(),
+    )
+    .unwrap();
+    apply_all(&mut s, &ev);
+    let hot = ScalingInputs { vm_util: util(&s, "api", 0.9), ..Default::default() };
+    // The group's own cooldown (60 s) has passed, the policy's (10 min) has not.
+    assert!(scale_groups(&s, &hot, &planning, &mut At(200, 1_000 + 120_000), &origin()).is_empty());
+    let e = scale_groups(&s, &hot, &planning, &mut At(300, 1_000 + 601_000), &origin());
+    assert_eq!(scaled(&e)[0].to, 2, "1 × 0.9 / 0.5 rounded up");
+    apply_all(&mut s, &e);
+    // Inside the policy's schedule, its minimum applies at once (no cooldown below a minimum).
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(400, SAT_2300), &origin());
+    assert_eq!((scaled(&e)[0].to, scaled(&e)[0].min), (3, 3));
+}
