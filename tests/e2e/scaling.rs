@@ -28,25 +28,47 @@ fn running_members(s: &ClusterState, g: &str) -> usize {
     s.vms.values().filter(|v| v.spec.group.as_deref() == Some(g) && v.status == VmStatus::Running).count()
 }
 
+/// The group's `GroupScaled` events, in log order: (from, to).
+async fn scaled_steps(bus: &Bus, group: &str) -> Vec<(u32, u32)> {
+    let stream = bus.js.get_stream(novacron_protocol::EVENTS_STREAM).await.unwrap();
+    let last = stream.clone().info().await.unwrap().state.last_sequence;
+    let mut steps = Vec::new();
+    novacron_eventlog::replay(&stream, 1, last, |ev| {
+        if let Ok(env) = ev.envelope
+            && let novacron_types::EventKind::GroupScaled(g) = env.event
+            && g.group == group
+            && !g.recommendation_only
+        {
+            steps.push((g.from, g.to));
+        }
+    })
+    .await
+    .unwrap();
+    steps
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hot_group_grows_to_its_maximum_in_cooldown_steps_and_goes_with_its_members() {
+async fn a_group_scales_out_on_rising_load_and_back_in_after_the_cooldown_every_step_an_event() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
     cfg.http = "127.0.0.1:0".parse().unwrap();
     cfg.reconcile_interval = Duration::from_millis(100);
-    cfg.forecast_step = Duration::from_millis(200);
     let o = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
     let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
     let db = sled::open(dir.path().join("agents")).unwrap();
     let cancel = CancellationToken::new();
+    let mut drivers = Vec::new();
     for i in 1..=3 {
         let mut a = AgentConfig::new(
             HostId::new(format!("h{i}")).unwrap(),
             Resources { vcpus: 8, memory_mib: 8192, disk_gib: 0 },
         );
         a.telemetry_interval = Duration::from_millis(200);
-        let agent = Agent::new(a, bus.clone(), SimDriver::default(), &db).unwrap();
+        let driver = SimDriver::default();
+        driver.set_vm_cpu(0.9);
+        drivers.push(driver.clone());
+        let agent = Agent::new(a, bus.clone(), driver, &db).unwrap();
         let c = cancel.clone();
         tokio::spawn(async move {
             let _ = agent.run(c).await;
@@ -54,24 +76,36 @@ async fn a_hot_group_grows_to_its_maximum_in_cooldown_steps_and_goes_with_its_me
     }
     wait(&o, "three hosts", |s| s.hosts.len() == 3).await;
 
-    // Members run at 60 % against a 30 % target: each pass asks for twice as many, up to 4.
+    // 90 % against a 50 % target: 1 → 2 → 4 (the maximum), one cooldown apart.
     let spec = serde_json::from_value(serde_json::json!({
-        "name": "web", "min": 1, "max": 4, "vcpus": 1, "memory_mib": 256, "target_cpu": 0.3,
-        "scale_up_cooldown_s": 1, "scale_down_cooldown_s": 600, "mode": "predictive",
+        "name": "web", "min": 1, "max": 4, "vcpus": 1, "memory_mib": 256, "target_cpu": 0.5,
+        "scale_up_cooldown_s": 1, "scale_down_cooldown_s": 3, "stabilization_s": 1,
     }))
     .unwrap();
     let origin = Origin { actor: Actor::User("test".into()), correlation: None };
     o.engine.create_group(spec, origin.clone()).await.unwrap();
     wait(&o, "four running members", |s| running_members(s, "web") == 4).await;
     let s = o.engine.state.read().unwrap().clone();
-    let g = &s.groups["web"];
-    assert!(g.last_up_ms.is_some());
-    let mut names: Vec<String> =
-        s.vms.values().filter(|v| v.spec.group.as_deref() == Some("web")).map(|v| v.spec.name.clone()).collect();
-    names.sort();
-    assert_eq!(names, ["web-1", "web-2", "web-3", "web-4"]);
-    // Never past its maximum (the bound is property-tested at the decision level).
-    assert_eq!(s.vms.values().filter(|v| v.spec.group.as_deref() == Some("web")).count(), 4);
+    assert_eq!(s.vms.values().filter(|v| v.spec.group.as_deref() == Some("web")).count(), 4, "never past the maximum");
+    let grown_at = s.groups["web"].last_up_ms.unwrap();
+
+    // The load falls to 10 %: back to 1, not before the scale-down cooldown.
+    for d in &drivers {
+        d.set_vm_cpu(0.1);
+    }
+    wait(&o, "one member left", |s| {
+        s.vms.values().filter(|v| v.spec.group.as_deref() == Some("web") && v.status != VmStatus::Deleted).count() == 1
+    })
+    .await;
+    let shrunk_at = o.engine.state.read().unwrap().groups["web"].last_down_ms.unwrap();
+    assert!(shrunk_at >= grown_at + 3_000, "the scale-down waited out the cooldown: {shrunk_at} vs {grown_at}");
+
+    // Every change of size is a GroupScaled event, and they chain.
+    let steps = scaled_steps(&bus, "web").await;
+    assert_eq!(steps.first().map(|s| s.0), Some(0), "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[0].1 == w[1].0), "each step starts where the last ended: {steps:?}");
+    assert_eq!(steps.iter().map(|s| s.1).max(), Some(4), "{steps:?}");
+    assert_eq!(steps.last().map(|s| s.1), Some(1), "{steps:?}");
 
     o.engine.delete_group("web".into(), origin).await.unwrap();
     wait(&o, "members deleted", |s| {

@@ -31,6 +31,8 @@ struct Inner {
     fail_starts: u32,
     fail_migrations: u32,
     start_delay: Duration,
+    /// The CPU utilisation every running VM reports, 0–1 (60 % unless set).
+    vm_cpu: f64,
 }
 
 /// An in-memory hypervisor. Cloning shares the same simulated machine.
@@ -51,6 +53,7 @@ impl Default for SimDriver {
                 fail_starts: 0,
                 fail_migrations: 0,
                 start_delay: Duration::ZERO,
+                vm_cpu: 0.6,
             })),
             exits: broadcast::channel(1024).0,
             store: None,
@@ -59,6 +62,12 @@ impl Default for SimDriver {
 }
 
 impl SimDriver {
+    /// Sets the CPU utilisation the simulated VMs report (and load their host with), 0–1 —
+    /// a load that a test or a replay can raise and lower.
+    pub fn set_vm_cpu(&self, util: f64) {
+        self.lock().vm_cpu = util.clamp(0.0, 1.0);
+    }
+
     /// A simulated host whose VMs start after `start_delay`.
     #[must_use]
     pub fn with_start_delay(start_delay: Duration) -> Self {
@@ -248,24 +257,27 @@ impl Driver for SimDriver {
         self.lock().running.iter().map(|(vm, v)| RunningVm { vm: *vm, incarnation: v.incarnation }).collect()
     }
 
-    /// Simulated load: each reserved vCPU keeps 60% of a host vCPU busy; memory is fully used.
+    /// Simulated load: each reserved vCPU keeps the VMs' utilisation (60 % unless set) of a host
+    /// vCPU busy; memory is fully used.
     fn host_usage(&self, capacity: Resources) -> HostUsage {
         let inner = self.lock();
         let (vcpus, mem) = inner.running.values().fold((0u64, 0u64), |(c, m), v| {
             (c + if v.paused { 0 } else { u64::from(v.resources.vcpus) }, m + v.resources.memory_mib)
         });
         let cpu_util =
-            if capacity.vcpus == 0 { 0.0 } else { (vcpus as f64 * 0.6 / f64::from(capacity.vcpus)).min(1.0) };
+            if capacity.vcpus == 0 { 0.0 } else { (vcpus as f64 * inner.vm_cpu / f64::from(capacity.vcpus)).min(1.0) };
         HostUsage { cpu_util, memory_used_mib: mem, load1: None }
     }
 
     fn vm_usage(&self) -> Vec<VmUsage> {
-        self.lock()
+        let inner = self.lock();
+        let cpu = inner.vm_cpu;
+        inner
             .running
             .iter()
             .map(|(vm, v)| VmUsage {
                 vm: *vm,
-                cpu_util: if v.paused { 0.0 } else { 0.6 },
+                cpu_util: if v.paused { 0.0 } else { cpu },
                 memory_used_mib: v.resources.memory_mib,
                 status: if v.paused { "paused" } else { "running" },
             })

@@ -288,6 +288,9 @@ enum ModelsCommand {
 enum DataCommand {
     /// Generate synthetic 5-minute CPU telemetry (CSV readable by `models evaluate`, or JSON).
     Generate(models::GenerateArgs),
+    /// Convert a trace (the shared Azure or PlanetLab files, or a generated one) to the long
+    /// layout `series_id,timestamp,value` (epoch seconds).
+    Convert(models::ConvertArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -697,6 +700,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::json(&client::api_call(&cli.server, "POST", "/api/v1/models/rollback".into(), Some(body)).await?)
         }
         Command::Data(DataCommand::Generate(a)) => models::generate_cmd(&a),
+        Command::Data(DataCommand::Convert(a)) => models::convert_cmd(&a),
     }
 }
 

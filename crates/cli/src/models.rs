@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::{Format, output};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct EvaluateArgs {
     /// Trace files (gzip or plain CSV): wide `step,<series>…` (Azure, `data generate`) or rows
     /// `vm,t000,…` (PlanetLab).
@@ -23,6 +23,9 @@ pub struct EvaluateArgs {
     /// Horizons in 5-minute steps.
     #[arg(long, value_delimiter = ',', default_value = "1,12")]
     horizons: Vec<usize>,
+    /// Horizons as durations, multiples of 5 minutes (`--horizon 1h`); replaces --horizons.
+    #[arg(long = "horizon", value_delimiter = ',', value_parser = humantime::parse_duration)]
+    horizon: Vec<std::time::Duration>,
     /// Share of each series (its end) used as test.
     #[arg(long, default_value_t = 0.2)]
     test_share: f64,
@@ -47,6 +50,23 @@ pub struct EvaluateArgs {
     drop: f64,
 }
 
+/// The horizons asked for, in steps.
+fn horizon_steps(a: &EvaluateArgs) -> anyhow::Result<Vec<usize>> {
+    if a.horizon.is_empty() {
+        return Ok(a.horizons.clone());
+    }
+    a.horizon
+        .iter()
+        .map(|d| {
+            let s = d.as_secs();
+            if s == 0 || s % 300 != 0 {
+                bail!("--horizon {}: must be a multiple of 5 minutes", humantime::format_duration(*d));
+            }
+            Ok((s / 300) as usize)
+        })
+        .collect()
+}
+
 fn load(a: &EvaluateArgs) -> anyhow::Result<Vec<Series>> {
     let mut all = Vec::new();
     for p in &a.data {
@@ -63,6 +83,10 @@ fn load(a: &EvaluateArgs) -> anyhow::Result<Vec<Series>> {
 
 /// Trains the global model on the training parts and evaluates everything on the test parts.
 pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
+    let mut a = EvaluateArgs { horizons: horizon_steps(a)?, horizon: Vec::new(), data: a.data.clone(), ..*a };
+    a.horizons.sort_unstable();
+    a.horizons.dedup();
+    let a = &a;
     if !(0.0..1.0).contains(&a.test_share) || !(0.0..1.0).contains(&a.val_share) || a.test_share + a.val_share >= 0.9 {
         bail!("--test-share and --val-share must be in [0, 1) and leave at least 10 % for training");
     }
@@ -90,7 +114,30 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
     let report = novacron_predict::eval::evaluate_with(&series, &splits, &a.horizons, &[linear], perturbation);
     let evaluated = started.elapsed();
     let forecasts: u64 = report.horizons.values().flatten().map(|m| m.scores.forecasts).sum();
+    // Per horizon, the summary `{horizon_steps, series, best_naive, models: […]}`; the first
+    // (or only) horizon's is also at the top level.
+    let summaries: Vec<Value> = report
+        .horizons
+        .iter()
+        .map(|(h, rows)| {
+            json!({
+                "horizon_steps": h,
+                "series": report.series,
+                "best_naive": report.best_naive.get(h),
+                "models": rows.iter().map(|m| json!({
+                    "name": m.model, "mae": m.scores.mae, "rmse": m.scores.rmse, "mase": m.scores.mase,
+                    "mape": m.scores.mape, "coverage": m.scores.coverage, "within_10pp": m.scores.within_10pp,
+                    "win_rate_vs_best_naive": m.win_rate_vs_best_naive, "forecasts": m.scores.forecasts,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let first = summaries.first().cloned().unwrap_or(Value::Null);
     let out = json!({
+        "horizon_steps": first["horizon_steps"],
+        "best_naive": first["best_naive"],
+        "models": first["models"],
+        "per_horizon": summaries,
         "data": a.data,
         "series": series.len(),
         "split": { "test_share": a.test_share, "val_share": a.val_share },
@@ -233,7 +280,8 @@ async fn artifacts(nats: &str) -> anyhow::Result<async_nats::jetstream::kv::Stor
 /// its artifact by digest and registers it (`ModelTrained`). It is not promoted.
 pub async fn train_cmd(server: &str, nats: &str, a: TrainArgs, fmt: Format) -> anyhow::Result<()> {
     use sha2::Digest;
-    let a = a.eval;
+    let mut a = a.eval;
+    a.horizons = horizon_steps(&a)?;
     let (sources, val_share, test_share, seed) = (a.data.clone(), a.val_share, a.test_share, a.seed);
     let (count, fits, report) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let series = load(&a)?;
@@ -333,7 +381,8 @@ pub async fn abtest_cmd(server: &str, nats: &str, a: AbTestArgs, fmt: Format) ->
         });
     }
     let (ida, idb) = (a.a.clone(), a.b.clone());
-    let eval = a.eval;
+    let mut eval = a.eval;
+    eval.horizons = horizon_steps(&eval)?;
     let tests = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Value>> {
         let series = load(&eval)?;
         let splits: Vec<Split> =
@@ -484,4 +533,26 @@ pub fn risk_cmd(a: &RiskArgs, fmt: Format) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// A trace in any layout `models evaluate` reads (gzip or plain).
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// Where to write the long layout `series_id,timestamp,value`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Epoch seconds of each series' first step (the shared traces keep no absolute time).
+    #[arg(long, default_value_t = 0)]
+    start: i64,
+}
+
+/// Converts a trace to the long layout.
+pub fn convert_cmd(a: &ConvertArgs) -> anyhow::Result<()> {
+    let series = read_trace(&a.input)?;
+    let text = novacron_predict::series::to_long_csv(&series, a.start);
+    std::fs::write(&a.out, text).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("{} series written to {}", series.len(), a.out.display());
+    Ok(())
 }

@@ -9,12 +9,15 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::metrics::{Accuracy, Scores};
-use crate::model::{DAY, Forecaster, LastValue, MeanOfLast, SeasonalNaive, Ses};
+use crate::model::{DAY, Ensemble, Forecaster, LastValue, MeanOfLast, SeasonalNaive, Ses};
 use crate::series::Series;
 use crate::train::Split;
 
 /// The name of the per-series choice among the models, by validation error.
 pub const SELECTED: &str = "selected-per-series";
+
+/// The name of each extra model averaged with exponential smoothing (weight by validation).
+pub const ENSEMBLE: &str = "ensemble(model+ses, α by validation)";
 
 /// The smoothing weights tried for [`Ses`].
 pub const SES_ALPHAS: [f64; 6] = [0.05, 0.1, 0.2, 0.3, 0.5, 0.8];
@@ -84,7 +87,13 @@ pub struct ModelReport {
     pub win_rate_vs_last_value: f64,
     /// Share of series where its test MAE is below the mean-of-last-12 baseline's.
     pub win_rate_vs_mean_of_last_12: f64,
+    /// Share of series where its test MAE is below the best naive baseline's (the naive model
+    /// with the lowest MAE over all series at this horizon).
+    pub win_rate_vs_best_naive: f64,
 }
+
+/// The naive baselines.
+pub const NAIVE: [&str; 3] = ["last-value", "mean-of-last-12", "seasonal-naive-288"];
 
 /// A paired comparison of two models over the same series.
 #[derive(Clone, Debug, Serialize)]
@@ -142,6 +151,8 @@ pub struct Report {
     pub ab_tests: BTreeMap<usize, AbTest>,
     /// How often each candidate was selected, per horizon.
     pub selected: BTreeMap<usize, BTreeMap<String, usize>>,
+    /// Per horizon: the naive baseline with the lowest MAE.
+    pub best_naive: BTreeMap<usize, String>,
 }
 
 /// Degraded inputs for a robustness check: the models see the series with Gaussian noise added
@@ -206,6 +217,12 @@ pub fn evaluate_with(
             vec![Box::new(LastValue::default()), Box::new(MeanOfLast::new(12)), Box::new(SeasonalNaive::new(DAY))];
         candidates.extend(SES_ALPHAS.iter().map(|a| Box::new(Ses::new(*a)) as Box<dyn Forecaster>));
         candidates.extend(extra.iter().map(|m| m.fresh()));
+        // Each extra model averaged with exponential smoothing, its weight chosen like SES's.
+        for m in extra {
+            for a in SES_ALPHAS {
+                candidates.push(Box::new(Ensemble { members: vec![m.fresh(), Box::new(Ses::new(a))] }));
+            }
+        }
         let runs: Vec<(String, Run)> =
             candidates.iter_mut().map(|m| (m.name(), walk_observed(m.as_mut(), observed, s, sp, horizons))).collect();
         for &h in horizons {
@@ -214,6 +231,11 @@ pub fn evaluate_with(
             let ses_best = runs
                 .iter()
                 .filter(|(n, _)| n.starts_with("ses("))
+                .min_by(|a, b| val_mae(&a.1).total_cmp(&val_mae(&b.1)))
+                .map(|(n, _)| n.clone());
+            let ensemble_best = runs
+                .iter()
+                .filter(|(n, _)| n.starts_with("ensemble("))
                 .min_by(|a, b| val_mae(&a.1).total_cmp(&val_mae(&b.1)))
                 .map(|(n, _)| n.clone());
             let best = runs.iter().min_by(|a, b| val_mae(&a.1).total_cmp(&val_mae(&b.1))).map(|(n, _)| n.clone());
@@ -233,10 +255,22 @@ pub fn evaluate_with(
                     }
                     continue;
                 }
+                if name.starts_with("ensemble(") {
+                    if Some(name) == ensemble_best.as_ref() {
+                        score(ENSEMBLE, run);
+                    }
+                    continue;
+                }
                 score(name, run);
             }
             if let Some((name, run)) = runs.iter().find(|(n, _)| Some(n) == best.as_ref()) {
-                let label = if name.starts_with("ses(") { "ses(α by validation)" } else { name.as_str() };
+                let label = if name.starts_with("ses(") {
+                    "ses(α by validation)"
+                } else if name.starts_with("ensemble(") {
+                    ENSEMBLE
+                } else {
+                    name.as_str()
+                };
                 *chosen.entry(h).or_default().entry(label.to_owned()).or_default() += 1;
                 score(SELECTED, run);
             }
@@ -244,6 +278,7 @@ pub fn evaluate_with(
     }
     let mut horizons_out = BTreeMap::new();
     let mut ab_tests = BTreeMap::new();
+    let mut best_naives = BTreeMap::new();
     for &h in horizons {
         let base = |n: &str| per_series.get(n).and_then(|m| m.get(&h)).cloned().unwrap_or_default();
         let (last, mean12) = (base("last-value"), base("mean-of-last-12"));
@@ -262,10 +297,19 @@ pub fn evaluate_with(
                     scores: a.scores(),
                     win_rate_vs_last_value: wins(&mine, &last),
                     win_rate_vs_mean_of_last_12: wins(&mine, &mean12),
+                    win_rate_vs_best_naive: 0.0,
                 })
             })
             .collect();
         rows.sort_by(|a, b| a.scores.mae.total_cmp(&b.scores.mae));
+        let best_naive = rows.iter().find(|r| NAIVE.contains(&r.model.as_str())).map(|r| r.model.clone());
+        if let Some(b) = &best_naive {
+            let theirs = base(b);
+            for r in &mut rows {
+                r.win_rate_vs_best_naive = wins(&base(&r.model), &theirs);
+            }
+        }
+        best_naives.insert(h, best_naive.unwrap_or_default());
         // The selection against whichever baseline did better overall at this horizon.
         let baseline = rows
             .iter()
@@ -276,7 +320,7 @@ pub fn evaluate_with(
         ab_tests.insert(h, ab_test(SELECTED, &baseline, &base(SELECTED), &base(&baseline)));
         horizons_out.insert(h, rows);
     }
-    Report { series: series.len(), horizons: horizons_out, ab_tests, selected: chosen }
+    Report { series: series.len(), horizons: horizons_out, ab_tests, selected: chosen, best_naive: best_naives }
 }
 
 /// Page–Hinkley drift detection on a stream of errors: alarms when their mean rises by more

@@ -327,3 +327,27 @@ impl Forecaster for Named {
         Box::new(Named { name: self.name.clone(), inner: self.inner.fresh() })
     }
 }
+
+/// The mean of several forecasters' forecasts (those that have one).
+pub struct Ensemble {
+    /// The members.
+    pub members: Vec<Box<dyn Forecaster>>,
+}
+
+impl Forecaster for Ensemble {
+    fn name(&self) -> String {
+        format!("ensemble({})", self.members.iter().map(|m| m.name()).collect::<Vec<_>>().join("+"))
+    }
+    fn observe(&mut self, x: f64) {
+        for m in &mut self.members {
+            m.observe(x);
+        }
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        let f: Vec<f64> = self.members.iter().map(|m| m.forecast(h)).filter(|v| !v.is_nan()).collect();
+        if f.is_empty() { f64::NAN } else { f.iter().sum::<f64>() / f.len() as f64 }
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(Ensemble { members: self.members.iter().map(|m| m.fresh()).collect() })
+    }
+}

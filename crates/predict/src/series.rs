@@ -57,8 +57,76 @@ fn value(cell: &str) -> Option<f64> {
     c.parse::<f64>().ok().filter(|v| v.is_nan() || (v.is_finite() && *v >= 0.0))
 }
 
-/// Reads a trace: **wide** (header `step,<series>…`, one row per step — the Azure files and
-/// `novacron data generate`) or **rows** (header `vm,t000,…`, one row per series — PlanetLab).
+/// Seconds between samples.
+pub const STEP_S: i64 = 300;
+
+fn epoch_seconds(s: &str) -> Option<i64> {
+    let s = s.trim().trim_matches('"');
+    if let Ok(n) = s.parse::<f64>() {
+        return n.is_finite().then_some(n as i64);
+    }
+    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs() as i64)
+}
+
+/// Reads the **long** layout: header `series_id,timestamp,value`, timestamps in RFC 3339 or
+/// epoch seconds, any order. Each series is laid on 5-minute steps from its first timestamp;
+/// steps without a sample are missing, a step sampled twice keeps the later row.
+fn read_long(name: &str, lines: impl Iterator<Item = std::io::Result<String>>) -> Result<Vec<Series>, ReadError> {
+    let fmt = |line: usize, reason: String| ReadError::Format { path: name.to_owned(), line, reason };
+    let mut by: std::collections::BTreeMap<String, Vec<(i64, f64)>> = std::collections::BTreeMap::new();
+    for (i, line) in lines.enumerate() {
+        let line = line.map_err(|source| ReadError::Io { path: name.to_owned(), source })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 2;
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.len() != 3 {
+            return Err(fmt(n, format!("{} cells, expected series_id,timestamp,value", cells.len())));
+        }
+        let ts = epoch_seconds(cells[1])
+            .ok_or_else(|| fmt(n, format!("{:?} is not RFC 3339 or epoch seconds", cells[1])))?;
+        let v = value(cells[2]).ok_or_else(|| fmt(n, format!("{:?} is not a non-negative number", cells[2])))?;
+        by.entry(cells[0].trim().trim_matches('"').to_owned()).or_default().push((ts, v));
+    }
+    Ok(by
+        .into_iter()
+        .map(|(name, mut points)| {
+            points.sort_by_key(|p| p.0);
+            let first = points.first().map_or(0, |p| p.0);
+            let last = points.last().map_or(0, |p| p.0);
+            let steps = usize::try_from((last - first + STEP_S / 2) / STEP_S + 1).unwrap_or(0);
+            let mut values = vec![f64::NAN; steps];
+            for (ts, v) in points {
+                let k = usize::try_from((ts - first + STEP_S / 2) / STEP_S).unwrap_or(0);
+                if let Some(slot) = values.get_mut(k) {
+                    *slot = v;
+                }
+            }
+            Series { name, values }
+        })
+        .collect())
+}
+
+/// Writes series in the long layout (`series_id,timestamp,value`), the first step at `start`
+/// epoch seconds; missing points are left out.
+#[must_use]
+pub fn to_long_csv(series: &[Series], start: i64) -> String {
+    let mut out = String::from("series_id,timestamp,value\n");
+    for s in series {
+        for (t, v) in s.values.iter().enumerate() {
+            if !v.is_nan() {
+                out.push_str(&format!("{},{},{v}\n", s.name, start + t as i64 * STEP_S));
+            }
+        }
+    }
+    out
+}
+
+/// Reads a trace: **long** (header `series_id,timestamp,value`), **wide** (header
+/// `step,<series>…`, one row per step — the Azure files and `novacron data generate`) or
+/// **rows** (header `vm,t000,…`, one row per series — PlanetLab).
 ///
 /// # Errors
 /// The file's name and line when it cannot be read or a cell is not a non-negative number.
@@ -71,6 +139,9 @@ pub fn read_trace(path: &Path) -> Result<Vec<Series>, ReadError> {
         None => return Err(fmt(1, "empty file".into())),
     };
     let cols: Vec<String> = header.split(',').map(|c| c.trim().trim_matches('"').to_owned()).collect();
+    if cols == ["series_id", "timestamp", "value"] {
+        return read_long(&name, lines);
+    }
     let rows_layout = cols.first().is_some_and(|c| c == "vm");
     if !rows_layout && cols.first().is_none_or(|c| c != "step") {
         return Err(fmt(
@@ -151,6 +222,28 @@ mod tests {
         assert!(e.ends_with("r.csv:2: \"-2\" is not a non-negative number"), "{e}");
         std::fs::write(&rows, "time,a\n").unwrap();
         assert!(read_trace(&rows).unwrap_err().to_string().contains("expected a header"));
+        let long = dir.join("l.csv");
+        std::fs::write(
+            &long,
+            "series_id,timestamp,value\nb,600,3\na,2017-01-01T00:00:00Z,1\nb,0,1\na,2017-01-01T00:10:00Z,4\n",
+        )
+        .unwrap();
+        let l = read_trace(&long).unwrap();
+        assert_eq!(l[0].name, "a");
+        assert_eq!(l[0].values.len(), 3);
+        assert!(l[0].values[1].is_nan(), "00:05 has no sample");
+        assert_eq!((l[0].values[0], l[0].values[2]), (1.0, 4.0));
+        assert_eq!(l[1].values.len(), 3, "b: 0 s and 600 s");
+        std::fs::write(&long, to_long_csv(&s, 0)).unwrap();
+        let round = read_trace(&long).unwrap();
+        assert_eq!(round[1].values, [2.0, 3.0]);
+        std::fs::write(&long, "series_id,timestamp,value\na,yesterday,1\n").unwrap();
+        assert!(
+            read_trace(&long)
+                .unwrap_err()
+                .to_string()
+                .ends_with("l.csv:2: \"yesterday\" is not RFC 3339 or epoch seconds")
+        );
         let back = to_wide_csv(&s);
         std::fs::write(&wide, back).unwrap();
         assert_eq!(read_trace(&wide).unwrap()[1].values, [2.0, 3.0]);
