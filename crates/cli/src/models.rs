@@ -527,6 +527,10 @@ pub fn risk_cmd(a: &RiskArgs, fmt: Format) -> anyhow::Result<()> {
                 .collect();
             output::table(&["scorer", "ROC AUC", "PR AUC", "precision", "recall", "F1", "Brier"], &rows);
             println!(
+                "lead time of the failures flagged in time: mean {:.1} days, median {:.1} days",
+                report.lead_time_days.0, report.lead_time_days.1
+            );
+            println!(
                 "calibration (predicted → observed): {}",
                 report.calibration.iter().map(|(p, o, _)| format!("{:.3}→{:.3}", p, o)).collect::<Vec<_>>().join("  ")
             );

@@ -146,6 +146,9 @@ pub fn node_features(past: &[Failure], t: f64, system_rate_30d: f64) -> [f64; RI
     ]
 }
 
+/// A baseline's score of a snapshot.
+type Scorer = Box<dyn Fn(&Row) -> f64>;
+
 /// One snapshot row.
 #[derive(Clone, Debug)]
 struct Row {
@@ -155,6 +158,8 @@ struct Row {
     total: f64,
     recent: f64,
     y: bool,
+    /// Days from the snapshot to the failure, when it fails within the window.
+    lead: Option<f64>,
 }
 
 fn snapshots(fleet: &Fleet, window_days: f64, step_days: f64) -> Vec<Row> {
@@ -182,13 +187,15 @@ fn snapshots(fleet: &Fleet, window_days: f64, step_days: f64) -> Vec<Row> {
                 let all = fleet.failures.get(&(system, node)).unwrap_or(&empty);
                 let k = all.partition_point(|f| f.at < t);
                 let past = &all[..k];
-                let y = all[k..].first().is_some_and(|f| f.at < t + window_days);
+                let next = all[k..].first().map(|f| f.at - t).filter(|d| *d < window_days);
+                let y = next.is_some();
                 rows.push(Row {
                     at: t,
                     x: node_features(past, t, rate),
                     total: past.len() as f64,
                     recent: past.iter().rev().take_while(|f| f.at >= t - 30.0).count() as f64,
                     y,
+                    lead: next,
                 });
             }
             t += step_days;
@@ -236,24 +243,29 @@ pub fn roc_auc(scored: &[(f64, bool)]) -> f64 {
     if pos == 0.0 || neg == 0.0 { f64::NAN } else { (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg) }
 }
 
-/// Average precision (the area under the precision–recall curve, step-wise; ties broken
-/// pessimistically, negatives first).
+/// Average precision (the area under the precision–recall curve, step-wise): each distinct
+/// score is one threshold, so tied scores count together (a constant score gets the base rate).
 #[must_use]
 pub fn average_precision(scored: &[(f64, bool)]) -> f64 {
     let mut v = scored.to_vec();
-    v.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    v.sort_by(|a, b| b.0.total_cmp(&a.0));
     let pos = v.iter().filter(|x| x.1).count() as f64;
     if pos == 0.0 {
         return f64::NAN;
     }
-    let (mut tp, mut ap) = (0.0, 0.0);
-    for (k, (_, y)) in v.iter().enumerate() {
-        if *y {
-            tp += 1.0;
-            ap += tp / (k + 1) as f64;
+    let (mut tp, mut seen, mut ap, mut i) = (0.0, 0.0, 0.0, 0);
+    while i < v.len() {
+        let mut j = i;
+        while j < v.len() && v[j].0 == v[i].0 {
+            j += 1;
         }
+        let new_tp = v[i..j].iter().filter(|x| x.1).count() as f64;
+        tp += new_tp;
+        seen += (j - i) as f64;
+        ap += (new_tp / pos) * (tp / seen);
+        i = j;
     }
-    ap / pos
+    ap
 }
 
 /// Scores of one ranking on the test snapshots.
@@ -296,6 +308,9 @@ pub struct RiskReport {
     pub epochs: usize,
     /// The decision threshold (F1-best on validation).
     pub threshold: f64,
+    /// Lead time of the failures flagged in time (probability at or above the threshold at the
+    /// snapshot before them): mean and median days from the alarm to the failure.
+    pub lead_time_days: (f64, f64),
 }
 
 /// Trains on snapshots before `cutoff` (days), calibrates on the last `val_days` before it,
@@ -394,10 +409,20 @@ pub fn evaluate_risk(fleet: &Fleet, cutoff: f64, val_days: f64, window_days: f64
         f1: Some(f1),
         brier: Some(brier),
     }];
-    for (name, f) in [
-        ("most failures so far", (|r: &Row| r.total) as fn(&Row) -> f64),
-        ("most failures in the last 30 days", |r: &Row| r.recent),
-    ] {
+    let base_rate_train = train.iter().filter(|r| r.y).count() as f64 / train.len().max(1) as f64;
+    let mut leads: Vec<f64> = test.iter().filter(|r| prob(r) >= threshold).filter_map(|r| r.lead).collect();
+    leads.sort_by(f64::total_cmp);
+    let lead_time_days = if leads.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (leads.iter().sum::<f64>() / leads.len() as f64, leads[leads.len() / 2])
+    };
+    let baselines: [(&str, Scorer); 3] = [
+        ("base rate (one probability for every node)", Box::new(move |_: &Row| base_rate_train)),
+        ("most failures so far", Box::new(|r: &Row| r.total)),
+        ("most failures in the last 30 days", Box::new(|r: &Row| r.recent)),
+    ];
+    for (name, f) in baselines {
         let s: Vec<(f64, bool)> = test.iter().map(|r| (f(r), r.y)).collect();
         scores.push(RiskScores {
             model: name.into(),
@@ -428,6 +453,7 @@ pub fn evaluate_risk(fleet: &Fleet, cutoff: f64, val_days: f64, window_days: f64
         calibration,
         epochs: best.2,
         threshold,
+        lead_time_days,
     }
 }
 
@@ -452,6 +478,9 @@ mod tests {
         let ties = [(0.5, true), (0.5, false)];
         assert_eq!(roc_auc(&ties), 0.5);
         assert_eq!(average_precision(&[(0.9, false), (0.8, true)]), 0.5);
+        let constant = [(0.1, true), (0.1, false), (0.1, false), (0.1, false)];
+        assert_eq!(average_precision(&constant), 0.25, "a constant score earns the base rate");
+        assert_eq!(roc_auc(&constant), 0.5);
     }
 
     #[test]
