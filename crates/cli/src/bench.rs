@@ -52,6 +52,9 @@ enum Which {
     Failover(crate::bench_failover::FailoverArgs),
     /// Host failure: SIGKILL a host's agent, time until its VMs run on other hosts.
     Heal(crate::bench_heal::HealArgs),
+    /// The reactive and the predictive group scaler replaying real load: SLO breaches, scaling
+    /// actions, members.
+    Scaling(crate::bench_scaling::ScalingArgs),
     /// The consolidation planner on vector bin packing instances with known optima.
     Consolidate(crate::bench_consolidate::ConsolidateArgs),
 }
@@ -393,7 +396,7 @@ fn print(fmt: Format, report: &Value) -> anyhow::Result<()> {
         }
         println!("consolidate (per instance with -o json): {}", serde_json::to_string_pretty(&summary)?);
     }
-    for key in ["placement", "qemu", "fleet", "e2e", "failover", "heal"] {
+    for key in ["placement", "qemu", "fleet", "e2e", "failover", "heal", "scaling"] {
         if let Some(v) = report.get(key) {
             println!("{key}: {}", serde_json::to_string_pretty(v)?);
         }
@@ -423,6 +426,9 @@ pub async fn run(args: BenchArgs, fmt: Format) -> anyhow::Result<()> {
         Which::E2e(a) => report["e2e"] = crate::bench_e2e::run(&a).await?,
         Which::Failover(a) => report["failover"] = crate::bench_failover::run(a).await?,
         Which::Heal(a) => report["heal"] = crate::bench_heal::run(a).await?,
+        Which::Scaling(a) => {
+            report["scaling"] = tokio::task::spawn_blocking(move || crate::bench_scaling::run(&a)).await??;
+        }
         Which::Consolidate(a) => {
             report["consolidate"] = tokio::task::spawn_blocking(move || crate::bench_consolidate::run(&a)).await??;
         }

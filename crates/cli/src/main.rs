@@ -13,6 +13,7 @@ mod bench_consolidate;
 mod bench_e2e;
 mod bench_failover;
 mod bench_heal;
+mod bench_scaling;
 mod client;
 mod models;
 mod nats_server;

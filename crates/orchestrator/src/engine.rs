@@ -833,10 +833,9 @@ impl Engine {
                 load.pending.clear();
             }
             let label = load.model_id.clone().unwrap_or_else(|| load.model.name());
-            if let Some(u) = observed
-                && load.last.is_none_or(|t| now.duration_since(t) >= step)
-            {
-                let x = u * 100.0;
+            if !utils.is_empty() && load.last.is_none_or(|t| now.duration_since(t) >= step) {
+                // The group's load as a share of its maximum size, in percent.
+                let x = (utils.iter().sum::<f64>() / f64::from(g.spec.max.max(1)) * 100.0).min(100.0);
                 // Score the forecasts that were due now (the prediction ledger).
                 if let Some(p) = load.pending.pop_front() {
                     let err = (x - p).abs();
@@ -899,21 +898,8 @@ impl Engine {
             if point.is_nan() {
                 continue;
             }
-            // The 90th percentile of past one-step errors, widened with the horizon.
-            let mut r: Vec<f64> = load.residuals.iter().copied().collect();
-            r.sort_by(f64::total_cmp);
-            let q = if r.len() < 5 { 10.0 } else { r[(r.len() - 1) * 9 / 10] } / 100.0 * (h as f64).sqrt();
-            inputs.forecasts.insert(
-                name,
-                novacron_types::group::ForecastNote {
-                    model: label,
-                    horizon_steps: self.cfg.forecast_horizon_steps,
-                    step_s: step.as_secs(),
-                    point,
-                    lower: (point - q).max(0.0),
-                    upper: (point + q).min(1.0),
-                },
-            );
+            let residuals: Vec<f64> = load.residuals.iter().copied().collect();
+            inputs.forecasts.insert(name, decide::forecast_note(label, point, &residuals, h, step));
         }
         let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
         let events = requests

@@ -102,7 +102,9 @@ pub struct ForecastNote {
     pub horizon_steps: u32,
     /// Seconds per step.
     pub step_s: u64,
-    /// Forecast mean CPU utilisation of the members, 0–1.
+    /// Forecast load of the group: the sum of its members' CPU utilisation as a share of its
+    /// maximum size, 0–1 (unlike the mean utilisation, it does not move when the group is
+    /// resized).
     pub point: f64,
     /// Lower bound of its 90 % interval.
     pub lower: f64,

@@ -30,6 +30,31 @@ fn name_ok(n: &str) -> bool {
     !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// A forecast of a group's load — the sum of its members' CPU utilisation as a share of its
+/// maximum size (`point`, 0–1), which does not change when the group does — with its 90 % interval: the 90th percentile
+/// of the model's past one-step errors (`residuals`, CPU-% points; 10 points until five are
+/// known), widened with the square root of the horizon.
+#[must_use]
+pub fn forecast_note(
+    model: String,
+    point: f64,
+    residuals: &[f64],
+    horizon: usize,
+    step: std::time::Duration,
+) -> ForecastNote {
+    let mut r = residuals.to_vec();
+    r.sort_by(f64::total_cmp);
+    let q = if r.len() < 5 { 10.0 } else { r[(r.len() - 1) * 9 / 10] } / 100.0 * (horizon as f64).sqrt();
+    ForecastNote {
+        model,
+        horizon_steps: u32::try_from(horizon).unwrap_or(u32::MAX),
+        step_s: step.as_secs(),
+        point,
+        lower: (point - q).max(0.0),
+        upper: (point + q).min(1.0),
+    }
+}
+
 /// Checks a group spec.
 ///
 /// # Errors
@@ -209,7 +234,9 @@ pub fn scale_groups(
         let reactive = reactive_size(n, observed, target, min, max);
         let forecast = inputs.forecasts.get(name);
         let predicted = forecast.map(|f| {
-            let want = (f64::from(n.max(1)) * f.upper / target - 1e-9).ceil().max(0.0) as u32;
+            // The forecast is the group's load as a share of its maximum size: members that
+            // keep it at the target.
+            let want = (f.upper * f64::from(g.spec.max) / target - 1e-9).ceil().max(0.0) as u32;
             want.clamp(min, max)
         });
         let since = |t: Option<u64>| t.map(|t| now.saturating_sub(t) / 1000);
@@ -230,7 +257,12 @@ pub fn scale_groups(
                 let to = up_reactive.unwrap_or(n).max(up_predicted.unwrap_or(n));
                 let why = if up_predicted.is_some_and(|p| p >= up_reactive.unwrap_or(0)) {
                     let f = forecast.map_or(0.0, |f| f.upper);
-                    format!("forecast mean CPU up to {} (upper 90 % bound) against target {}", pct(f), pct(target))
+                    format!(
+                        "forecast load up to {} of the group at its maximum (upper 90 % bound), {} members at target {}",
+                        pct(f),
+                        up_predicted.unwrap_or(n),
+                        pct(target)
+                    )
                 } else {
                     format!("mean CPU {} above target {}", pct(observed.unwrap_or(0.0)), pct(target))
                 };
@@ -239,8 +271,11 @@ pub fn scale_groups(
             } else if let Some(r) = reactive.filter(|r| *r < n)
                 && down_ok
             {
-                // Never below what the stabilization window still recommends.
-                let stable = inputs.stable_desired.get(name).copied().unwrap_or(r).max(r).max(min);
+                // Never below what the stabilization window still recommends — nor, in predictive
+                // mode, below what the forecast needs (a forecast never shrinks a group, but it
+                // can keep it from shrinking).
+                let needed = predicted.filter(|_| g.spec.mode == ScalingMode::Predictive).unwrap_or(0);
+                let stable = inputs.stable_desired.get(name).copied().unwrap_or(r).max(r).max(min).max(needed);
                 if stable < n {
                     let why = format!(
                         "mean CPU {} below target {} (the highest size recommended within {} s is {stable})",
@@ -275,7 +310,11 @@ pub fn scale_groups(
             && p != n
             && g.last_recommendation != Some(p)
         {
-            let why = format!("forecast mean CPU up to {} against target {}: not acted on", pct(f.upper), pct(target));
+            let why = format!(
+                "forecast load up to {} of the group at its maximum, {p} members at target {}: not acted on",
+                pct(f.upper),
+                pct(target)
+            );
             events.push(envelope(stamp, origin, EventKind::GroupScaled(base(p, why, Some(f.clone()), true))));
             continue;
         }

@@ -965,16 +965,17 @@ fn predictive_scaling_goes_up_ahead_of_the_forecast_never_down_on_it_and_forecas
         lower: point / 2.0,
         upper,
     };
-    // At target now (0.5), but the forecast's upper bound is 0.9: 2 × 0.9 / 0.5 → 4.
+    // At target now (0.5), but the forecast load's upper bound is a quarter of the group at its
+    // maximum (8): 0.25 × 8 / 0.5 → 4 members.
     let inputs = ScalingInputs {
         vm_util: util(&s, "api", 0.5),
-        forecasts: BTreeMap::from([("api".to_owned(), note(0.8, 0.9))]),
+        forecasts: BTreeMap::from([("api".to_owned(), note(0.2, 0.25))]),
         ..Default::default()
     };
     let e = scale_groups(&s, &inputs, &planning, &mut At(200, 1_000_000), &origin());
     let g = scaled(&e)[0];
     assert_eq!((g.from, g.to), (2, 4));
-    assert_eq!(g.forecast.as_ref().map(|f| f.upper), Some(0.9), "the forecast it acted on is recorded");
+    assert_eq!(g.forecast.as_ref().map(|f| f.upper), Some(0.25), "the forecast it acted on is recorded");
     assert!(g.reason.contains("forecast"), "{}", g.reason);
     // A low forecast alone never shrinks it.
     let inputs = ScalingInputs {
@@ -995,7 +996,7 @@ fn predictive_scaling_goes_up_ahead_of_the_forecast_never_down_on_it_and_forecas
     run_members(&mut s, "batch");
     let inputs = ScalingInputs {
         vm_util: util(&s, "batch", 0.5),
-        forecasts: BTreeMap::from([("batch".to_owned(), note(0.8, 0.9))]),
+        forecasts: BTreeMap::from([("batch".to_owned(), note(0.2, 0.25))]),
         ..Default::default()
     };
     let e = scale_groups(&s, &inputs, &planning, &mut At(200, 1_000_000), &origin());
