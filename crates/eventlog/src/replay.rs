@@ -52,15 +52,46 @@ pub fn decode_event(seq: u64, subject: &str, headers: Option<&async_nats::Header
     LoggedEvent { seq, subject: subject.to_owned(), envelope }
 }
 
-/// Calls `f` for every event with `from <= seq <= to`, in order. Returns how many it saw.
+/// How long `replay` keeps retrying errors that a cluster gets over (a stream or consumer
+/// leader being elected answers "no responders" for a moment), resuming after the last event
+/// it delivered.
+pub const REPLAY_RETRY_BUDGET: Duration = Duration::from_secs(15);
+
+/// Calls `f` for every event with `from <= seq <= to`, in order, each once. Returns how many it
+/// saw.
 ///
 /// # Errors
-/// When the stream cannot be read.
+/// When the stream cannot be read for longer than [`REPLAY_RETRY_BUDGET`].
 pub async fn replay(stream: &Stream, from: u64, to: u64, mut f: impl FnMut(LoggedEvent)) -> Result<u64, ReplayError> {
-    let from = from.max(1);
-    if to < from {
-        return Ok(0);
+    let mut next = from.max(1);
+    let mut seen = 0u64;
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(50);
+    while next <= to {
+        match replay_once(stream, next, to, &mut f, &mut seen).await {
+            Ok(Some(last)) => next = last + 1,
+            Ok(None) => break,
+            Err(e) if started.elapsed() < REPLAY_RETRY_BUDGET => {
+                tracing::debug!(error = %e, next, "replay interrupted; resuming");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
     }
+    metrics::counter!(m::EVENTS_REPLAYED).increment(seen);
+    Ok(seen)
+}
+
+/// One pass: reads from `from` until `to` or the end; returns the last sequence delivered and
+/// `None` once there is nothing more to read.
+async fn replay_once(
+    stream: &Stream,
+    from: u64,
+    to: u64,
+    f: &mut impl FnMut(LoggedEvent),
+    seen: &mut u64,
+) -> Result<Option<u64>, ReplayError> {
     // An ephemeral, unacknowledged pull consumer fetching in large batches: the fastest way to
     // read a known range.
     let consumer = stream
@@ -73,22 +104,22 @@ pub async fn replay(stream: &Stream, from: u64, to: u64, mut f: impl FnMut(Logge
         .await
         .map_err(boxed)?;
     let mut messages = consumer.stream().max_messages_per_batch(REPLAY_BATCH).messages().await.map_err(boxed)?;
-    let mut seen = 0u64;
+    let mut last = None;
     while let Some(msg) = messages.try_next().await.map_err(boxed)? {
         let info = msg.info().map_err(ReplayError::Stream)?;
         let seq = info.stream_sequence;
         let pending = info.pending;
         if seq > to {
-            break;
+            return Ok(None);
         }
         f(decode_event(seq, msg.subject.as_str(), msg.headers.as_ref(), &msg.payload));
-        seen += 1;
+        *seen += 1;
+        last = Some(seq);
         if seq >= to || pending == 0 {
-            break;
+            return Ok(None);
         }
     }
-    metrics::counter!(m::EVENTS_REPLAYED).increment(seen);
-    Ok(seen)
+    Ok(last)
 }
 
 /// Folds the events after `state.seq` up to `to` into `state`. Messages that do not decode are
