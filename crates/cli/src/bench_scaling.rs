@@ -83,6 +83,7 @@ struct Outcome {
     steps: u64,
     breaches: u64,
     actions: u64,
+    ups: u64,
     member_steps: f64,
     util_sum: f64,
 }
@@ -179,9 +180,16 @@ fn replay(values: &[f64], a: &ScalingArgs, mode: ScalingMode) -> Outcome {
             inputs.forecasts.insert("g".into(), note);
         }
         let events = decide::scale_groups(&state, &inputs, &planning, &mut clock, &origin);
-        out.actions +=
-            events.iter().filter(|e| matches!(&e.event, EventKind::GroupScaled(g) if !g.recommendation_only)).count()
-                as u64;
+        for e in &events {
+            if let EventKind::GroupScaled(g) = &e.event
+                && !g.recommendation_only
+            {
+                out.actions += 1;
+                if g.to > g.from {
+                    out.ups += 1;
+                }
+            }
+        }
         apply(&mut state, &events);
     }
     out
@@ -194,6 +202,7 @@ fn summary(o: &[Outcome]) -> Value {
         "steps": steps,
         "slo_breach_share": o.iter().map(|x| x.breaches).sum::<u64>() as f64 / n,
         "scaling_actions": o.iter().map(|x| x.actions).sum::<u64>(),
+        "scale_ups": o.iter().map(|x| x.ups).sum::<u64>(),
         "mean_members": o.iter().map(|x| x.member_steps).sum::<f64>() / n,
         "mean_utilisation": o.iter().map(|x| x.util_sum).sum::<f64>() / n,
     })

@@ -210,9 +210,17 @@ pub fn cooldowns(state: &ClusterState, g: &GroupRecord) -> (u64, u64) {
 #[must_use]
 pub fn reactive_size(n: u32, observed: Option<f64>, target: f64, min: u32, max: u32) -> Option<u32> {
     let u = observed?;
+    // Within the tolerance of the target, the size is right (no flapping on noise).
+    if n > 0 && (u / target - 1.0).abs() <= TOLERANCE {
+        return Some(n.clamp(min, max));
+    }
     let want = if n == 0 { min } else { (f64::from(n) * u / target - 1e-9).ceil().max(0.0) as u32 };
     Some(want.clamp(min, max))
 }
+
+/// How far from the target (as a share of it) utilisation may be before the size changes — the
+/// same 10 % as Kubernetes' horizontal autoscaler.
+pub const TOLERANCE: f64 = 0.1;
 
 /// One scaling pass over every group.
 pub fn scale_groups(
@@ -236,7 +244,12 @@ pub fn scale_groups(
         let predicted = forecast.map(|f| {
             // The forecast is the group's load as a share of its maximum size: members that
             // keep it at the target.
-            let want = (f.upper * f64::from(g.spec.max) / target - 1e-9).ceil().max(0.0) as u32;
+            let need = f.upper * f64::from(g.spec.max) / target;
+            // Within the tolerance of the current size, the forecast asks for no change.
+            if n > 0 && (need / f64::from(n) - 1.0).abs() <= TOLERANCE {
+                return n.clamp(min, max);
+            }
+            let want = (need - 1e-9).ceil().max(0.0) as u32;
             want.clamp(min, max)
         });
         let since = |t: Option<u64>| t.map(|t| now.saturating_sub(t) / 1000);
