@@ -111,6 +111,23 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
         missing: a.drop,
         seed: a.seed,
     });
+    // Inference cost of the trained model alone: one update and one forecast per step, over
+    // every series (measured apart from the evaluation, which walks every candidate).
+    let inference_ns = {
+        let clock = std::time::Instant::now();
+        let mut steps = 0u64;
+        let mut sink = 0.0;
+        for s in &series {
+            let mut m = linear.fresh();
+            for x in &s.values {
+                m.observe(*x);
+                sink += m.forecast(a.horizons[0]);
+                steps += 1;
+            }
+        }
+        std::hint::black_box(sink);
+        clock.elapsed().as_nanos() as f64 / steps.max(1) as f64
+    };
     let report = novacron_predict::eval::evaluate_with(&series, &splits, &a.horizons, &[linear], perturbation);
     let evaluated = started.elapsed();
     let forecasts: u64 = report.horizons.values().flatten().map(|m| m.scores.forecasts).sum();
@@ -145,6 +162,8 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
         "training": { "config": cfg, "horizons": fits, "seconds": trained.as_secs_f64() },
         "evaluation_seconds": evaluated.as_secs_f64(),
         "forecasts_per_sec": forecasts as f64 / evaluated.as_secs_f64().max(1e-9),
+        // The trained model alone: one update and one forecast, in nanoseconds.
+        "global_linear_inference_ns": inference_ns,
         "report": report,
     });
     match fmt {
