@@ -792,7 +792,10 @@ impl Engine {
             crate::ingest::lock(&self.cfg.observations).vms.iter().map(|(id, t)| (*id, t.cpu_util)).collect();
         let mut inputs = decide::ScalingInputs { vm_util, ..Default::default() };
         let mut requests = Vec::new();
-        let state = read(&self.state).clone();
+        // The read guard is held over a clone of the handle, not of the state: the engine is
+        // the only writer, and a full copy per tick grows with the fleet.
+        let shared = Arc::clone(&self.state);
+        let state = read(&shared);
         self.recommendations.retain(|g, _| state.groups.contains_key(g));
         self.group_load.retain(|g, _| state.groups.contains_key(g));
         let promoted = self.promoted_model.clone();

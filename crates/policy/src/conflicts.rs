@@ -5,6 +5,7 @@
 //! specific scope** (a group over a selector — more labels over fewer — over the cluster),
 //! then **newer** (later in the set, which lists policies oldest first).
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 
 use novacron_state::{ClusterState, VmStatus};
@@ -281,10 +282,10 @@ fn against_cluster(set: &[Policy], state: &ClusterState) -> Vec<Conflict> {
 
 /// The softer disagreements in `set` (listed oldest first) and who prevails in each.
 #[must_use]
-pub fn resolve(set: &[Policy]) -> Vec<Resolution> {
+pub fn resolve<P: std::borrow::Borrow<Policy>>(set: &[P]) -> Vec<Resolution> {
     let mut out = Vec::new();
-    for (i, a) in set.iter().enumerate() {
-        for (j, b) in set.iter().enumerate().skip(i + 1) {
+    for (i, a) in set.iter().map(Borrow::borrow).enumerate() {
+        for (j, b) in set.iter().map(Borrow::borrow).enumerate().skip(i + 1) {
             if !enforced(a) || !enforced(b) || (hard(a) && hard(b)) {
                 continue;
             }

@@ -5,8 +5,6 @@
 //! gives way in a resolution (see [`crate::resolve`]) does not act at all while the winner is in
 //! force.
 
-use std::collections::BTreeSet;
-
 use novacron_scheduler::{GroupRule, PlacementRequest, PlannerConfig};
 use novacron_state::{ClusterState, VmStatus};
 use novacron_types::policy::{Enforcement, Policy, Rule, Scope};
@@ -22,18 +20,11 @@ pub fn applies_to(scope: &Scope, spec: &VmSpec) -> bool {
     }
 }
 
-/// The policies that act, oldest first: enforced, and not the loser of a resolution.
+/// The policies that act, oldest first: enforced (not audit), and not the loser of a
+/// resolution.
 #[must_use]
 pub fn in_force(state: &ClusterState) -> Vec<&Policy> {
-    let mut records: Vec<_> = state.policies.values().collect();
-    records.sort_by_key(|r| r.version);
-    let all: Vec<Policy> = records.iter().map(|r| r.policy.clone()).collect();
-    let losers: BTreeSet<String> = crate::resolve(&all).into_iter().map(|r| r.loser).collect();
-    records
-        .into_iter()
-        .map(|r| &r.policy)
-        .filter(|p| p.enforcement != Enforcement::Audit && !losers.contains(&p.name))
-        .collect()
+    crate::observe::observed(state).into_iter().filter(|p| p.enforcement != Enforcement::Audit).collect()
 }
 
 fn strength(e: Enforcement) -> Strength {

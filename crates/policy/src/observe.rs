@@ -2,6 +2,7 @@
 //! maintenance window is open, and the settings the healing and migration planners take from
 //! policies.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use novacron_state::{ClusterState, VmRecord, VmStatus};
@@ -34,9 +35,9 @@ pub struct Violation {
 pub fn observed(state: &ClusterState) -> Vec<&Policy> {
     let mut records: Vec<_> = state.policies.values().collect();
     records.sort_by_key(|r| r.version);
-    let all: Vec<Policy> = records.iter().map(|r| r.policy.clone()).collect();
+    let all: Vec<&Policy> = records.into_iter().map(|r| &r.policy).collect();
     let losers: std::collections::BTreeSet<String> = crate::resolve(&all).into_iter().map(|r| r.loser).collect();
-    records.into_iter().map(|r| &r.policy).filter(|p| !losers.contains(&p.name)).collect()
+    all.into_iter().filter(|p| !losers.contains(&p.name)).collect()
 }
 
 fn domain<'a>(state: &'a ClusterState, host: &'a HostId, topology: Option<&str>) -> String {
@@ -67,6 +68,10 @@ pub fn violations(state: &ClusterState) -> Vec<Violation> {
     let placed = |v: &&VmRecord| v.status == VmStatus::Running && v.migration.is_none() && !v.delete_requested;
     let running: Vec<(&VmRecord, &HostId)> =
         state.vms.values().filter(placed).filter_map(|v| v.host.as_ref().map(|h| (v, h))).collect();
+    let mut by_host: BTreeMap<&HostId, Vec<&VmRecord>> = BTreeMap::new();
+    for (v, h) in &running {
+        by_host.entry(*h).or_default().push(*v);
+    }
     for p in observed(state) {
         let hard = p.enforcement == Enforcement::Hard;
         let mut push = |vm: &VmRecord, host: &HostId, reason: String, correctable: bool| {
@@ -79,9 +84,26 @@ pub fn violations(state: &ClusterState) -> Vec<Violation> {
                 correctable: correctable && hard,
             });
         };
+        // The VMs an affinity rule is about, by domain (in id order), built once per policy so
+        // each VM is checked against its own domain only.
+        let near = |group: Option<&str>, selector: Option<&Labels>, topology: Option<&str>| {
+            let mut by_domain: BTreeMap<String, Vec<(&VmRecord, &HostId)>> = BTreeMap::new();
+            for (u, h) in running.iter().filter(|(u, _)| selects(&p.scope, group, selector, &u.spec)) {
+                by_domain.entry(domain(state, h, topology)).or_default().push((u, h));
+            }
+            by_domain
+        };
+        let targets = match &p.rule {
+            Rule::AntiAffinity(r) => Some(near(r.group.as_deref(), r.selector.as_ref(), r.topology.as_deref())),
+            Rule::Affinity(r) if p.enforcement != Enforcement::Soft => {
+                Some(near(r.group.as_deref(), r.selector.as_ref(), r.topology.as_deref()))
+            }
+            _ => None,
+        };
+        let selected = targets.as_ref().map_or(0, |t| t.values().map(Vec::len).sum::<usize>());
         for (vm, host) in running.iter().filter(|(v, _)| applies_to(&p.scope, &v.spec)) {
-            match &p.rule {
-                Rule::Placement(r) if p.enforcement != Enforcement::Soft => {
+            match (&p.rule, &targets) {
+                (Rule::Placement(r), _) if p.enforcement != Enforcement::Soft => {
                     let labels = state.hosts.get(*host).map(|h| &h.labels);
                     let missing: Vec<String> = r
                         .require_labels
@@ -96,30 +118,22 @@ pub fn violations(state: &ClusterState) -> Vec<Violation> {
                         push(vm, host, format!("host {host} is excluded"), true);
                     }
                 }
-                Rule::AntiAffinity(r) => {
+                (Rule::AntiAffinity(r), Some(targets)) => {
                     let topology = r.topology.as_deref();
-                    let here = domain(state, host, topology);
-                    let clash = running.iter().find(|(u, h)| {
-                        u.id != vm.id
-                            && selects(&p.scope, r.group.as_deref(), r.selector.as_ref(), &u.spec)
-                            && domain(state, h, topology) == here
-                            && (!applies_to(&p.scope, &u.spec) || u.id < vm.id)
-                    });
+                    let here = targets.get(&domain(state, host, topology)).map_or(&[][..], Vec::as_slice);
+                    let clash =
+                        here.iter().find(|(u, _)| u.id != vm.id && (!applies_to(&p.scope, &u.spec) || u.id < vm.id));
                     if let Some((u, h)) = clash {
                         let place = topology.map_or_else(|| format!("host {h}"), |t| format!("{t} of host {h}"));
                         push(vm, host, format!("shares the {place} with {}", u.spec.name), true);
                     }
                 }
-                Rule::Affinity(r) if p.enforcement != Enforcement::Soft => {
-                    let topology = r.topology.as_deref();
-                    let here = domain(state, host, topology);
-                    let mut others = running
-                        .iter()
-                        .filter(|(u, _)| {
-                            u.id != vm.id && selects(&p.scope, r.group.as_deref(), r.selector.as_ref(), &u.spec)
-                        })
-                        .peekable();
-                    if others.peek().is_some() && !others.any(|(_, h)| domain(state, h, topology) == here) {
+                (Rule::Affinity(r), Some(targets)) => {
+                    let here = targets.get(&domain(state, host, r.topology.as_deref())).map_or(&[][..], Vec::as_slice);
+                    let me = usize::from(selects(&p.scope, r.group.as_deref(), r.selector.as_ref(), &vm.spec));
+                    let others_anywhere = selected > me;
+                    let others_here = here.iter().any(|(u, _)| u.id != vm.id);
+                    if others_anywhere && !others_here {
                         push(vm, host, "none of the VMs it must be near runs in its domain".into(), false);
                     }
                 }
@@ -131,7 +145,7 @@ pub fn violations(state: &ClusterState) -> Vec<Violation> {
             && p.scope.is_cluster()
         {
             for h in state.hosts.values() {
-                let here: Vec<&VmRecord> = running.iter().filter(|(_, x)| **x == h.id).map(|(v, _)| *v).collect();
+                let here = by_host.get(&h.id).map_or(&[][..], Vec::as_slice);
                 for vm in here.iter().skip(max as usize) {
                     push(vm, &h.id, format!("host {} runs {} VMs, more than {max}", h.id, here.len()), false);
                 }
@@ -242,8 +256,15 @@ pub struct HealingView {
 /// See [`HealingView`].
 #[must_use]
 pub fn healing(state: &ClusterState, spec: &VmSpec) -> HealingView {
-    let mut covering: Vec<(usize, &Policy)> = crate::enforce::in_force(state)
-        .into_iter()
+    healing_in(&crate::enforce::in_force(state), spec)
+}
+
+/// [`healing`] over the policies in force computed once (a pass over many VMs).
+#[must_use]
+pub fn healing_in(in_force: &[&Policy], spec: &VmSpec) -> HealingView {
+    let mut covering: Vec<(usize, &Policy)> = in_force
+        .iter()
+        .copied()
         .enumerate()
         .filter(|(_, p)| matches!(p.rule, Rule::Healing(_)) && applies_to(&p.scope, spec))
         .collect();

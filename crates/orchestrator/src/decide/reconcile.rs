@@ -151,7 +151,8 @@ pub fn reconcile_with(
     let healing: BTreeMap<novacron_types::VmId, novacron_policy::observe::HealingView> = if state.policies.is_empty() {
         BTreeMap::new()
     } else {
-        state.vms.values().map(|v| (v.id, novacron_policy::observe::healing(state, &v.spec))).collect()
+        let in_force = novacron_policy::enforce::in_force(state);
+        state.vms.values().map(|v| (v.id, novacron_policy::observe::healing_in(&in_force, &v.spec))).collect()
     };
     let mut order: Vec<&VmRecord> = state.vms.values().collect();
     if !healing.is_empty() {
@@ -194,16 +195,7 @@ pub fn reconcile_with(
             if let Placement::Host { explanation, .. } = &mut decision {
                 explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
             }
-            events.extend(placement_events(
-                state,
-                vm.id,
-                &vm.spec,
-                vm.generation,
-                decision,
-                vm.pending_reason.as_deref(),
-                stamp,
-                origin,
-            ));
+            events.extend(replacement_events(state, vm, decision, stamp, origin));
             continue;
         }
         let restartable = match policy.restart.unwrap_or(vm.spec.restart) {
@@ -231,16 +223,7 @@ pub fn reconcile_with(
                     }),
                 )),
                 Some(Ok(decision)) => {
-                    events.extend(placement_events(
-                        state,
-                        vm.id,
-                        &vm.spec,
-                        vm.generation,
-                        decision,
-                        vm.pending_reason.as_deref(),
-                        stamp,
-                        origin,
-                    ));
+                    events.extend(replacement_events(state, vm, decision, stamp, origin));
                 }
             }
             continue;
@@ -294,16 +277,7 @@ pub fn reconcile_with(
                     if let Placement::Host { explanation, .. } = &mut decision {
                         explanation.trigger = Some(reason.clone());
                     }
-                    events.extend(placement_events(
-                        state,
-                        vm.id,
-                        &vm.spec,
-                        vm.generation,
-                        decision,
-                        vm.pending_reason.as_deref(),
-                        stamp,
-                        origin,
-                    ));
+                    events.extend(replacement_events(state, vm, decision, stamp, origin));
                 }
                 _ => {} // starting, stopping, migrating: wait for it to settle
             }
@@ -318,16 +292,7 @@ pub fn reconcile_with(
         match vm.status {
             VmStatus::Pending => {
                 let decision = planner.place(&request_for_vm(state, vm));
-                events.extend(placement_events(
-                    state,
-                    vm.id,
-                    &vm.spec,
-                    vm.generation,
-                    decision,
-                    vm.pending_reason.as_deref(),
-                    stamp,
-                    origin,
-                ));
+                events.extend(replacement_events(state, vm, decision, stamp, origin));
             }
             VmStatus::Placed => {
                 if let (Some(host), Some(incarnation)) = (vm.host.clone(), vm.incarnation) {
@@ -357,4 +322,16 @@ pub fn reconcile_with(
         }
     }
     events
+}
+
+/// The events that carry out a placement decision for a VM the log already has (its next
+/// generation, its last failure as context when it stays pending).
+fn replacement_events(
+    state: &ClusterState,
+    vm: &VmRecord,
+    decision: Placement,
+    stamp: &mut impl Stamp,
+    origin: &Origin,
+) -> Vec<Envelope> {
+    placement_events(state, vm.id, &vm.spec, vm.generation, decision, vm.pending_reason.as_deref(), stamp, origin)
 }

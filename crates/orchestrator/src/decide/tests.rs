@@ -1071,3 +1071,44 @@ fn a_scaling_policy_lengthens_cooldowns_and_its_schedules_raise_the_minimum() {
     let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(400, SAT_2300), &origin());
     assert_eq!((scaled(&e)[0].to, scaled(&e)[0].min), (3, 3));
 }
+
+#[test]
+fn violations_name_the_vm_in_the_way_and_count_per_domain() {
+    let mut s = hosts(3);
+    let vms = running_on_h1(&mut s, 3);
+    let (loner, ev) = create_vm(&s, spec("r3", 2), &mut Fixed(900), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    run_vm_on(&mut s, loner, "h1");
+    // Moved by hand: the check reads where the log says each VM runs.
+    s.vms.get_mut(&loner).unwrap().host = Some(HostId::new("h2").unwrap());
+    for v in s.vms.values_mut() {
+        v.spec.labels.insert("app".into(), "web".into());
+    }
+    let observe = |yaml: &str| {
+        let mut with = s.clone();
+        let (_, applied) = apply_policies(&with, &policies(yaml), &mut At(100, SAT_2300), &origin()).unwrap();
+        apply_all(&mut with, &applied);
+        novacron_policy::observe::violations(&with)
+            .into_iter()
+            .map(|v| (v.vm, v.reason, v.correctable))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        observe("name: apart\nrule: {anti-affinity: {}}\n"),
+        [
+            (vms[1], "shares the host h1 with r0".to_owned(), true),
+            (vms[2], "shares the host h1 with r0".to_owned(), true)
+        ],
+        "the lowest id stays; the others name the first VM in their way"
+    );
+    assert_eq!(
+        observe("name: near\nrule: {affinity: {selector: {app: web}}}\n"),
+        [(loner, "none of the VMs it must be near runs in its domain".to_owned(), false)],
+        "three share h1; the one on h2 has none of them there"
+    );
+    assert_eq!(
+        observe("name: few\nrule: {capacity: {max_vms_per_host: 2}}\n"),
+        [(vms[2], "host h1 runs 3 VMs, more than 2".to_owned(), false)],
+        "h1 is over by one: the last VM there in id order"
+    );
+}
