@@ -7,9 +7,10 @@
 //! every step from the members' utilisation — the predictive one also from the forecast of
 //! exponential smoothing, as the orchestrator makes it when no model is promoted — on a
 //! simulated clock. Reported per mode: steps in breach of the SLO (utilisation above
-//! `--slo`), scaling actions, mean members (cost) and mean utilisation.
+//! `--slo`), scaling actions, mean members (cost) and mean utilisation — and, since a scaler
+//! that runs more members breaches less, the reactive scaler once more at the predictive
+//! one's cost (`reactive_at_equal_cost`: its target lowered until it runs as many members).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -218,16 +219,42 @@ pub fn run(a: &ScalingArgs) -> anyhow::Result<Value> {
         bail!("no series in {}", a.trace.display());
     }
     let started = std::time::Instant::now();
-    let mut by_mode: BTreeMap<&str, Vec<Outcome>> = BTreeMap::new();
-    for s in &series {
-        by_mode.entry("reactive").or_default().push(replay(&s.values, a, ScalingMode::Reactive));
-        by_mode.entry("predictive").or_default().push(replay(&s.values, a, ScalingMode::Predictive));
+    let run_all = |a: &ScalingArgs, mode| series.iter().map(|s| replay(&s.values, a, mode)).collect::<Vec<_>>();
+    let mean_members = |o: &[Outcome]| {
+        o.iter().map(|x| x.member_steps).sum::<f64>() / o.iter().map(|x| x.steps).sum::<u64>().max(1) as f64
+    };
+    let reactive = run_all(a, ScalingMode::Reactive);
+    let predictive = run_all(a, ScalingMode::Predictive);
+    // The reactive scaler at the predictive one's cost: a lower target buys it members (a
+    // higher one saves some), so bisect for the target at which it runs as many on average.
+    let cost = mean_members(&predictive);
+    let (mut lo, mut hi) = (0.02, a.slo);
+    let mut equal: Option<(f64, Vec<Outcome>)> = None;
+    for _ in 0..12 {
+        let t = f64::midpoint(lo, hi);
+        let o = run_all(&ScalingArgs { target: t, ..a.clone() }, ScalingMode::Reactive);
+        let m = mean_members(&o);
+        if m > cost {
+            lo = t;
+        } else {
+            hi = t;
+        }
+        // The cost is not quite monotonic in the target: keep the closest.
+        if equal.as_ref().is_none_or(|(_, e)| (mean_members(e) - cost).abs() > (m - cost).abs()) {
+            equal = Some((t, o));
+        }
     }
+    let equal = equal.map(|(t, o)| {
+        let mut v = summary(&o);
+        v["target"] = json!(t);
+        v
+    });
     Ok(json!({
         "trace": a.trace, "series": series.len(), "steps_per_series": a.steps,
         "target": a.target, "slo": a.slo, "demand": a.demand,
-        "reactive": summary(&by_mode["reactive"]),
-        "predictive": summary(&by_mode["predictive"]),
+        "reactive": summary(&reactive),
+        "predictive": summary(&predictive),
+        "reactive_at_equal_cost": equal,
         "seconds": started.elapsed().as_secs_f64(),
     }))
 }

@@ -242,9 +242,10 @@ pub fn scale_groups(
         let reactive = reactive_size(n, observed, target, min, max);
         let forecast = inputs.forecasts.get(name);
         let predicted = forecast.map(|f| {
-            // The forecast is the group's load as a share of its maximum size: members that
-            // keep it at the target.
-            let need = f.upper * f64::from(g.spec.max) / target;
+            // The forecast is the group's load as a share of its maximum size: enough members
+            // to keep the expected load at the target and the likely worst (the interval's
+            // upper bound) below full utilisation.
+            let need = (f.point / target).max(f.upper) * f64::from(g.spec.max);
             // Within the tolerance of the current size, the forecast asks for no change.
             if n > 0 && (need / f64::from(n) - 1.0).abs() <= TOLERANCE {
                 return n.clamp(min, max);
@@ -269,10 +270,11 @@ pub fn scale_groups(
             if up_ok && (up_reactive.is_some() || up_predicted.is_some()) {
                 let to = up_reactive.unwrap_or(n).max(up_predicted.unwrap_or(n));
                 let why = if up_predicted.is_some_and(|p| p >= up_reactive.unwrap_or(0)) {
-                    let f = forecast.map_or(0.0, |f| f.upper);
+                    let (p, u) = forecast.map_or((0.0, 0.0), |f| (f.point, f.upper));
                     format!(
-                        "forecast load up to {} of the group at its maximum (upper 90 % bound), {} members at target {}",
-                        pct(f),
+                        "forecast load {} of the group at its maximum (upper 90 % bound {}): {} members run it at target {}",
+                        pct(p),
+                        pct(u),
                         up_predicted.unwrap_or(n),
                         pct(target)
                     )
@@ -284,12 +286,14 @@ pub fn scale_groups(
             } else if let Some(r) = reactive.filter(|r| *r < n)
                 && down_ok
             {
-                // Never below what the stabilization window still recommends — nor, in predictive
-                // mode, below what the forecast needs (a forecast never shrinks a group, but it
-                // can keep it from shrinking).
+                // Never below what the stabilization window still recommends. In predictive
+                // mode, not at all while the forecast still needs more than that: the group
+                // holds until forecast and observation agree, then shrinks in one step (a
+                // forecast never shrinks a group, and shrinking towards a decaying forecast
+                // would be a staircase of small scale-downs).
                 let needed = predicted.filter(|_| g.spec.mode == ScalingMode::Predictive).unwrap_or(0);
-                let stable = inputs.stable_desired.get(name).copied().unwrap_or(r).max(r).max(min).max(needed);
-                if stable < n {
+                let stable = inputs.stable_desired.get(name).copied().unwrap_or(r).max(r).max(min);
+                if stable < n && needed <= stable {
                     let why = format!(
                         "mean CPU {} below target {} (the highest size recommended within {} s is {stable})",
                         pct(observed.unwrap_or(0.0)),
@@ -324,7 +328,8 @@ pub fn scale_groups(
             && g.last_recommendation != Some(p)
         {
             let why = format!(
-                "forecast load up to {} of the group at its maximum, {p} members at target {}: not acted on",
+                "forecast load {} of the group at its maximum (upper 90 % bound {}): {p} members at target {}, not acted on",
+                pct(f.point),
                 pct(f.upper),
                 pct(target)
             );

@@ -965,8 +965,8 @@ fn predictive_scaling_goes_up_ahead_of_the_forecast_never_down_on_it_and_forecas
         lower: point / 2.0,
         upper,
     };
-    // At target now (0.5), but the forecast load's upper bound is a quarter of the group at its
-    // maximum (8): 0.25 × 8 / 0.5 → 4 members.
+    // At target now (0.5), but the forecast load is a fifth of the group at its maximum (8):
+    // 0.2 × 8 / 0.5 → 4 members (its upper bound, 0.25 × 8 → 2, stays below full).
     let inputs = ScalingInputs {
         vm_util: util(&s, "api", 0.5),
         forecasts: BTreeMap::from([("api".to_owned(), note(0.2, 0.25))]),
@@ -984,6 +984,19 @@ fn predictive_scaling_goes_up_ahead_of_the_forecast_never_down_on_it_and_forecas
         ..Default::default()
     };
     assert!(scale_groups(&s, &inputs, &planning, &mut At(300, 9_000_000), &origin()).is_empty());
+    apply_all(&mut s, &e);
+    run_members(&mut s, "api");
+    // Idle members, but the forecast still needs four: the group holds (no staircase down).
+    let idle = |point, upper| ScalingInputs {
+        vm_util: util(&s, "api", 0.1),
+        forecasts: BTreeMap::from([("api".to_owned(), note(point, upper))]),
+        stable_desired: BTreeMap::from([("api".to_owned(), 1)]),
+    };
+    assert!(scale_groups(&s, &idle(0.2, 0.25), &planning, &mut At(400, 9_000_000), &origin()).is_empty());
+    assert!(scale_groups(&s, &idle(0.15, 0.2), &planning, &mut At(500, 9_000_000), &origin()).is_empty(), "3 needed");
+    // Forecast and observation agree: down to the minimum in one step.
+    let e = scale_groups(&s, &idle(0.05, 0.1), &planning, &mut At(600, 9_000_000), &origin());
+    assert_eq!((scaled(&e)[0].from, scaled(&e)[0].to), (4, 2));
 
     // Forecast-only: the recommendation is recorded once, and nothing is created.
     let mut s = hosts(4);
