@@ -59,7 +59,7 @@ build: tools ## build the workspace
 
 up: tools ## start NATS, the orchestrator, $(HOSTS) simulated hosts and the dashboard (Ctrl-C stops all)
 	NOVACRON_NATS_SERVER="$(NATS_SERVER)" $(CARGO) run --locked -q -p novacron-cli -- up \
-	  --hosts $(HOSTS) --data-dir "$(DATA_DIR)" --http $(HTTP)
+	  --hosts $(HOSTS) --data-dir "$(DATA_DIR)" --http $(HTTP) --risk-model deploy/models/failure-risk.json
 
 test: tools ## the whole suite (format, lints, unit, property, integration, end-to-end) against real nats-server
 	$(CARGO) fmt --all -- --check

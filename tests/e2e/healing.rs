@@ -36,6 +36,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(names: &[&str]) -> Cluster {
+        Cluster::start_with(names, None).await
+    }
+
+    async fn start_with(names: &[&str], risk_model: Option<novacron_predict::risk::RiskModel>) -> Cluster {
         let nats = NatsServer::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
@@ -44,6 +48,7 @@ impl Cluster {
         cfg.suspect_after = SUSPECT_AFTER;
         cfg.agent_lease = LEASE;
         cfg.host_failure_timeout = FAILURE;
+        cfg.risk_model = risk_model;
         let orchestrator = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
         let bus = Bus::connect(&BusConfig::new(nats.url(), "agents")).await.unwrap();
         let db = sled::open(dir.path().join("agents")).unwrap();
@@ -159,6 +164,33 @@ async fn a_failed_hosts_vms_run_elsewhere_with_a_new_generation_and_nothing_runs
     let leases = c.bus.js.get_key_value(novacron_protocol::HOST_LEASE_BUCKET).await.unwrap();
     let entry = leases.entry("h1").await.unwrap().expect("h1's lease");
     assert_eq!(entry.value.as_ref(), novacron_protocol::LEASE_FAILED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_risk_model_new_vms_keep_off_a_host_that_just_failed() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/models/failure-risk.json");
+    let model = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut c = Cluster::start_with(&["h1", "h2", "h3"], Some(model)).await;
+    // h1 fails and comes back.
+    let driver = c.stop_agent("h1").await;
+    c.wait("h1 failed", |s| s.hosts[&host("h1")].state == HostState::Failed).await;
+    c.start_agent("h1", driver);
+    c.wait("h1 ready again", |s| s.hosts[&host("h1")].state == HostState::Ready).await;
+    assert_eq!(c.state().hosts[&host("h1")].failures_ms.len(), 1, "the log remembers the failure");
+    // Bin-packing on empty hosts would take h1 (the lowest id, as in the test above); its
+    // failure history sends the VM to h2 (the explanation's `failure_risk` component is
+    // checked in the planner's and the reconciler's tests).
+    let vm = c.running_vms(1).await[0];
+    assert_eq!(c.state().vms[&vm].host, Some(host("h2")));
+    // Operators see it in the hosts API (and `host list`, the dashboard).
+    let api = format!("http://{}", c.orchestrator.http_addr);
+    let (status, hosts) =
+        tokio::task::spawn_blocking(move || crate::harness::get(&api, "/api/v1/hosts")).await.unwrap();
+    assert_eq!(status, 200);
+    let risk =
+        |h: &str| hosts.as_array().unwrap().iter().find(|v| v["id"] == h).unwrap()["failure_risk"].as_f64().unwrap();
+    assert!(risk("h1") > risk("h2"), "{hosts}");
+    assert_eq!(hosts[0]["failures"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -231,10 +231,12 @@ pub async fn host(server: &str, cmd: HostCommand, fmt: Format) -> anyhow::Result
                 format!("{}/{}", n(h, "allocated_vcpus").unwrap_or(0), n(h, "vcpus").unwrap_or(0)),
                 format!("{}/{}", n(h, "allocated_memory_mib").unwrap_or(0), n(h, "memory_mib").unwrap_or(0)),
                 h.get("cpu_util").and_then(Value::as_f64).map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+                or_dash(n(h, "failures")),
+                h.get("failure_risk").and_then(Value::as_f64).map_or("-".into(), |p| format!("{:.1}%", p * 100.0)),
             ]
         })
         .collect();
-    output::table(&["id", "state", "driver", "vms", "vcpus", "memory_mib", "cpu"], &rows);
+    output::table(&["id", "state", "driver", "vms", "vcpus", "memory_mib", "cpu", "failures", "risk"], &rows);
     Ok(())
 }
 

@@ -322,6 +322,10 @@ struct UpArgs {
     /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
     #[arg(long)]
     nats_server: Option<PathBuf>,
+    /// A failure-risk model (JSON from `novacron models risk --save`): placement then prefers
+    /// hosts unlikely to fail soon, judged from their failure history.
+    #[arg(long, value_name = "FILE")]
+    risk_model: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -360,6 +364,10 @@ struct OrchestratorArgs {
     /// retraining triggers, resource limits.
     #[arg(long, requires = "config")]
     profile: Option<String>,
+    /// A failure-risk model (JSON from `novacron models risk --save`): placement then prefers
+    /// hosts unlikely to fail soon, judged from their failure history.
+    #[arg(long, value_name = "FILE")]
+    risk_model: Option<PathBuf>,
 }
 
 /// The cluster's placement settings.

@@ -495,6 +495,9 @@ pub struct RiskArgs {
     /// A node is "at risk" if it fails within this many days.
     #[arg(long, default_value_t = 7.0)]
     window_days: f64,
+    /// Write the trained model here (JSON) for the orchestrator's `--risk-model`.
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
 }
 
 /// Trains and scores the failure-risk classifier against the ranking baselines.
@@ -515,6 +518,11 @@ pub fn risk_cmd(a: &RiskArgs, fmt: Format) -> anyhow::Result<()> {
     let fleet = read_lanl(&a.data)?;
     let started = std::time::Instant::now();
     let report = evaluate_risk(&fleet, days_from_civil(y, m, d) as f64, a.val_days, a.window_days);
+    if let Some(path) = &a.save {
+        let text = serde_json::to_string_pretty(&report.model)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("cannot write the model to {}", path.display()))?;
+        eprintln!("model written to {} (use it with `novacron orchestrator --risk-model`)", path.display());
+    }
     let out =
         json!({ "data": a.data, "cutoff": a.cutoff, "seconds": started.elapsed().as_secs_f64(), "report": report });
     match fmt {

@@ -59,6 +59,7 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
 
     let mut cfg = OrchestratorConfig::new(nats.url.clone(), data.join("orchestrator"));
     cfg.http = a.http;
+    cfg.risk_model = a.risk_model.as_deref().map(read_risk_model).transpose()?;
     let orchestrator = match Orchestrator::start(cfg, cancel.clone()).await {
         Ok(o) => o,
         Err(e) => {
@@ -128,6 +129,17 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads a failure-risk model written by `models risk --save`; errors name the file and, for
+/// malformed JSON, the line and column.
+pub fn read_risk_model(path: &std::path::Path) -> anyhow::Result<novacron_predict::risk::RiskModel> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the risk model {}", path.display()))?;
+    let model: novacron_predict::risk::RiskModel =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a risk model", path.display()))?;
+    model.check().with_context(|| format!("{}: unusable risk model", path.display()))?;
+    Ok(model)
+}
+
 pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()> {
     let mut cfg = OrchestratorConfig::new(nats, a.data_dir);
     cfg.http = a.http;
@@ -138,6 +150,7 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
     cfg.agent_lease = a.agent_lease;
     cfg.lease = novacron_orchestrator::leader::LeaseConfig { ttl: a.leader_lease };
     cfg.planner = a.placement.config();
+    cfg.risk_model = a.risk_model.as_deref().map(read_risk_model).transpose()?;
     if let (Some(file), Some(name)) = (&a.config, &a.profile) {
         let p = crate::profile::load(file, name)?;
         crate::profile::apply(&p, &mut cfg);
@@ -209,4 +222,32 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_risk_model;
+
+    #[test]
+    fn a_risk_model_file_is_read_or_refused_with_its_path_and_what_is_wrong() {
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/failure-risk.json");
+        assert_eq!(read_risk_model(&shipped).unwrap().feature_version, novacron_predict::risk::RISK_FEATURE_VERSION);
+        let dir = tempfile::tempdir().unwrap();
+        let err = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            format!("{:#}", read_risk_model(&p).unwrap_err())
+        };
+        let e = err("broken.json", "{\n  \"feature_version\": 1,\n  \"weights\": [1, 2\n}");
+        assert!(e.contains("broken.json") && e.contains("line 4"), "{e}");
+        let e = err("extra.json", &std::fs::read_to_string(&shipped).unwrap().replacen('{', "{\"bias\": 1,", 1));
+        assert!(e.contains("extra.json") && e.contains("unknown field `bias`"), "{e}");
+        let e = err(
+            "old.json",
+            &std::fs::read_to_string(&shipped).unwrap().replace("\"feature_version\": 1", "\"feature_version\": 9"),
+        );
+        assert!(e.contains("old.json") && e.contains("feature version 9"), "{e}");
+        let missing = format!("{:#}", read_risk_model(&dir.path().join("nope.json")).unwrap_err());
+        assert!(missing.contains("cannot read the risk model") && missing.contains("nope.json"), "{missing}");
+    }
 }

@@ -723,6 +723,9 @@ struct HostWithObservation {
     last_heartbeat_ms: Option<u64>,
     cpu_util: Option<f64>,
     memory_used_mib: Option<u64>,
+    /// Probability of failing within the risk model's window (with `--risk-model`, once any
+    /// host has failed).
+    failure_risk: Option<f64>,
 }
 
 fn host_views(api: &Api) -> Vec<HostWithObservation> {
@@ -731,9 +734,11 @@ fn host_views(api: &Api) -> Vec<HostWithObservation> {
     views
         .into_iter()
         .map(|host| {
-            let o = novacron_types::HostId::new(host.id.clone()).ok().and_then(|id| obs.hosts.get(&id).cloned());
-            let o = o.unwrap_or_default();
+            let id = novacron_types::HostId::new(host.id.clone()).ok();
+            let failure_risk = id.as_ref().and_then(|id| obs.failure_risk.get(id).copied());
+            let o = id.and_then(|id| obs.hosts.get(&id).cloned()).unwrap_or_default();
             HostWithObservation {
+                failure_risk,
                 last_heartbeat_ms: o.last_heartbeat_ms,
                 cpu_util: o.telemetry.as_ref().map(|t| t.cpu_util),
                 memory_used_mib: o.telemetry.as_ref().map(|t| t.memory_used_mib),

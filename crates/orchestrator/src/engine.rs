@@ -274,6 +274,8 @@ pub struct EngineConfig {
     pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
     /// Where this replica's API listens (recorded in `LeaderElected`).
     pub http: String,
+    /// Scores hosts' failure histories for the planner (`None`: placement ignores failure risk).
+    pub risk_model: Option<novacron_predict::risk::RiskModel>,
 }
 
 pub(crate) struct Engine {
@@ -668,6 +670,10 @@ impl Engine {
                 return;
             }
         }
+        if let Some(model) = &self.cfg.risk_model {
+            let risk = decide::failure_risk(&read(&self.state), model, novacron_eventlog::now_ms());
+            crate::ingest::lock(&self.cfg.observations).failure_risk = risk;
+        }
         let mut settings = self.cfg.reconcile.clone();
         settings.planning.load = self.load_view();
         let migrations = settings.migrations;
@@ -718,6 +724,7 @@ impl Engine {
             for (vm, t) in &obs.vms {
                 snapshot.vm_util.insert(*vm, t.cpu_util);
             }
+            snapshot.failure_risk.clone_from(&obs.failure_risk);
         }
         self.hot_since.retain(|h, _| snapshot.host_util.get(h).is_some_and(|u| *u >= cfg.hot_util));
         for (h, u) in &snapshot.host_util {

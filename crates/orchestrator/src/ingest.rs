@@ -33,6 +33,9 @@ pub struct Observations {
     pub hosts: BTreeMap<HostId, HostObservation>,
     /// Per VM: last telemetry sample.
     pub vms: BTreeMap<VmId, VmTelemetry>,
+    /// Per host, the probability that it fails soon (`decide::failure_risk`), as the leader
+    /// scored it in its last reconcile pass; empty without a risk model or any failure.
+    pub failure_risk: BTreeMap<HostId, f64>,
 }
 
 /// What we last saw of one host.
@@ -50,10 +53,11 @@ pub struct HostObservation {
     pub telemetry: Option<HostTelemetry>,
 }
 
-/// The planner's load view: the latest CPU utilisation per host from telemetry.
+/// The planner's load view: the latest CPU utilisation per host from telemetry, and the
+/// hosts' failure risk.
 pub(crate) fn load_view(obs: &SharedObservations) -> novacron_scheduler::LoadView {
     let obs = lock(obs);
-    let mut view = novacron_scheduler::LoadView::default();
+    let mut view = novacron_scheduler::LoadView { failure_risk: obs.failure_risk.clone(), ..Default::default() };
     for (host, o) in &obs.hosts {
         if let Some(t) = &o.telemetry {
             view.cpu_util.insert(host.clone(), t.cpu_util);

@@ -75,6 +75,9 @@ pub struct OrchestratorConfig {
     pub retraining: ingest::RetrainingTriggers,
     /// The most members a group may be created with.
     pub max_group_members: u32,
+    /// Scores hosts' failure histories for placement (`models risk --save`); `None` ignores
+    /// failure risk.
+    pub risk_model: Option<novacron_predict::risk::RiskModel>,
 }
 
 impl OrchestratorConfig {
@@ -102,6 +105,7 @@ impl OrchestratorConfig {
             forecast_horizon_steps: 1,
             retraining: ingest::RetrainingTriggers::default(),
             max_group_members: 10_000,
+            risk_model: None,
         }
     }
 }
@@ -211,6 +215,7 @@ impl Orchestrator {
             role: role.clone(),
             http: format!("http://{http_addr}"),
             rebalance: cfg.rebalance,
+            risk_model: cfg.risk_model.clone(),
         };
         let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
 

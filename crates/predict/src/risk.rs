@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::series::ReadError;
 
@@ -144,6 +144,78 @@ pub fn node_features(past: &[Failure], t: f64, system_rate_30d: f64) -> [f64; RI
         hw,
         system_rate_30d.ln_1p(),
     ]
+}
+
+/// The version of [`node_features`] a [`RiskModel`] was trained on.
+pub const RISK_FEATURE_VERSION: u32 = 1;
+
+/// A trained failure-risk model: the logistic regression's weights over [`node_features`], its
+/// Platt calibration and the threshold chosen on validation — what `models risk --save` writes
+/// and the orchestrator reads (`--risk-model`) to score hosts from their failure history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskModel {
+    /// The features' version ([`RISK_FEATURE_VERSION`]); a model of another version is refused.
+    pub feature_version: u32,
+    /// The label: fails within this many days.
+    pub window_days: f64,
+    /// Weights of the features, in [`node_features`]' order.
+    pub weights: [f64; RISK_FEATURES],
+    /// Platt scaling: probability = σ(a · (weights · features) + b).
+    pub platt_a: f64,
+    /// See `platt_a`.
+    pub platt_b: f64,
+    /// The F1-best threshold on validation: at or above it a node is flagged.
+    pub threshold: f64,
+}
+
+/// Why a [`RiskModel`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RiskModelError {
+    /// Trained on other features.
+    #[error(
+        "feature version {found}, this build computes version {RISK_FEATURE_VERSION}: retrain with `novacron models risk --save`"
+    )]
+    Version {
+        /// The model's.
+        found: u32,
+    },
+    /// A weight, the calibration or the threshold is not a finite number in range.
+    #[error("{0} is not a finite number in range")]
+    Value(&'static str),
+}
+
+impl RiskModel {
+    /// Checks what deserialisation cannot.
+    ///
+    /// # Errors
+    /// Another feature version, or values out of range.
+    pub fn check(&self) -> Result<(), RiskModelError> {
+        if self.feature_version != RISK_FEATURE_VERSION {
+            return Err(RiskModelError::Version { found: self.feature_version });
+        }
+        if !self.weights.iter().all(|w| w.is_finite()) {
+            return Err(RiskModelError::Value("weights"));
+        }
+        if !(self.platt_a.is_finite() && self.platt_b.is_finite()) {
+            return Err(RiskModelError::Value("platt_a/platt_b"));
+        }
+        if !(self.threshold.is_finite() && (0.0..=1.0).contains(&self.threshold)) {
+            return Err(RiskModelError::Value("threshold"));
+        }
+        if !(self.window_days.is_finite() && self.window_days > 0.0) {
+            return Err(RiskModelError::Value("window_days"));
+        }
+        Ok(())
+    }
+
+    /// The calibrated probability that a node with this failure history (`past`, oldest first,
+    /// all before `t`, in days) fails within the window, its system having had
+    /// `system_rate_30d` failures per node in the last 30 days.
+    #[must_use]
+    pub fn probability(&self, past: &[Failure], t: f64, system_rate_30d: f64) -> f64 {
+        sigmoid(self.platt_a * dot(&self.weights, &node_features(past, t, system_rate_30d)) + self.platt_b)
+    }
 }
 
 /// A baseline's score of a snapshot.
@@ -311,6 +383,8 @@ pub struct RiskReport {
     /// Lead time of the failures flagged in time (probability at or above the threshold at the
     /// snapshot before them): mean and median days from the alarm to the failure.
     pub lead_time_days: (f64, f64),
+    /// The trained model.
+    pub model: RiskModel,
 }
 
 /// Trains on snapshots before `cutoff` (days), calibrates on the last `val_days` before it,
@@ -370,6 +444,14 @@ pub fn evaluate_risk(fleet: &Fleet, cutoff: f64, val_days: f64, window_days: f64
         a -= 0.5 * ga / n;
         b -= 0.5 * gb / n;
     }
+    let model = RiskModel {
+        feature_version: RISK_FEATURE_VERSION,
+        window_days,
+        weights: w,
+        platt_a: a,
+        platt_b: b,
+        threshold: 0.5,
+    };
     let prob = |r: &Row| sigmoid(a * dot(&w, &r.x) + b);
     // The F1-best threshold on validation.
     let mut threshold = 0.5;
@@ -454,6 +536,7 @@ pub fn evaluate_risk(fleet: &Fleet, cutoff: f64, val_days: f64, window_days: f64
         epochs: best.2,
         threshold,
         lead_time_days,
+        model: RiskModel { threshold, ..model },
     }
 }
 
@@ -500,5 +583,36 @@ mod tests {
         let model = r.scores.iter().find(|s| s.model.starts_with("logistic")).unwrap();
         assert!(model.roc_auc > 0.9, "{r:?}");
         assert!(r.rows.0 > 0 && r.rows.1 > 0 && r.rows.2 > 0);
+        // The saved model scores live histories the same way: a node that failed twice this
+        // week is riskier than one quiet for a year.
+        let m = &r.model;
+        m.check().unwrap();
+        let t = day0 + 3000.0;
+        let hot = [
+            Failure { at: t - 6.0, down_min: 1.0, hardware: false },
+            Failure { at: t - 1.0, down_min: 1.0, hardware: false },
+        ];
+        let cold = [Failure { at: t - 400.0, down_min: 1.0, hardware: false }];
+        let (p_hot, p_cold) = (m.probability(&hot, t, 0.1), m.probability(&cold, t, 0.1));
+        assert!(p_hot > p_cold && (0.0..=1.0).contains(&p_hot) && p_cold > 0.0, "{p_hot} vs {p_cold}");
+    }
+
+    #[test]
+    fn a_risk_model_of_other_features_or_bad_numbers_is_refused() {
+        let good = RiskModel {
+            feature_version: RISK_FEATURE_VERSION,
+            window_days: 7.0,
+            weights: [0.1; RISK_FEATURES],
+            platt_a: 1.0,
+            platt_b: -2.0,
+            threshold: 0.2,
+        };
+        assert!(good.check().is_ok());
+        let old = RiskModel { feature_version: 0, ..good.clone() };
+        assert!(old.check().unwrap_err().to_string().contains("feature version 0"));
+        let mut nan = good.clone();
+        nan.weights[3] = f64::NAN;
+        assert!(nan.check().unwrap_err().to_string().contains("weights"));
+        assert!(RiskModel { threshold: 1.5, ..good }.check().is_err());
     }
 }

@@ -22,6 +22,8 @@
 //!   affinity          soft affinity: more of the sought VMs in the domain
 //!   preferred_labels  the share of the preferred host labels the host carries
 //!   load              lower observed CPU utilisation (telemetry)
+//!   failure_risk      lower probability that the host fails soon (the failure-risk model's
+//!                     score of its failure history; absent without a model)
 //! ```
 //!
 //! Affinity rules name their VMs by group ([`PlacementRules::group_affinity`],
@@ -89,11 +91,21 @@ pub struct Weights {
     pub preferred_labels: f64,
     /// Of `load`.
     pub load: f64,
+    /// Of `failure_risk`.
+    pub failure_risk: f64,
 }
 
 impl Default for Weights {
     fn default() -> Self {
-        Weights { fit: 1.0, domain_spread: 0.5, anti_affinity: 1.0, affinity: 1.0, preferred_labels: 1.0, load: 0.5 }
+        Weights {
+            fit: 1.0,
+            domain_spread: 0.5,
+            anti_affinity: 1.0,
+            affinity: 1.0,
+            preferred_labels: 1.0,
+            load: 0.5,
+            failure_risk: 2.0,
+        }
     }
 }
 
@@ -147,6 +159,9 @@ pub struct LoadView {
     pub cpu_util: BTreeMap<HostId, f64>,
     /// The newest sample's time, ms since the epoch.
     pub watermark_ms: Option<u64>,
+    /// The probability that each host fails within the risk model's window, from its failure
+    /// history (empty without a model).
+    pub failure_risk: BTreeMap<HostId, f64>,
 }
 
 /// What to place, and under which extra conditions.
@@ -253,6 +268,8 @@ struct HostFacts {
     domain: Option<usize>,
     /// Observed CPU load, if known.
     load: Option<f64>,
+    /// Probability of failing soon, if scored.
+    risk: Option<f64>,
 }
 
 /// The score components of one candidate (kept as numbers while scanning; turned into the
@@ -265,6 +282,7 @@ struct Parts {
     affinity: Option<f64>,
     preferred_labels: Option<f64>,
     load: Option<f64>,
+    failure_risk: Option<f64>,
 }
 
 impl Parts {
@@ -275,6 +293,7 @@ impl Parts {
             + w.affinity * self.affinity.unwrap_or(0.0)
             + w.preferred_labels * self.preferred_labels.unwrap_or(0.0)
             + w.load * self.load.unwrap_or(0.0)
+            + w.failure_risk * self.failure_risk.unwrap_or(0.0)
     }
 
     fn map(&self) -> BTreeMap<String, f64> {
@@ -294,6 +313,9 @@ impl Parts {
         }
         if let Some(v) = self.load {
             m.insert("load".to_owned(), v);
+        }
+        if let Some(v) = self.failure_risk {
+            m.insert("failure_risk".to_owned(), v);
         }
         m
     }
@@ -380,7 +402,12 @@ impl<'a> Planner<'a> {
                 let next = domain_index.len();
                 *domain_index.entry(d.as_str()).or_insert(next)
             });
-            let facts = HostFacts { capacity, domain, load: load.cpu_util.get(&h.id).copied() };
+            let facts = HostFacts {
+                capacity,
+                domain,
+                load: load.cpu_util.get(&h.id).copied(),
+                risk: load.failure_risk.get(&h.id).copied(),
+            };
             index.insert(h.id.clone(), i);
             hosts.push((h, facts));
         }
@@ -682,6 +709,7 @@ impl<'a> Planner<'a> {
                     have as f64 / req.prefer_labels.len() as f64
                 }),
                 load: facts.load.map(|u| -u.clamp(0.0, 1.0)),
+                failure_risk: facts.risk.map(|p| -p.clamp(0.0, 1.0)),
             };
             feasible += 1;
             let score = parts.total(w);

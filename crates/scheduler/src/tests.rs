@@ -126,6 +126,7 @@ fn a_group_spreads_across_failure_domains_and_load_counts() {
     let busy = LoadView {
         cpu_util: BTreeMap::from([(HostId::new("h00").unwrap(), 0.95), (HostId::new("h01").unwrap(), 0.05)]),
         watermark_ms: Some(42),
+        ..LoadView::default()
     };
     let spread = PlannerConfig { strategy: Strategy::Spread, failure_domain_label: None, ..PlannerConfig::default() };
     let two = state_with(&[(16, 16384, &[]), (16, 16384, &[])]);
@@ -135,6 +136,27 @@ fn a_group_spreads_across_failure_domains_and_load_counts() {
     assert_eq!(host.as_str(), "h01", "the idle host wins when the fit is equal");
     assert_eq!(explanation.telemetry_watermark_ms, Some(42), "the explanation says what it read");
     assert!(explanation.candidates[0].components.contains_key("load"));
+}
+
+#[test]
+fn a_host_likely_to_fail_loses_to_an_equal_one_and_the_explanation_says_why() {
+    let two = state_with(&[(16, 16384, &[]), (16, 16384, &[])]);
+    let cfg = PlannerConfig::default();
+    let risky = LoadView {
+        failure_risk: BTreeMap::from([(HostId::new("h00").unwrap(), 0.4), (HostId::new("h01").unwrap(), 0.01)]),
+        ..LoadView::default()
+    };
+    let Placement::Host { host, explanation } = Planner::new(&two, &cfg, &risky).place(&req(1, 256)) else { panic!() };
+    assert_eq!(host.as_str(), "h01", "bin-packing ties; the risk decides");
+    assert_eq!(explanation.candidates[0].components.get("failure_risk"), Some(&-0.01));
+    assert_eq!(explanation.candidates[1].components.get("failure_risk"), Some(&-0.4));
+    // Without scores, the lower id wins the tie as always.
+    let Placement::Host { host, explanation } = Planner::new(&two, &cfg, &LoadView::default()).place(&req(1, 256))
+    else {
+        panic!()
+    };
+    assert_eq!(host.as_str(), "h00");
+    assert!(!explanation.candidates[0].components.contains_key("failure_risk"));
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {

@@ -160,7 +160,14 @@ pub struct HostRecord {
     pub incoming: BTreeSet<VmId>,
     /// When it first registered (writer's clock, from the event).
     pub registered_at_ms: u64,
+    /// When it was declared failed (writer's clock), oldest first, the last
+    /// [`HOST_FAILURES_KEPT`]: the history its failure risk is scored from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures_ms: Vec<u64>,
 }
+
+/// How many failures a host's record keeps.
+pub const HOST_FAILURES_KEPT: usize = 64;
 
 impl HostRecord {
     /// Capacity not yet reserved.
@@ -540,7 +547,19 @@ impl ClusterState {
                 self.host_transition(&e.host, &[HostState::Ready], HostState::Suspect, "HostSuspected")
             }
             EventKind::HostFailed(e) => {
-                self.host_transition(&e.host, &[HostState::Ready, HostState::Suspect], HostState::Failed, "HostFailed")
+                let applied = self.host_transition(
+                    &e.host,
+                    &[HostState::Ready, HostState::Suspect],
+                    HostState::Failed,
+                    "HostFailed",
+                );
+                if let (Applied::Changed, Some(h)) = (&applied, self.hosts.get_mut(&e.host)) {
+                    h.failures_ms.push(env.at_ms);
+                    if h.failures_ms.len() > HOST_FAILURES_KEPT {
+                        h.failures_ms.remove(0);
+                    }
+                }
+                applied
             }
             EventKind::HostRecovered(e) => self.host_transition(
                 &e.host,
@@ -767,6 +786,7 @@ impl ClusterState {
                         vms: BTreeSet::new(),
                         incoming: BTreeSet::new(),
                         registered_at_ms: env.at_ms,
+                        failures_ms: Vec::new(),
                     },
                 );
             }

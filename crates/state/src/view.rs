@@ -88,6 +88,9 @@ pub struct HostView {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Driver.
     pub driver: String,
+    /// Failures on record (the last 64 are kept).
+    #[serde(default)]
+    pub failures: usize,
 }
 
 impl From<&HostRecord> for HostView {
@@ -103,6 +106,7 @@ impl From<&HostRecord> for HostView {
             allocated_memory_mib: h.allocated.memory_mib,
             labels: h.labels.clone(),
             driver: h.driver.clone(),
+            failures: h.failures_ms.len(),
         }
     }
 }

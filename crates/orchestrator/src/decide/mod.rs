@@ -12,6 +12,7 @@
 //! | [`reports`] | what an agent's report means for the log |
 //! | [`rebalance`](mod@rebalance) | relieving hosts that stay hot, without ping-pong |
 //! | [`reconcile`](mod@reconcile) | the periodic pass: place, heal, restart, drain, delete |
+//! | [`risk`] | which hosts are likely to fail soon (scores the planner weighs) |
 
 use novacron_types::{Actor, Envelope, EventKind, IncarnationId, VmId};
 use uuid::Uuid;
@@ -23,6 +24,7 @@ pub mod policies;
 pub mod rebalance;
 pub mod reconcile;
 pub mod reports;
+pub mod risk;
 pub mod vms;
 
 pub use groups::*;
@@ -32,6 +34,7 @@ pub use policies::*;
 pub use rebalance::*;
 pub use reconcile::*;
 pub use reports::*;
+pub use risk::*;
 pub use vms::*;
 
 /// Where time and fresh ids come from. The engine's is the wall clock and UUID v7; tests can

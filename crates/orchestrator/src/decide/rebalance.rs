@@ -62,6 +62,8 @@ pub struct LoadSnapshot {
     pub vm_util: BTreeMap<VmId, f64>,
     /// Now, ms since the epoch (the caller's clock, recorded in the events).
     pub now_ms: u64,
+    /// Per host, the probability that it fails soon (see [`super::failure_risk`]).
+    pub failure_risk: BTreeMap<HostId, f64>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -92,7 +94,11 @@ pub fn rebalance(
     let mut cfg = super::planner_config(state, planner_config);
     cfg.strategy = Strategy::Spread;
     cfg.weights.load = 2.0;
-    let view = novacron_scheduler::LoadView { cpu_util: load.host_util.clone(), watermark_ms: Some(load.now_ms) };
+    let view = novacron_scheduler::LoadView {
+        cpu_util: load.host_util.clone(),
+        watermark_ms: Some(load.now_ms),
+        failure_risk: load.failure_risk.clone(),
+    };
     let mut planner = Planner::new(state, &cfg, &view);
     let mut hot: Vec<(&HostId, f64, Duration)> = load
         .hot_for

@@ -249,6 +249,68 @@ fn vms_of_a_failed_host_are_placed_elsewhere_with_the_next_generation() {
     assert_eq!(s.hosts[&h1].allocated, Resources::ZERO);
 }
 
+/// The failure-risk model shipped in `deploy/models` (trained on LANL by `models risk --save`).
+fn shipped_risk_model() -> novacron_predict::risk::RiskModel {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/models/failure-risk.json");
+    let m: novacron_predict::risk::RiskModel = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    m.check().unwrap();
+    m
+}
+
+#[test]
+fn healing_and_placement_avoid_a_host_that_keeps_failing() {
+    const DAY: u64 = 86_400_000;
+    let model = shipped_risk_model();
+    let mut s = hosts(3);
+    let now = 400 * DAY;
+    assert!(failure_risk(&s, &model, now).is_empty(), "no history: nothing to rank");
+    // h2 failed twice this week (and came back each time).
+    for at in [now - 5 * DAY, now - DAY] {
+        let h2 = HostId::new("h2").unwrap();
+        let failed = EventKind::HostFailed(novacron_types::event::HostFailed {
+            host: h2.clone(),
+            silent_ms: 31_000,
+            agent_lease_ms: 10_000,
+            host_failure_timeout_ms: 30_000,
+        });
+        let back = EventKind::HostRecovered(novacron_types::event::HostRecovered { host: h2 });
+        apply_all(
+            &mut s,
+            &[Envelope::new(at, origin().actor, failed), Envelope::new(at + 60_000, origin().actor, back)],
+        );
+    }
+    assert_eq!(s.hosts[&HostId::new("h2").unwrap()].failures_ms, [now - 5 * DAY, now - DAY]);
+    let risk = failure_risk(&s, &model, now);
+    let p = |h: &str| risk[&HostId::new(h).unwrap()];
+    assert!(p("h2") > 2.0 * p("h1") && p("h1") == p("h3"), "{risk:?}");
+    let planning = Planning {
+        load: novacron_scheduler::LoadView { failure_risk: risk, ..Default::default() },
+        ..Default::default()
+    };
+
+    // A new VM: bin-packing ties on empty hosts; of the quiet ones, h1 wins on its id.
+    let (ids, ev) = create_vms_with(&s, vec![spec("a", 2)], &planning, &mut Fixed(0), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let vm = ids[0];
+    assert_eq!(s.vms[&vm].host.as_ref().map(HostId::as_str), Some("h1"));
+
+    // h1 fails. Healing re-places its VM: h2 and h3 tie on fit, h2 would win on its id — but
+    // it keeps failing, so h3 gets the VM, and the explanation says why.
+    let failed = detect(&s, &silences(&[("h1", 6), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+    apply_all(&mut s, &failed);
+    let failed = detect(&s, &silences(&[("h1", 31), ("h2", 0), ("h3", 0)]), T, &mut Fixed(0), &origin());
+    apply_all(&mut s, &failed);
+    let blind = reconcile(&s, &mut Fixed(10), &origin());
+    let EventKind::VmPlaced(p) = &blind[0].event else { panic!("{:?}", names(&blind)) };
+    assert_eq!(p.host.as_str(), "h2", "without risk scores, the id decides");
+    let settings = ReconcileSettings { planning, ..ReconcileSettings::default() };
+    let healing = reconcile_with(&s, &mut Fixed(20), &origin(), settings);
+    let EventKind::VmPlaced(p) = &healing[0].event else { panic!("{:?}", names(&healing)) };
+    assert_eq!(p.host.as_str(), "h3");
+    let components = &p.explanation.candidates[0].components;
+    assert!(components["failure_risk"] > p.explanation.candidates[1].components["failure_risk"], "{components:?}");
+}
+
 #[test]
 fn a_superseded_incarnation_reported_running_is_told_to_stop() {
     let mut s = hosts(2);
@@ -519,6 +581,7 @@ fn snapshot(hot: &[(&str, u64)], util: &[(&str, f64)], now_ms: u64) -> LoadSnaps
         host_util: util.iter().map(|(h, u)| (HostId::new(*h).unwrap(), *u)).collect(),
         vm_util: BTreeMap::new(),
         now_ms,
+        failure_risk: BTreeMap::new(),
     }
 }
 
