@@ -4,9 +4,13 @@
 //! sled db (one per agent process; several simulated hosts share it, a tree pair each)
 //!   tree "<host>/applied":  event id (16 bytes)  →  stream seq (u64 BE)
 //!   tree "<host>/vms":      VM id (16 bytes)     →  MessagePack JournalVm
+//!   tree "<host>/cursor":   "done"               →  stream seq (u64 BE)
 //! ```
-//! Both trees change in one sled transaction, flushed before the command is acknowledged, so
-//! after a crash the journal says exactly which commands took effect.
+//! The first two change in one sled transaction, flushed before the command is acknowledged, so
+//! after a crash the journal says exactly which commands took effect. The cursor — every
+//! command at or below it was handled — is where the agent's command consumer resumes when
+//! the server lost it (the consumer's own state is kept in memory). It is written without a
+//! flush: after a crash it can only be behind, and what is handed again is recognised above.
 
 use novacron_types::{EventId, Generation, HostId, IncarnationId, VmId};
 use serde::{Deserialize, Serialize};
@@ -45,7 +49,10 @@ pub enum JournalError {
 pub struct Journal {
     applied: sled::Tree,
     vms: sled::Tree,
+    cursor: sled::Tree,
 }
+
+const CURSOR_KEY: &[u8] = b"done";
 
 impl Journal {
     /// Opens the host's trees in `db`.
@@ -53,7 +60,36 @@ impl Journal {
     /// # Errors
     /// When sled cannot open them.
     pub fn open(db: &sled::Db, host: &HostId) -> Result<Journal, JournalError> {
-        Ok(Journal { applied: db.open_tree(format!("{host}/applied"))?, vms: db.open_tree(format!("{host}/vms"))? })
+        Ok(Journal {
+            applied: db.open_tree(format!("{host}/applied"))?,
+            vms: db.open_tree(format!("{host}/vms"))?,
+            cursor: db.open_tree(format!("{host}/cursor"))?,
+        })
+    }
+
+    /// The stream sequence at and below which every command for this host was handled (0:
+    /// none yet).
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn cursor(&self) -> Result<u64, JournalError> {
+        Ok(self
+            .cursor
+            .get(CURSOR_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Moves the cursor forward to `seq` (never back). Not flushed: see the module docs.
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn advance_cursor(&self, seq: u64) -> Result<(), JournalError> {
+        self.cursor.fetch_and_update(CURSOR_KEY, |old| {
+            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+            Some(old.max(seq).to_be_bytes().to_vec())
+        })?;
+        Ok(())
     }
 
     /// Whether the command with this event id was already applied.
@@ -128,5 +164,29 @@ impl Journal {
             out.push((vm, rec));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cursor_only_moves_forward_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostId::new("h1").unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let j = Journal::open(&db, &host).unwrap();
+            assert_eq!(j.cursor().unwrap(), 0, "a new journal has handled nothing");
+            j.advance_cursor(7).unwrap();
+            j.advance_cursor(5).unwrap();
+            assert_eq!(j.cursor().unwrap(), 7, "never back");
+            // Another host's journal in the same database has its own cursor.
+            assert_eq!(Journal::open(&db, &HostId::new("h2").unwrap()).unwrap().cursor().unwrap(), 0);
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        assert_eq!(Journal::open(&db, &host).unwrap().cursor().unwrap(), 7);
     }
 }

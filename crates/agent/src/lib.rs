@@ -168,6 +168,9 @@ pub struct Agent<D: Driver> {
     driver: D,
     journal: Journal,
     dead_letters: DeadLetters,
+    /// Commands handed over but not yet handled (negatively acknowledged, to be retried): the
+    /// journal's cursor stays below the lowest.
+    unfinished: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl<D: Driver> Agent<D> {
@@ -180,7 +183,7 @@ impl<D: Driver> Agent<D> {
         let journal =
             Journal::open(db, &cfg.host).map_err(|source| AgentError::Journal { host: cfg.host.clone(), source })?;
         let dead_letters = DeadLetters::new(bus.js.clone());
-        Ok(Agent { cfg, bus, driver, journal, dead_letters })
+        Ok(Agent { cfg, bus, driver, journal, dead_letters, unfinished: Default::default() })
     }
 
     /// Runs until `cancel` fires: registers, then heartbeats, telemetry and commands.
@@ -231,9 +234,14 @@ impl<D: Driver> Agent<D> {
         Ok(())
     }
 
+    /// The host's command consumer: the server's if it has one, else a new one from the
+    /// journal's cursor. Its state is kept in memory — a file per consumer, rewritten on every
+    /// state flush, costs a busy server more than all the commands — so a server restart loses
+    /// it, and the journal's cursor says where to resume.
     async fn command_consumer(&self) -> Result<PullConsumer, AgentError> {
         let host = &self.cfg.host;
         let err = |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Consumer { host: host.clone(), source: e };
+        let cursor = self.journal.cursor().map_err(|e| err(Box::new(e)))?;
         let stream = self.bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| err(Box::new(e)))?;
         let name = proto::agent_consumer_name(host);
         stream
@@ -246,8 +254,13 @@ impl<D: Driver> Agent<D> {
                     // A command in flight to a crashed agent comes back after this; the journal
                     // makes the redelivery harmless.
                     ack_wait: Duration::from_secs(10),
-                    deliver_policy: DeliverPolicy::All,
+                    deliver_policy: if cursor == 0 {
+                        DeliverPolicy::All
+                    } else {
+                        DeliverPolicy::ByStartSequence { start_sequence: cursor + 1 }
+                    },
                     max_ack_pending: 1024,
+                    memory_storage: true,
                     ..Default::default()
                 },
             )
@@ -255,7 +268,7 @@ impl<D: Driver> Agent<D> {
             .map_err(|e| err(Box::new(e)))
     }
 
-    async fn command_loop(&self, consumer: PullConsumer, cancel: CancellationToken) {
+    async fn command_loop(&self, mut consumer: PullConsumer, cancel: CancellationToken) {
         let host = &self.cfg.host;
         let mut backoff = Duration::from_millis(100);
         while !cancel.is_cancelled() {
@@ -268,6 +281,10 @@ impl<D: Driver> Agent<D> {
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // The server may have lost it (a restart): make it again from the cursor.
+                    if let Ok(c) = self.command_consumer().await {
+                        consumer = c;
+                    }
                     continue;
                 }
             };
@@ -279,10 +296,36 @@ impl<D: Driver> Agent<D> {
                 };
                 match next {
                     Some(Ok(msg)) => self.handle(msg, &cancel).await,
-                    Some(Err(e)) => tracing::debug!(%host, error = %e, "command stream hiccup"),
+                    Some(Err(e)) => {
+                        tracing::debug!(%host, error = %e, "command stream hiccup");
+                        // A consumer the server no longer has is made again from the cursor.
+                        if consumer.get_info().await.is_err() {
+                            if let Ok(c) = self.command_consumer().await {
+                                tracing::info!(%host, "command consumer recreated from the journal's cursor");
+                                consumer = c;
+                            }
+                            break;
+                        }
+                    }
                     None => break,
                 }
             }
+        }
+    }
+
+    /// A command is done with (applied, refused or dead-lettered): the cursor moves up to it,
+    /// or to just below the oldest command still to be retried.
+    fn handled(&self, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        let upto = {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            unfinished.remove(&seq);
+            unfinished.first().map_or(seq, |oldest| seq.min(oldest - 1))
+        };
+        if let Err(e) = self.journal.advance_cursor(upto) {
+            tracing::warn!(host = %self.cfg.host, seq, error = %e, "journal cursor not saved; a lost consumer would hand commands again");
         }
     }
 
@@ -324,9 +367,11 @@ impl<D: Driver> Agent<D> {
                 if let Err(e) = msg.ack().await {
                     tracing::warn!(host = %self.cfg.host, seq, error = %e, "ack lost; the command will be redelivered and recognised");
                 }
+                self.handled(seq);
             }
             Err(e) => {
                 tracing::error!(host = %self.cfg.host, seq, error = %e, "journal failure; command will be retried");
+                self.unfinished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(seq);
                 let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             }
         }
@@ -337,6 +382,7 @@ impl<D: Driver> Agent<D> {
         let ct = msg.headers.as_ref().and_then(|h| h.get(proto::HEADER_CONTENT_TYPE)).map(|v| v.as_str().to_owned());
         self.dead_letters.send("commands", msg.subject.as_str(), ct.as_deref(), reason, msg.payload.clone()).await;
         let _ = msg.ack_with(AckKind::Term).await;
+        self.handled(msg.info().map(|i| i.stream_sequence).unwrap_or(0));
     }
 
     /// Decides what to do with a command, from the journal alone.

@@ -232,6 +232,50 @@ async fn a_malformed_command_is_dead_lettered_and_the_agent_keeps_working() {
     handle.await.unwrap();
 }
 
+#[tokio::test]
+async fn after_a_server_restart_commands_resume_from_the_journals_cursor() {
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)]).await.unwrap();
+    wait_for("the commands applied", || async { h.commands_done().await >= 2 }).await;
+    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let info = stream.consumer_info("agent-h1").await.unwrap();
+    assert!(info.config.memory_storage, "the consumer's state is not rewritten to a file per flush");
+
+    // The server restarts on its store: the stream survives, the in-memory consumer does not.
+    h.server.restart().unwrap();
+    let (vm2, inc2) = (VmId::new_v7(), IncarnationId::new_v7());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let _ = h.log.refresh_tail().await;
+        if h.log.append(&[h.start_cmd(vm2, inc2, 1)]).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the log never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The agent notices the lost consumer when its pull stream misses the server's idle
+    // heartbeats (async-nats' default: 15 s), so this wait is longer than the others.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while driver.start_count(inc2) != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the command after the restart was never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent made its consumer again from where its journal says it was, not from the start.
+    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let info = stream.consumer_info("agent-h1").await.unwrap();
+    assert_eq!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { start_sequence: 3 });
+    assert_eq!(driver.start_count(inc), 1, "nothing before the cursor ran again");
+    assert_eq!(driver.running().len(), 1);
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
 fn failures(reports: &[Report]) -> Vec<String> {
     reports
         .iter()

@@ -326,10 +326,12 @@ pub struct Planner<'a> {
     state: &'a ClusterState,
     cfg: &'a PlannerConfig,
     load: &'a LoadView,
-    /// The hosts in id order, with their facts.
+    /// The hosts in id order (the state's order: [`Planner::position`] finds one by binary
+    /// search), with their facts.
     hosts: Vec<(&'a HostRecord, HostFacts)>,
-    /// Host id → position in `hosts`.
-    index: BTreeMap<HostId, usize>,
+    /// Whether `groups` and `domains` hold the state's VMs yet: counted on the first request
+    /// that needs them, so that passes without groups never walk every VM.
+    groups_counted: bool,
     /// Per group: VMs of the group per host position (the state's, plus this planner's own).
     groups: BTreeMap<String, BTreeMap<usize, u32>>,
     /// Per group: VMs of the group per failure domain (index).
@@ -395,8 +397,7 @@ impl<'a> Planner<'a> {
     pub fn new(state: &'a ClusterState, cfg: &'a PlannerConfig, load: &'a LoadView) -> Planner<'a> {
         let mut domain_index: BTreeMap<&str, usize> = BTreeMap::new();
         let mut hosts = Vec::with_capacity(state.hosts.len());
-        let mut index = BTreeMap::new();
-        for (i, h) in state.hosts.values().enumerate() {
+        for h in state.hosts.values() {
             let capacity = effective_capacity(h, cfg);
             let domain = cfg.failure_domain_label.as_ref().and_then(|l| h.labels.get(l)).map(|d| {
                 let next = domain_index.len();
@@ -408,7 +409,6 @@ impl<'a> Planner<'a> {
                 load: load.cpu_util.get(&h.id).copied(),
                 risk: load.failure_risk.get(&h.id).copied(),
             };
-            index.insert(h.id.clone(), i);
             hosts.push((h, facts));
         }
         let mut planner = Planner {
@@ -416,7 +416,7 @@ impl<'a> Planner<'a> {
             cfg,
             load,
             hosts,
-            index,
+            groups_counted: false,
             groups: BTreeMap::new(),
             domains: BTreeMap::new(),
             selected: BTreeMap::new(),
@@ -426,18 +426,37 @@ impl<'a> Planner<'a> {
             cursor: 0,
         };
         for vm in state.vms.values() {
-            let Some(&i) = vm.host.as_ref().and_then(|h| planner.index.get(h)) else { continue };
-            if vm.status == VmStatus::Deleted {
+            if vm.status == VmStatus::Deleted || !vm.spec.placement.vm_affinity.iter().any(is_hard_anti) {
                 continue;
             }
-            if let Some(group) = &vm.spec.group {
-                planner.count_group(group, i);
-            }
+            let Some(i) = vm.host.as_ref().and_then(|h| planner.position(h)) else { continue };
             for rule in vm.spec.placement.vm_affinity.iter().filter(|r| is_hard_anti(r)) {
                 planner.repellers.push((Some(vm.id), i, rule.clone()));
             }
         }
         planner
+    }
+
+    /// A host's position in `hosts`.
+    fn position(&self, id: &HostId) -> Option<usize> {
+        self.hosts.binary_search_by(|(h, _)| h.id.cmp(id)).ok()
+    }
+
+    /// Counts the state's VMs per group (once per planner, when first needed).
+    fn count_groups(&mut self) {
+        if std::mem::replace(&mut self.groups_counted, true) {
+            return;
+        }
+        let state = self.state;
+        for vm in state.vms.values() {
+            let Some(group) = &vm.spec.group else { continue };
+            if vm.status == VmStatus::Deleted {
+                continue;
+            }
+            if let Some(i) = vm.host.as_ref().and_then(|h| self.position(h)) {
+                self.count_group(group, i);
+            }
+        }
     }
 
     /// The domain of host `i` under a topology label.
@@ -463,7 +482,7 @@ impl<'a> Planner<'a> {
                 if vm.status == VmStatus::Deleted || !rule.selects(&vm.spec.labels) {
                     continue;
                 }
-                if let Some(&i) = vm.host.as_ref().and_then(|h| self.index.get(h)) {
+                if let Some(i) = vm.host.as_ref().and_then(|h| self.position(h)) {
                     *counts.entry(i).or_default() += 1;
                 }
             }
@@ -505,6 +524,9 @@ impl<'a> Planner<'a> {
             }
             rules.push(Rule { relation: r.relation, strength: r.strength, topology, per_domain, total });
         }
+        if req.group.is_some() {
+            self.count_groups();
+        }
         let members = req.group.as_ref().and_then(|g| self.groups.get(g));
         for r in req.group_rules.iter().filter(|r| !r.strength.is_none()) {
             let topology = r.topology.as_deref();
@@ -537,7 +559,7 @@ impl<'a> Planner<'a> {
     /// Counts a VM placed elsewhere in this pass (e.g. a migration's target) as if the planner
     /// had placed it.
     pub fn reserve(&mut self, host: &HostId, req: &PlacementRequest) {
-        let Some(&i) = self.index.get(host) else { return };
+        let Some(i) = self.position(host) else { return };
         self.reserve_at(i, req);
     }
 
@@ -546,6 +568,7 @@ impl<'a> Planner<'a> {
         r.0 = r.0.checked_add(req.need).unwrap_or(r.0);
         r.1 += 1;
         if let Some(g) = &req.group {
+            self.count_groups();
             self.count_group(g, i);
         }
         for (selector, counts) in &mut self.selected {
@@ -581,10 +604,10 @@ impl<'a> Planner<'a> {
             .strategy
             .or_else(|| req.group.as_ref().and_then(|g| self.cfg.group_strategy.get(g)).copied())
             .unwrap_or(self.cfg.strategy);
-        let credit_at = req.credit.as_ref().and_then(|(h, _)| self.index.get(h)).copied();
+        let credit_at = req.credit.as_ref().and_then(|(h, _)| self.position(h));
         // Where the VM already counts (moved, restarted): not against itself.
-        let self_idx = req.self_at.as_ref().and_then(|h| self.index.get(h)).copied().or(credit_at);
-        let avoid: Vec<usize> = req.avoid.iter().filter_map(|h| self.index.get(h).copied()).collect();
+        let self_idx = req.self_at.as_ref().and_then(|h| self.position(h)).or(credit_at);
+        let avoid: Vec<usize> = req.avoid.iter().filter_map(|h| self.position(h)).collect();
         let rules = self.resolve_rules(req, self_idx);
         // Domains other VMs' hard anti-affinity keeps this one out of.
         let repelled: Vec<(Option<&str>, Domain<'_>)> = self
