@@ -69,6 +69,9 @@ pub struct AgentConfig {
     pub telemetry_interval: Duration,
     /// Stream replicas to provision with (1 single server, 3 cluster).
     pub replicas: usize,
+    /// Whether the agent provisions the streams and buckets itself at start (a fleet of
+    /// simulated hosts in one process does it once for all of them).
+    pub provision: bool,
     /// How long the agent may be cut off from the bus before it fences its VMs (default 10 s).
     pub lease: Duration,
     /// What fencing does to the VMs.
@@ -106,6 +109,7 @@ impl AgentConfig {
             heartbeats: true,
             telemetry_interval: Duration::from_secs(10),
             replicas: 1,
+            provision: true,
             lease: proto::DEFAULT_AGENT_LEASE,
             fence_action: FenceAction::Stop,
             host_failure_timeout: proto::DEFAULT_HOST_FAILURE_TIMEOUT,
@@ -192,7 +196,12 @@ impl<D: Driver> Agent<D> {
     /// When the bus or the consumer cannot be set up. Per-command trouble never stops it.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), AgentError> {
         let host = self.cfg.host.clone();
-        self.bus.provision(self.cfg.replicas).await.map_err(|source| AgentError::Bus { host: host.clone(), source })?;
+        if self.cfg.provision {
+            self.bus
+                .provision(self.cfg.replicas)
+                .await
+                .map_err(|source| AgentError::Bus { host: host.clone(), source })?;
+        }
         let consumer = self.command_consumer().await?;
 
         // What outlived the previous agent, settled against the journal before anything else.
@@ -636,7 +645,19 @@ fn report_name(r: &ReportKind) -> &'static str {
 /// Returns when `cancel` fires and every agent has stopped.
 pub async fn run_sim_fleet(bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, cancel: CancellationToken) {
     let tracker = TaskTracker::new();
-    for cfg in hosts {
+    // Provisioning is idempotent but costs several requests: once for the whole fleet.
+    let replicas = hosts.first().map_or(1, |c| c.replicas);
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = bus.provision(replicas).await {
+        tracing::warn!(error = %ErrorChain(&e), "cannot provision the streams for the simulated fleet; retrying");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    for mut cfg in hosts {
+        cfg.provision = false;
         let host = cfg.host.clone();
         let driver = match db.open_tree(format!("{host}/sim")) {
             Ok(tree) => sim::SimDriver::persistent(tree),
