@@ -137,6 +137,7 @@ pub fn event_subject(event: &EventKind) -> String {
         EventKind::ModelRetrainingRequested(_) => "nc.events.cluster.models".to_owned(),
         EventKind::GroupDeleted(e) => format!("nc.events.group.{}", e.group),
         EventKind::GroupScaled(e) => format!("nc.events.group.{}", e.group),
+        EventKind::GroupScaleRefused(e) => format!("nc.events.group.{}", e.group),
     }
 }
 

@@ -97,6 +97,9 @@ pub struct GroupRecord {
     pub last_recommendation: Option<u32>,
     /// The next member number (members are `<group>-<n>`).
     pub next_member: u64,
+    /// The last refused growth: (wanted size, refusal), so it is recorded once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refusal: Option<(u32, String)>,
 }
 
 /// A recorded `PolicyViolationObserved`.
@@ -478,6 +481,7 @@ impl ClusterState {
                     last_down_ms: None,
                     last_recommendation: None,
                     next_member: 1,
+                    last_refusal: None,
                 };
                 self.groups.insert(e.spec.name.clone(), record);
                 Applied::Changed
@@ -488,6 +492,13 @@ impl ClusterState {
                 }
                 Applied::Changed
             }
+            EventKind::GroupScaleRefused(e) => {
+                let Some(g) = self.groups.get_mut(&e.group) else {
+                    return Applied::Ignored(format!("GroupScaleRefused for unknown group {}", e.group));
+                };
+                g.last_refusal = Some((e.wanted, e.refusal.clone()));
+                Applied::Changed
+            }
             EventKind::GroupScaled(e) => {
                 let Some(g) = self.groups.get_mut(&e.group) else {
                     return Applied::Ignored(format!("GroupScaled for unknown group {}", e.group));
@@ -495,6 +506,7 @@ impl ClusterState {
                 if e.recommendation_only {
                     g.last_recommendation = Some(e.to);
                 } else {
+                    g.last_refusal = None;
                     if e.to > e.from {
                         g.last_up_ms = Some(env.at_ms);
                     } else if e.to < e.from {

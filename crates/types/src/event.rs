@@ -181,6 +181,9 @@ pub enum EventKind {
     GroupDeleted(GroupDeleted),
     /// A group's size changed (or, in forecast-only mode, a change was recommended), and why.
     GroupScaled(GroupScaled),
+    /// A group should grow but may not (a quota, no room to place its members): recorded once
+    /// per wanted size and reason, retried every pass.
+    GroupScaleRefused(GroupScaleRefused),
     /// A VM breaks a policy where it runs (a policy applied after it was placed, a host's
     /// labels changed, an audit rule). Recorded once per policy version and placement.
     PolicyViolationObserved(PolicyViolationObserved),
@@ -230,6 +233,7 @@ impl EventKind {
             EventKind::ModelRetrainingRequested(_) => "ModelRetrainingRequested",
             EventKind::GroupDeleted(_) => "GroupDeleted",
             EventKind::GroupScaled(_) => "GroupScaled",
+            EventKind::GroupScaleRefused(_) => "GroupScaleRefused",
         }
     }
 }
@@ -609,6 +613,25 @@ pub struct GroupCreated {
 pub struct GroupDeleted {
     /// The group's name.
     pub group: String,
+}
+
+/// Payload of [`EventKind::GroupScaleRefused`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupScaleRefused {
+    /// The group.
+    pub group: String,
+    /// Members now.
+    pub from: u32,
+    /// The size the scaler wanted.
+    pub wanted: u32,
+    /// Why it wanted it (as a `GroupScaled` would say).
+    pub reason: String,
+    /// Why it may not (the refusal: a quota, a placement that failed).
+    pub refusal: String,
+    /// The policy set version it was decided under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
 }
 
 /// Payload of [`EventKind::GroupScaled`].

@@ -421,6 +421,17 @@ fn golden_fixtures_decode_and_match_the_encoding() {
                 removed: vec![],
             }),
         ),
+        (
+            "event-group-scale-refused",
+            EventKind::GroupScaleRefused(GroupScaleRefused {
+                group: "web".into(),
+                from: 4,
+                wanted: 6,
+                reason: "mean CPU 91 % above target 60 %".into(),
+                refusal: "quota web-quota allows at most 8 vCPUs for group web".into(),
+                policy_version: Some(2),
+            }),
+        ),
     ];
     for (i, (name, kind)) in events.into_iter().enumerate() {
         f.check(name, &envelope(i as u128 + 10, kind));

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use novacron_state::{ClusterState, GroupRecord, VmRecord, VmStatus};
-use novacron_types::event::{GroupCreated, GroupDeleted, GroupScaled};
+use novacron_types::event::{GroupCreated, GroupDeleted, GroupScaleRefused, GroupScaled};
 use novacron_types::group::{ForecastNote, GroupSpec, ScalingMode};
 use novacron_types::policy::{Enforcement, MaintenanceWindow, Rule};
 use novacron_types::validate::Validate;
@@ -348,7 +348,20 @@ pub fn scale_groups(
                     events.extend(created);
                 }
                 Some(Err(refusal)) => {
-                    tracing::warn!(group = %name, %refusal, "cannot grow the group");
+                    // Recorded once per wanted size and reason (the next passes retry quietly).
+                    let refusal = refusal.to_string();
+                    if g.last_refusal.as_ref() != Some(&(to, refusal.clone())) {
+                        tracing::warn!(group = %name, %refusal, wanted = to, "cannot grow the group");
+                        let refused = GroupScaleRefused {
+                            group: name.clone(),
+                            from: n,
+                            wanted: to,
+                            reason,
+                            refusal,
+                            policy_version: (state.policy_version > 0).then_some(state.policy_version),
+                        };
+                        events.push(envelope(stamp, origin, EventKind::GroupScaleRefused(refused)));
+                    }
                 }
                 None => {}
             }

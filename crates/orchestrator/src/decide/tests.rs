@@ -1083,6 +1083,39 @@ fn predictive_scaling_goes_up_ahead_of_the_forecast_never_down_on_it_and_forecas
 }
 
 #[test]
+fn a_scale_up_a_quota_refuses_is_recorded_once_and_retried() {
+    let mut s = hosts(4);
+    let (_, ev) = create_group(&s, group_spec("web", 2, 6, 0.6), &mut Fixed(1), &origin()).unwrap();
+    apply_all(&mut s, &ev);
+    let (_, ev) = apply_policies(
+        &s,
+        &policies("name: web-quota\nscope: {group: web}\nrule: {capacity: {quota: {vms: 2}}}\n"),
+        &mut Fixed(2),
+        &origin(),
+    )
+    .unwrap();
+    apply_all(&mut s, &ev);
+    let planning = Planning::default();
+    let e = scale_groups(&s, &ScalingInputs::default(), &planning, &mut At(100, 1_000_000), &origin());
+    apply_all(&mut s, &e);
+    run_members(&mut s, "web");
+    // Hot: it should grow to 3, and the quota says no.
+    let hot = ScalingInputs { vm_util: util(&s, "web", 0.9), ..Default::default() };
+    let e = scale_groups(&s, &hot, &planning, &mut At(200, 2_000_000), &origin());
+    assert_eq!(names(&e), ["GroupScaleRefused"], "nothing created, and the log says why");
+    let EventKind::GroupScaleRefused(r) = &e[0].event else { unreachable!() };
+    assert_eq!((r.from, r.wanted, r.policy_version), (2, 3, Some(1)));
+    assert!(r.reason.contains("above target") && r.refusal.contains("web-quota"), "{r:?}");
+    apply_all(&mut s, &e);
+    // The next passes retry without repeating the event.
+    assert!(scale_groups(&s, &hot, &planning, &mut At(300, 3_000_000), &origin()).is_empty());
+    // Hotter: another size wanted, another record.
+    let hotter = ScalingInputs { vm_util: util(&s, "web", 1.0), ..Default::default() };
+    let e = scale_groups(&s, &hotter, &planning, &mut At(400, 4_000_000), &origin());
+    assert_eq!(names(&e), ["GroupScaleRefused"]);
+}
+
+#[test]
 fn schedules_raise_the_minimum_and_scaling_policies_narrow_the_bounds() {
     let mut s = hosts(4);
     let mut spec = group_spec("shop", 1, 10, 0.6);
