@@ -1,11 +1,15 @@
 //! The agent's local journal: which commands it has applied and what it believes it runs.
 //!
 //! ```text
-//! sled db (one per agent process; several simulated hosts share it, a tree pair each)
-//!   tree "<host>/applied":  event id (16 bytes)  →  stream seq (u64 BE)
-//!   tree "<host>/vms":      VM id (16 bytes)     →  MessagePack JournalVm
-//!                           "done" (4 bytes)     →  the cursor: stream seq (u64 BE)
+//! sled db (one per agent process; several simulated hosts share it, keyed by host)
+//!   tree "journal-applied":  "<host>/" + event id (16 bytes)  →  stream seq (u64 BE)
+//!                            "<host>/done"                     →  the cursor: stream seq (u64 BE)
+//!   tree "journal-vms":      "<host>/" + VM id (16 bytes)     →  MessagePack JournalVm
 //! ```
+//! (Host ids have no `/`, so one host's keys never run into another's.) Earlier versions kept
+//! a tree pair per host; sled rewrites its whole table of trees for every tree it creates, which
+//! made a process of thousands of simulated hosts start in O(hosts²).
+//! [`migrate_per_host_trees`] moves such a database over once.
 //! The first two change in one sled transaction, flushed before the command is acknowledged, so
 //! after a crash the journal says exactly which commands took effect. The cursor — every
 //! command at or below it was handled — is where the agent's command consumer resumes when
@@ -49,12 +53,57 @@ pub enum JournalError {
 pub struct Journal {
     applied: sled::Tree,
     vms: sled::Tree,
+    /// `"<host>/"`.
+    prefix: Vec<u8>,
 }
 
-/// The cursor's key in the `applied` tree (event ids are 16 bytes: no clash). Not a tree of
-/// its own: sled rewrites its whole table of trees for every tree it creates, which is what a
-/// process of thousands of simulated hosts spends its start-up on.
+/// The tree of applied commands (and cursors), shared by the hosts of a database.
+pub const APPLIED_TREE: &str = "journal-applied";
+/// The tree of VM records, shared by the hosts of a database.
+pub const VMS_TREE: &str = "journal-vms";
+/// The tree of simulated hypervisors' VMs ([`crate::sim::SimDriver::persistent`]).
+pub const SIM_TREE: &str = "sim-vms";
+
+/// The cursor's key after the host prefix (event ids are 16 bytes: no clash).
 const CURSOR_KEY: &[u8] = b"done";
+
+/// `"<host>/"`: the prefix of a host's keys in the shared trees.
+#[must_use]
+pub fn host_prefix(host: &HostId) -> Vec<u8> {
+    format!("{host}/").into_bytes()
+}
+
+/// Moves what earlier versions kept in per-host trees (`<host>/applied`, `<host>/vms`,
+/// `<host>/sim`) into the shared trees, then drops them. Idempotent; one pass over the
+/// database. Returns how many trees it moved.
+///
+/// # Errors
+/// When sled fails (nothing is dropped before its contents are flushed to the new place).
+pub fn migrate_per_host_trees(db: &sled::Db) -> Result<usize, JournalError> {
+    let mut moved = 0;
+    for name in db.tree_names() {
+        let Ok(text) = std::str::from_utf8(&name) else { continue };
+        let Some((host, kind)) = text.rsplit_once('/') else { continue };
+        let Ok(host) = HostId::new(host) else { continue };
+        let target = match kind {
+            "applied" => APPLIED_TREE,
+            "vms" => VMS_TREE,
+            "sim" => SIM_TREE,
+            _ => continue,
+        };
+        let old = db.open_tree(&name)?;
+        let new = db.open_tree(target)?;
+        let prefix = host_prefix(&host);
+        for item in &old {
+            let (k, v) = item?;
+            new.insert([&prefix[..], &k].concat(), v)?;
+        }
+        new.flush()?;
+        db.drop_tree(&name)?;
+        moved += 1;
+    }
+    Ok(moved)
+}
 
 impl Journal {
     /// Opens the host's trees in `db`.
@@ -62,7 +111,11 @@ impl Journal {
     /// # Errors
     /// When sled cannot open them.
     pub fn open(db: &sled::Db, host: &HostId) -> Result<Journal, JournalError> {
-        Ok(Journal { applied: db.open_tree(format!("{host}/applied"))?, vms: db.open_tree(format!("{host}/vms"))? })
+        Ok(Journal { applied: db.open_tree(APPLIED_TREE)?, vms: db.open_tree(VMS_TREE)?, prefix: host_prefix(host) })
+    }
+
+    fn key(&self, id: &[u8]) -> Vec<u8> {
+        [&self.prefix[..], id].concat()
     }
 
     /// The stream sequence at and below which every command for this host was handled (0:
@@ -73,7 +126,7 @@ impl Journal {
     pub fn cursor(&self) -> Result<u64, JournalError> {
         Ok(self
             .applied
-            .get(CURSOR_KEY)?
+            .get(self.key(CURSOR_KEY))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes))
     }
@@ -83,7 +136,7 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn advance_cursor(&self, seq: u64) -> Result<(), JournalError> {
-        self.applied.fetch_and_update(CURSOR_KEY, |old| {
+        self.applied.fetch_and_update(self.key(CURSOR_KEY), |old| {
             let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
             Some(old.max(seq).to_be_bytes().to_vec())
         })?;
@@ -95,7 +148,7 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn is_applied(&self, id: EventId) -> Result<bool, JournalError> {
-        Ok(self.applied.contains_key(id.0.as_bytes())?)
+        Ok(self.applied.contains_key(self.key(id.0.as_bytes()))?)
     }
 
     /// What the journal says of a VM.
@@ -103,7 +156,7 @@ impl Journal {
     /// # Errors
     /// When sled fails or the record is corrupt.
     pub fn vm(&self, vm: VmId) -> Result<Option<JournalVm>, JournalError> {
-        match self.vms.get(vm.0.as_bytes())? {
+        match self.vms.get(self.key(vm.0.as_bytes()))? {
             None => Ok(None),
             Some(bytes) => {
                 rmp_serde::from_slice(&bytes).map(Some).map_err(|source| JournalError::Corrupt { vm, source })
@@ -118,11 +171,12 @@ impl Journal {
     /// When sled fails.
     pub fn record(&self, id: EventId, seq: u64, vm: VmId, record: Option<&JournalVm>) -> Result<(), JournalError> {
         let value = record.map(novacron_types::encode);
+        let (id_key, vm_key) = (self.key(id.0.as_bytes()), self.key(vm.0.as_bytes()));
         let result: sled::transaction::TransactionResult<(), ()> =
             (&self.applied, &self.vms).transaction(|(applied, vms)| {
-                applied.insert(id.0.as_bytes(), &seq.to_be_bytes())?;
+                applied.insert(id_key.as_slice(), &seq.to_be_bytes())?;
                 if let Some(v) = &value {
-                    vms.insert(vm.0.as_bytes(), v.as_slice())?;
+                    vms.insert(vm_key.as_slice(), v.as_slice())?;
                 }
                 Ok(())
             });
@@ -144,7 +198,7 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn set_vm(&self, vm: VmId, record: &JournalVm) -> Result<(), JournalError> {
-        self.vms.insert(vm.0.as_bytes(), novacron_types::encode(record))?;
+        self.vms.insert(self.key(vm.0.as_bytes()), novacron_types::encode(record))?;
         self.vms.flush()?;
         Ok(())
     }
@@ -155,9 +209,9 @@ impl Journal {
     /// When sled fails or a record is corrupt.
     pub fn vms(&self) -> Result<Vec<(VmId, JournalVm)>, JournalError> {
         let mut out = Vec::new();
-        for item in &self.vms {
+        for item in self.vms.scan_prefix(&self.prefix) {
             let (k, v) = item?;
-            let vm = VmId(uuid::Uuid::from_slice(&k).unwrap_or_default());
+            let vm = VmId(uuid::Uuid::from_slice(&k[self.prefix.len()..]).unwrap_or_default());
             let rec = rmp_serde::from_slice(&v).map_err(|source| JournalError::Corrupt { vm, source })?;
             out.push((vm, rec));
         }
@@ -186,5 +240,38 @@ mod tests {
         }
         let db = sled::open(dir.path()).unwrap();
         assert_eq!(Journal::open(&db, &host).unwrap().cursor().unwrap(), 7);
+    }
+
+    #[test]
+    fn per_host_trees_of_an_earlier_version_are_moved_into_the_shared_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let (id, vm) = (EventId::new_v7(), VmId::new_v7());
+        let rec = JournalVm { incarnation: IncarnationId::new_v7(), generation: Generation(3), running: true };
+        // The layout before: a tree pair per host (and the simulated hypervisor's tree).
+        db.open_tree("h1/applied").unwrap().insert(id.0.as_bytes(), &9u64.to_be_bytes()).unwrap();
+        db.open_tree("h1/applied").unwrap().insert(b"done", &9u64.to_be_bytes()).unwrap();
+        db.open_tree("h1/vms").unwrap().insert(vm.0.as_bytes(), novacron_types::encode(&rec)).unwrap();
+        db.open_tree("h1/sim").unwrap().insert(vm.0.as_bytes(), b"x".to_vec()).unwrap();
+        db.open_tree("h10/vms").unwrap().insert(vm.0.as_bytes(), novacron_types::encode(&rec)).unwrap();
+        assert_eq!(migrate_per_host_trees(&db).unwrap(), 4);
+        assert_eq!(migrate_per_host_trees(&db).unwrap(), 0, "idempotent");
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"h1/vms"), "the old trees are gone");
+        let j = Journal::open(&db, &HostId::new("h1").unwrap()).unwrap();
+        assert!(j.is_applied(id).unwrap());
+        assert_eq!(j.cursor().unwrap(), 9);
+        assert_eq!(j.vms().unwrap(), vec![(vm, rec.clone())]);
+        // h10's records stay h10's (the prefix ends with '/').
+        let j10 = Journal::open(&db, &HostId::new("h10").unwrap()).unwrap();
+        assert!(!j10.is_applied(id).unwrap());
+        assert_eq!(j10.vms().unwrap().len(), 1);
+        assert_eq!(
+            db.open_tree(SIM_TREE)
+                .unwrap()
+                .get(b"h1/".iter().chain(vm.0.as_bytes()).copied().collect::<Vec<u8>>())
+                .unwrap()
+                .as_deref(),
+            Some(&b"x"[..])
+        );
     }
 }

@@ -645,6 +645,22 @@ fn report_name(r: &ReportKind) -> &'static str {
 /// Returns when `cancel` fires and every agent has stopped.
 pub async fn run_sim_fleet(bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, cancel: CancellationToken) {
     let tracker = TaskTracker::new();
+    match journal::migrate_per_host_trees(&db) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(trees = n, "moved per-host journal trees of an earlier version into the shared ones"),
+        Err(e) => {
+            // Starting without them could apply a command twice.
+            tracing::error!(error = %ErrorChain(&e), "cannot move the journals of an earlier version; the simulated fleet does not start");
+            return;
+        }
+    }
+    let sim_tree = match db.open_tree(journal::SIM_TREE) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "simulated hosts' state not persistent");
+            None
+        }
+    };
     // Provisioning is idempotent but costs several requests: once for the whole fleet.
     let replicas = hosts.first().map_or(1, |c| c.replicas);
     let mut backoff = Duration::from_millis(100);
@@ -659,12 +675,9 @@ pub async fn run_sim_fleet(bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, canc
     for mut cfg in hosts {
         cfg.provision = false;
         let host = cfg.host.clone();
-        let driver = match db.open_tree(format!("{host}/sim")) {
-            Ok(tree) => sim::SimDriver::persistent(tree),
-            Err(e) => {
-                tracing::error!(%host, error = %e, "simulated host state not persistent");
-                sim::SimDriver::default()
-            }
+        let driver = match &sim_tree {
+            Some(tree) => sim::SimDriver::persistent(tree.clone(), journal::host_prefix(&host)),
+            None => sim::SimDriver::default(),
         };
         match Agent::new(cfg, bus.clone(), driver, &db) {
             Ok(agent) => {

@@ -40,8 +40,9 @@ struct Inner {
 pub struct SimDriver {
     inner: Arc<Mutex<Inner>>,
     exits: broadcast::Sender<VmExit>,
-    /// Where a persistent simulated host keeps its VMs, so they outlive the agent process.
-    store: Option<sled::Tree>,
+    /// Where a persistent simulated host keeps its VMs, so they outlive the agent process: a
+    /// tree and this host's key prefix in it.
+    store: Option<(sled::Tree, Vec<u8>)>,
 }
 
 impl Default for SimDriver {
@@ -76,18 +77,21 @@ impl SimDriver {
         d
     }
 
-    /// A simulated host whose VMs are kept in `store` and so outlive the agent process, as VMs
-    /// on a real hypervisor do; the next agent finds them with [`Driver::adopt`].
+    /// A simulated host whose VMs are kept in `store` under keys starting with `prefix` (one
+    /// tree serves the hosts of a process, [`crate::journal::SIM_TREE`]), and so outlive the
+    /// agent process, as VMs on a real hypervisor do; the next agent finds them with
+    /// [`Driver::adopt`].
     #[must_use]
-    pub fn persistent(store: sled::Tree) -> Self {
-        SimDriver { store: Some(store), ..SimDriver::default() }
+    pub fn persistent(store: sled::Tree, prefix: Vec<u8>) -> Self {
+        SimDriver { store: Some((store, prefix)), ..SimDriver::default() }
     }
 
     fn persist(&self, vm: VmId, v: Option<&SimVm>) {
-        if let Some(store) = &self.store {
+        if let Some((store, prefix)) = &self.store {
+            let key = [&prefix[..], vm.0.as_bytes()].concat();
             let result = match v {
-                Some(v) => store.insert(vm.0.as_bytes(), novacron_types::encode(v)).map(|_| ()),
-                None => store.remove(vm.0.as_bytes()).map(|_| ()),
+                Some(v) => store.insert(key, novacron_types::encode(v)).map(|_| ()),
+                None => store.remove(key).map(|_| ()),
             };
             if let Err(e) = result {
                 tracing::warn!(%vm, error = %e, "simulated hypervisor state not persisted");
@@ -241,10 +245,11 @@ impl Driver for SimDriver {
     }
 
     async fn adopt(&self) -> Vec<RunningVm> {
-        if let Some(store) = &self.store {
+        if let Some((store, prefix)) = &self.store {
             let mut inner = self.lock();
-            for (k, v) in store.iter().flatten() {
-                let (Ok(id), Ok(v)) = (uuid::Uuid::from_slice(&k), rmp_serde::from_slice::<SimVm>(&v)) else {
+            for (k, v) in store.scan_prefix(prefix).flatten() {
+                let (Ok(id), Ok(v)) = (uuid::Uuid::from_slice(&k[prefix.len()..]), rmp_serde::from_slice::<SimVm>(&v))
+                else {
                     continue;
                 };
                 inner.running.entry(VmId(id)).or_insert(v);

@@ -321,7 +321,7 @@ async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile(
     let (dead, dead_inc) = (VmId::new_v7(), IncarnationId::new_v7());
     {
         let db = sled::open(dir.path()).unwrap();
-        let driver = SimDriver::persistent(db.open_tree("h1/sim").unwrap());
+        let driver = SimDriver::persistent(db.open_tree("sim-vms").unwrap(), b"h1/".to_vec());
         let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
         h.log.append(&[h.start_cmd(alive, alive_inc, 1), h.start_cmd(dead, dead_inc, 1)]).await.unwrap();
         wait_for("both VMs running", || async { driver.running().len() == 2 }).await;
@@ -332,7 +332,7 @@ async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile(
     }
     let reports_before = h.reports().await.len();
     let db = sled::open(dir.path()).unwrap();
-    let driver = SimDriver::persistent(db.open_tree("h1/sim").unwrap());
+    let driver = SimDriver::persistent(db.open_tree("sim-vms").unwrap(), b"h1/".to_vec());
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
     wait_for("the restart's reports", || async { h.reports().await.len() >= reports_before + 3 }).await;
     let reports = h.reports().await;

@@ -76,6 +76,8 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
         DriverKind::Sim => tokio::spawn(run_sim_fleet(bus, db, sim_hosts(a.hosts)?, cancel.clone())),
         DriverKind::Qemu => {
             // Small "hosts" on this one machine, each with its own QEMU directory.
+            novacron_agent::journal::migrate_per_host_trees(&db)
+                .context("moving the agents' journals of an earlier version into their current layout")?;
             let mut agents = Vec::new();
             for mut cfg in sim_hosts(a.hosts)? {
                 cfg.capacity = Resources { vcpus: 4, memory_mib: 4096, disk_gib: 50 };
@@ -212,6 +214,8 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
             let mut qemu = QemuConfig::detect(a.data_dir.join("qemu"))?;
             qemu.powerdown_timeout = a.powerdown_timeout;
             tracing::info!(accel = qemu.accel.as_str(), dir = %qemu.data_dir.display(), "QEMU driver");
+            novacron_agent::journal::migrate_per_host_trees(&db)
+                .context("moving the agent journal of an earlier version into its current layout")?;
             let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?;
             let run = tokio::spawn(agent.run(cancel.clone()));
             tokio::select! {
