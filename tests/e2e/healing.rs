@@ -194,6 +194,35 @@ async fn with_a_risk_model_new_vms_keep_off_a_host_that_just_failed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_stored_telemetry_consumer_of_an_earlier_version_is_made_again_in_memory() {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+    let nats = NatsServer::start().unwrap();
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "old")).await.unwrap();
+    bus.provision(1).await.unwrap();
+    let name = format!("{}-orchestrator-1", novacron_protocol::ORCHESTRATOR_TELEMETRY_CONSUMER);
+    let stream = bus.js.get_stream(novacron_protocol::TELEMETRY_STREAM).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: "nc.telemetry.>".into(),
+            ack_policy: AckPolicy::None,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = OrchestratorConfig::new(nats.url(), dir.path().join("orch"));
+    cfg.http = "127.0.0.1:0".parse().unwrap();
+    let _o = Orchestrator::start(cfg, CancellationToken::new()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !stream.consumer_info(&name).await.is_ok_and(|i| i.config.memory_storage) {
+        assert!(tokio::time::Instant::now() < deadline, "the telemetry consumer is still file-stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_renews_its_lease_is_not_failed_though_its_heartbeats_are_lost() {
     let c = Cluster::start(&["h1", "h2"]).await;
     // h3's heartbeats never arrive (as if dropped on the way), but its agent is alive and

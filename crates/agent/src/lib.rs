@@ -253,28 +253,34 @@ impl<D: Driver> Agent<D> {
         let cursor = self.journal.cursor().map_err(|e| err(Box::new(e)))?;
         let stream = self.bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| err(Box::new(e)))?;
         let name = proto::agent_consumer_name(host);
-        stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: proto::host_commands_filter(host),
-                    ack_policy: AckPolicy::Explicit,
-                    // A command in flight to a crashed agent comes back after this; the journal
-                    // makes the redelivery harmless.
-                    ack_wait: Duration::from_secs(10),
-                    deliver_policy: if cursor == 0 {
-                        DeliverPolicy::All
-                    } else {
-                        DeliverPolicy::ByStartSequence { start_sequence: cursor + 1 }
-                    },
-                    max_ack_pending: 1024,
-                    memory_storage: true,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| err(Box::new(e)))
+        let config = |cursor: u64| pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: proto::host_commands_filter(host),
+            ack_policy: AckPolicy::Explicit,
+            // A command in flight to a crashed agent comes back after this; the journal makes
+            // the redelivery harmless.
+            ack_wait: Duration::from_secs(10),
+            deliver_policy: if cursor == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence { start_sequence: cursor + 1 }
+            },
+            max_ack_pending: 1024,
+            memory_storage: true,
+            ..Default::default()
+        };
+        let consumer: PullConsumer =
+            stream.get_or_create_consumer(&name, config(cursor)).await.map_err(|e| err(Box::new(e)))?;
+        if consumer.cached_info().config.memory_storage {
+            return Ok(consumer);
+        }
+        // A consumer made by an earlier version keeps its state in a file (and a setting that
+        // cannot be changed in place): replace it, resuming from what it had seen acknowledged.
+        let floor = consumer.cached_info().ack_floor.stream_sequence;
+        self.journal.advance_cursor(floor).map_err(|e| err(Box::new(e)))?;
+        stream.delete_consumer(&name).await.map_err(|e| err(Box::new(e)))?;
+        tracing::info!(%host, from = cursor.max(floor) + 1, "command consumer of an earlier version replaced by an in-memory one");
+        stream.create_consumer(config(cursor.max(floor))).await.map_err(|e| err(Box::new(e)))
     }
 
     async fn command_loop(&self, mut consumer: PullConsumer, cancel: CancellationToken) {

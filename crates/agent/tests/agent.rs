@@ -276,6 +276,45 @@ async fn after_a_server_restart_commands_resume_from_the_journals_cursor() {
     handle.await.unwrap();
 }
 
+#[tokio::test]
+async fn a_file_stored_consumer_of_an_earlier_version_is_replaced_from_its_ack_floor() {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+    use futures::StreamExt;
+    let mut h = Harness::new().await;
+    // What an earlier agent left: a file-stored consumer that has seen two commands through.
+    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let old = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("agent-h1".into()),
+            filter_subject: "nc.cmd.h1.>".into(),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)]).await.unwrap();
+    let mut msgs = old.fetch().max_messages(2).messages().await.unwrap();
+    for _ in 0..2 {
+        msgs.next().await.unwrap().unwrap().double_ack().await.unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
+    let (vm2, inc2) = (VmId::new_v7(), IncarnationId::new_v7());
+    h.log.append(&[h.start_cmd(vm2, inc2, 1)]).await.unwrap();
+    wait_for("the new command applied", || async { driver.start_count(inc2) == 1 }).await;
+    let info = stream.consumer_info("agent-h1").await.unwrap();
+    assert!(info.config.memory_storage);
+    assert_eq!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { start_sequence: 3 });
+    assert_eq!(driver.start_count(inc), 0, "what the old consumer had seen handled is not handed again");
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
 fn failures(reports: &[Report]) -> Vec<String> {
     reports
         .iter()

@@ -157,27 +157,31 @@ async fn durable(
     deliver: DeliverPolicy,
 ) -> Result<PullConsumer, String> {
     let s = bus.js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    s.get_or_create_consumer(
-        name,
-        pull::Config {
-            durable_name: Some(name.to_owned()),
-            filter_subject: filter.to_owned(),
-            ack_policy: ack,
-            // Reports in flight to a crashed orchestrator come back after ack_wait: keep it short
-            // so a restarted (or standby) orchestrator resumes within seconds. Handling one takes
-            // milliseconds; a bounded number in flight keeps slow periods from expiring them.
-            ack_wait: REPORT_ACK_WAIT,
-            deliver_policy: deliver,
-            max_ack_pending: 512,
-            // A consumer that acknowledges nothing has no position worth keeping on disk
-            // (telemetry: each replica starts from new samples): its state stays in memory,
-            // which spares the server a file rewrite (a new inode) per state flush.
-            memory_storage: ack == AckPolicy::None,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())
+    let config = pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject: filter.to_owned(),
+        ack_policy: ack,
+        // Reports in flight to a crashed orchestrator come back after ack_wait: keep it short
+        // so a restarted (or standby) orchestrator resumes within seconds. Handling one takes
+        // milliseconds; a bounded number in flight keeps slow periods from expiring them.
+        ack_wait: REPORT_ACK_WAIT,
+        deliver_policy: deliver,
+        max_ack_pending: 512,
+        // A consumer that acknowledges nothing has no position worth keeping on disk
+        // (telemetry: each replica starts from new samples): its state stays in memory,
+        // which spares the server a file rewrite (a new inode) per state flush.
+        memory_storage: ack == AckPolicy::None,
+        ..Default::default()
+    };
+    let consumer: PullConsumer = s.get_or_create_consumer(name, config.clone()).await.map_err(|e| e.to_string())?;
+    if consumer.cached_info().config.memory_storage == config.memory_storage || ack != AckPolicy::None {
+        return Ok(consumer);
+    }
+    // An earlier version made it file-stored, which cannot be changed in place; a consumer
+    // that acknowledges nothing loses nothing by being made again.
+    s.delete_consumer(name).await.map_err(|e| e.to_string())?;
+    tracing::info!(consumer = name, "consumer of an earlier version replaced by an in-memory one");
+    s.create_consumer(config).await.map_err(|e| e.to_string())
 }
 
 /// Runs `each` on every message of a durable consumer until cancelled, recreating the message
