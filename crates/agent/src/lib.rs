@@ -304,10 +304,24 @@ impl<D: Driver> Agent<D> {
                 }
             };
             backoff = Duration::from_millis(100);
+            let mut connections = self.bus.connections.clone();
+            connections.mark_unchanged();
             loop {
                 let next = tokio::select! {
                     () = cancel.cancelled() => return,
                     next = messages.next() => next,
+                    Ok(()) = connections.changed() => {
+                        // Reconnected: a restarted server has lost the in-memory consumer. Make
+                        // it again now rather than when the pull stream misses its heartbeats.
+                        if consumer.get_info().await.is_err() {
+                            if let Ok(c) = self.command_consumer().await {
+                                tracing::info!(%host, "command consumer recreated from the journal's cursor after a reconnect");
+                                consumer = c;
+                            }
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 match next {
                     Some(Ok(msg)) => self.handle(msg, &cancel).await,

@@ -85,6 +85,9 @@ pub struct Bus {
     pub client: async_nats::Client,
     /// JetStream context on it.
     pub js: jetstream::Context,
+    /// Counts the connection's (re)connections: a change means the server may have restarted
+    /// and lost what it kept in memory (in-memory consumers).
+    pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Bus {
@@ -100,7 +103,17 @@ impl Bus {
                 url.parse().map_err(|source| BusError::InvalidUrl { url: url.to_owned(), source })?;
             addrs.push(addr);
         }
+        let (connected, connections) = tokio::sync::watch::channel(0u64);
+        let connected = std::sync::Arc::new(connected);
         let mut opts = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        connected.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             .name(&cfg.name)
             .ping_interval(Duration::from_secs(2))
             .connection_timeout(Duration::from_secs(3))
@@ -127,7 +140,7 @@ impl Bus {
             .max_ack_inflight(4096)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(Bus { client, js })
+        Ok(Bus { client, js, connections })
     }
 
     /// Checks the server version and JetStream, then creates or updates the four streams.
