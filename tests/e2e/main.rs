@@ -876,6 +876,27 @@ fn bench_e2e_places_every_offered_vm_and_sees_each_start_command() {
     assert!(p50 > 0.0 && p50 <= p99, "{e}");
     assert!(e["raw_jetstream_publish_per_sec"].as_f64().unwrap() > 0.0, "{e}");
     assert!(e["rss_mib"].as_f64().unwrap() > 0.0 && e["agents_rss_mib"].as_f64().unwrap() > 0.0, "{e}");
+
+    // With the orchestrator in a process of its own, its memory is measured alone.
+    let bench = cli_json(&[
+        "bench",
+        "e2e",
+        "--hosts",
+        "3",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+        "--connections",
+        "4",
+        "--separate-orchestrator",
+        "--nats-server",
+        nats.to_str().unwrap(),
+    ]);
+    let e = &bench["e2e"];
+    assert_eq!((e["placed"].as_u64(), e["failed"].as_u64()), (Some(50), Some(0)), "{e}");
+    assert_eq!(e["rss_note"], "the orchestrator's own process", "{e}");
+    assert!(e["rss_mib"].as_f64().unwrap() > 0.0, "{e}");
 }
 
 #[test]

@@ -44,6 +44,66 @@ pub struct E2eArgs {
     /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
     #[arg(long)]
     nats_server: Option<PathBuf>,
+    /// Run the orchestrator as a process of its own (`novacron orchestrator`), so that its
+    /// memory (`rss_mib`) is measured without the load generator's.
+    #[arg(long)]
+    separate_orchestrator: bool,
+}
+
+/// The orchestrator under test: in this process, or a `novacron orchestrator` child.
+enum UnderTest {
+    InProcess(Orchestrator, CancellationToken),
+    Child(tokio::process::Child),
+}
+
+impl UnderTest {
+    async fn start(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Result<(UnderTest, String)> {
+        let data = dir.join("orchestrator");
+        if !a.separate_orchestrator {
+            let cancel = CancellationToken::new();
+            let mut cfg = OrchestratorConfig::new(url.to_owned(), data);
+            cfg.http = "127.0.0.1:0".parse()?;
+            let o = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
+            let api = format!("http://{}", o.http_addr);
+            return Ok((UnderTest::InProcess(o, cancel), api));
+        }
+        let log = std::fs::File::create(dir.join("orchestrator.log"))?;
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["orchestrator", "--nats", url, "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the orchestrator process")?;
+        // It writes its bound address once it listens.
+        let addr_file = data.join("orchestrator.addr");
+        wait_until("the orchestrator to listen", Duration::from_secs(60), || addr_file.exists()).await?;
+        let addr = std::fs::read_to_string(&addr_file).context("reading the orchestrator's address")?;
+        Ok((UnderTest::Child(child), format!("http://{}", addr.trim())))
+    }
+
+    /// Resident memory of the orchestrator's process, MiB (this process when in-process).
+    fn rss_mib(&self) -> f64 {
+        let pid = match self {
+            UnderTest::InProcess(..) => "self".to_owned(),
+            UnderTest::Child(c) => c.id().map(|p| p.to_string()).unwrap_or_default(),
+        };
+        rss_mib_of(&pid).unwrap_or(0.0)
+    }
+
+    async fn stop(self) {
+        match self {
+            UnderTest::InProcess(o, cancel) => {
+                cancel.cancel();
+                o.shutdown().await;
+            }
+            UnderTest::Child(mut c) => {
+                let _ = c.kill().await;
+            }
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -159,11 +219,7 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
     let raw = crate::bench::raw_publish(&bus, "RAWE2E", &payloads, 512, None).await?;
     bus.js.delete_stream("RAWE2E").await.context("deleting the baseline stream")?;
 
-    let cancel = CancellationToken::new();
-    let mut cfg = OrchestratorConfig::new(url.to_owned(), dir.join("orchestrator"));
-    cfg.http = "127.0.0.1:0".parse()?;
-    let orchestrator = Orchestrator::start(cfg, cancel.clone()).await.context("starting the orchestrator")?;
-    let api = format!("http://{}", orchestrator.http_addr);
+    let (orchestrator, api) = UnderTest::start(a, url, dir).await?;
 
     let agents_log = std::fs::File::create(dir.join("agents.log"))?;
     let mut agents = tokio::process::Command::new(std::env::current_exe()?)
@@ -201,7 +257,7 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
         // Every acknowledged create must have its start command in the log, on a host subject.
         let commands = commands_in_log(&bus).await?;
         lat.sort_by(f64::total_cmp);
-        let orchestrator_rss = rss_mib_of("self").unwrap_or(0.0);
+        let orchestrator_rss = orchestrator.rss_mib();
         let agents_rss = rss_mib_of(&agents_pid).unwrap_or(0.0);
         let placements_per_sec = ok as f64 / elapsed.as_secs_f64().max(1e-9);
         Ok::<Value, anyhow::Error>(json!({
@@ -222,7 +278,11 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
             "start_commands_in_log": commands,
             "start_commands_complete": commands >= ok,
             "rss_mib": orchestrator_rss,
-            "rss_note": "this process: the orchestrator and the HTTP load generator",
+            "rss_note": if a.separate_orchestrator {
+                "the orchestrator's own process"
+            } else {
+                "this process: the orchestrator and the HTTP load generator"
+            },
             "agents_rss_mib": agents_rss,
             "host_registration_s": registration_s,
             "raw_jetstream_publish_per_sec": raw,
@@ -231,7 +291,6 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
     }
     .await;
     let _ = agents.kill().await;
-    cancel.cancel();
-    orchestrator.shutdown().await;
+    orchestrator.stop().await;
     result
 }
