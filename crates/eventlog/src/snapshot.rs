@@ -57,6 +57,9 @@ pub struct SnapshotStore {
     keep: usize,
 }
 
+/// The snapshot store's sled page cache.
+const SNAPSHOT_CACHE_BYTES: u64 = 16 << 20;
+
 impl SnapshotStore {
     /// Opens (or creates) the store in `dir`.
     ///
@@ -65,7 +68,9 @@ impl SnapshotStore {
     pub fn open(dir: &Path) -> Result<SnapshotStore, SnapshotError> {
         let path = dir.display().to_string();
         let err = |source| SnapshotError::Sled { path: path.clone(), source };
-        let db = sled::open(dir).map_err(err)?;
+        // Snapshots are written now and then and read once at start: sled's default page cache
+        // (1 GiB) would keep them resident for nothing.
+        let db = sled::Config::new().path(dir).cache_capacity(SNAPSHOT_CACHE_BYTES).open().map_err(err)?;
         let tree = db.open_tree("snapshots").map_err(err)?;
         Ok(SnapshotStore { tree, path, keep: 3 })
     }

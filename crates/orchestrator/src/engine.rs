@@ -1056,10 +1056,15 @@ impl Engine {
     }
 
     fn snapshot(&mut self) {
-        let state = read(&self.state).clone();
-        match self.snapshots.save(self.stream_created_ns, &state) {
-            Ok(()) => {
-                tracing::debug!(seq = state.seq, "snapshot saved");
+        // Encoded under the read lock, not from a clone: only this task writes the state, and a
+        // copy of a large state would double the process's high-water memory for nothing.
+        let saved = {
+            let state = read(&self.state);
+            self.snapshots.save(self.stream_created_ns, &state).map(|()| state.seq)
+        };
+        match saved {
+            Ok(seq) => {
+                tracing::debug!(seq, "snapshot saved");
                 self.since_snapshot = 0;
             }
             Err(e) => tracing::warn!(error = %e, "snapshot not saved"),
