@@ -313,11 +313,7 @@ impl<D: Driver> Agent<D> {
                     Ok(()) = connections.changed() => {
                         // Reconnected: a restarted server has lost the in-memory consumer. Make
                         // it again now rather than when the pull stream misses its heartbeats.
-                        if consumer.get_info().await.is_err() {
-                            if let Ok(c) = self.command_consumer().await {
-                                tracing::info!(%host, "command consumer recreated from the journal's cursor after a reconnect");
-                                consumer = c;
-                            }
+                        if self.replace_if_lost(&mut consumer, "a reconnect").await {
                             break;
                         }
                         continue;
@@ -327,12 +323,7 @@ impl<D: Driver> Agent<D> {
                     Some(Ok(msg)) => self.handle(msg, &cancel).await,
                     Some(Err(e)) => {
                         tracing::debug!(%host, error = %e, "command stream hiccup");
-                        // A consumer the server no longer has is made again from the cursor.
-                        if consumer.get_info().await.is_err() {
-                            if let Ok(c) = self.command_consumer().await {
-                                tracing::info!(%host, "command consumer recreated from the journal's cursor");
-                                consumer = c;
-                            }
+                        if self.replace_if_lost(&mut consumer, "a stream error").await {
                             break;
                         }
                     }
@@ -340,6 +331,19 @@ impl<D: Driver> Agent<D> {
                 }
             }
         }
+    }
+
+    /// If the server no longer has the command consumer, makes it again from the journal's
+    /// cursor. Returns whether it was lost (the message stream must then be opened again).
+    async fn replace_if_lost(&self, consumer: &mut PullConsumer, after: &str) -> bool {
+        if consumer.get_info().await.is_ok() {
+            return false;
+        }
+        if let Ok(c) = self.command_consumer().await {
+            tracing::info!(host = %self.cfg.host, after, "command consumer recreated from the journal's cursor");
+            *consumer = c;
+        }
+        true
     }
 
     /// A command is done with (applied, refused or dead-lettered): the cursor moves up to it,

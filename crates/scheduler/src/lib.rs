@@ -152,7 +152,8 @@ impl Default for PlannerConfig {
     }
 }
 
-/// Observed load per host, from telemetry, and how recent it is.
+/// What the planner reads besides the state: observed load per host (telemetry) and how recent
+/// it is, and each host's failure risk.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadView {
     /// CPU utilisation 0.0–1.0 per host.
