@@ -124,6 +124,21 @@ fn a_killed_orchestrator_restarts_with_the_same_state_and_every_acknowledged_vm(
 }
 
 #[test]
+fn an_orchestrator_whose_bus_is_gone_still_stops_at_once_on_sigterm() {
+    let mut nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    nats.kill();
+    // It notices (the lease cannot be renewed), then every bus request waits out a timeout of
+    // seconds; none of them may hold up a shutdown.
+    wait_for("the orchestrator to step down", || get(&o.api, "/api/v1/leader").1["role"] == "follower");
+    let asked = std::time::Instant::now();
+    assert!(o.proc.terminate().success(), "exit status: {}", o.proc.stderr());
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?} to stop without its bus");
+}
+
+#[test]
 fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();

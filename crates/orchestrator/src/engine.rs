@@ -419,6 +419,9 @@ impl Engine {
         let min_gap = RECONCILE_MIN_GAP.min(self.cfg.reconcile_interval);
         loop {
             let ticked = tokio::select! {
+                // Cancellation first: with the bus gone every other branch is ready at once, and
+                // a shutdown must not wait for a lucky draw.
+                biased;
                 () = cancel.cancelled() => break,
                 _ = role.changed() => true,
                 req = rx.recv() => match req {
@@ -453,8 +456,13 @@ impl Engine {
                     self.reconcile().await;
                 }
             } else {
-                // A standby keeps its state warm by folding what the leader appends.
-                self.catch_up().await;
+                // A standby keeps its state warm by folding what the leader appends (which waits
+                // out a request timeout while the bus is unreachable: shutdown does not).
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    () = self.catch_up() => {}
+                }
             }
         }
         ready.store(false, Ordering::SeqCst);

@@ -124,60 +124,67 @@ pub async fn run(
     let give_up_after = cfg.ttl - cfg.ttl / 3;
     let mut held: Option<(u64, Instant)> = None; // (revision, last successful renewal)
     loop {
-        match held {
-            None => match store.create(KEY, value.clone()).await {
-                Ok(rev) => {
-                    tracing::info!(replica = %me.replica, term = rev, "acquired the leader lease");
-                    held = Some((rev, Instant::now()));
-                    role.send_replace(Role::Leader { term: rev });
-                }
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    let leader = match store.entry(KEY).await {
-                        Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                            serde_json::from_slice(&entry.value).ok()
-                        }
-                        _ => None,
-                    };
-                    role.send_if_modified(|r| {
-                        let next = Role::Follower { leader: leader.clone() };
-                        if *r == next {
-                            false
-                        } else {
-                            *r = next;
-                            true
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease unavailable; following");
-                    role.send_if_modified(|r| {
-                        if matches!(r, Role::Follower { .. }) {
-                            false
-                        } else {
-                            *r = Role::Follower { leader: None };
-                            true
-                        }
-                    });
-                }
-            },
-            Some((rev, last)) => match renew(&store, &value, rev, period).await {
-                Ok(Ok((next, sent))) => held = Some((next, sent)),
-                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    tracing::warn!(replica = %me.replica, "the lease moved to another replica; stepping down");
-                    held = None;
-                    role.send_replace(Role::Follower { leader: None });
-                }
-                other => {
-                    if last.elapsed() > give_up_after {
-                        tracing::error!(
-                            replica = %me.replica, silent_ms = last.elapsed().as_millis() as u64, error = ?other.err(),
-                            "could not renew the lease in time; stepping down before it expires"
-                        );
+        // Every step is a request that waits out a timeout while the bus is unreachable; a
+        // shutdown does not wait with it.
+        let step = async {
+            match held {
+                None => match store.create(KEY, value.clone()).await {
+                    Ok(rev) => {
+                        tracing::info!(replica = %me.replica, term = rev, "acquired the leader lease");
+                        held = Some((rev, Instant::now()));
+                        role.send_replace(Role::Leader { term: rev });
+                    }
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        let leader = match store.entry(KEY).await {
+                            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                                serde_json::from_slice(&entry.value).ok()
+                            }
+                            _ => None,
+                        };
+                        role.send_if_modified(|r| {
+                            let next = Role::Follower { leader: leader.clone() };
+                            if *r == next {
+                                false
+                            } else {
+                                *r = next;
+                                true
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lease unavailable; following");
+                        role.send_if_modified(|r| {
+                            if matches!(r, Role::Follower { .. }) {
+                                false
+                            } else {
+                                *r = Role::Follower { leader: None };
+                                true
+                            }
+                        });
+                    }
+                },
+                Some((rev, last)) => match renew(&store, &value, rev, period).await {
+                    Ok(Ok((next, sent))) => held = Some((next, sent)),
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        tracing::warn!(replica = %me.replica, "the lease moved to another replica; stepping down");
                         held = None;
                         role.send_replace(Role::Follower { leader: None });
                     }
-                }
-            },
+                    other => {
+                        if last.elapsed() > give_up_after {
+                            tracing::error!(
+                                replica = %me.replica, silent_ms = last.elapsed().as_millis() as u64, error = ?other.err(),
+                                "could not renew the lease in time; stepping down before it expires"
+                            );
+                            held = None;
+                            role.send_replace(Role::Follower { leader: None });
+                        }
+                    }
+                },
+            }
+        };
+        if cancel.run_until_cancelled(step).await.is_none() {
+            break;
         }
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -186,7 +193,8 @@ pub async fn run(
     }
     if let Some((rev, _)) = held {
         // Hand over at once instead of letting the lease expire.
-        let _ = store.delete_expect_revision(KEY, Some(rev)).await;
+        // Bounded: with the bus gone the lease simply expires.
+        let _ = tokio::time::timeout(period, store.delete_expect_revision(KEY, Some(rev))).await;
         tracing::info!(replica = %me.replica, "resigned the leader lease");
     }
     role.send_replace(Role::Follower { leader: None });
