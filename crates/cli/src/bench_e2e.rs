@@ -45,7 +45,8 @@ pub struct E2eArgs {
     #[arg(long)]
     nats_server: Option<PathBuf>,
     /// Run the orchestrator as a process of its own (`novacron orchestrator`), so that its
-    /// memory (`rss_mib`) is measured without the load generator's.
+    /// memory (`rss_mib`) is measured without the load generator's. With
+    /// NOVACRON_BENCH_WRAP="CMD ARGS" set, it runs under that command (a heap profiler).
     #[arg(long)]
     separate_orchestrator: bool,
 }
@@ -68,7 +69,13 @@ impl UnderTest {
             return Ok((UnderTest::InProcess(o, cancel), api));
         }
         let log = std::fs::File::create(dir.join("orchestrator.log"))?;
-        let child = tokio::process::Command::new(std::env::current_exe()?)
+        // NOVACRON_BENCH_WRAP="heaptrack -o FILE" (or any profiler that takes a command line)
+        // runs the orchestrator under it; `rss_mib` is then the wrapper's.
+        let wrap = std::env::var("NOVACRON_BENCH_WRAP").unwrap_or_default();
+        let mut words: Vec<String> = wrap.split_whitespace().map(str::to_owned).collect();
+        words.push(std::env::current_exe()?.to_string_lossy().into_owned());
+        let child = tokio::process::Command::new(&words[0])
+            .args(&words[1..])
             .args(["orchestrator", "--nats", url, "--http", "127.0.0.1:0", "--data-dir"])
             .arg(&data)
             .env("RUST_LOG", "warn")
@@ -100,6 +107,11 @@ impl UnderTest {
                 o.shutdown().await;
             }
             UnderTest::Child(mut c) => {
+                // As an operator stops it (it saves a snapshot on the way out); SIGKILL after 60 s.
+                if let Some(pid) = c.id() {
+                    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                    let _ = tokio::time::timeout(Duration::from_secs(60), c.wait()).await;
+                }
                 let _ = c.kill().await;
             }
         }

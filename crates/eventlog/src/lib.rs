@@ -6,7 +6,7 @@
 //!   each fenced by the stream's last sequence and its predecessor's message id, so a writer
 //!   whose view is stale is refused rather than forking history.
 //! - [`replay`]: reading the log back from any sequence, fast, and following its tail.
-//! - [`snapshot`]: the folded state at sequence N, kept locally in sled, so that a restart
+//! - [`snapshot`]: the folded state at sequence N, kept in local files, so that a restart
 //!   replays only the tail.
 //! - [`deadletter`]: where malformed messages go, with the reason, and the counter that rises.
 //!
@@ -30,8 +30,8 @@ pub mod snapshot;
 pub use bus::{Bus, BusConfig, BusError};
 pub use deadletter::DeadLetters;
 pub use log::{AppendError, EventLog, Tail};
-pub use replay::{FoldStats, LoggedEvent, ReplayError, decode_event, fold_range, follow, replay};
-pub use snapshot::{Snapshot, SnapshotError, SnapshotStore};
+pub use replay::{FoldStats, LoggedEvent, ReplayError, decode_event, fold_one, fold_range, follow, replay};
+pub use snapshot::{SnapshotError, SnapshotStore, SnapshotTrailer};
 
 /// Milliseconds since the Unix epoch, from the system clock. For writers only: the fold never
 /// calls it.

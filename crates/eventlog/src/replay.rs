@@ -131,7 +131,14 @@ async fn replay_once(
 pub async fn fold_range(stream: &Stream, state: &mut ClusterState, to: u64) -> Result<FoldStats, ReplayError> {
     let mut stats = FoldStats::default();
     let from = state.seq + 1;
-    replay(stream, from, to, |ev| match &ev.envelope {
+    replay(stream, from, to, |ev| fold_one(state, &ev, &mut stats)).await?;
+    Ok(stats)
+}
+
+/// Folds one logged event into `state` as [`fold_range`] does: an undecodable message is
+/// skipped (counted, logged) but still moves the state's sequence.
+pub fn fold_one(state: &mut ClusterState, ev: &LoggedEvent, stats: &mut FoldStats) {
+    match &ev.envelope {
         Ok(env) => {
             state.apply(ev.seq, env);
             stats.applied += 1;
@@ -141,9 +148,7 @@ pub async fn fold_range(stream: &Stream, state: &mut ClusterState, to: u64) -> R
             state.seq = ev.seq;
             stats.undecodable += 1;
         }
-    })
-    .await?;
-    Ok(stats)
+    }
 }
 
 /// What a [`fold_range`] did.

@@ -283,3 +283,94 @@ async fn the_log_takes_a_durable_consumer_per_host_beyond_the_servers_default_ca
     let mut events = bus.js.get_stream("EVENTS").await.unwrap();
     assert_eq!(events.info().await.unwrap().state.consumer_count, 1_050);
 }
+
+/// A state folded from `hosts` registrations and `vms` requests, sequences 1…
+fn big_state(hosts: usize, vms: usize) -> ClusterState {
+    let mut state = ClusterState::default();
+    let events = (0..hosts).map(host_event).chain((0..vms).map(|i| vm_event(&format!("vm-{i}"))));
+    for (i, e) in events.enumerate() {
+        state.apply(i as u64 + 1, &e);
+    }
+    state
+}
+
+#[test]
+fn a_large_snapshot_is_streamed_to_its_file_and_read_back_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = big_state(2_000, 20_000);
+    assert!(state.to_canonical_bytes().len() > 4 << 20, "a state of several MiB");
+    {
+        let store = SnapshotStore::open(dir.path()).unwrap();
+        store.save(7, &state).unwrap();
+    }
+    // Reopened, as after a restart.
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    let back = store.latest(7, u64::MAX).unwrap().expect("a snapshot");
+    assert_eq!(back.hash(), state.hash());
+    assert_eq!(back, state);
+    assert!(store.latest(7, state.seq - 1).unwrap().is_none(), "none at or below an earlier sequence");
+}
+
+fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn only_the_newest_three_snapshots_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    let mut state = big_state(10, 0);
+    for i in 0..5 {
+        state.apply(state.seq + 1, &vm_event(&format!("more-{i}")));
+        store.save(7, &state).unwrap();
+    }
+    let expected: Vec<String> = (state.seq - 2..=state.seq).map(|s| format!("state-{s:020}.snap")).collect();
+    assert_eq!(snapshot_files(dir.path()), expected);
+}
+
+#[test]
+fn a_crashed_save_and_the_earlier_layout_are_cleared_and_a_corrupt_snapshot_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = big_state(100, 100);
+    SnapshotStore::open(dir.path()).unwrap().save(7, &state).unwrap();
+    // A save that died half-way, and what the sled-based first version left.
+    std::fs::write(dir.path().join(format!("state-{:020}.snap.tmp", state.seq + 10)), b"half a state").unwrap();
+    std::fs::write(dir.path().join("conf"), b"segment_size: 524288").unwrap();
+    std::fs::write(dir.path().join("db"), b"sled").unwrap();
+    std::fs::create_dir(dir.path().join("blobs")).unwrap();
+
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    let name = format!("state-{:020}.snap", state.seq);
+    assert_eq!(snapshot_files(dir.path()), vec![name.clone()], "only the finished snapshot remains");
+    assert_eq!(store.latest(7, u64::MAX).unwrap().expect("the finished one"), state);
+
+    // Flip a byte in the middle of the encoding.
+    let path = dir.path().join(&name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 3;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = store.latest(7, u64::MAX).expect_err("a flipped byte is caught");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    // A cut-off file has no trailer.
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = store.latest(7, u64::MAX).expect_err("a truncated file is caught");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}
+
+#[test]
+fn a_snapshot_that_cannot_be_written_is_an_error_and_the_next_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    let state = big_state(10, 10);
+    // The final name is taken by a directory: the rename fails, as a full disk would fail the write.
+    std::fs::create_dir(dir.path().join(format!("state-{:020}.snap", state.seq))).unwrap();
+    let err = store.save(7, &state).expect_err("cannot rename onto a directory");
+    assert!(err.to_string().contains("snapshot store"), "{err}");
+    std::fs::remove_dir(dir.path().join(format!("state-{:020}.snap", state.seq))).unwrap();
+    store.save(7, &state).unwrap();
+    assert_eq!(store.latest(7, u64::MAX).unwrap().expect("saved"), state);
+}

@@ -183,7 +183,8 @@ async fn metrics(State(api): State<Api>) -> Response {
         let s = read(&api.engine.state);
         ::metrics::gauge!(m::STATE_SEQ).set(s.seq as f64);
         ::metrics::gauge!(m::HOSTS).set(s.hosts.len() as f64);
-        ::metrics::gauge!(m::VMS).set(s.summary().vms as f64);
+        // Not `summary()`: that hashes the whole state, once per scrape.
+        ::metrics::gauge!(m::VMS).set(s.live_vms() as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::prometheus().render()).into_response()
 }

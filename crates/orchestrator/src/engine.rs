@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use novacron_eventlog::{AppendError, EventLog, SnapshotStore, fold_range};
+use novacron_eventlog::{AppendError, EventLog, FoldStats, SnapshotStore, fold_one, fold_range, replay};
 use novacron_state::{ClusterState, VmView};
 use novacron_types::{Actor, Envelope, Report, VmSpec};
 use tokio::sync::{mpsc, oneshot};
@@ -337,6 +337,9 @@ const MAX_CREATE_GROUP: usize = 256;
 
 /// The least time between two reconcile passes triggered by requests (ticks always run one).
 const RECONCILE_MIN_GAP: Duration = Duration::from_millis(100);
+
+/// Events fetched per step of a catch-up.
+const CATCH_UP_WINDOW: u64 = 10_000;
 
 /// Since when a host counts as silent: its last heartbeat; or, never heard from, since this
 /// engine first saw it registered — and never before this engine (or its term) started, so a
@@ -1053,13 +1056,26 @@ impl Engine {
                 return;
             }
         };
-        let mut copy = read(&self.state).clone();
-        match fold_range(self.log.stream(), &mut copy, tail).await {
-            Ok(stats) => {
-                tracing::info!(seq = copy.seq, applied = stats.applied, "caught up with the log");
-                *write(&self.state) = copy;
+        // Fetched a window at a time and folded in under the write lock: no copy of the state
+        // (a standby catches up every pass, and a copy of a large state doubled its memory).
+        // Readers see the state at the end of some window: always a state of a log prefix.
+        let mut next = read(&self.state).seq + 1;
+        let mut stats = FoldStats::default();
+        while next <= tail {
+            let to = tail.min(next + CATCH_UP_WINDOW - 1);
+            let mut batch = Vec::new();
+            if let Err(e) = replay(self.log.stream(), next, to, |ev| batch.push(ev)).await {
+                tracing::error!(error = %e, next, "catch-up failed");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "catch-up failed"),
+            let mut state = write(&self.state);
+            for ev in &batch {
+                fold_one(&mut state, ev, &mut stats);
+            }
+            next = to + 1;
+        }
+        if stats.applied + stats.undecodable > 0 {
+            tracing::info!(seq = read(&self.state).seq, applied = stats.applied, "caught up with the log");
         }
     }
 

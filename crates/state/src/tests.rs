@@ -180,6 +180,20 @@ proptest! {
     }
 
     #[test]
+    fn the_streamed_encoding_and_hash_equal_the_buffered_ones(ops in prop::collection::vec(op(), 0..200)) {
+        use sha2::Digest;
+        let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
+        let s = fold(&events);
+        let mut streamed = Vec::new();
+        let hash = s.write_canonical(&mut streamed).unwrap();
+        prop_assert_eq!(&streamed, &s.to_canonical_bytes());
+        let digest: String = sha2::Sha256::digest(&streamed).iter().map(|b| format!("{b:02x}")).collect();
+        prop_assert_eq!(&hash.0, &digest);
+        prop_assert_eq!(&hash, &s.hash());
+        prop_assert_eq!(ClusterState::from_canonical_reader(streamed.as_slice()).unwrap(), s);
+    }
+
+    #[test]
     fn allocations_always_equal_the_sum_of_assigned_vms(ops in prop::collection::vec(op(), 0..300)) {
         let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
         let s = fold(&events);
