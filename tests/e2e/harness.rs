@@ -143,8 +143,13 @@ pub fn agents_sized(nats: &str, prefix: &str, count: u32, vcpus: u32, data_dir: 
 /// A `novacron agent --driver qemu` process for host `host`, journaling under `data_dir`.
 /// Firmware-only VMs ignore ACPI, so their graceful stop is kept short.
 pub fn qemu_agent(nats: &str, host: &str, data_dir: &Path) -> Proc {
+    qemu_agent_with(nats, host, data_dir, &[])
+}
+
+/// [`qemu_agent`] with extra `novacron agent` flags.
+pub fn qemu_agent_with(nats: &str, host: &str, data_dir: &Path, extra: &[&str]) -> Proc {
     let d = data_dir.to_str().unwrap();
-    let args = [
+    let mut args = vec![
         "agent",
         "--nats",
         nats,
@@ -161,6 +166,7 @@ pub fn qemu_agent(nats: &str, host: &str, data_dir: &Path) -> Proc {
         "--powerdown-timeout",
         "300ms",
     ];
+    args.extend_from_slice(extra);
     Proc::spawn("qemu agent", &args)
 }
 

@@ -370,6 +370,39 @@ fn a_qemu_agent_killed_while_its_vm_runs_re_adopts_it_on_restart() {
 }
 
 #[test]
+fn a_qemu_agent_that_dies_for_good_has_its_vm_killed_by_its_lease_keeper_before_the_host_is_failed() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::Builder::new().prefix("nce").tempdir_in("/tmp").unwrap();
+    let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
+    let timing = ["--host-failure-timeout", "5s"];
+    let o = Orchestrator::start_with(
+        &nats.url(),
+        &dir.path().join("orch"),
+        &[&timing[..], &["--agent-lease", "2s", "--suspect-after", "2s"]].concat(),
+    );
+    let mut agent =
+        qemu_agent_with(&nats.url(), "q1", &dir.path().join("a"), &[&timing[..], &["--lease", "2s"]].concat());
+    wait_for("the QEMU host", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 1));
+    let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "orphan", "vcpus": 1, "memory_mib": 64}));
+    assert_eq!(status, 201, "{vm}");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    wait_for("orphan running", || vm_status(&o.api, &id) == "running");
+    assert_eq!(qemu_pids_of(&id).len(), 1);
+
+    // The agent dies and nobody restarts it. Its VM must not outlive its lease: the
+    // orchestrator will fail the host and restart the VM elsewhere after 5 s.
+    let killed = std::time::Instant::now();
+    agent.kill9();
+    wait_for("the lease keeper to kill the orphaned VM", || qemu_pids_of(&id).is_empty());
+    let after = killed.elapsed();
+    // The lease was renewed at most a heartbeat period (1 s) before the kill.
+    assert!(after >= Duration::from_millis(900), "killed {after:?} after the agent: before its lease ended");
+    assert!(after < Duration::from_secs(2) + Duration::from_millis(1200), "killed {after:?} after the agent");
+    wait_for("the host failed, after its VM was gone", || get(&o.api, "/api/v1/hosts").1[0]["state"] == "failed");
+    assert!(qemu_pids_of(&id).is_empty());
+}
+
+#[test]
 fn a_batch_with_hard_anti_affinity_spreads_over_hosts_and_says_why_the_rest_wait() {
     let cluster = ThreeHosts::start(&[]);
     let o = &cluster.o;

@@ -167,4 +167,8 @@ pub trait Driver: Send + Sync + 'static {
     /// Lets go of the VMs without stopping them (the agent is shutting down; the next agent
     /// adopts them). The driver controls nothing afterwards.
     fn detach(&self) {}
+
+    /// The agent's lease is good for `valid_for` from now. A driver whose VMs outlive the agent
+    /// hands this to whatever fences them when the agent is gone (the QEMU lease keeper).
+    fn lease_valid_for(&self, _valid_for: std::time::Duration) {}
 }

@@ -77,6 +77,7 @@ impl<D: Driver> Agent<D> {
         // Registering proved contact with the bus: the lease counts from the loop's start
         // until the first renewal.
         let mut lease_from = Instant::now();
+        self.driver.lease_valid_for(lease);
         let mut store = None;
         let mut held: Option<u64> = None;
         let mut fenced: Vec<(VmId, IncarnationId, Generation)> = Vec::new();
@@ -105,6 +106,7 @@ impl<D: Driver> Agent<D> {
                 Renewal::Renewed(rev) => {
                     held = Some(rev);
                     lease_from = now;
+                    self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
                     if !fenced.is_empty() && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await {
                         return;
                     }
@@ -124,6 +126,7 @@ impl<D: Driver> Agent<D> {
                     {
                         held = Some(next);
                         lease_from = Instant::now();
+                        self.driver.lease_valid_for(lease);
                     }
                     if !fenced.is_empty()
                         && held.is_some()

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use novacron_agent::FenceAction;
 use novacron_agent::driver::Driver;
-use novacron_agent::qemu::{QemuConfig, QemuDriver};
+use novacron_agent::qemu::{QemuConfig, QemuDriver, keeper};
 use novacron_types::{Generation, HostId, IncarnationId, StartVm, VmId, VmSpec};
 
 fn driver(dir: &std::path::Path) -> QemuDriver {
@@ -218,4 +219,104 @@ async fn a_migration_whose_destination_dies_leaves_the_vm_running_on_the_source(
     assert_eq!(source.qmp_status(vm).await.unwrap(), "running", "the VM keeps running on the source");
     assert_eq!(source.running().len(), 1);
     source.stop(vm, src_inc).await.unwrap();
+}
+
+/// A pid that surely is not running: a child that has exited and been reaped.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+fn qmp_greets(sock: &std::path::Path) -> bool {
+    use std::io::BufRead;
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(sock) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line).is_ok_and(|_| line.contains("QMP"))
+}
+
+/// The VMs of an agent that died: detached (its QMP connections closed), its pid dead.
+async fn orphaned_vm(dir: &std::path::Path) -> (QemuDriver, VmId, IncarnationId) {
+    let d = driver(dir);
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    d.start(&start_cmd(vm, inc, 0)).await.unwrap();
+    d.detach();
+    std::fs::write(d.config().data_dir.join("agent.pid"), format!("{}\n", dead_pid())).unwrap();
+    // As when the agent's process is gone: QEMU takes a new QMP client once the old one closed.
+    let sock = d.config().data_dir.join(vm.to_string()).join("qmp.sock");
+    wait_for("the QMP socket to be free", || qmp_greets(&sock)).await;
+    (d, vm, inc)
+}
+
+#[tokio::test]
+async fn the_lease_keeper_kills_the_vms_of_a_dead_agent_when_the_lease_ends_and_not_before() {
+    let dir = short_tempdir();
+    let (d, vm, _) = orphaned_vm(dir.path()).await;
+    let qemu_dir = d.config().data_dir.clone();
+    keeper::write_deadline(&qemu_dir, Duration::from_millis(1500)).unwrap();
+    let deadline = keeper::read_deadline(&qemu_dir).unwrap();
+    let keeper = {
+        let qemu_dir = qemu_dir.clone();
+        std::thread::spawn(move || keeper::run(&qemu_dir, FenceAction::Stop))
+    };
+    wait_for("the keeper to kill the orphaned VM", || qemu_processes_of(vm) == 0).await;
+    let gone_at = keeper::uptime().unwrap();
+    assert!(gone_at >= deadline, "killed {:.2} s before the lease ended", deadline - gone_at);
+    assert!(
+        gone_at < deadline + 1.0,
+        "killed {:.2} s after the lease ended, beyond the fence margin",
+        gone_at - deadline
+    );
+    // Nothing left to guard and no agent: it exits.
+    keeper.join().unwrap().unwrap();
+    assert!(!qemu_dir.join("keeper.pid").exists(), "its pid file goes with it");
+}
+
+#[tokio::test]
+async fn with_pause_the_lease_keeper_pauses_the_vms_and_the_next_agent_adopts_them() {
+    let dir = short_tempdir();
+    let (d, vm, inc) = orphaned_vm(dir.path()).await;
+    let qemu_dir = d.config().data_dir.clone();
+    keeper::write_deadline(&qemu_dir, Duration::ZERO).unwrap();
+    let keeper = {
+        let qemu_dir = qemu_dir.clone();
+        std::thread::spawn(move || keeper::run(&qemu_dir, FenceAction::Pause))
+    };
+    // It pauses the VM, marks it, and exits: nothing left running to guard.
+    keeper.join().unwrap().unwrap();
+    assert_eq!(qemu_processes_of(vm), 1, "paused, not killed");
+    assert!(qemu_dir.join(vm.to_string()).join(keeper::FENCED_MARK).exists());
+
+    let next = driver(dir.path());
+    let running = next.adopt().await;
+    assert_eq!(running.len(), 1);
+    assert_eq!(next.qmp_status(vm).await.unwrap(), "paused");
+    assert!(!qemu_dir.join(vm.to_string()).join(keeper::FENCED_MARK).exists(), "the mark is cleared on adoption");
+    next.stop(vm, inc).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_lease_keeper_leaves_the_vms_alone_while_the_lease_is_renewed() {
+    let dir = short_tempdir();
+    let (d, vm, _) = orphaned_vm(dir.path()).await;
+    let qemu_dir = d.config().data_dir.clone();
+    keeper::write_deadline(&qemu_dir, Duration::from_millis(400)).unwrap();
+    {
+        let qemu_dir = qemu_dir.clone();
+        std::thread::spawn(move || keeper::run(&qemu_dir, FenceAction::Stop));
+    }
+    wait_for("the keeper to start", || qemu_dir.join("keeper.pid").exists()).await;
+    // Renewed every 100 ms for three seconds, well past the first deadline: the VM lives on.
+    let renewed_until = keeper::uptime().unwrap() + 3.0;
+    while keeper::uptime().unwrap() < renewed_until {
+        keeper::write_deadline(&qemu_dir, Duration::from_millis(400)).unwrap();
+        assert_eq!(qemu_processes_of(vm), 1, "killed while the lease was being renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The renewals stop: it is killed within the lease and the margin.
+    let stopped = keeper::uptime().unwrap();
+    wait_for("the keeper to kill the VM", || qemu_processes_of(vm) == 0).await;
+    assert!(keeper::uptime().unwrap() - stopped < 0.4 + 1.0);
 }

@@ -103,6 +103,29 @@ enum Command {
     Plan(PlanCommand),
     /// Benchmarks: fold, append (against raw JetStream publish) and replay.
     Bench(bench::BenchArgs),
+    /// Started by `agent --driver qemu`, not by hand: fences the QEMU VMs under --dir when the
+    /// agent's lease ends and the agent is not there to do it (docs/fencing.md).
+    #[command(name = "qemu-fence-keeper", hide = true)]
+    QemuFenceKeeper(KeeperArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeeperArgs {
+    /// The agent's QEMU directory (its `lease-deadline` and one directory per VM).
+    #[arg(long)]
+    dir: PathBuf,
+    /// What to do to the VMs when the lease ends: as the agent's --fence-action.
+    #[arg(long, value_enum, default_value = "stop")]
+    fence_action: FenceArg,
+}
+
+impl FenceArg {
+    fn action(self) -> novacron_agent::FenceAction {
+        match self {
+            FenceArg::Stop => novacron_agent::FenceAction::Stop,
+            FenceArg::Pause => novacron_agent::FenceAction::Pause,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -656,6 +679,16 @@ fn init_logging(default: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::QemuFenceKeeper(k) = &cli.command {
+        // A plain loop, no runtime: it must outlive the agent and do one thing.
+        return match novacron_agent::qemu::keeper::run(&k.dir, k.fence_action.action()) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: lease keeper for {}: {e}", k.dir.display());
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let service = matches!(cli.command, Command::Up(_) | Command::Orchestrator(_) | Command::Agent(_));
     init_logging(if service { "info,async_nats=warn" } else { "warn" });
     let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -686,6 +719,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,
         Command::Explain { event_id } => client::explain(&cli.server, &event_id, fmt).await,
         Command::Bench(a) => bench::run(a, fmt).await,
+        Command::QemuFenceKeeper(_) => unreachable!("handled before the runtime starts"),
         Command::Models(ModelsCommand::Evaluate(a)) => {
             tokio::task::spawn_blocking(move || models::evaluate_cmd(&a, fmt)).await?
         }

@@ -81,7 +81,8 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
             let mut agents = Vec::new();
             for mut cfg in sim_hosts(a.hosts)? {
                 cfg.capacity = Resources { vcpus: 4, memory_mib: 4096, disk_gib: 50 };
-                let qemu = QemuConfig::detect(data.join("qemu").join(cfg.host.as_str()))?;
+                let mut qemu = QemuConfig::detect(data.join("qemu").join(cfg.host.as_str()))?;
+                qemu.keeper = Some(keeper(cfg.fence_action)?);
                 agents.push(Agent::new(cfg, bus.clone(), QemuDriver::new(qemu), &db)?);
             }
             let cancel = cancel.clone();
@@ -140,6 +141,12 @@ pub fn read_risk_model(path: &std::path::Path) -> anyhow::Result<novacron_predic
         serde_json::from_str(&text).with_context(|| format!("{}: not a risk model", path.display()))?;
     model.check().with_context(|| format!("{}: unusable risk model", path.display()))?;
     Ok(model)
+}
+
+/// This binary's `qemu-fence-keeper`, fencing as the agent does.
+fn keeper(action: novacron_agent::FenceAction) -> anyhow::Result<novacron_agent::qemu::KeeperConfig> {
+    let exe = std::env::current_exe().context("finding this binary to start the lease keeper")?;
+    Ok(novacron_agent::qemu::KeeperConfig { command: vec![exe.into_os_string(), "qemu-fence-keeper".into()], action })
 }
 
 pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()> {
@@ -213,6 +220,7 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
             let cfg = hosts.remove(0);
             let mut qemu = QemuConfig::detect(a.data_dir.join("qemu"))?;
             qemu.powerdown_timeout = a.powerdown_timeout;
+            qemu.keeper = Some(keeper(cfg.fence_action)?);
             tracing::info!(accel = qemu.accel.as_str(), dir = %qemu.data_dir.display(), "QEMU driver");
             novacron_agent::journal::migrate_per_host_trees(&db)
                 .context("moving the agent journal of an earlier version into its current layout")?;

@@ -11,7 +11,9 @@
 //! QEMU runs daemonized (`-daemonize`), so a VM outlives a crashed or restarted agent; the next
 //! agent finds it by its pid file, checks that the process really is that VM's QEMU (its
 //! command line carries `-name guest=<vm-id>`, which also lets an operator find it with `ps`),
-//! and reconnects to its QMP socket ([`QemuDriver::adopt`]).
+//! and reconnects to its QMP socket ([`QemuDriver::adopt`]). A VM must not outlive the agent's
+//! *lease*, though: the [`keeper`] process kills (or pauses) what runs when the lease ends
+//! without an agent to do it.
 //!
 //! A VM's death is noticed when its QMP socket closes — within moments of the process exiting —
 //! and reported as a [`VmExit`] with the reason QEMU gave (`SHUTDOWN` event) or "exited
@@ -20,6 +22,7 @@
 //! Stop is graceful first (`system_powerdown`, which a guest OS honours), then `quit` after
 //! [`QemuConfig::powerdown_timeout`], then SIGKILL; the VM's directory is removed afterwards.
 
+pub mod keeper;
 pub mod qmp;
 
 use std::collections::BTreeMap;
@@ -86,6 +89,18 @@ pub struct QemuConfig {
     pub migration_address: std::net::IpAddr,
     /// Cap on outgoing migration bandwidth, bytes/s (`None`: QEMU's default).
     pub migration_max_bandwidth: Option<u64>,
+    /// The lease keeper to run beside the VMs ([`keeper`]): `None` leaves VMs that outlive
+    /// their agent unfenced (tests that drive the driver without an agent).
+    pub keeper: Option<KeeperConfig>,
+}
+
+/// How to start the lease keeper.
+#[derive(Clone, Debug)]
+pub struct KeeperConfig {
+    /// Its program and leading arguments (`novacron qemu-fence-keeper`).
+    pub command: Vec<std::ffi::OsString>,
+    /// What it does to VMs when the lease ends.
+    pub action: crate::FenceAction,
 }
 
 /// Why the driver cannot be set up.
@@ -136,6 +151,7 @@ impl QemuConfig {
             powerdown_timeout: Duration::from_secs(5),
             migration_address: std::net::IpAddr::from([127, 0, 0, 1]),
             migration_max_bandwidth: None,
+            keeper: None,
         })
     }
 }
@@ -218,6 +234,13 @@ impl QemuDriver {
         qmp.status().await.map_err(|e| DriverError::ControlFailed { op: "status", vm, reason: e.to_string() })
     }
 
+    fn ensure_keeper(&self) -> std::io::Result<()> {
+        match &self.cfg.keeper {
+            Some(k) => keeper::ensure(&k.command, &self.cfg.data_dir, k.action),
+            None => Ok(()),
+        }
+    }
+
     fn start_failed(vm: VmId, reason: impl Into<String>) -> DriverError {
         DriverError::StartFailed { vm, reason: reason.into() }
     }
@@ -226,6 +249,8 @@ impl QemuDriver {
     /// booting.
     async fn launch(&self, cmd: &StartVm, incoming: Option<&str>) -> Result<Instance, DriverError> {
         let vm = cmd.vm;
+        // No VM without a keeper: it is what fences the VM if this agent dies.
+        self.ensure_keeper().map_err(|e| Self::start_failed(vm, format!("starting the lease keeper: {e}")))?;
         let dir = self.vm_dir(vm);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
@@ -603,6 +628,9 @@ impl Driver for QemuDriver {
     }
 
     async fn adopt(&self) -> Vec<RunningVm> {
+        if let Err(e) = self.ensure_keeper() {
+            tracing::error!(dir = %self.cfg.data_dir.display(), error = %e, "cannot start the lease keeper");
+        }
         let Ok(entries) = std::fs::read_dir(&self.cfg.data_dir) else {
             return self.running();
         };
@@ -632,6 +660,9 @@ impl Driver for QemuDriver {
                     let stopping: Arc<AtomicBool> = Arc::default();
                     let paused = Arc::new(AtomicBool::new(qmp.status().await.is_ok_and(|st| st != "running")));
                     tracing::info!(%vm, pid, "adopted a running QEMU VM");
+                    if std::fs::remove_file(dir.join(keeper::FENCED_MARK)).is_ok() {
+                        tracing::warn!(%vm, pid, "the lease keeper had paused it: the lease ended while no agent ran");
+                    }
                     self.watch(vm, meta.incarnation, qmp.clone(), stopping.clone(), paused.clone());
                     self.lock().insert(
                         vm,
@@ -726,6 +757,15 @@ impl Driver for QemuDriver {
     fn detach(&self) {
         self.detached.cancel();
         self.lock().clear();
+    }
+
+    fn lease_valid_for(&self, valid_for: Duration) {
+        if self.cfg.keeper.is_some()
+            && let Err(e) = keeper::write_deadline(&self.cfg.data_dir, valid_for)
+        {
+            // The keeper then fences at the previous deadline: safe, and loud.
+            tracing::error!(dir = %self.cfg.data_dir.display(), error = %e, "cannot record the lease for the keeper");
+        }
     }
 }
 
