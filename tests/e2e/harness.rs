@@ -190,6 +190,18 @@ pub fn get(api: &str, path: &str) -> (u16, Value) {
     }
 }
 
+/// GET with an `Authorization` header → (status, JSON body or Null).
+pub fn get_authorized(api: &str, path: &str, authorization: &str) -> (u16, Value) {
+    match agent().get(format!("{api}{path}")).header("authorization", authorization).call() {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
 /// POST JSON → (status, JSON body). Status 0 when unreachable.
 pub fn post(api: &str, path: &str, body: &Value) -> (u16, Value) {
     match agent().post(format!("{api}{path}")).send_json(body) {

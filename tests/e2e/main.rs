@@ -300,6 +300,52 @@ fn get_text(api: &str, path: &str) -> (u16, String) {
 }
 
 #[test]
+fn with_a_token_the_api_refuses_requests_without_it_and_the_cli_sends_it() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Orchestrator::start_with(&nats.url(), &dir.path().join("orch"), &["--token", "s3cret-t0ken"]);
+    let _agents = agents(&nats.url(), "host", 1, &dir.path().join("agents"));
+
+    let (status, body) = get(&o.api, "/api/v1/state");
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("NOVACRON_TOKEN"), "says how: {body}");
+    assert_eq!(get_authorized(&o.api, "/api/v1/vms", "Bearer s3cret-t0kem").0, 401, "a wrong token");
+    assert_eq!(get_authorized(&o.api, "/api/v1/vms", "s3cret-t0ken").0, 401, "not a bearer token");
+    let (status, state) = get_authorized(&o.api, "/api/v1/state", "Bearer s3cret-t0ken");
+    assert_eq!(status, 200, "{state}");
+    // Probes, Prometheus and the dashboard's page stay open.
+    for open in ["/healthz", "/readyz", "/metrics", "/"] {
+        assert_eq!(get_text(&o.api, open).0, 200, "{open}");
+    }
+
+    // The CLI sends --token, or $NOVACRON_TOKEN.
+    let created = cli_json(&[
+        "--server",
+        &o.api,
+        "--token",
+        "s3cret-t0ken",
+        "vm",
+        "create",
+        "t-1",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "256",
+    ]);
+    assert_eq!(created["name"], "t-1");
+    let out = std::process::Command::new(BIN)
+        .args(["--server", &o.api, "vm", "list", "-o", "json"])
+        .env("NOVACRON_TOKEN", "s3cret-t0ken")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("t-1"));
+    let (ok, _, err) = cli(&["--server", &o.api, "vm", "list"]);
+    assert!(!ok, "refused without a token");
+    assert!(err.contains("401") && err.contains("token"), "{err}");
+}
+
+#[test]
 fn cli_errors_go_to_stderr_with_a_non_zero_exit() {
     let (ok, out, err) = cli(&["--server", "http://127.0.0.1:9", "vm", "list"]);
     assert!(!ok);

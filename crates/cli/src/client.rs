@@ -7,6 +7,17 @@ use serde_json::Value;
 use crate::output::{self, or_dash};
 use crate::{Format, GroupCommand, HostCommand, PolicyCommand, VmCommand};
 
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// The API token every call sends (`--token`, `$NOVACRON_TOKEN`); set once at start.
+pub(crate) fn set_token(token: Option<String>) {
+    let _ = TOKEN.set(token);
+}
+
+fn token() -> Option<&'static str> {
+    TOKEN.get().and_then(Option::as_deref)
+}
+
 /// A small blocking HTTP client, run off the async threads.
 #[derive(Clone)]
 struct Api {
@@ -49,10 +60,15 @@ impl Api {
     ) -> anyhow::Result<T> {
         let url = format!("{base}{path}");
         let user = std::env::var("USER").unwrap_or_else(|_| "anonymous".into());
+        let auth = token().map(|t| format!("Bearer {t}")).unwrap_or_default();
         let sent = match (method, body.clone()) {
-            ("POST", Some(b)) => self.agent.post(&url).header("x-novacron-user", &user).send_json(b),
-            ("DELETE", _) => self.agent.delete(&url).header("x-novacron-user", &user).call(),
-            _ => self.agent.get(&url).call(),
+            ("POST", Some(b)) => {
+                self.agent.post(&url).header("x-novacron-user", &user).header("authorization", &auth).send_json(b)
+            }
+            ("DELETE", _) => {
+                self.agent.delete(&url).header("x-novacron-user", &user).header("authorization", &auth).call()
+            }
+            _ => self.agent.get(&url).header("authorization", &auth).call(),
         };
         let mut resp = sent.with_context(|| {
             format!("cannot reach the NovaCron API at {base} (is `novacron up` running? set --server)")

@@ -36,6 +36,10 @@ struct Cli {
     /// NATS URL(s), comma-separated (services and audit commands).
     #[arg(long, global = true, env = "NOVACRON_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// API token. Operator commands send it (`Authorization: Bearer`); `orchestrator` and `up`
+    /// then refuse `/api/v1` requests without it. Unset: the API is open (keep it on loopback).
+    #[arg(long, global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Output format of commands that print data.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Text)]
     output: Format,
@@ -706,9 +710,11 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let fmt = cli.output;
+    let token = cli.token.filter(|t| !t.is_empty());
+    client::set_token(token.clone());
     match cli.command {
-        Command::Up(a) => services::up(a, fmt).await,
-        Command::Orchestrator(a) => services::orchestrator(&cli.nats, a).await,
+        Command::Up(a) => services::up(a, token, fmt).await,
+        Command::Orchestrator(a) => services::orchestrator(&cli.nats, a, token).await,
         Command::Agent(a) => services::agent(&cli.nats, a).await,
         Command::Vm(c) => client::vm(&cli.server, c, fmt).await,
         Command::Host(c) => client::host(&cli.server, c, fmt).await,

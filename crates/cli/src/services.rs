@@ -50,7 +50,7 @@ fn sim_hosts(n: u32) -> anyhow::Result<Vec<AgentConfig>> {
         .collect()
 }
 
-pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
+pub async fn up(a: UpArgs, token: Option<String>, fmt: Format) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating --data-dir {}", a.data_dir.display()))?;
     let data = std::fs::canonicalize(&a.data_dir)?;
     let bin = nats_server::find(a.nats_server.as_deref())?;
@@ -60,6 +60,7 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
     let mut cfg = OrchestratorConfig::new(nats.url.clone(), data.join("orchestrator"));
     cfg.http = a.http;
     cfg.risk_model = a.risk_model.as_deref().map(read_risk_model).transpose()?;
+    cfg.token = token.clone();
     let orchestrator = match Orchestrator::start(cfg, cancel.clone()).await {
         Ok(o) => o,
         Err(e) => {
@@ -103,14 +104,16 @@ pub async fn up(a: UpArgs, fmt: Format) -> anyhow::Result<()> {
     };
 
     let api = format!("http://{}", orchestrator.http_addr);
+    // With a token, the dashboard takes it from the URL's fragment (never sent to the server).
+    let dashboard = if token.is_some() { format!("{api}/#token=<your NOVACRON_TOKEN>") } else { format!("{api}/") };
     match fmt {
         Format::Json => output::json(&serde_json::json!({
             "api": api, "dashboard": format!("{api}/"), "nats": nats.url,
-            "data_dir": data, "hosts": a.hosts,
+            "data_dir": data, "hosts": a.hosts, "token_required": token.is_some(),
         }))?,
         Format::Text => {
             println!("NovaCron is up.");
-            println!("  dashboard  {api}/");
+            println!("  dashboard  {dashboard}");
             println!("  API        {api}/api/v1   (novacron --server {api} vm list)");
             println!("  NATS       {}", nats.url);
             println!("  hosts      {} simulated (host-1 … host-{})", a.hosts, a.hosts);
@@ -149,7 +152,7 @@ fn keeper(action: novacron_agent::FenceAction) -> anyhow::Result<novacron_agent:
     Ok(novacron_agent::qemu::KeeperConfig { command: vec![exe.into_os_string(), "qemu-fence-keeper".into()], action })
 }
 
-pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()> {
+pub async fn orchestrator(nats: &str, a: OrchestratorArgs, token: Option<String>) -> anyhow::Result<()> {
     let mut cfg = OrchestratorConfig::new(nats, a.data_dir);
     cfg.http = a.http;
     cfg.replica_id = a.replica_id;
@@ -160,6 +163,7 @@ pub async fn orchestrator(nats: &str, a: OrchestratorArgs) -> anyhow::Result<()>
     cfg.lease = novacron_orchestrator::leader::LeaseConfig { ttl: a.leader_lease };
     cfg.planner = a.placement.config();
     cfg.risk_model = a.risk_model.as_deref().map(read_risk_model).transpose()?;
+    cfg.token = token.clone();
     if let (Some(file), Some(name)) = (&a.config, &a.profile) {
         let p = crate::profile::load(file, name)?;
         crate::profile::apply(&p, &mut cfg);

@@ -74,6 +74,43 @@ pub(crate) fn router(api: Api) -> Router {
         .with_state(api)
 }
 
+/// Guards `/api/v1` with a bearer token, when one is configured.
+pub(crate) fn require_token(app: Router, token: Option<String>) -> Router {
+    let Some(token) = token.filter(|t| !t.is_empty()) else { return app };
+    let token = std::sync::Arc::new(token);
+    app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let token = token.clone();
+        async move {
+            if !req.uri().path().starts_with("/api/") {
+                return next.run(req).await;
+            }
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match given {
+                Some(given) if same_secret(given.as_bytes(), token.as_bytes()) => next.run(req).await,
+                Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong API token").into_response(),
+                None => ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "this API needs a token: send `Authorization: Bearer <token>` (the CLI sends $NOVACRON_TOKEN or --token)",
+                )
+                .into_response(),
+            }
+        }
+    }))
+}
+
+/// Compares without leaking, through its timing, how much of the secret a guess got right.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut diff = given.len() ^ secret.len();
+    for (i, s) in secret.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ s);
+    }
+    diff == 0
+}
+
 /// A JSON error response.
 #[derive(Debug, Serialize)]
 struct ApiError {

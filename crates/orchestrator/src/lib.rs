@@ -78,6 +78,9 @@ pub struct OrchestratorConfig {
     /// Scores hosts' failure histories for placement (`models risk --save`); `None` ignores
     /// failure risk.
     pub risk_model: Option<novacron_predict::risk::RiskModel>,
+    /// When set, every `/api/v1` request must carry `Authorization: Bearer <token>`; health,
+    /// readiness, metrics and the dashboard's page stay open.
+    pub token: Option<String>,
 }
 
 impl OrchestratorConfig {
@@ -106,6 +109,7 @@ impl OrchestratorConfig {
             retraining: ingest::RetrainingTriggers::default(),
             max_group_members: 10_000,
             risk_model: None,
+            token: None,
         }
     }
 }
@@ -267,6 +271,7 @@ impl Orchestrator {
             ledger,
             max_group_members: cfg.max_group_members,
         });
+        let app = api::require_token(app, cfg.token.clone());
         let shutdown = cancel.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
