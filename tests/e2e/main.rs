@@ -345,6 +345,58 @@ fn with_a_token_the_api_refuses_requests_without_it_and_the_cli_sends_it() {
     assert!(err.contains("401") && err.contains("token"), "{err}");
 }
 
+/// The next JSON text message of a WebSocket (pings and the like skipped); None once closed.
+fn next_json(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> Option<Value> {
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return Some(serde_json::from_str(&t).expect("JSON")),
+            Ok(tungstenite::Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[test]
+fn the_live_stream_sends_the_log_from_a_sequence_then_new_events_and_closes_at_shutdown() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    let _agents = agents(&nats.url(), "host", 1, &dir.path().join("agents"));
+    wait_for("the host", || get(&o.api, "/api/v1/hosts").1.as_array().is_some_and(|h| h.len() == 1));
+
+    let addr = o.api.trim_start_matches("http://").to_owned();
+    let tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let (mut ws, resp) = tungstenite::client(format!("ws://{addr}/api/v1/stream?from=1"), tcp).expect("upgrade");
+    assert_eq!(resp.status().as_u16(), 101);
+    // From sequence 1: the log as `events -o json` prints it, in order.
+    let first = next_json(&mut ws).expect("the first event");
+    assert_eq!(first["seq"], 1);
+    let logged = cli_json(&["--nats", &nats.url(), "events"]);
+    assert_eq!(first, logged[0], "the same shape as `novacron events -o json`");
+
+    // Then what happens next.
+    let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "streamed", "vcpus": 1, "memory_mib": 64}));
+    assert_eq!(status, 201, "{vm}");
+    let id = vm["id"].as_str().unwrap();
+    let mut seen = Vec::new();
+    let mut last_seq = 0;
+    while !seen.iter().any(|k| k == "VmRunning") {
+        let ev = next_json(&mut ws).expect("events until the VM runs");
+        let seq = ev["seq"].as_u64().unwrap();
+        assert!(seq > last_seq, "in order, no repeats");
+        last_seq = seq;
+        if ev["payload"]["vm"] == id {
+            seen.push(ev["kind"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(&seen[..2], ["VmRequested", "VmPlaced"], "{seen:?}");
+
+    // A stopping orchestrator closes its streams instead of waiting for the clients.
+    assert!(o.proc.terminate().success());
+    assert!(next_json(&mut ws).is_none(), "closed at shutdown");
+}
+
 #[test]
 fn cli_errors_go_to_stderr_with_a_non_zero_exit() {
     let (ok, out, err) = cli(&["--server", "http://127.0.0.1:9", "vm", "list"]);

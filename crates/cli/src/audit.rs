@@ -157,31 +157,9 @@ fn subject_matches(filter: &str, subject: &str) -> bool {
     }
 }
 
-/// The JSON of one logged event: the envelope's header flattened next to `seq` and `subject`.
+/// The JSON of one logged event (shared with the API's live stream).
 fn event_json(ev: &LoggedEvent) -> Value {
-    match &ev.envelope {
-        Ok(env) => {
-            let event = serde_json::to_value(&env.event).unwrap_or(Value::Null);
-            let at =
-                humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.at_ms));
-            json!({
-                "seq": ev.seq,
-                "id": env.id,
-                "at": at.to_string(),
-                "at_ms": env.at_ms,
-                "kind": env.event.name(),
-                "subject": ev.subject,
-                "actor": env.actor,
-                "causation_id": env.causation_id,
-                "correlation_id": env.correlation_id,
-                "schema": env.schema,
-                "payload": event.get("payload").cloned().unwrap_or(Value::Null),
-            })
-        }
-        Err(e) => {
-            json!({ "seq": ev.seq, "subject": ev.subject, "kind": null, "error": e.to_string() })
-        }
-    }
+    ev.to_json()
 }
 
 fn event_line(v: &Value) -> String {

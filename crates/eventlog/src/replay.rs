@@ -32,6 +32,37 @@ pub struct LoggedEvent {
     pub envelope: Result<Envelope, DecodeError>,
 }
 
+impl LoggedEvent {
+    /// The JSON operators see (`novacron events -o json`, the API's live stream): the envelope's
+    /// header flattened next to `seq` and `subject`, the event's fields under `payload`; an
+    /// undecodable message as `kind: null` with the `error`.
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        match &self.envelope {
+            Ok(env) => {
+                let event = serde_json::to_value(&env.event).unwrap_or(serde_json::Value::Null);
+                let at = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(env.at_ms));
+                serde_json::json!({
+                    "seq": self.seq,
+                    "id": env.id,
+                    "at": at.to_string(),
+                    "at_ms": env.at_ms,
+                    "kind": env.event.name(),
+                    "subject": self.subject,
+                    "actor": env.actor,
+                    "causation_id": env.causation_id,
+                    "correlation_id": env.correlation_id,
+                    "schema": env.schema,
+                    "payload": event.get("payload").cloned().unwrap_or(serde_json::Value::Null),
+                })
+            }
+            Err(e) => {
+                serde_json::json!({ "seq": self.seq, "subject": self.subject, "kind": null, "error": e.to_string() })
+            }
+        }
+    }
+}
+
 /// Why a replay stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

@@ -43,6 +43,8 @@ pub(crate) struct Api {
     pub ledger: crate::ingest::SharedLedger,
     /// The most members a group may be created with (the profile's limit).
     pub max_group_members: u32,
+    /// Fires at shutdown: live streams end with it (the HTTP server waits for them).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub(crate) fn router(api: Api) -> Router {
@@ -52,6 +54,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/state", get(state))
+        .route("/api/v1/stream", get(stream_events))
         .route("/api/v1/leader", get(leader))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(show_vm).delete(delete_vm))
@@ -72,6 +75,69 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/v1/policies/{name}", get(show_policy).delete(remove_policy))
         .fallback(not_found)
         .with_state(api)
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    /// The first sequence to send; default: the next event appended.
+    from: Option<u64>,
+}
+
+/// Live events over a WebSocket: one JSON text message per event of the log (the shape of
+/// `novacron events -o json`), from `?from=SEQ` or from the next one appended, until the client
+/// closes or the orchestrator stops. Any replica serves it (the log is the same everywhere).
+async fn stream_events(
+    State(api): State<Api>,
+    Query(q): Query<StreamQuery>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let from = q.from.unwrap_or_else(|| read(&api.engine.state).seq + 1).max(1);
+    let (events, shutdown) = (api.events.clone(), api.shutdown.clone());
+    ws.on_upgrade(move |socket| stream_to(socket, events, from, shutdown))
+}
+
+async fn stream_to(
+    mut socket: axum::extract::ws::WebSocket,
+    events: async_nats::jetstream::stream::Stream,
+    from: u64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use axum::extract::ws::{CloseFrame, Message, close_code};
+    use futures::StreamExt;
+    let close = |code, why: String| Message::Close(Some(CloseFrame { code, reason: why.into() }));
+    let mut follow = match novacron_eventlog::follow(&events, from).await {
+        Ok(f) => Box::pin(f),
+        Err(e) => {
+            let _ = socket.send(close(close_code::ERROR, format!("cannot read the log: {e}"))).await;
+            return;
+        }
+    };
+    ::metrics::gauge!(m::STREAM_CLIENTS).increment(1.0);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = socket.send(close(close_code::AWAY, "the orchestrator is stopping".into())).await;
+                break;
+            }
+            ev = follow.next() => match ev {
+                Some(Ok(ev)) => {
+                    if socket.send(Message::Text(ev.to_json().to_string().into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = socket.send(close(close_code::ERROR, format!("reading the log: {e}"))).await;
+                    break;
+                }
+                None => break,
+            },
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_) | Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => {} // pings are answered by axum; nothing else is expected
+            },
+        }
+    }
+    ::metrics::gauge!(m::STREAM_CLIENTS).decrement(1.0);
 }
 
 /// Guards `/api/v1` with a bearer token, when one is configured.

@@ -270,6 +270,7 @@ impl Orchestrator {
             model_artifacts,
             ledger,
             max_group_members: cfg.max_group_members,
+            shutdown: cancel.clone(),
         });
         let app = api::require_token(app, cfg.token.clone());
         let shutdown = cancel.clone();

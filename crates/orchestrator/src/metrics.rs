@@ -14,6 +14,8 @@ pub const TELEMETRY: &str = "novacron_telemetry_samples_total";
 pub const HEARTBEATS: &str = "novacron_heartbeats_total";
 /// HTTP requests, by route and status class.
 pub const HTTP_REQUESTS: &str = "novacron_http_requests_total";
+/// Open WebSocket streams of live events.
+pub const STREAM_CLIENTS: &str = "novacron_event_stream_clients";
 /// Last folded log sequence.
 pub const STATE_SEQ: &str = "novacron_state_seq";
 /// Hosts known.
@@ -43,6 +45,7 @@ fn describe() {
     metrics::describe_counter!(TELEMETRY, "Telemetry samples received, by outcome");
     metrics::describe_counter!(HEARTBEATS, "Heartbeats received, by outcome");
     metrics::describe_counter!(HTTP_REQUESTS, "HTTP API requests, by route and status class");
+    metrics::describe_gauge!(STREAM_CLIENTS, "Open WebSocket streams of live events (/api/v1/stream)");
     metrics::describe_gauge!(STATE_SEQ, "Last log sequence folded into the orchestrator's state");
     metrics::describe_gauge!(HOSTS, "Hosts known to the orchestrator");
     metrics::describe_gauge!(VMS, "VMs not deleted");
