@@ -77,8 +77,9 @@ fmt: ## format the code
 lint: ## clippy on everything, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-schemas: ## regenerate schemas/ (JSON Schemas and golden fixtures) from the Rust types
+schemas: ## regenerate schemas/ (JSON Schemas, golden fixtures, the OpenAPI document) from the Rust types
 	NOVACRON_UPDATE_SCHEMAS=1 $(CARGO) test --locked -p novacron-types --test schemas
+	NOVACRON_UPDATE_SCHEMAS=1 $(CARGO) test --locked -p novacron-orchestrator --lib openapi
 
 bench: tools ## the benchmarks of docs/benchmarks.md (release build)
 	NOVACRON_NATS_SERVER="$(NATS_SERVER)" $(CARGO) run --release --locked -q -p novacron-cli -- bench all

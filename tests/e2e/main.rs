@@ -313,6 +313,9 @@ fn with_a_token_the_api_refuses_requests_without_it_and_the_cli_sends_it() {
     assert_eq!(get_authorized(&o.api, "/api/v1/vms", "s3cret-t0ken").0, 401, "not a bearer token");
     let (status, state) = get_authorized(&o.api, "/api/v1/state", "Bearer s3cret-t0ken");
     assert_eq!(status, 200, "{state}");
+    let (status, doc) = get_authorized(&o.api, "/api/v1/openapi.json", "Bearer s3cret-t0ken");
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")), "the OpenAPI document is served");
+    assert!(doc["components"]["securitySchemes"]["token"].is_object());
     // Probes, Prometheus and the dashboard's page stay open.
     for open in ["/healthz", "/readyz", "/metrics", "/"] {
         assert_eq!(get_text(&o.api, open).0, 200, "{open}");

@@ -53,6 +53,7 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/state", get(state))
         .route("/api/v1/stream", get(stream_events))
         .route("/api/v1/leader", get(leader))
@@ -241,6 +242,11 @@ fn ok<T: Serialize>(status: StatusCode, body: T) -> Response {
     (status, Json(body)).into_response()
 }
 
+async fn openapi() -> Response {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(crate::openapi::document)).into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such route; the API lives under /api/v1")
 }
@@ -318,11 +324,14 @@ async fn show_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
 
 /// The body of `POST /api/v1/vms`. Every field optional at the parser so that a missing one is
 /// reported by name; unknown fields are errors.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateVmBody {
+pub(crate) struct CreateVmBody {
+    /// The VM's name, unique among live VMs (required).
     name: Option<String>,
+    /// vCPUs (required, ≥ 1).
     vcpus: Option<u32>,
+    /// Memory in MiB (required, ≥ 1).
     memory_mib: Option<u64>,
     #[serde(default)]
     disk_gib: Option<u64>,
@@ -411,9 +420,10 @@ async fn delete_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<St
 
 /// The body of `POST /api/v1/vms/{id}/migrate`: `{"to": "host-2"}`, or `{}` to let the
 /// planner choose.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct MigrateBody {
+pub(crate) struct MigrateBody {
+    /// The destination host; absent: the planner chooses.
     #[serde(default)]
     to: Option<String>,
 }
@@ -597,11 +607,13 @@ async fn delete_group(
 
 /// The body of the policy endpoints: a document's text (YAML or JSON) and the file it came
 /// from, so that errors can say where.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PolicySource {
+pub(crate) struct PolicySource {
+    /// The file the text came from, for error messages.
     #[serde(default = "default_file")]
     file: String,
+    /// One or more policy documents, YAML or JSON.
     source: String,
 }
 

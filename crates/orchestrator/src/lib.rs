@@ -21,6 +21,7 @@ pub mod engine;
 pub mod ingest;
 pub mod leader;
 pub mod metrics;
+pub mod openapi;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

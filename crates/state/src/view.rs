@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::{ClusterState, HostRecord, VmRecord};
 
 /// `GET /api/v1/state` and `novacron state -o json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateSummary {
     /// Last folded log sequence.
     pub seq: u64,
@@ -18,7 +18,7 @@ pub struct StateSummary {
 }
 
 /// One VM as the API and `vm show -o json` print it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VmView {
     /// VM id.
     pub id: String,
@@ -66,7 +66,7 @@ impl From<&VmRecord> for VmView {
 }
 
 /// One host as the API and `host list -o json` print it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HostView {
     /// Host id.
     pub id: String,
