@@ -147,7 +147,7 @@ async fn a_promoted_model_forecasts_for_the_groups_and_its_live_errors_are_score
     w[1] = 0.9;
     let artifact = serde_json::to_vec(&novacron_predict::model::Artifact::global_linear(&[(1, w)])).unwrap();
     let digest: String = sha2::Sha256::digest(&artifact).iter().map(|b| format!("{b:02x}")).collect();
-    bus.model_artifacts(1).await.unwrap().put(format!("sha256-{digest}"), artifact.into()).await.unwrap();
+    bus.model_artifacts(1).await.unwrap().put(&format!("sha256-{digest}"), &artifact).await.unwrap();
     let id = format!("global-linear-{}", &digest[..12]);
     let record: novacron_types::model::ModelTrained = serde_json::from_value(serde_json::json!({
         "model": id, "kind": "global-linear", "digest": digest,

@@ -7,9 +7,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use novacron_predict::eval::{Report, evaluate};
 use novacron_predict::generate::{GenConfig, generate};
-use novacron_predict::model::{Forecaster, GlobalLinear};
+use novacron_predict::model::{Forecaster, GlobalGbdt, GlobalLinear};
 use novacron_predict::series::{Series, read_trace, to_wide_csv};
-use novacron_predict::train::{Split, TrainConfig, train_global_linear};
+use novacron_predict::train::{GbdtConfig, Split, TrainConfig, train_global_gbdt, train_global_linear};
 use serde_json::{Value, json};
 
 use crate::{Format, output};
@@ -38,6 +38,10 @@ pub struct EvaluateArgs {
     /// Training origins sampled per series and horizon for the global model.
     #[arg(long, default_value_t = 120)]
     train_origins: usize,
+    /// Training samples per horizon for the boosted-trees model (`global-gbdt`), drawn evenly
+    /// across series; 0 leaves that model out (`models evaluate` only).
+    #[arg(long, default_value_t = 200_000)]
+    gbdt_samples: usize,
     /// Seed of the training.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -102,6 +106,19 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
     let trained = started.elapsed();
     let linear: Box<dyn Forecaster> =
         Box::new(GlobalLinear::new(fits.iter().map(|f| (f.horizon, f.weights)).collect()));
+    let started_gbdt = std::time::Instant::now();
+    let gbdt_cfg = GbdtConfig { max_samples: a.gbdt_samples, seed: a.seed, ..GbdtConfig::default() };
+    let gbdt = if a.gbdt_samples == 0 {
+        Vec::new()
+    } else {
+        train_global_gbdt(&series, &splits, &a.horizons, &gbdt_cfg)
+            .map_err(|e| anyhow::anyhow!("training the boosted-trees model: {e}"))?
+    };
+    let trained_gbdt = started_gbdt.elapsed();
+    let mut extra = vec![linear.fresh()];
+    if !gbdt.is_empty() {
+        extra.push(Box::new(GlobalGbdt::new(gbdt.iter().map(|f| (f.horizon, f.model.clone())).collect())));
+    }
     let started = std::time::Instant::now();
     if !(a.noise.is_finite() && a.noise >= 0.0 && (0.0..1.0).contains(&a.drop)) {
         bail!("--noise must be a non-negative number and --drop a share in [0, 1)");
@@ -113,12 +130,12 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
     });
     // Inference cost of the trained model alone: one update and one forecast per step, over
     // every series (measured apart from the evaluation, which walks every candidate).
-    let inference_ns = {
+    let inference_ns = |model: &dyn Forecaster| {
         let clock = std::time::Instant::now();
         let mut steps = 0u64;
         let mut sink = 0.0;
         for s in &series {
-            let mut m = linear.fresh();
+            let mut m = model.fresh();
             for x in &s.values {
                 m.observe(*x);
                 sink += m.forecast(a.horizons[0]);
@@ -128,7 +145,9 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
         std::hint::black_box(sink);
         clock.elapsed().as_nanos() as f64 / steps.max(1) as f64
     };
-    let report = novacron_predict::eval::evaluate_with(&series, &splits, &a.horizons, &[linear], perturbation);
+    let linear_ns = inference_ns(linear.as_ref());
+    let gbdt_ns = extra.get(1).map(|m| inference_ns(m.as_ref()));
+    let report = novacron_predict::eval::evaluate_with(&series, &splits, &a.horizons, &extra, perturbation);
     let evaluated = started.elapsed();
     let forecasts: u64 = report.horizons.values().flatten().map(|m| m.scores.forecasts).sum();
     // Per horizon, the summary `{horizon_steps, series, best_naive, models: […]}`; the first
@@ -160,10 +179,18 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
         "split": { "test_share": a.test_share, "val_share": a.val_share },
         "perturbation": perturbation,
         "training": { "config": cfg, "horizons": fits, "seconds": trained.as_secs_f64() },
+        "training_gbdt": {
+            "config": gbdt_cfg,
+            "horizons": gbdt.iter().map(|f| json!({
+                "horizon": f.horizon, "validation_mae": f.validation_mae, "rounds": f.rounds, "samples": f.samples,
+            })).collect::<Vec<_>>(),
+            "seconds": trained_gbdt.as_secs_f64(),
+        },
         "evaluation_seconds": evaluated.as_secs_f64(),
         "forecasts_per_sec": forecasts as f64 / evaluated.as_secs_f64().max(1e-9),
         // The trained model alone: one update and one forecast, in nanoseconds.
-        "global_linear_inference_ns": inference_ns,
+        "global_linear_inference_ns": linear_ns,
+        "global_gbdt_inference_ns": gbdt_ns,
         "report": report,
     });
     match fmt {
@@ -279,6 +306,19 @@ pub fn generate_cmd(a: &GenerateArgs) -> anyhow::Result<()> {
     }
 }
 
+/// hessboost's (XGBoost's) default L2 penalty on leaf weights, which the trees train with.
+const GBDT_L2: f64 = 1.0;
+
+/// The model `models train` registers.
+struct Trained {
+    kind: &'static str,
+    artifact: novacron_predict::model::Artifact,
+    forecaster: Box<dyn Forecaster>,
+    hyperparameters: Vec<Value>,
+    /// (horizon, validation MAE).
+    validation: Vec<(usize, f64)>,
+}
+
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -290,7 +330,7 @@ fn artifact_key(digest: &str) -> String {
     format!("sha256-{digest}")
 }
 
-async fn artifacts(nats: &str) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+async fn artifacts(nats: &str) -> anyhow::Result<novacron_eventlog::Artifacts> {
     let bus = novacron_eventlog::Bus::connect(&novacron_eventlog::BusConfig::new(nats, "novacron-cli")).await?;
     Ok(bus.model_artifacts(1).await?)
 }
@@ -302,30 +342,64 @@ pub async fn train_cmd(server: &str, nats: &str, a: TrainArgs, fmt: Format) -> a
     let mut a = a.eval;
     a.horizons = horizon_steps(&a)?;
     let (sources, val_share, test_share, seed) = (a.data.clone(), a.val_share, a.test_share, a.seed);
-    let (count, fits, report) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    // Both global models are trained; the one with the lower validation error (mean over the
+    // horizons) is registered. Test data only scores it.
+    let (count, trained, report) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let series = load(&a)?;
         let splits: Vec<Split> =
             series.iter().map(|s| Split::fractions(s.values.len(), a.val_share, a.test_share)).collect();
         let cfg = TrainConfig { origins_per_series: a.train_origins, seed: a.seed, ..TrainConfig::default() };
         let fits = train_global_linear(&series, &splits, &a.horizons, &cfg);
-        let linear: Box<dyn Forecaster> =
-            Box::new(GlobalLinear::new(fits.iter().map(|f| (f.horizon, f.weights)).collect()));
-        let report = evaluate(&series, &splits, &a.horizons, &[linear]);
-        Ok((series.len(), fits, report))
+        let linear_val = fits.iter().map(|f| f.validation_mae).sum::<f64>() / fits.len().max(1) as f64;
+        let gcfg = GbdtConfig { max_samples: a.gbdt_samples, seed: a.seed, ..GbdtConfig::default() };
+        let gbdt = if a.gbdt_samples == 0 {
+            Vec::new()
+        } else {
+            train_global_gbdt(&series, &splits, &a.horizons, &gcfg).map_err(anyhow::Error::msg)?
+        };
+        let gbdt_val = gbdt.iter().map(|f| f.validation_mae).sum::<f64>() / gbdt.len().max(1) as f64;
+        let trained = if !gbdt.is_empty() && gbdt_val < linear_val {
+            let models: Vec<_> = gbdt.iter().map(|f| (f.horizon, f.model.clone())).collect();
+            Trained {
+                kind: "global-gbdt",
+                artifact: novacron_predict::model::Artifact::global_gbdt(&models).map_err(anyhow::Error::msg)?,
+                forecaster: Box::new(GlobalGbdt::new(models)),
+                hyperparameters: gbdt
+                    .iter()
+                    .map(|f| json!({ "horizon": f.horizon, "learning_rate": gcfg.eta, "l2": GBDT_L2, "epochs": f.rounds }))
+                    .collect(),
+                validation: gbdt.iter().map(|f| (f.horizon, f.validation_mae)).collect(),
+            }
+        } else {
+            let weights: Vec<(usize, [f64; novacron_predict::model::FEATURES])> =
+                fits.iter().map(|f| (f.horizon, f.weights)).collect();
+            Trained {
+                kind: "global-linear",
+                artifact: novacron_predict::model::Artifact::global_linear(&weights),
+                forecaster: Box::new(GlobalLinear::new(weights)),
+                hyperparameters: fits
+                    .iter()
+                    .map(|f| json!({ "horizon": f.horizon, "learning_rate": f.learning_rate, "l2": f.l2, "epochs": f.epochs }))
+                    .collect(),
+                validation: fits.iter().map(|f| (f.horizon, f.validation_mae)).collect(),
+            }
+        };
+        let report = evaluate(&series, &splits, &a.horizons, &[trained.forecaster.fresh()]);
+        Ok((series.len(), trained, report))
     })
     .await??;
-    let weights: Vec<(usize, [f64; novacron_predict::model::FEATURES])> =
-        fits.iter().map(|f| (f.horizon, f.weights)).collect();
-    let artifact = serde_json::to_vec(&novacron_predict::model::Artifact::global_linear(&weights))?;
+    let kind = trained.kind;
+    let artifact = serde_json::to_vec(&trained.artifact)?;
     let digest: String = sha2::Sha256::digest(&artifact).iter().map(|b| format!("{b:02x}")).collect();
     let store = artifacts(nats).await?;
-    store.put(artifact_key(&digest), artifact.into()).await.context("storing the artifact")?;
-    let scores: Vec<Value> = fits
+    store.put(&artifact_key(&digest), &artifact).await.map_err(|e| anyhow::anyhow!("storing the artifact: {e}"))?;
+    let scores: Vec<Value> = trained
+        .validation
         .iter()
-        .map(|f| {
-            let rows = &report.horizons[&f.horizon];
+        .map(|&(horizon, validation_mae)| {
+            let rows = &report.horizons[&horizon];
             let mae = |m: &str| rows.iter().find(|r| r.model == m).map(|r| r.scores.mae);
-            let mine = rows.iter().find(|r| r.model == "global-linear");
+            let mine = rows.iter().find(|r| r.model == kind);
             let (base, base_mae) = [("last-value", mae("last-value")), ("mean-of-last-12", mae("mean-of-last-12"))]
                 .into_iter()
                 .filter_map(|(n, m)| m.map(|m| (n, m)))
@@ -333,18 +407,16 @@ pub async fn train_cmd(server: &str, nats: &str, a: TrainArgs, fmt: Format) -> a
                 .unwrap_or(("last-value", f64::NAN));
             let win = mine.map_or(0.0, |m| if base == "last-value" { m.win_rate_vs_last_value } else { m.win_rate_vs_mean_of_last_12 });
             json!({
-                "horizon": f.horizon, "validation_mae": f.validation_mae, "test_mae": mine.map_or(f64::NAN, |m| m.scores.mae),
+                "horizon": horizon, "validation_mae": validation_mae, "test_mae": mine.map_or(f64::NAN, |m| m.scores.mae),
                 "baseline_mae": base_mae, "baseline": base, "win_rate": win,
             })
         })
         .collect();
     let record = json!({
-        "model": format!("global-linear-{}", &digest[..12]),
-        "kind": "global-linear",
+        "model": format!("{kind}-{}", &digest[..12]),
+        "kind": kind,
         "digest": digest,
-        "hyperparameters": fits.iter().map(|f| json!({
-            "horizon": f.horizon, "learning_rate": f.learning_rate, "l2": f.l2, "epochs": f.epochs,
-        })).collect::<Vec<_>>(),
+        "hyperparameters": trained.hyperparameters,
         "scores": scores,
         "data": { "sources": sources, "series": count, "val_share": val_share, "test_share": test_share, "seed": seed },
     });
@@ -391,12 +463,15 @@ pub async fn abtest_cmd(server: &str, nats: &str, a: AbTestArgs, fmt: Format) ->
             .find(|m| m["model"].as_str() == Some(id.as_str()))
             .and_then(|m| m["digest"].as_str().map(str::to_owned))
             .with_context(|| format!("no model {id} is registered"))?;
-        let bytes =
-            store.get(artifact_key(&digest)).await?.with_context(|| format!("the artifact of {id} is missing"))?;
+        let bytes = store
+            .get(&artifact_key(&digest))
+            .await
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| format!("the artifact of {id} is missing"))?;
         let artifact: novacron_predict::model::Artifact = serde_json::from_slice(&bytes)?;
         models.push(novacron_predict::model::Named {
             name: id.clone(),
-            inner: Box::new(artifact.model().map_err(anyhow::Error::msg)?),
+            inner: artifact.model().map_err(anyhow::Error::msg)?,
         });
     }
     let (ida, idb) = (a.a.clone(), a.b.clone());

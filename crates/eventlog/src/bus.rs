@@ -163,26 +163,28 @@ impl Bus {
         Ok(())
     }
 
-    /// Opens the bucket of trained models' artifacts ([`proto::MODEL_ARTIFACTS_BUCKET`]),
-    /// creating it if missing.
+    /// Opens the store of trained models' artifacts ([`proto::MODEL_OBJECTS_BUCKET`]), creating
+    /// it if missing; artifacts in the KV bucket of earlier versions stay readable.
     ///
     /// # Errors
     /// When JetStream refuses to create it.
-    pub async fn model_artifacts(&self, replicas: usize) -> Result<jetstream::kv::Store, BusError> {
-        if let Ok(store) = self.js.get_key_value(proto::MODEL_ARTIFACTS_BUCKET).await {
-            return Ok(store);
-        }
-        self.js
-            .create_key_value(jetstream::kv::Config {
-                bucket: proto::MODEL_ARTIFACTS_BUCKET.into(),
-                description: "NovaCron forecasting model artifacts, keyed sha256-<digest>".into(),
-                history: 1,
-                storage: StorageType::File,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::Provision { stream: "KV_nc-model-artifacts", source: Box::new(e) })
+    pub async fn model_artifacts(&self, replicas: usize) -> Result<Artifacts, BusError> {
+        let objects = match self.js.get_object_store(proto::MODEL_OBJECTS_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => self
+                .js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: proto::MODEL_OBJECTS_BUCKET.into(),
+                    description: Some("NovaCron forecasting model artifacts, named sha256-<digest>".into()),
+                    storage: StorageType::File,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| BusError::Provision { stream: "OBJ_nc-model-objects", source: Box::new(e) })?,
+        };
+        let legacy = self.js.get_key_value(proto::MODEL_ARTIFACTS_BUCKET).await.ok();
+        Ok(Artifacts { objects, legacy })
     }
 
     /// Opens the agents' lease bucket ([`proto::HOST_LEASE_BUCKET`]), creating it if missing.
@@ -341,5 +343,46 @@ mod tests {
         assert!(version_at_least("3.0.0", 2, 10));
         assert!(!version_at_least("2.9.10", 2, 10));
         assert!(!version_at_least("garbage", 2, 10));
+    }
+}
+
+/// Trained models' artifacts by name (`sha256-<digest>`), in a JetStream object store: chunked,
+/// so an artifact may be any size (boosted trees run to megabytes, past the server's 1 MiB
+/// message limit that bounded the KV bucket earlier versions used — still read here).
+#[derive(Clone)]
+pub struct Artifacts {
+    objects: jetstream::object_store::ObjectStore,
+    legacy: Option<jetstream::kv::Store>,
+}
+
+impl Artifacts {
+    /// Stores `bytes` under `name` (a digest names one content: storing it again is harmless).
+    ///
+    /// # Errors
+    /// When JetStream refuses the write.
+    pub async fn put(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let mut reader = bytes;
+        self.objects.put(name, &mut reader).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The artifact `name`, if stored.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
+        use jetstream::object_store::GetErrorKind;
+        use tokio::io::AsyncReadExt;
+        match self.objects.get(name).await {
+            Ok(mut object) => {
+                let mut bytes = Vec::new();
+                object.read_to_end(&mut bytes).await.map_err(|e| e.to_string())?;
+                Ok(Some(bytes))
+            }
+            Err(e) if e.kind() == GetErrorKind::NotFound => match &self.legacy {
+                Some(kv) => kv.get(name).await.map(|v| v.map(|b| b.to_vec())).map_err(|e| e.to_string()),
+                None => Ok(None),
+            },
+            Err(e) => Err(e.to_string()),
+        }
     }
 }

@@ -27,7 +27,7 @@ pub mod metrics;
 pub mod replay;
 pub mod snapshot;
 
-pub use bus::{Bus, BusConfig, BusError};
+pub use bus::{Artifacts, Bus, BusConfig, BusError};
 pub use deadletter::DeadLetters;
 pub use log::{AppendError, EventLog, Tail};
 pub use replay::{FoldStats, LoggedEvent, ReplayError, decode_event, fold_one, fold_range, follow, replay};

@@ -38,7 +38,7 @@ pub(crate) struct Api {
     pub passes:
         std::sync::Arc<(novacron_scheduler::PlannerConfig, crate::decide::MigrationLimits, std::time::Duration)>,
     /// Trained models' artifacts (a registration must name a stored one).
-    pub model_artifacts: async_nats::jetstream::kv::Store,
+    pub model_artifacts: novacron_eventlog::Artifacts,
     /// Live forecast accuracy per model.
     pub ledger: crate::ingest::SharedLedger,
     /// The most members a group may be created with (the profile's limit).
@@ -478,7 +478,7 @@ async fn register_model(State(api): State<Api>, headers: HeaderMap, body: Bytes)
     let Some(bytes) = stored else {
         return Err(ApiError::field(
             "digest",
-            format!("no artifact {key} in {}", novacron_protocol::MODEL_ARTIFACTS_BUCKET),
+            format!("no artifact {key} in {}", novacron_protocol::MODEL_OBJECTS_BUCKET),
         ));
     };
     use sha2::Digest;

@@ -263,7 +263,7 @@ pub struct EngineConfig {
     /// How many steps ahead predictive scaling looks (covering a VM's start time).
     pub forecast_horizon_steps: u32,
     /// Trained models' artifacts.
-    pub model_artifacts: async_nats::jetstream::kv::Store,
+    pub model_artifacts: novacron_eventlog::Artifacts,
     /// Live forecast accuracy per model (the prediction ledger), shared with the API.
     pub ledger: crate::ingest::SharedLedger,
     /// When live errors call for retraining.
@@ -299,7 +299,7 @@ pub(crate) struct Engine {
     /// Per group in predictive or forecast-only mode: its load model.
     group_load: BTreeMap<String, GroupLoad>,
     /// The promoted forecasting model, loaded from its artifact.
-    promoted_model: Option<(String, novacron_predict::model::GlobalLinear)>,
+    promoted_model: Option<(String, Box<dyn novacron_predict::model::Forecaster>)>,
 }
 
 /// A group's load forecaster and its recent one-step errors.
@@ -780,12 +780,12 @@ impl Engine {
         };
         let digest = read(&self.state).models.get(&id).map(|m| m.trained.digest.clone());
         let Some(digest) = digest else { return };
-        let loaded = match self.cfg.model_artifacts.get(format!("sha256-{digest}")).await {
+        let loaded = match self.cfg.model_artifacts.get(&format!("sha256-{digest}")).await {
             Ok(Some(bytes)) => serde_json::from_slice::<novacron_predict::model::Artifact>(&bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|a| a.model()),
             Ok(None) => Err(format!("artifact sha256-{digest} is missing")),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         match loaded {
             Ok(model) => {
@@ -816,7 +816,7 @@ impl Engine {
         let state = read(&shared);
         self.recommendations.retain(|g, _| state.groups.contains_key(g));
         self.group_load.retain(|g, _| state.groups.contains_key(g));
-        let promoted = self.promoted_model.clone();
+        let promoted = self.promoted_model.as_ref();
         for g in state.groups.values() {
             let name = g.spec.name.clone();
             let members = decide::members(&state, &name);
@@ -842,8 +842,8 @@ impl Engine {
             // A new promotion: the new model replays the group's history.
             let wanted = promoted.as_ref().map(|(id, _)| id.clone());
             if load.model_id != wanted {
-                load.model = match &promoted {
-                    Some((_, m)) => Box::new(m.clone()),
+                load.model = match promoted {
+                    Some((_, m)) => m.fresh(),
                     None => Box::new(novacron_predict::model::Ses::new(0.3)),
                 };
                 for x in &load.history {

@@ -220,6 +220,51 @@ impl Forecaster for GlobalLinear {
     }
 }
 
+/// Gradient-boosted trees per horizon over [`features`], trained across series
+/// ([`crate::train::train_global_gbdt`]) with an absolute-error loss.
+#[derive(Clone)]
+pub struct GlobalGbdt {
+    /// (horizon, trees), horizons ascending.
+    pub models: Vec<(usize, std::sync::Arc<hessboost::prelude::BoostedModel>)>,
+    hist: VecDeque<f64>,
+}
+
+impl GlobalGbdt {
+    /// A model with these trained trees.
+    #[must_use]
+    pub fn new(models: Vec<(usize, std::sync::Arc<hessboost::prelude::BoostedModel>)>) -> GlobalGbdt {
+        GlobalGbdt { models, hist: VecDeque::new() }
+    }
+}
+
+impl Forecaster for GlobalGbdt {
+    fn name(&self) -> String {
+        "global-gbdt".into()
+    }
+    fn observe(&mut self, x: f64) {
+        let x = if x.is_nan() { self.hist.back().copied().unwrap_or(0.0) } else { x };
+        self.hist.push_back(x);
+        if self.hist.len() > DAY + 48 {
+            self.hist.pop_front();
+        }
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        if self.hist.is_empty() {
+            return f64::NAN;
+        }
+        // The trained horizon nearest to h.
+        let Some((_, m)) = self.models.iter().min_by_key(|(k, _)| k.abs_diff(h)) else { return f64::NAN };
+        let x = features(&self.hist, h).map(|v| v as f32);
+        match m.predict_row(&x, hessboost::prelude::Iterations::Best) {
+            Ok(p) => (f64::from(p) * 100.0).clamp(0.0, 100.0),
+            Err(_) => f64::NAN,
+        }
+    }
+    fn fresh(&self) -> Box<dyn Forecaster> {
+        Box::new(GlobalGbdt::new(self.models.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,8 +310,11 @@ pub struct Artifact {
     pub kind: String,
     /// The version of [`features`] it was trained on.
     pub features_version: u32,
-    /// Per horizon, the weights.
+    /// Per horizon, the weights (`global-linear`).
     pub horizons: Vec<(usize, Vec<f64>)>,
+    /// Per horizon, the trees in hessboost's native JSON (`global-gbdt`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trees: Vec<(usize, serde_json::Value)>,
 }
 
 /// The version of [`features`] (bumped when they change: an artifact of another version is
@@ -281,17 +329,60 @@ impl Artifact {
             kind: "global-linear".into(),
             features_version: FEATURES_VERSION,
             horizons: weights.iter().map(|(h, w)| (*h, w.to_vec())).collect(),
+            trees: Vec::new(),
         }
+    }
+
+    /// The artifact of a trained boosted-trees model.
+    ///
+    /// # Errors
+    /// When a model does not encode.
+    pub fn global_gbdt(
+        models: &[(usize, std::sync::Arc<hessboost::prelude::BoostedModel>)],
+    ) -> Result<Artifact, String> {
+        let trees = models
+            .iter()
+            .map(|(h, m)| {
+                let json = m.encode(hessboost::prelude::ModelFormat::Json).map_err(|e| e.to_string())?;
+                let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+                Ok((*h, value))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Artifact { kind: "global-gbdt".into(), features_version: FEATURES_VERSION, horizons: Vec::new(), trees })
     }
 
     /// The model it holds.
     ///
     /// # Errors
-    /// Another family, another feature version, or weights of the wrong length.
-    pub fn model(&self) -> Result<GlobalLinear, String> {
-        if self.kind != "global-linear" || self.features_version != FEATURES_VERSION {
+    /// An unknown family, another feature version, weights of the wrong length, or trees that
+    /// do not decode.
+    pub fn model(&self) -> Result<Box<dyn Forecaster>, String> {
+        if self.features_version != FEATURES_VERSION {
             return Err(format!("cannot use a {} model of feature version {}", self.kind, self.features_version));
         }
+        match self.kind.as_str() {
+            "global-linear" => Ok(Box::new(self.linear()?)),
+            "global-gbdt" => {
+                let models = self
+                    .trees
+                    .iter()
+                    .map(|(h, v)| {
+                        let bytes = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+                        hessboost::prelude::BoostedModel::decode(bytes, hessboost::prelude::ModelFormat::Json)
+                            .map(|m| (*h, std::sync::Arc::new(m)))
+                            .map_err(|e| format!("horizon {h}: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                if models.is_empty() {
+                    return Err("a global-gbdt artifact without trees".into());
+                }
+                Ok(Box::new(GlobalGbdt::new(models)))
+            }
+            other => Err(format!("cannot use a {other} model")),
+        }
+    }
+
+    fn linear(&self) -> Result<GlobalLinear, String> {
         let weights = self
             .horizons
             .iter()

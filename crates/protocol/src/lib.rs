@@ -42,6 +42,10 @@ pub const LEASE_FAILED: &[u8] = b"failed";
 
 /// KV bucket of trained models' artifacts, keyed `sha256-<hex digest>`.
 pub const MODEL_ARTIFACTS_BUCKET: &str = "nc-model-artifacts";
+/// The JetStream object store of trained models' artifacts, named `sha256-<digest>` (chunked:
+/// an artifact may be larger than a message; `MODEL_ARTIFACTS_BUCKET`, the KV bucket earlier
+/// versions wrote, is still read).
+pub const MODEL_OBJECTS_BUCKET: &str = "nc-model-objects";
 
 /// Checks the fencing invariant shared by agents and the orchestrator.
 ///

@@ -1,6 +1,6 @@
 //! The forecasting model lifecycle, as the log records it: a model is trained (its
 //! hyperparameters, validation and test scores, data window and artifact digest), promoted,
-//! and rolled back. Artifacts live in the KV bucket `nc-model-artifacts`, keyed by digest.
+//! and rolled back. Artifacts live in the object store `nc-model-objects`, named by digest.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct HorizonHyperparameters {
     /// Steps ahead.
     pub horizon: u32,
-    /// Learning rate.
+    /// Learning rate (the boosted trees' shrinkage, `eta`).
     pub learning_rate: f64,
-    /// L2 penalty.
+    /// L2 penalty (on the trees' leaf weights, `lambda`).
     pub l2: f64,
-    /// Epochs kept by early stopping.
+    /// Epochs (linear) or boosting rounds (trees) kept by early stopping.
     pub epochs: u32,
 }
 
@@ -59,7 +59,7 @@ pub struct DataWindow {
 pub struct ModelTrained {
     /// The model's id (`<kind>-<first 12 hex digits of the digest>`).
     pub model: String,
-    /// The model family (`global-linear`).
+    /// The model family (`global-linear` or `global-gbdt`).
     pub kind: String,
     /// SHA-256 of the artifact, hex.
     pub digest: String,
