@@ -57,6 +57,17 @@ fn a_vm_created_through_the_api_runs_and_the_replayed_state_matches() {
     let (status, list) = get(&o.api, "/api/v1/decisions?vm=web-1");
     assert_eq!(status, 200);
     assert_eq!(list.as_array().unwrap()[0]["id"], decision_id);
+    // Filtered by VM: another VM's decision is not in web-1's list, and is in its own.
+    let (status, _) = post(&o.api, "/api/v1/vms", &json!({"name": "web-2", "vcpus": 1, "memory_mib": 256}));
+    assert_eq!(status, 201);
+    for name in ["web-1", "web-2"] {
+        let list = get(&o.api, &format!("/api/v1/decisions?vm={name}")).1;
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 1, "{name}: {list:?}");
+        assert_eq!(list[0]["vm_name"], name);
+    }
+    assert_eq!(get(&o.api, "/api/v1/decisions").1.as_array().unwrap().len(), 2);
+    assert_eq!(get(&o.api, "/api/v1/decisions?vm=nope").0, 404);
     let (ok, _, err) = cli(&["--server", &o.api, "explain", "01900000-0000-7000-8000-000000000000"]);
     assert!(!ok && err.contains("404"), "{err}");
 
@@ -64,7 +75,7 @@ fn a_vm_created_through_the_api_runs_and_the_replayed_state_matches() {
     let replayed = cli_json(&["--nats", &nats.url(), "state"]);
     let (_, live) = get(&o.api, "/api/v1/state");
     assert_eq!(replayed, live, "novacron state (replay) vs GET /api/v1/state");
-    assert_eq!(live["vms"], 1);
+    assert_eq!(live["vms"], 2);
     assert_eq!(live["hosts"], 2);
 }
 

@@ -30,7 +30,9 @@ pub mod snapshot;
 pub use bus::{Artifacts, Bus, BusConfig, BusError};
 pub use deadletter::DeadLetters;
 pub use log::{AppendError, EventLog, Tail};
-pub use replay::{FoldStats, LoggedEvent, ReplayError, decode_event, fold_one, fold_range, follow, replay};
+pub use replay::{
+    FoldStats, LoggedEvent, ReplayError, decode_event, fold_one, fold_range, follow, replay, replay_subject,
+};
 pub use snapshot::{SnapshotError, SnapshotStore, SnapshotTrailer};
 
 /// Milliseconds since the Unix epoch, from the system clock. For writers only: the fold never

@@ -114,6 +114,43 @@ pub async fn replay(stream: &Stream, from: u64, to: u64, mut f: impl FnMut(Logge
     Ok(seen)
 }
 
+/// Every event on one subject (a VM's `nc.events.vm.<id>`, say), oldest first. The server finds
+/// them through its index of subjects instead of the reader scanning the whole log.
+///
+/// # Errors
+/// When the stream cannot be read.
+pub async fn replay_subject(
+    stream: &Stream,
+    subject: &str,
+    mut f: impl FnMut(LoggedEvent),
+) -> Result<u64, ReplayError> {
+    let mut consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(boxed)?;
+    if consumer.info().await.map_err(boxed)?.num_pending == 0 {
+        return Ok(0);
+    }
+    let mut messages = consumer.stream().max_messages_per_batch(REPLAY_BATCH).messages().await.map_err(boxed)?;
+    let mut seen = 0;
+    while let Some(msg) = messages.try_next().await.map_err(boxed)? {
+        let info = msg.info().map_err(ReplayError::Stream)?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        f(decode_event(seq, msg.subject.as_str(), msg.headers.as_ref(), &msg.payload));
+        seen += 1;
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(seen)
+}
+
 /// One pass: reads from `from` until `to` or the end; returns the last sequence delivered and
 /// `None` once there is nothing more to read.
 async fn replay_once(

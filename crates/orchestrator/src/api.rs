@@ -796,29 +796,36 @@ struct DecisionsQuery {
 
 async fn list_decisions(State(api): State<Api>, Query(q): Query<DecisionsQuery>) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(20).min(1000);
-    let (mut seqs, vm): (Vec<u64>, Option<String>) = {
-        let state = read(&api.engine.state);
-        let vm = match &q.vm {
-            Some(key) => Some(
-                crate::decide::find_vm(&state, key)
-                    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no VM {key}")))?
-                    .id
-                    .to_string(),
-            ),
-            None => None,
-        };
-        (state.decisions.values().copied().collect(), vm)
+    let vm = match &q.vm {
+        Some(key) => Some(
+            crate::decide::find_vm(&read(&api.engine.state), key)
+                .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no VM {key}")))?
+                .id,
+        ),
+        None => None,
+    };
+    let mut seqs: Vec<u64> = match vm {
+        // One VM's events, found by their subject (not by reading every decision of the log);
+        // those the state knows as decisions.
+        Some(vm) => {
+            let mut found = Vec::new();
+            novacron_eventlog::replay_subject(&api.events, &novacron_protocol::vm_events(vm), |ev| {
+                if let Ok(env) = ev.envelope {
+                    found.push((env.id, ev.seq));
+                }
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot read the log: {e}")))?;
+            let state = read(&api.engine.state);
+            found.into_iter().filter(|(id, _)| state.decisions.contains_key(id)).map(|(_, seq)| seq).collect()
+        }
+        None => read(&api.engine.state).decisions.values().copied().collect(),
     };
     seqs.sort_unstable_by(|a, b| b.cmp(a));
-    let mut out = Vec::new();
+    seqs.truncate(limit);
+    let mut out = Vec::with_capacity(seqs.len());
     for seq in seqs {
-        if out.len() >= limit {
-            break;
-        }
-        let d = decision_json(&api, seq).await?;
-        if vm.as_deref().is_none_or(|v| d["vm"].as_str() == Some(v)) {
-            out.push(d);
-        }
+        out.push(decision_json(&api, seq).await?);
     }
     Ok(ok(StatusCode::OK, out))
 }

@@ -145,7 +145,9 @@ pub fn event_subject(event: &EventKind) -> String {
     }
 }
 
-fn vm_events(vm: VmId) -> String {
+/// The subject of a VM's own events (`nc.events.vm.<id>`).
+#[must_use]
+pub fn vm_events(vm: VmId) -> String {
     format!("nc.events.vm.{vm}")
 }
 
