@@ -905,6 +905,13 @@ impl ClusterState {
             prev.allocated = prev.allocated.saturating_sub(need);
             prev.vms.remove(&e.vm);
         }
+        // A new placement (healing, say) supersedes a migration under way: its target's
+        // reservation is released, whichever host the VM lands on now.
+        let superseded = self.vms.get_mut(&e.vm).and_then(|v| v.migration.take());
+        if let Some(t) = superseded.and_then(|m| self.hosts.get_mut(&m.to)) {
+            t.allocated = t.allocated.saturating_sub(need);
+            t.incoming.remove(&e.vm);
+        }
         if let Some(h) = self.hosts.get_mut(&e.host) {
             h.allocated = h.allocated.checked_add(need).unwrap_or(h.allocated);
             h.vms.insert(e.vm);

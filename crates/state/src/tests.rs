@@ -288,6 +288,21 @@ fn a_migration_reserves_the_target_then_moves_the_vm_or_releases_it() {
     assert_eq!(s.hosts[&host(0)].allocated, Resources::ZERO);
     assert!(s.hosts[&host(1)].vms.contains(&vm(1)) && s.hosts[&host(1)].incoming.is_empty());
 
+    // Placed anew while migrating (healing): the migration is over, its reservation released,
+    // and the VM counted once — also when it lands on the migration's own target (found by
+    // the property test below).
+    for to in [0, 1] {
+        let mut replaced = ops.clone();
+        replaced.push(Op::Place(1, to, 2));
+        let s = run(&replaced);
+        let v = &s.vms[&vm(1)];
+        assert!(v.migration.is_none(), "placed on host {to}: {v:?}");
+        assert_eq!(v.host, Some(host(to)));
+        assert!(s.hosts[&host(1)].incoming.is_empty());
+        assert_eq!(s.hosts[&host(to)].allocated, need, "counted once on host {to}");
+        assert_eq!(s.hosts[&host(1 - to)].allocated, Resources::ZERO);
+    }
+
     let mut failed = ops;
     failed.push(Op::MigFail(1, 1, 2));
     let s = run(&failed);
