@@ -221,6 +221,24 @@ async fn a_migration_whose_destination_dies_leaves_the_vm_running_on_the_source(
     source.stop(vm, src_inc).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_migration_never_lands_in_another_vms_waiting_qemu() {
+    // What a dead destination's reused port would lead to: another VM's incoming QEMU, of the
+    // same size, at the address the source was given.
+    let (da, db) = (short_tempdir(), short_tempdir());
+    let (source, dest) = (driver(da.path()), driver(db.path()));
+    let (vm, src_inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    let (other, other_inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    source.start(&start_cmd(vm, src_inc, 0)).await.unwrap();
+    let uri = dest.prepare_incoming(&incoming_cmd(other, other_inc)).await.unwrap();
+
+    let err = source.migrate_out(vm, src_inc, &uri).await.unwrap_err();
+    assert!(err.to_string().contains("migration of VM"), "{err}");
+    assert_eq!(source.qmp_status(vm).await.unwrap(), "running", "the VM keeps running on the source");
+    assert_eq!(qemu_processes_of(vm), 1, "one copy of the VM, on the source");
+    source.stop(vm, src_inc).await.unwrap();
+}
+
 /// A pid that surely is not running: a child that has exited and been reaped.
 fn dead_pid() -> u32 {
     let mut child = std::process::Command::new("true").spawn().unwrap();

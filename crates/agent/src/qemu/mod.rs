@@ -576,6 +576,11 @@ impl Driver for QemuDriver {
                 .await
                 .map_err(|e| failed(e.to_string()))?;
         }
+        // The stream carries the VM's UUID and the destination refuses another (every QEMU
+        // here runs with `-uuid <vm-id>`): if the destination died and its port now belongs to
+        // another VM's incoming QEMU, the migration fails instead of landing in the wrong VM.
+        let uuid = serde_json::json!({ "capabilities": [{ "capability": "validate-uuid", "state": true }] });
+        qmp.execute("migrate-set-capabilities", Some(uuid)).await.map_err(|e| failed(e.to_string()))?;
         let started = Instant::now();
         qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))).await.map_err(|e| failed(e.to_string()))?;
         loop {
