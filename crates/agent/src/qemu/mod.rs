@@ -537,12 +537,9 @@ impl Driver for QemuDriver {
             }
             return Err(Self::start_failed(cmd.vm, "another incarnation of this VM runs here"));
         }
-        // A free port on the migration address; QEMU listens on it until the source connects.
-        let listener = std::net::TcpListener::bind((self.cfg.migration_address, 0))
-            .map_err(|e| Self::start_failed(cmd.vm, format!("no port for the incoming migration: {e}")))?;
-        let port = listener.local_addr().map_err(|e| Self::start_failed(cmd.vm, e.to_string()))?.port();
-        drop(listener);
-        let uri = format!("tcp:{}:{port}", self.cfg.migration_address);
+        // QEMU binds a port of its own choosing on the migration address (port 0) and says which:
+        // no window between finding a free port and binding it, where another incoming
+        // migration could take it.
         let start = StartVm {
             vm: cmd.vm,
             host: cmd.host.clone(),
@@ -550,7 +547,20 @@ impl Driver for QemuDriver {
             generation: cmd.generation,
             spec: cmd.spec.clone(),
         };
-        let inst = self.launch(&start, Some(&uri)).await?;
+        let inst = self.launch(&start, Some(&format!("tcp:{}:0", self.cfg.migration_address))).await?;
+        let port = match inst.qmp.execute("query-migrate", None).await {
+            Ok(info) => info.get("socket-address").and_then(|a| a.get(0)).and_then(|a| a.get("port")).and_then(|p| {
+                p.as_str()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .or_else(|| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+            }),
+            Err(_) => None,
+        };
+        let Some(port) = port else {
+            self.terminate_with(inst, false).await;
+            return Err(Self::start_failed(cmd.vm, "QEMU did not say which port it listens on for the migration"));
+        };
+        let uri = format!("tcp:{}:{port}", self.cfg.migration_address);
         tracing::info!(vm = %cmd.vm, pid = inst.pid, %uri, "QEMU waiting for an incoming migration");
         self.watch(cmd.vm, cmd.incarnation, inst.qmp.clone(), inst.stopping.clone(), inst.paused.clone());
         self.lock().insert(cmd.vm, inst);
