@@ -239,6 +239,32 @@ async fn a_migration_never_lands_in_another_vms_waiting_qemu() {
     source.stop(vm, src_inc).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_migration_whose_stream_is_swallowed_by_something_else_fails() {
+    // A dead destination's port taken by some other program that reads whatever comes: the
+    // source writes its whole stream, but nobody loads it — that is not a migration.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &conn, &mut std::io::sink());
+            });
+        }
+    });
+    let dir = short_tempdir();
+    let source = driver(dir.path());
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    source.start(&start_cmd(vm, inc, 0)).await.unwrap();
+    let asked = std::time::Instant::now();
+    let err = source.migrate_out(vm, inc, &format!("tcp:127.0.0.1:{port}")).await.unwrap_err();
+    assert!(err.to_string().contains("did not confirm"), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(20), "the VM was stopped for {:?}", asked.elapsed());
+    assert_eq!(source.qmp_status(vm).await.unwrap(), "running", "the VM runs on the source again");
+    assert_eq!(qemu_processes_of(vm), 1, "the source copy is still there");
+    source.stop(vm, inc).await.unwrap();
+}
+
 /// A pid that surely is not running: a child that has exited and been reaped.
 fn dead_pid() -> u32 {
     let mut child = std::process::Command::new("true").spawn().unwrap();

@@ -25,6 +25,10 @@
 pub mod keeper;
 pub mod qmp;
 
+/// Longest the final phase of an outgoing migration may keep the VM stopped while waiting for
+/// the destination's confirmation before the migration is cancelled and the VM resumes here.
+const FINAL_PHASE_LIMIT: Duration = Duration::from_secs(5);
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -586,12 +590,19 @@ impl Driver for QemuDriver {
                 .await
                 .map_err(|e| failed(e.to_string()))?;
         }
-        // The stream carries the VM's UUID and the destination refuses another (every QEMU
-        // here runs with `-uuid <vm-id>`): if the destination died and its port now belongs to
-        // another VM's incoming QEMU, the migration fails instead of landing in the wrong VM.
-        let uuid = serde_json::json!({ "capabilities": [{ "capability": "validate-uuid", "state": true }] });
-        qmp.execute("migrate-set-capabilities", Some(uuid)).await.map_err(|e| failed(e.to_string()))?;
+        // Completion must mean the destination has the VM. `return-path`: the destination
+        // confirms that it loaded the state, and only then is the migration complete (without
+        // it, a source that wrote its whole stream into a socket counted as done — whoever read
+        // it: a dead destination's port taken by another program "completed" a migration).
+        // `validate-uuid`: the stream carries the VM's UUID and a destination of another VM
+        // refuses it (every QEMU here runs with `-uuid <vm-id>`).
+        let caps = serde_json::json!({ "capabilities": [
+            { "capability": "return-path", "state": true },
+            { "capability": "validate-uuid", "state": true },
+        ] });
+        qmp.execute("migrate-set-capabilities", Some(caps)).await.map_err(|e| failed(e.to_string()))?;
         let started = Instant::now();
+        let (mut final_since, mut unconfirmed) = (None::<Instant>, false);
         qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))).await.map_err(|e| failed(e.to_string()))?;
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -618,7 +629,11 @@ impl Driver for QemuDriver {
                     return Ok(stats);
                 }
                 "failed" | "cancelled" => {
-                    let why = info.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("no reason given");
+                    let why = if unconfirmed {
+                        "the destination did not confirm it had loaded the VM; cancelled"
+                    } else {
+                        info.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("no reason given")
+                    };
                     // QEMU resumes the source after a failed migration; make sure it runs.
                     if qmp.status().await.is_ok_and(|s| s == "paused") {
                         let _ = qmp.execute("cont", None).await;
@@ -629,7 +644,18 @@ impl Driver for QemuDriver {
                     let _ = qmp.execute("migrate_cancel", None).await;
                     return Err(failed("took longer than 10 minutes; cancelled".into()));
                 }
-                _ => {}
+                _ => {
+                    // The final phase (vCPUs stopped, waiting for the destination to confirm)
+                    // takes milliseconds; a destination that never confirms must not keep the
+                    // VM stopped: cancel, and QEMU resumes it here.
+                    if qmp.status().await.is_ok_and(|s| s == "finish-migrate") {
+                        let since = *final_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > FINAL_PHASE_LIMIT {
+                            let _ = qmp.execute("migrate_cancel", None).await;
+                            unconfirmed = true;
+                        }
+                    }
+                }
             }
         }
     }
