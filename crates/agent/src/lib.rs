@@ -607,10 +607,34 @@ impl<D: Driver> Agent<D> {
         }
     }
 
-    /// Periodic host and VM telemetry (heartbeats go with lease renewals, in `fence_loop`).
+    /// Waits until the log records this host (its registration folded in: any event on its
+    /// subject), asking once per telemetry period. Telemetry sent before that would be
+    /// dead-lettered as from an unknown host — thousands of dead letters while a large fleet
+    /// registers. False when cancelled first.
+    async fn registered(&self, cancel: &CancellationToken) -> bool {
+        let subject = proto::host_events(&self.cfg.host);
+        loop {
+            let found = match self.bus.js.get_stream(proto::EVENTS_STREAM).await {
+                Ok(events) => events.get_last_raw_message_by_subject(&subject).await.is_ok(),
+                Err(_) => false,
+            };
+            if found {
+                return true;
+            }
+            tracing::debug!(host = %self.cfg.host, "not in the log yet; telemetry waits");
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(self.cfg.telemetry_interval) => {}
+            }
+        }
+    }
+
+    /// Periodic host and VM telemetry (heartbeats go with lease renewals, in `fence_loop`),
+    /// once the log records this host.
     async fn telemetry_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
-        // The first sample waits one period: sent at once, it could reach the orchestrator
-        // before the registration is folded in, and be dead-lettered as from an unknown host.
+        if !self.registered(&cancel).await {
+            return;
+        }
         let mut tele = tokio::time::interval_at(
             tokio::time::Instant::now() + self.cfg.telemetry_interval,
             self.cfg.telemetry_interval,

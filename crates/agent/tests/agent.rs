@@ -96,6 +96,22 @@ impl Harness {
         )
     }
 
+    /// Appends this host's `HostRegistered`, as the orchestrator does when it folds the
+    /// registration in (the agent sends telemetry only after that).
+    async fn record_registration(&mut self) {
+        let registered = Envelope::new(
+            1,
+            Actor::Orchestrator("test".into()),
+            EventKind::HostRegistered(novacron_types::event::HostRegistered {
+                host: self.host.clone(),
+                capacity: Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 },
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        );
+        self.log.append(&[registered]).await.unwrap();
+    }
+
     /// How many commands the agent's consumer has finished with (acked or terminated).
     async fn commands_done(&self) -> u64 {
         let stream = self.bus.js.get_stream("EVENTS").await.unwrap();
@@ -494,6 +510,7 @@ mod qemu {
         let db = sled::open(dir.path().join("journal")).unwrap();
         let driver = qemu_driver(dir.path());
         let (cancel, handle) = h.spawn_with(driver.clone(), &db, |c| c.telemetry_interval = Duration::from_millis(200));
+        h.record_registration().await;
         let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
         h.log.append(&[tiny(&h, vm, inc)]).await.unwrap();
         wait_for("VmRunning from a real QEMU", || async {
@@ -583,4 +600,38 @@ mod qemu {
         cancel.cancel();
         handle.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn telemetry_waits_until_the_log_records_the_host() {
+    use futures::StreamExt;
+    let h = Harness::new().await;
+    let telemetry = |bus: Bus| async move {
+        let stream = bus.js.get_stream("TELEMETRY").await.unwrap();
+        stream.clone().info().await.unwrap().state.messages
+    };
+    let mut beats = h.bus.client.subscribe("nc.hb.h1").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let (cancel, _run) = h.spawn_with(SimDriver::default(), &db, |c| {
+        c.telemetry_interval = Duration::from_millis(50);
+        c.heartbeat_interval = Duration::from_millis(100);
+    });
+    // No orchestrator folds the registration: the agent renews its lease and heartbeats (three
+    // beats: at least four telemetry periods), but sends no telemetry.
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(20), beats.next()).await.expect("a heartbeat").unwrap();
+    }
+    assert_eq!(telemetry(h.bus.clone()).await, 0, "telemetry before the host is in the log");
+
+    // The registration is folded in (as the orchestrator would append it): telemetry starts.
+    let mut h = h;
+    h.record_registration().await;
+    let bus = h.bus.clone();
+    wait_for("telemetry once the host is in the log", || {
+        let bus = bus.clone();
+        async move { telemetry(bus).await > 0 }
+    })
+    .await;
+    cancel.cancel();
 }

@@ -145,6 +145,13 @@ pub fn event_subject(event: &EventKind) -> String {
     }
 }
 
+/// The subject of a host's own events (`nc.events.host.<id>`: its registration, suspicion,
+/// failure, recovery, cordon and drain).
+#[must_use]
+pub fn host_events(host: &HostId) -> String {
+    format!("nc.events.host.{host}")
+}
+
 /// The subject of a VM's own events (`nc.events.vm.<id>`).
 #[must_use]
 pub fn vm_events(vm: VmId) -> String {
