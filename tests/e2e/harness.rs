@@ -43,14 +43,21 @@ impl Proc {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let mut status = None;
-        assert!(
-            wait_until(TIMEOUT, || {
-                status = self.child.try_wait().unwrap();
-                status.is_some()
-            }),
-            "{} did not stop on SIGTERM",
-            self.name
-        );
+        let stopped = wait_until(TIMEOUT, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        if !stopped {
+            // Its log says where it waits; it is readable once the process is gone.
+            self.kill9();
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "{} did not stop on SIGTERM; the end of its log:\n{}",
+                self.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         status.unwrap()
     }
 

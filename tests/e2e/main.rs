@@ -139,13 +139,33 @@ fn an_orchestrator_whose_bus_is_gone_still_stops_at_once_on_sigterm() {
     let mut nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut o = Orchestrator::start(&nats.url(), &dir.path().join("orch"));
+    // Keep the engine appending (creates with nowhere to go: requested, then refused), so that
+    // the bus dies under an append, which retries for up to 30 s.
+    let api = o.api.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let creating = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut made = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = json!({"name": format!("v-{made}"), "vcpus": 1, "memory_mib": 64});
+                if post(&api, "/api/v1/vms", &body).0 == 201 {
+                    made += 1;
+                }
+            }
+            made
+        })
+    };
+    wait_for("creates under way", || get(&o.api, "/api/v1/state").1["vms"].as_u64().is_some_and(|n| n >= 5));
     nats.kill();
     // It notices (the lease cannot be renewed), then every bus request waits out a timeout of
-    // seconds; none of them may hold up a shutdown.
+    // seconds, and an append retries for 30; none of them may hold up a shutdown.
     wait_for("the orchestrator to step down", || get(&o.api, "/api/v1/leader").1["role"] == "follower");
     let asked = std::time::Instant::now();
     assert!(o.proc.terminate().success(), "exit status: {}", o.proc.stderr());
     let took = asked.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(creating.join().unwrap() >= 5);
     assert!(took < Duration::from_secs(4), "took {took:?} to stop without its bus");
 }
 

@@ -338,6 +338,16 @@ const MAX_CREATE_GROUP: usize = 256;
 /// The least time between two reconcile passes triggered by requests (ticks always run one).
 const RECONCILE_MIN_GAP: Duration = Duration::from_millis(100);
 
+/// What the engine's loop carries from one step to the next.
+struct Follow {
+    rx: mpsc::Receiver<Request>,
+    role: tokio::sync::watch::Receiver<crate::leader::Role>,
+    /// The term this replica leads, if it does.
+    leading: Option<u64>,
+    tick: tokio::time::Interval,
+    min_gap: Duration,
+}
+
 /// Events fetched per step of a catch-up.
 const CATCH_UP_WINDOW: u64 = 10_000;
 
@@ -405,72 +415,67 @@ impl Engine {
         Ok((engine, handle, rx))
     }
 
-    pub(crate) async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Request>,
-        ready: Arc<AtomicBool>,
-        cancel: CancellationToken,
-    ) {
+    pub(crate) async fn run(mut self, rx: mpsc::Receiver<Request>, ready: Arc<AtomicBool>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.cfg.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ready.store(true, Ordering::SeqCst);
-        let mut role = self.cfg.role.clone();
-        let mut leading: Option<u64> = None;
         // Between ticks, a request may trigger a pass (new capacity, a deletion to move along),
         // but not more often than this: a full pass costs O(hosts), and under a stream of
         // requests one pass per request would be most of the work.
         let min_gap = RECONCILE_MIN_GAP.min(self.cfg.reconcile_interval);
-        loop {
-            let ticked = tokio::select! {
-                // Cancellation first: with the bus gone every other branch is ready at once, and
-                // a shutdown must not wait for a lucky draw.
-                biased;
-                () = cancel.cancelled() => break,
-                _ = role.changed() => true,
-                req = rx.recv() => match req {
-                    Some(req) if leading.is_some() => {
-                        let mut next = Some(req);
-                        while let Some(req) = next.take() {
-                            next = self.handle_or_group(req, &mut rx).await;
-                        }
-                        false
-                    }
-                    Some(req) => { self.refuse(req); false }
-                    None => break,
-                },
-                _ = tick.tick() => true,
-            };
-            // Follow the election: a new term starts by catching up and saying so in the log.
-            let now = role.borrow().clone();
-            match (&now, leading) {
-                (crate::leader::Role::Leader { term }, prev) if prev != Some(*term) => {
-                    self.take_office(*term).await;
-                    leading = Some(*term);
-                }
-                (crate::leader::Role::Leader { .. }, _) => {}
-                (_, Some(_)) => {
-                    tracing::warn!("no longer the leader; following the log");
-                    leading = None;
-                }
-                (_, None) => {}
-            }
-            if leading.is_some() {
-                if ticked || self.last_reconcile.elapsed() >= min_gap {
-                    self.reconcile().await;
-                }
-            } else {
-                // A standby keeps its state warm by folding what the leader appends (which waits
-                // out a request timeout while the bus is unreachable: shutdown does not).
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => break,
-                    () = self.catch_up() => {}
-                }
-            }
-        }
+        // Every step is dropped at cancellation, wherever it waits: with the bus gone an append
+        // or a catch-up waits out request timeouts, several in a row in one reconcile pass, and
+        // a shutdown must not wait for them. What a dropped step had not appended is as after a
+        // crash: not acknowledged, and the log remains the record.
+        let mut follow = Follow { rx, role: self.cfg.role.clone(), leading: None, tick, min_gap };
+        while let Some(true) = cancel.run_until_cancelled(self.step(&mut follow)).await {}
         ready.store(false, Ordering::SeqCst);
         self.snapshot();
         tracing::info!(seq = read(&self.state).seq, "engine stopped");
+    }
+
+    /// One turn of the engine: a request (or a batch of them), a tick or a change of role,
+    /// then what the role asks for — a reconcile pass as leader, a catch-up as standby. False
+    /// when the request channel has closed.
+    async fn step(&mut self, f: &mut Follow) -> bool {
+        let ticked = tokio::select! {
+            _ = f.role.changed() => true,
+            req = f.rx.recv() => match req {
+                Some(req) if f.leading.is_some() => {
+                    let mut next = Some(req);
+                    while let Some(req) = next.take() {
+                        next = self.handle_or_group(req, &mut f.rx).await;
+                    }
+                    false
+                }
+                Some(req) => { self.refuse(req); false }
+                None => return false,
+            },
+            _ = f.tick.tick() => true,
+        };
+        // Follow the election: a new term starts by catching up and saying so in the log.
+        let now = f.role.borrow().clone();
+        match (&now, f.leading) {
+            (crate::leader::Role::Leader { term }, prev) if prev != Some(*term) => {
+                self.take_office(*term).await;
+                f.leading = Some(*term);
+            }
+            (crate::leader::Role::Leader { .. }, _) => {}
+            (_, Some(_)) => {
+                tracing::warn!("no longer the leader; following the log");
+                f.leading = None;
+            }
+            (_, None) => {}
+        }
+        if f.leading.is_some() {
+            if ticked || self.last_reconcile.elapsed() >= f.min_gap {
+                self.reconcile().await;
+            }
+        } else {
+            // A standby keeps its state warm by folding what the leader appends.
+            self.catch_up().await;
+        }
+        true
     }
 
     /// Begins a term: folds in everything appended so far, records `LeaderElected`, and gives

@@ -306,7 +306,9 @@ fn spawn_loop(
 ) {
     let cancel = cancel.clone();
     tracker.spawn(async move {
-        if let Err(e) = fut.await {
+        // Dropped at cancellation wherever it waits (a dead letter or an ack on a bus that is
+        // gone waits out a timeout); an unacknowledged report comes back to the next leader.
+        if let Some(Err(e)) = cancel.run_until_cancelled(fut).await {
             tracing::error!(loop_name = name, error = %e, "loop could not start; stopping the orchestrator");
             cancel.cancel();
         }
