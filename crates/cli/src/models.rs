@@ -39,7 +39,7 @@ pub struct EvaluateArgs {
     #[arg(long, default_value_t = 120)]
     train_origins: usize,
     /// Training samples per horizon for the boosted-trees model (`global-gbdt`), drawn evenly
-    /// across series; 0 leaves that model out (`models evaluate` only).
+    /// across series (at least 50 per series); 0 leaves that model out.
     #[arg(long, default_value_t = 200_000)]
     gbdt_samples: usize,
     /// Seed of the training.

@@ -218,8 +218,9 @@ pub fn train_global_linear(
 /// Settings of the boosted-trees model ([`train_global_gbdt`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GbdtConfig {
-    /// Most training samples per horizon, drawn evenly across series (training time grows
-    /// with them: ~200,000 take tens of seconds on one core).
+    /// Training samples per horizon, drawn evenly across series but at least 50 per series
+    /// (so many short series can give more); training time grows with them (~200,000 take a
+    /// few seconds).
     pub max_samples: usize,
     /// Most boosting rounds; early stopping on the validation error usually ends sooner.
     pub max_rounds: usize,
