@@ -12,7 +12,7 @@
 //!                             every renewal (write, then rename)
 //! <qemu-dir>/keeper.pid       the keeper's pid
 //! <qemu-dir>/keeper.log       what it did
-//! <qemu-dir>/agent.pid        the pid of the agent that writes the deadline
+//! <qemu-dir>/agent.pid        the pid and start time of the agent that writes the deadline
 //! ```
 //! A separate process (`novacron qemu-fence-keeper`, started by the agent in its own process
 //! group, so neither a crash nor a Ctrl-C of the agent takes it along) polls the deadline every
@@ -94,7 +94,7 @@ pub fn running(dir: &Path) -> bool {
 /// # Errors
 /// When the pid cannot be recorded or the keeper cannot be spawned.
 pub fn ensure(command: &[std::ffi::OsString], dir: &Path, action: FenceAction) -> std::io::Result<()> {
-    std::fs::write(dir.join(AGENT_PID_FILE), format!("{}\n", std::process::id()))?;
+    std::fs::write(dir.join(AGENT_PID_FILE), identity(std::process::id()))?;
     if running(dir) {
         return Ok(());
     }
@@ -165,12 +165,24 @@ pub fn run(dir: &Path, action: FenceAction) -> std::io::Result<()> {
     }
 }
 
-/// Whether the agent recorded in `dir` still runs.
+/// `<pid> <start time>`: a pid alone may name another process once the agent is gone.
+fn identity(pid: u32) -> String {
+    format!("{pid} {}\n", start_ticks(pid).unwrap_or(0))
+}
+
+/// When the process started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the agent recorded in `dir` still runs: the same pid, started at the same time.
 fn agent_alive(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(AGENT_PID_FILE))
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .is_some_and(super::process_alive)
+    let Ok(text) = std::fs::read_to_string(dir.join(AGENT_PID_FILE)) else { return false };
+    let mut fields = text.split_whitespace();
+    let Some(pid) = fields.next().and_then(|p| p.parse::<u32>().ok()) else { return false };
+    let started = fields.next().and_then(|t| t.parse::<u64>().ok());
+    super::process_alive(pid) && started.is_none_or(|t| start_ticks(pid) == Some(t))
 }
 
 /// The mark the keeper leaves on a VM it paused.
@@ -225,4 +237,24 @@ fn pause_over_qmp(sock: &Path) -> std::io::Result<()> {
 
 fn say(what: &str) {
     eprintln!("{} novacron lease keeper: {what}", uptime().map(|u| format!("[{u:.2}]")).unwrap_or_default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_is_known_by_its_pid_and_its_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        std::fs::write(dir.path().join(AGENT_PID_FILE), identity(me)).unwrap();
+        assert!(agent_alive(dir.path()), "this very process");
+        let started = start_ticks(me).unwrap();
+        // The same pid started at another time is another process: the agent is gone.
+        std::fs::write(dir.path().join(AGENT_PID_FILE), format!("{me} {}\n", started + 1)).unwrap();
+        assert!(!agent_alive(dir.path()));
+        std::fs::write(dir.path().join(AGENT_PID_FILE), "not a pid\n").unwrap();
+        assert!(!agent_alive(dir.path()));
+        assert!(!agent_alive(&dir.path().join("nowhere")));
+    }
 }
