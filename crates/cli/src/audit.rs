@@ -157,11 +157,6 @@ fn subject_matches(filter: &str, subject: &str) -> bool {
     }
 }
 
-/// The JSON of one logged event (shared with the API's live stream).
-fn event_json(ev: &LoggedEvent) -> Value {
-    ev.to_json()
-}
-
 fn event_line(v: &Value) -> String {
     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
     let payload = v.get("payload").map(Value::to_string).unwrap_or_default();
@@ -203,7 +198,7 @@ pub async fn events(nats: &str, a: EventsArgs, fmt: Format) -> anyhow::Result<()
                 break;
             }
             if keep(&ev) {
-                let v = event_json(&ev);
+                let v = ev.to_json();
                 match fmt {
                     Format::Json => println!("{}", serde_json::to_string(&v)?),
                     Format::Text => println!("{}", event_line(&v)),
@@ -220,7 +215,7 @@ pub async fn events(nats: &str, a: EventsArgs, fmt: Format) -> anyhow::Result<()
     let mut out = Vec::new();
     replay(&stream, from, to, |ev| {
         if keep(&ev) {
-            out.push(event_json(&ev));
+            out.push(ev.to_json());
         }
     })
     .await?;

@@ -179,6 +179,19 @@ pub fn features(hist: &VecDeque<f64>, h: usize) -> [f64; FEATURES] {
     [1.0, last / 100.0, mean(3) / 100.0, mean(12) / 100.0, m48 / 100.0, seasonal / 100.0, range / 100.0]
 }
 
+/// Steps of history the global models keep: a day, plus the 48 steps the features look back.
+pub(crate) const HISTORY: usize = DAY + 48;
+
+/// Appends `x` to a global model's history — a gap carries the last value forward (0 before
+/// any) — keeping the last [`HISTORY`] steps.
+pub(crate) fn remember(hist: &mut VecDeque<f64>, x: f64) {
+    let x = if x.is_nan() { hist.back().copied().unwrap_or(0.0) } else { x };
+    hist.push_back(x);
+    if hist.len() > HISTORY {
+        hist.pop_front();
+    }
+}
+
 /// A linear model per horizon over [`features`], trained across series ([`crate::train`]).
 #[derive(Clone, Debug)]
 pub struct GlobalLinear {
@@ -200,11 +213,7 @@ impl Forecaster for GlobalLinear {
         "global-linear".into()
     }
     fn observe(&mut self, x: f64) {
-        let x = if x.is_nan() { self.hist.back().copied().unwrap_or(0.0) } else { x };
-        self.hist.push_back(x);
-        if self.hist.len() > DAY + 48 {
-            self.hist.pop_front();
-        }
+        remember(&mut self.hist, x);
     }
     fn forecast(&self, h: usize) -> f64 {
         if self.hist.is_empty() {
@@ -242,11 +251,7 @@ impl Forecaster for GlobalGbdt {
         "global-gbdt".into()
     }
     fn observe(&mut self, x: f64) {
-        let x = if x.is_nan() { self.hist.back().copied().unwrap_or(0.0) } else { x };
-        self.hist.push_back(x);
-        if self.hist.len() > DAY + 48 {
-            self.hist.pop_front();
-        }
+        remember(&mut self.hist, x);
     }
     fn forecast(&self, h: usize) -> f64 {
         if self.hist.is_empty() {

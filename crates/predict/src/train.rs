@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use crate::model::{DAY, FEATURES, features};
+use crate::model::{FEATURES, HISTORY, features, remember};
 use crate::series::Series;
 
 /// Where a series is cut: `[0, val_start)` train, `[val_start, test_start)` validation,
@@ -116,17 +116,11 @@ fn samples(
         origins.shuffle(rng);
         origins.truncate(cap);
         origins.sort_unstable();
-        let mut hist: VecDeque<f64> = VecDeque::with_capacity(DAY + 48);
-        let mut last = 0.0;
+        let mut hist: VecDeque<f64> = VecDeque::with_capacity(HISTORY + 1);
         let mut next = 0;
         for &o in &origins {
             while next < o {
-                let x = s.values[next];
-                last = if x.is_nan() { last } else { x };
-                hist.push_back(last);
-                if hist.len() > DAY + 48 {
-                    hist.pop_front();
-                }
+                remember(&mut hist, s.values[next]);
                 next += 1;
             }
             let y = s.values[o + h - 1];
