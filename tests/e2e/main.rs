@@ -717,7 +717,14 @@ fn generated_telemetry_is_evaluated_against_the_baselines() {
             assert!(mae("selected-per-series") < mae("last-value"), "{rows:?}");
         }
         assert!(rows.iter().all(|r| r["forecasts"].as_u64().unwrap() > 0));
+        // The hindsight oracles score the same targets as the models' test forecasts.
+        let oracle = &report["report"]["hindsight"][h];
+        let last = rows.iter().find(|r| r["model"] == "last-value").unwrap();
+        assert_eq!(oracle["targets"], last["forecasts"], "{oracle}");
+        assert!(oracle["constant_mae"].as_f64().unwrap() > 0.0 && oracle["local_level_mae"].as_f64().unwrap() > 0.0);
     }
+    let text = cli(&["models", "evaluate", "--data", csv.to_str().unwrap(), "--horizons", "12"]);
+    assert!(text.0 && text.1.contains("hindsight, not forecasts"), "{}", text.1);
     let json = cli_json(&["data", "generate", "--series", "1", "--days", "1", "--format", "json"]);
     assert_eq!(json["series"][0]["values"].as_array().unwrap().len(), 288);
     // A bad file is named with its line.

@@ -160,6 +160,8 @@ pub fn evaluate_cmd(a: &EvaluateArgs, fmt: Format) -> anyhow::Result<()> {
                 "horizon_steps": h,
                 "series": report.series,
                 "best_naive": report.best_naive.get(h),
+                // Oracles that read the test part: how much a forecast of the level could gain.
+                "hindsight": report.hindsight.get(h),
                 "models": rows.iter().map(|m| json!({
                     "name": m.model, "mae": m.scores.mae, "rmse": m.scores.rmse, "mase": m.scores.mase,
                     "mape": m.scores.mape, "coverage": m.scores.coverage, "within_10pp": m.scores.within_10pp,
@@ -234,6 +236,14 @@ fn print_report(r: &Report) {
             println!(
                 "A/B {} vs {}: Δ MAE {:+.3}, effect {:.2}, p = {:.2e} → {}",
                 t.a, t.b, t.mean_difference, t.effect_size, t.p_value, t.recommendation
+            );
+        }
+        if let Some(o) = r.hindsight.get(h) {
+            println!(
+                "hindsight, not forecasts: each series' best constant MAE {:.3}; the level of the {} steps around each target MAE {:.3}",
+                o.constant_mae,
+                2 * novacron_predict::eval::HINDSIGHT_NEIGHBOURS,
+                o.local_level_mae
             );
         }
         println!();

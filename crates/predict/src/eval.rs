@@ -153,6 +153,58 @@ pub struct Report {
     pub selected: BTreeMap<usize, BTreeMap<String, usize>>,
     /// Per horizon: the naive baseline with the lowest MAE.
     pub best_naive: BTreeMap<usize, String>,
+    /// Per horizon: what forecasts that knew the future level would score ([`Hindsight`]).
+    pub hindsight: BTreeMap<usize, Hindsight>,
+}
+
+/// Errors of two oracles that read the test part itself — not forecasts, but a yardstick for
+/// how much any forecast of the *level* could gain on a data set. Scored on every test
+/// target of the horizon (the targets of the models' test forecasts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Hindsight {
+    /// Test targets scored.
+    pub targets: u64,
+    /// MAE of each series' best constant in hindsight (the median of its test targets): the
+    /// floor for any forecast that is one level per series over the test part.
+    pub constant_mae: f64,
+    /// MAE of the median of the [`HINDSIGHT_NEIGHBOURS`] actual values around each target
+    /// (not the target itself): a forecast that knew the level of the surrounding hour.
+    pub local_level_mae: f64,
+}
+
+/// Actual values on each side of a target that [`Hindsight::local_level_mae`] reads.
+pub const HINDSIGHT_NEIGHBOURS: usize = 6;
+
+/// Hindsight errors of one series at horizon `h`: (targets, sum of constant errors, sum of
+/// local-level errors).
+fn hindsight(s: &Series, sp: &Split, h: usize) -> (u64, f64, f64) {
+    let targets: Vec<usize> = (sp.test_start..sp.len)
+        .map(|t| t + h - 1)
+        .filter(|&target| target < sp.len && !s.values[target].is_nan())
+        .collect();
+    let actual: Vec<f64> = targets.iter().map(|&t| s.values[t]).collect();
+    let level = median(&actual);
+    let (mut constant, mut local) = (0.0, 0.0);
+    for (&t, y) in targets.iter().zip(&actual) {
+        constant += (y - level).abs();
+        let lo = t.saturating_sub(HINDSIGHT_NEIGHBOURS);
+        let hi = (t + HINDSIGHT_NEIGHBOURS + 1).min(sp.len);
+        let around: Vec<f64> = (lo..hi).filter(|&i| i != t).map(|i| s.values[i]).filter(|v| !v.is_nan()).collect();
+        let m = median(&around);
+        local += (y - if m.is_nan() { level } else { m }).abs();
+    }
+    (targets.len() as u64, constant, local)
+}
+
+/// The median (mean of the middle two for an even count; NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// Degraded inputs for a robustness check: the models see the series with Gaussian noise added
@@ -206,7 +258,13 @@ pub fn evaluate_with(
     let mut acc: BTreeMap<String, BTreeMap<usize, Accuracy>> = BTreeMap::new();
     let mut per_series: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
     let mut chosen: BTreeMap<usize, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut oracle: BTreeMap<usize, (u64, f64, f64)> = BTreeMap::new();
     for (k, (s, sp)) in series.iter().zip(splits).enumerate() {
+        for &h in horizons {
+            let (n, constant, local) = hindsight(s, sp, h);
+            let o = oracle.entry(h).or_default();
+            *o = (o.0 + n, o.1 + constant, o.2 + local);
+        }
         let observed = perturbation.map(|p| perturbed(&s.values, &p, k as u64));
         let observed = observed.as_deref().unwrap_or(&s.values);
         // MASE scale: the one-step naive MAE before the test part (none if it was flat).
@@ -320,7 +378,21 @@ pub fn evaluate_with(
         ab_tests.insert(h, ab_test(SELECTED, &baseline, &base(SELECTED), &base(&baseline)));
         horizons_out.insert(h, rows);
     }
-    Report { series: series.len(), horizons: horizons_out, ab_tests, selected: chosen, best_naive: best_naives }
+    let hindsight = oracle
+        .into_iter()
+        .map(|(h, (n, constant, local))| {
+            let per = |sum: f64| if n == 0 { f64::NAN } else { sum / n as f64 };
+            (h, Hindsight { targets: n, constant_mae: per(constant), local_level_mae: per(local) })
+        })
+        .collect();
+    Report {
+        series: series.len(),
+        horizons: horizons_out,
+        ab_tests,
+        selected: chosen,
+        best_naive: best_naives,
+        hindsight,
+    }
 }
 
 /// Page–Hinkley drift detection on a stream of errors: alarms when their mean rises by more
@@ -425,5 +497,23 @@ mod tests {
         assert_eq!(last.scores.forecasts, 200, "one forecast per test origin");
         assert!((last.scores.mae - 10.0 / 200.0).abs() < 1e-9, "one miss of 10 points: {}", last.scores.mae);
         assert_eq!(r.selected[&1].values().sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn hindsight_oracles_read_the_test_targets() {
+        let values = vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 10.0, 0.0, 10.0];
+        let series = vec![Series { name: "s".into(), values }];
+        let splits = vec![Split { val_start: 3, test_start: 6, len: 10 }];
+        let r = evaluate(&series, &splits, &[1, 2], &[]);
+        // h = 1: targets 0, 10, 0, 10 — best constant 5, all four 5 away.
+        // Their neighbours' medians (the target left out): 1, 1, 1, 1 → errors 1, 9, 1, 9.
+        assert_eq!(r.hindsight[&1], Hindsight { targets: 4, constant_mae: 5.0, local_level_mae: 5.0 });
+        // h = 2: targets 10, 0, 10 — best constant 10 → errors 0, 10, 0; neighbours → 9, 1, 9.
+        let h2 = r.hindsight[&2];
+        assert_eq!(h2.targets, 3);
+        assert!(
+            (h2.constant_mae - 10.0 / 3.0).abs() < 1e-12 && (h2.local_level_mae - 19.0 / 3.0).abs() < 1e-12,
+            "{h2:?}"
+        );
     }
 }

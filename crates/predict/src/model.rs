@@ -159,11 +159,13 @@ impl Forecaster for Ses {
 }
 
 /// How many features [`features`] computes.
-pub const FEATURES: usize = 7;
+pub const FEATURES: usize = 11;
 
 /// The features of the history `hist` (oldest first, gaps filled) for a forecast `h` steps
 /// ahead, scaled to 0–1: bias, last value, means of the last 3, 12 and 48, the value a day
-/// before the target (or the 48-mean), and the 48-step range (volatility).
+/// before the target (or the 48-mean), the 48-step range (volatility), the medians of the
+/// last 12 and 48 and the quartiles of the last 48. (The medians and quartiles are what a
+/// forecast judged by absolute error needs on skewed, noisy load: near zero with bursts.)
 #[must_use]
 pub fn features(hist: &VecDeque<f64>, h: usize) -> [f64; FEATURES] {
     let n = hist.len();
@@ -174,9 +176,43 @@ pub fn features(hist: &VecDeque<f64>, h: usize) -> [f64; FEATURES] {
     let last = hist.back().copied().unwrap_or(0.0);
     let m48 = mean(48);
     let seasonal = if n + h > DAY { hist[n + h - 1 - DAY] } else { m48 };
-    let (lo, hi) = hist.iter().rev().take(48).fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-    let range = if n == 0 { 0.0 } else { hi - lo };
-    [1.0, last / 100.0, mean(3) / 100.0, mean(12) / 100.0, m48 / 100.0, seasonal / 100.0, range / 100.0]
+    // The last 48 points, newest first, on the stack (this runs for every forecast).
+    let mut window = [0.0; 48];
+    let k = n.min(window.len());
+    for (slot, v) in window.iter_mut().zip(hist.iter().rev()) {
+        *slot = *v;
+    }
+    let recent = &mut window[..k];
+    let range = recent
+        .iter()
+        .fold(None, |acc: Option<(f64, f64)>, v| Some(acc.map_or((*v, *v), |(lo, hi)| (lo.min(*v), hi.max(*v)))));
+    let range = range.map_or(0.0, |(lo, hi)| hi - lo);
+    let med12 = quantile(&mut recent[..n.min(12)], 0.5);
+    let med48 = quantile(recent, 0.5);
+    let q25 = quantile(recent, 0.25);
+    let q75 = quantile(recent, 0.75);
+    [
+        1.0,
+        last / 100.0,
+        mean(3) / 100.0,
+        mean(12) / 100.0,
+        m48 / 100.0,
+        seasonal / 100.0,
+        range / 100.0,
+        med12 / 100.0,
+        med48 / 100.0,
+        q25 / 100.0,
+        q75 / 100.0,
+    ]
+}
+
+/// The `q` quantile of `xs` (nearest rank; 0 when empty). Reorders `xs`.
+fn quantile(xs: &mut [f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let k = ((xs.len() - 1) as f64 * q).round() as usize;
+    *xs.select_nth_unstable_by(k, f64::total_cmp).1
 }
 
 /// Steps of history the global models keep: a day, plus the 48 steps the features look back.
@@ -235,14 +271,17 @@ impl Forecaster for GlobalLinear {
 pub struct GlobalGbdt {
     /// (horizon, trees), horizons ascending.
     pub models: Vec<(usize, std::sync::Arc<hessboost::prelude::BoostedModel>)>,
+    /// How many of [`features`] the trees read: the first [`FEATURES_V1`] for a model of
+    /// feature version 1, all of them otherwise.
+    width: usize,
     hist: VecDeque<f64>,
 }
 
 impl GlobalGbdt {
-    /// A model with these trained trees.
+    /// A model with these trained trees (over all of [`features`]).
     #[must_use]
     pub fn new(models: Vec<(usize, std::sync::Arc<hessboost::prelude::BoostedModel>)>) -> GlobalGbdt {
-        GlobalGbdt { models, hist: VecDeque::new() }
+        GlobalGbdt { models, width: FEATURES, hist: VecDeque::new() }
     }
 }
 
@@ -260,13 +299,13 @@ impl Forecaster for GlobalGbdt {
         // The trained horizon nearest to h.
         let Some((_, m)) = self.models.iter().min_by_key(|(k, _)| k.abs_diff(h)) else { return f64::NAN };
         let x = features(&self.hist, h).map(|v| v as f32);
-        match m.predict_row(&x, hessboost::prelude::Iterations::Best) {
+        match m.predict_row(&x[..self.width], hessboost::prelude::Iterations::Best) {
             Ok(p) => (f64::from(p) * 100.0).clamp(0.0, 100.0),
             Err(_) => f64::NAN,
         }
     }
     fn fresh(&self) -> Box<dyn Forecaster> {
-        Box::new(GlobalGbdt::new(self.models.clone()))
+        Box::new(GlobalGbdt { models: self.models.clone(), width: self.width, hist: VecDeque::new() })
     }
 }
 
@@ -305,6 +344,40 @@ mod tests {
         let f = features(&hist, 1);
         assert!((f[5] - (300.0 + 1.0 - 1.0 - 288.0) / 100.0).abs() < 1e-12, "a day before the target");
     }
+
+    #[test]
+    fn medians_and_quartiles_read_the_recent_history() {
+        // 100 old points of 90 (beyond the 48-step window), then 1..=48 shuffled: the order of
+        // the window must not matter, and nothing older than it may count.
+        let mut recent: Vec<f64> = (1..=48).map(f64::from).collect();
+        recent.reverse();
+        recent.swap(3, 40);
+        let hist: VecDeque<f64> = std::iter::repeat_n(90.0, 100).chain(recent.iter().copied()).collect();
+        let f = features(&hist, 1);
+        let last12: Vec<f64> = recent[36..].to_vec();
+        let mut sorted12 = last12.clone();
+        sorted12.sort_by(f64::total_cmp);
+        // Nearest rank: index round((n - 1) q) of the sorted values.
+        assert_eq!(f[7], sorted12[6] / 100.0, "median of the last 12 {last12:?}");
+        assert_eq!((f[8], f[9], f[10]), (0.25, 0.13, 0.36), "median and quartiles of 1..=48");
+        assert_eq!(f[6], 0.47, "the range of the window");
+        let empty = features(&VecDeque::new(), 1);
+        assert!(empty.iter().skip(1).all(|v| *v == 0.0), "no history, no level: {empty:?}");
+    }
+
+    #[test]
+    fn a_version_1_linear_model_still_loads_and_reads_its_seven_features() {
+        let w1 = vec![0.5, 0.25, 0.0, 0.25, 0.0, 0.0, 0.0];
+        let v1 = Artifact { kind: "global-linear".into(), features_version: 1, horizons: vec![(1, w1)], trees: vec![] };
+        let m = fed(v1.model().unwrap(), &[10.0, 20.0, 40.0]);
+        // 0.5 (bias) + 0.25 · last + 0.25 · mean of 12, in 0–1 units.
+        let want = (0.5 + 0.25 * 0.40 + 0.25 * (70.0 / 3.0) / 100.0) * 100.0;
+        assert!((m.forecast(1) - want).abs() < 1e-9, "{} vs {want}", m.forecast(1));
+        let wrong = Artifact { features_version: 2, ..v1.clone() };
+        assert!(wrong.model().err().is_some_and(|e| e.contains("7 weights, expected 11")));
+        let future = Artifact { features_version: 3, ..v1 };
+        assert!(future.model().err().is_some_and(|e| e.contains("feature version 3")), "an unknown version is refused");
+    }
 }
 
 /// A trained model as stored: what is needed to forecast with it again.
@@ -322,9 +395,22 @@ pub struct Artifact {
     pub trees: Vec<(usize, serde_json::Value)>,
 }
 
-/// The version of [`features`] (bumped when they change: an artifact of another version is
-/// refused, not misread).
-pub const FEATURES_VERSION: u32 = 1;
+/// The version of [`features`] (bumped when they change: an artifact of an unknown version is
+/// refused, not misread). Version 2 added the medians and quartiles after the seven features
+/// of version 1, so a version-1 model reads the first [`FEATURES_V1`] and still loads.
+pub const FEATURES_VERSION: u32 = 2;
+
+/// How many features version 1 had (the first ones of [`features`]).
+pub const FEATURES_V1: usize = 7;
+
+/// How many of [`features`] a model of feature version `version` reads.
+fn feature_width(version: u32) -> Option<usize> {
+    match version {
+        1 => Some(FEATURES_V1),
+        FEATURES_VERSION => Some(FEATURES),
+        _ => None,
+    }
+}
 
 impl Artifact {
     /// The artifact of a trained global linear model.
@@ -362,11 +448,11 @@ impl Artifact {
     /// An unknown family, another feature version, weights of the wrong length, or trees that
     /// do not decode.
     pub fn model(&self) -> Result<Box<dyn Forecaster>, String> {
-        if self.features_version != FEATURES_VERSION {
+        let Some(width) = feature_width(self.features_version) else {
             return Err(format!("cannot use a {} model of feature version {}", self.kind, self.features_version));
-        }
+        };
         match self.kind.as_str() {
-            "global-linear" => Ok(Box::new(self.linear()?)),
+            "global-linear" => Ok(Box::new(self.linear(width)?)),
             "global-gbdt" => {
                 let models = self
                     .trees
@@ -381,20 +467,25 @@ impl Artifact {
                 if models.is_empty() {
                     return Err("a global-gbdt artifact without trees".into());
                 }
-                Ok(Box::new(GlobalGbdt::new(models)))
+                Ok(Box::new(GlobalGbdt { models, width, hist: VecDeque::new() }))
             }
             other => Err(format!("cannot use a {other} model")),
         }
     }
 
-    fn linear(&self) -> Result<GlobalLinear, String> {
+    /// The linear model; weights of an older, narrower feature version weigh the features it
+    /// lacked by zero.
+    fn linear(&self, width: usize) -> Result<GlobalLinear, String> {
         let weights = self
             .horizons
             .iter()
             .map(|(h, w)| {
-                <[f64; FEATURES]>::try_from(w.as_slice())
-                    .map(|w| (*h, w))
-                    .map_err(|_| format!("horizon {h}: {} weights, expected {FEATURES}", w.len()))
+                if w.len() != width {
+                    return Err(format!("horizon {h}: {} weights, expected {width}", w.len()));
+                }
+                let mut all = [0.0; FEATURES];
+                all[..width].copy_from_slice(w);
+                Ok((*h, all))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GlobalLinear::new(weights))
