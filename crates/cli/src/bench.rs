@@ -85,7 +85,9 @@ struct AppendArgs {
     fold_events: usize,
     /// Headers on the "raw with headers" baseline: c Content-Type, k kind, i msg id,
     /// s expected sequence (f: first message only), l expected last msg id. `ciksl` mirrors
-    /// the log's appends; other sets show what each header costs the server.
+    /// the log's appends; other sets show what each header costs the server. With `b` the
+    /// messages go as ADR-50 atomic batches of 1,000 (s on each batch's first), with `F` as
+    /// one ADR-50 fast-ingest batch (acks every 100): what the server's batch modes save.
     #[arg(long, default_value = "ciksl")]
     fence_headers: String,
     /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
@@ -194,11 +196,122 @@ pub(crate) async fn raw_publish(
             storage: StorageType::File,
             duplicate_window: events_cfg.duplicate_window,
             max_message_size: events_cfg.max_message_size,
+            allow_atomic_publish: mode.contains('b'),
+            allow_batch_publish: mode.contains('F'),
             ..Default::default()
         })
         .await
         .context("creating the raw benchmark stream")?;
     let ids: Vec<String> = (0..payloads.len()).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    if mode.contains('F') {
+        use futures::StreamExt;
+        // ADR-50 fast ingest: the server acks every `flow` messages on the batch's inbox; the
+        // batch sequence, flow and operation travel in the reply subject.
+        let flow: u64 = 100;
+        let inbox = bus.client.new_inbox();
+        let mut sub = bus.client.subscribe(format!("{inbox}.>")).await?;
+        let mut last_ack = 0u64;
+        let mut eff = flow;
+        let t = Instant::now();
+        let n = payloads.len() as u64;
+        for (i, p) in payloads.iter().enumerate() {
+            let seq = i as u64 + 1;
+            while last_ack + eff * 2 <= seq {
+                let m = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next())
+                    .await?
+                    .context("inbox closed")?;
+                let v: Value = serde_json::from_slice(&m.payload)?;
+                if v["type"] == "ack" {
+                    last_ack = v["seq"].as_u64().unwrap_or(0);
+                    eff = v["msgs"].as_u64().unwrap_or(flow).max(1);
+                } else {
+                    anyhow::bail!("fast batch: {v}");
+                }
+            }
+            let op = if seq == 1 {
+                0
+            } else if seq == n {
+                2
+            } else {
+                1
+            };
+            let reply = format!("{inbox}.{eff}.fail.{seq}.{op}.$FI");
+            let mut h = async_nats::HeaderMap::new();
+            if mode.contains('c') {
+                h.insert("Content-Type", "application/msgpack");
+            }
+            if mode.contains('k') {
+                h.insert("Nc-Event-Kind", "VmPlaced");
+            }
+            if mode.contains('i') {
+                h.insert("Nats-Msg-Id", ids[i].as_str());
+            }
+            if mode.contains('s') {
+                h.insert("Nats-Expected-Last-Sequence", (i as u64).to_string().as_str());
+            }
+            if i > 0 && mode.contains('l') {
+                h.insert("Nats-Expected-Last-Msg-Id", ids[i - 1].as_str());
+            }
+            bus.client.publish_with_reply_and_headers(subject.clone(), reply, h, p.clone().into()).await?;
+        }
+        loop {
+            let m =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await?.context("inbox closed")?;
+            let v: Value = serde_json::from_slice(&m.payload)?;
+            if v.get("type").is_none() {
+                anyhow::ensure!(v.get("error").is_none(), "fast batch: {v}");
+                break;
+            }
+            if v["type"] != "ack" {
+                anyhow::bail!("fast batch: {v}");
+            }
+        }
+        return Ok(payloads.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    if mode.contains('b') {
+        // ADR-50 atomic batches of the server's maximum size, two in flight: only the commit
+        // (the last message) is acked.
+        let bsize = 1000;
+        let mut inflight = VecDeque::new();
+        let t = Instant::now();
+        for (b, chunk) in payloads.chunks(bsize).enumerate() {
+            if inflight.len() >= (window / bsize).max(2)
+                && let Some(f) = inflight.pop_front()
+            {
+                let _: async_nats::jetstream::publish::PublishAck =
+                    (f as async_nats::jetstream::context::PublishAckFuture).await?;
+            }
+            let id = uuid::Uuid::now_v7().to_string();
+            for (k, p) in chunk.iter().enumerate() {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Batch-Id", id.as_str());
+                h.insert("Nats-Batch-Sequence", (k + 1).to_string().as_str());
+                if mode.contains('c') {
+                    h.insert("Content-Type", "application/msgpack");
+                }
+                if mode.contains('k') {
+                    h.insert("Nc-Event-Kind", "VmPlaced");
+                }
+                if mode.contains('i') {
+                    h.insert("Nats-Msg-Id", ids[b * bsize + k].as_str());
+                }
+                if k == 0 && mode.contains('s') {
+                    h.insert("Nats-Expected-Last-Sequence", (b * bsize).to_string().as_str());
+                }
+                if k + 1 == chunk.len() {
+                    h.insert("Nats-Batch-Commit", "1");
+                    let msg = PublishMessage::build().payload(p.clone().into()).headers(h);
+                    inflight.push_back(bus.js.send_publish(subject.clone(), msg).await?);
+                } else {
+                    bus.client.publish_with_headers(subject.clone(), h, p.clone().into()).await?;
+                }
+            }
+        }
+        for f in inflight {
+            f.await?;
+        }
+        return Ok(payloads.len() as f64 / t.elapsed().as_secs_f64());
+    }
     let mut inflight = VecDeque::with_capacity(window);
     let t = Instant::now();
     for (i, p) in payloads.iter().enumerate() {
