@@ -202,7 +202,7 @@ impl<D: Driver> Agent<D> {
                 .await
                 .map_err(|source| AgentError::Bus { host: host.clone(), source })?;
         }
-        let consumer = self.command_consumer().await?;
+        let Some(consumer) = self.first_consumer(&cancel).await? else { return Ok(()) };
 
         // What outlived the previous agent, settled against the journal before anything else.
         let running = self.driver.adopt().await;
@@ -243,6 +243,34 @@ impl<D: Driver> Agent<D> {
         Ok(())
     }
 
+    /// The command consumer at start, retried with backoff while the server does not answer:
+    /// a fleet of thousands starting at once can outrun the server's API queue, and an agent
+    /// that gave up here would leave its host registered but deaf. `None` when cancelled.
+    async fn first_consumer(&self, cancel: &CancellationToken) -> Result<Option<PullConsumer>, AgentError> {
+        let host = &self.cfg.host;
+        let mut delay = Duration::from_millis(200);
+        // Spread the retries of many hosts over time instead of having them return together.
+        let spread = 0.5 + f64::from(host.as_str().bytes().fold(0u8, u8::wrapping_add)) / 255.0;
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
+            match self.command_consumer().await {
+                Ok(c) => return Ok(Some(c)),
+                Err(AgentError::Consumer { source, .. }) => {
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(%host, attempt, error = %source, "cannot create the command consumer yet; retrying");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(None),
+                () = tokio::time::sleep(delay.mul_f64(spread)) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
     /// The host's command consumer: the server's if it has one, else a new one from the
     /// journal's cursor. Its state is kept in memory — a file per consumer, rewritten on every
     /// state flush, costs a busy server more than all the commands — so a server restart loses
@@ -250,8 +278,10 @@ impl<D: Driver> Agent<D> {
     async fn command_consumer(&self) -> Result<PullConsumer, AgentError> {
         let host = &self.cfg.host;
         let err = |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Consumer { host: host.clone(), source: e };
-        let cursor = self.journal.cursor().map_err(|e| err(Box::new(e)))?;
-        let stream = self.bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| err(Box::new(e)))?;
+        let cursor = self.journal.cursor().map_err(|source| AgentError::Journal { host: host.clone(), source })?;
+        // No stream info: thousands of agents asking for it at once would fill the server's
+        // API queue, and the consumer calls below say what they need.
+        let stream = self.bus.js.get_stream_no_info(proto::EVENTS_STREAM).await.map_err(|e| err(Box::new(e)))?;
         let name = proto::agent_consumer_name(host);
         let config = |cursor: u64| pull::Config {
             durable_name: Some(name.clone()),

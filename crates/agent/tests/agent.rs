@@ -226,6 +226,35 @@ async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
 }
 
 #[tokio::test]
+async fn an_agent_that_cannot_make_its_consumer_yet_keeps_trying_instead_of_going_deaf() {
+    // A server without the streams: the agent's first attempts to make its command consumer
+    // fail, as they do when thousands of agents start at once and overflow the server's API
+    // queue.
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(&BusConfig::new(server.url(), "test")).await.unwrap();
+    let host = HostId::new("h1").unwrap();
+    let mut cfg = AgentConfig::new(host.clone(), Resources { vcpus: 4, memory_mib: 4096, disk_gib: 0 });
+    cfg.provision = false;
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let driver = SimDriver::default();
+    let agent = Agent::new(cfg, bus.clone(), driver.clone(), &db).unwrap();
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(agent.run(cancel.clone()));
+    wait_for("a refused attempt", || async { bus.js.query_account().await.unwrap().requests.errors > 0 }).await;
+    assert!(!handle.is_finished(), "the agent gave up: {:?}", handle.await);
+
+    bus.provision(1).await.unwrap();
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
+    let h = Harness { server, bus: bus.clone(), host, log: EventLog::open(bus.js.clone()).await.unwrap() };
+    log.append(&[h.start_cmd(vm, inc, 1)]).await.unwrap();
+    wait_for("the command applied", || async { driver.start_count(inc) == 1 }).await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn a_malformed_command_is_dead_lettered_and_the_agent_keeps_working() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
