@@ -3,7 +3,8 @@
 //! ```text
 //! sled db (one per agent process; several simulated hosts share it, keyed by host)
 //!   tree "journal-applied":  "<host>/" + event id (16 bytes)  →  stream seq (u64 BE)
-//!                            "<host>/done"                     →  the cursor: stream seq (u64 BE)
+//!                            "<host>/commands-done"            →  the cursor: COMMANDS seq (u64 BE)
+//!                            "<host>/done"                     →  (earlier versions) the cursor in EVENTS
 //!   tree "journal-vms":      "<host>/" + VM id (16 bytes)     →  MessagePack JournalVm
 //! ```
 //! (Host ids have no `/`, so one host's keys never run into another's.) Earlier versions kept
@@ -15,6 +16,8 @@
 //! command at or below it was handled — is where the agent's command consumer resumes when
 //! the server lost it (the consumer's own state is kept in memory). It is written without a
 //! flush: after a crash it can only be behind, and what is handed again is recognised above.
+//! Earlier versions read their commands from EVENTS and kept their cursor there under `done`;
+//! its presence tells the agent to move ([`Journal::read_commands_from_events`]).
 
 use novacron_types::{EventId, Generation, HostId, IncarnationId, VmId};
 use serde::{Deserialize, Serialize};
@@ -65,7 +68,9 @@ pub const VMS_TREE: &str = "journal-vms";
 pub const SIM_TREE: &str = "sim-vms";
 
 /// The cursor's key after the host prefix (event ids are 16 bytes: no clash).
-const CURSOR_KEY: &[u8] = b"done";
+const CURSOR_KEY: &[u8] = b"commands-done";
+/// Where earlier versions kept their cursor, a sequence of EVENTS.
+const EVENTS_CURSOR_KEY: &[u8] = b"done";
 
 /// `"<host>/"`: the prefix of a host's keys in the shared trees.
 #[must_use]
@@ -118,8 +123,8 @@ impl Journal {
         [&self.prefix[..], id].concat()
     }
 
-    /// The stream sequence at and below which every command for this host was handled (0:
-    /// none yet).
+    /// The sequence of COMMANDS at and below which every command for this host was handled
+    /// (0: none yet).
     ///
     /// # Errors
     /// When sled fails.
@@ -129,6 +134,26 @@ impl Journal {
             .get(self.key(CURSOR_KEY))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Whether an earlier version of the agent read this host's commands from EVENTS (it left
+    /// its cursor there).
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn read_commands_from_events(&self) -> Result<bool, JournalError> {
+        Ok(self.applied.contains_key(self.key(EVENTS_CURSOR_KEY))?)
+    }
+
+    /// Forgets the cursor of an earlier version (in EVENTS), once its consumer there is gone.
+    /// Flushed.
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn forget_events_cursor(&self) -> Result<(), JournalError> {
+        self.applied.remove(self.key(EVENTS_CURSOR_KEY))?;
+        self.applied.flush()?;
+        Ok(())
     }
 
     /// Moves the cursor forward to `seq` (never back). Not flushed: see the module docs.
@@ -259,7 +284,11 @@ mod tests {
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"h1/vms"), "the old trees are gone");
         let j = Journal::open(&db, &HostId::new("h1").unwrap()).unwrap();
         assert!(j.is_applied(id).unwrap());
-        assert_eq!(j.cursor().unwrap(), 9);
+        // That version's cursor was in EVENTS: it tells the agent to move, not where to resume.
+        assert_eq!(j.cursor().unwrap(), 0);
+        assert!(j.read_commands_from_events().unwrap());
+        j.forget_events_cursor().unwrap();
+        assert!(!j.read_commands_from_events().unwrap());
         assert_eq!(j.vms().unwrap(), vec![(vm, rec.clone())]);
         // h10's records stay h10's (the prefix ends with '/').
         let j10 = Journal::open(&db, &HostId::new("h10").unwrap()).unwrap();

@@ -1,8 +1,8 @@
 //! NovaCron's per-host agent.
 //!
 //! An agent registers its host, sends heartbeats and host telemetry, and consumes the commands
-//! addressed to its host (`nc.cmd.<host>.>` in the EVENTS stream, through a durable pull
-//! consumer named `agent-<host>`). Each command is applied **once**: its event id is recorded
+//! addressed to its host (logged as `nc.cmd.<host>.<vm>` in EVENTS, read from the server's copy
+//! in COMMANDS under `nc.hostcmd.<host>`, through a durable pull consumer named `agent-<host>`). Each command is applied **once**: its event id is recorded
 //! in the local [`journal`] in the same transaction as the VM's new record, and the journal is
 //! flushed before the command is acknowledged. A redelivered command is recognised and only
 //! re-reported; a command whose generation is older than the newest the journal has seen for
@@ -29,7 +29,9 @@ pub mod sim;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -271,46 +273,67 @@ impl<D: Driver> Agent<D> {
         }
     }
 
-    /// The host's command consumer: the server's if it has one, else a new one from the
-    /// journal's cursor. Its state is kept in memory — a file per consumer, rewritten on every
-    /// state flush, costs a busy server more than all the commands — so a server restart loses
-    /// it, and the journal's cursor says where to resume.
+    /// The host's command consumer on [`proto::COMMANDS_STREAM`]: the server's if it has one,
+    /// else a new one from the journal's cursor. Its state is kept in memory — a file per
+    /// consumer, rewritten on every state flush, costs a busy server more than all the
+    /// commands — so a server restart loses it, and the journal's cursor says where to resume.
     async fn command_consumer(&self) -> Result<PullConsumer, AgentError> {
         let host = &self.cfg.host;
         let err = |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Consumer { host: host.clone(), source: e };
-        let cursor = self.journal.cursor().map_err(|source| AgentError::Journal { host: host.clone(), source })?;
+        let journal = |source| AgentError::Journal { host: host.clone(), source };
         // No stream info: thousands of agents asking for it at once would fill the server's
         // API queue, and the consumer calls below say what they need.
-        let stream = self.bus.js.get_stream_no_info(proto::EVENTS_STREAM).await.map_err(|e| err(Box::new(e)))?;
+        let stream = self.bus.js.get_stream_no_info(proto::COMMANDS_STREAM).await.map_err(|e| err(Box::new(e)))?;
         let name = proto::agent_consumer_name(host);
-        let config = |cursor: u64| pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: proto::host_commands_filter(host),
-            ack_policy: AckPolicy::Explicit,
-            // A command in flight to a crashed agent comes back after this; the journal makes
-            // the redelivery harmless.
-            ack_wait: Duration::from_secs(10),
-            deliver_policy: if cursor == 0 {
-                DeliverPolicy::All
-            } else {
-                DeliverPolicy::ByStartSequence { start_sequence: cursor + 1 }
-            },
-            max_ack_pending: 1024,
-            memory_storage: true,
-            ..Default::default()
-        };
-        let consumer: PullConsumer =
-            stream.get_or_create_consumer(&name, config(cursor)).await.map_err(|e| err(Box::new(e)))?;
-        if consumer.cached_info().config.memory_storage {
+        if let Ok(consumer) = stream.get_consumer::<pull::Config>(&name).await {
             return Ok(consumer);
         }
-        // A consumer made by an earlier version keeps its state in a file (and a setting that
-        // cannot be changed in place): replace it, resuming from what it had seen acknowledged.
-        let floor = consumer.cached_info().ack_floor.stream_sequence;
-        self.journal.advance_cursor(floor).map_err(|e| err(Box::new(e)))?;
-        stream.delete_consumer(&name).await.map_err(|e| err(Box::new(e)))?;
-        tracing::info!(%host, from = cursor.max(floor) + 1, "command consumer of an earlier version replaced by an in-memory one");
-        stream.create_consumer(config(cursor.max(floor))).await.map_err(|e| err(Box::new(e)))
+        if self.journal.read_commands_from_events().map_err(journal)? {
+            self.leave_events().await?;
+        }
+        let cursor = self.journal.cursor().map_err(journal)?;
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: proto::host_delivery_subject(host),
+                ack_policy: AckPolicy::Explicit,
+                // A command in flight to a crashed agent comes back after this; the journal
+                // makes the redelivery harmless.
+                ack_wait: Duration::from_secs(10),
+                deliver_policy: if cursor == 0 {
+                    DeliverPolicy::All
+                } else {
+                    DeliverPolicy::ByStartSequence { start_sequence: cursor + 1 }
+                },
+                max_ack_pending: 1024,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(Box::new(e)))
+    }
+
+    /// An earlier version read this host's commands from EVENTS: removes its consumer there and
+    /// its cursor (a sequence of EVENTS, meaningless in COMMANDS). The new consumer then reads
+    /// the host's commands in COMMANDS from the start, and the journal recognises every one
+    /// already applied.
+    async fn leave_events(&self) -> Result<(), AgentError> {
+        let host = &self.cfg.host;
+        let events = self
+            .bus
+            .js
+            .get_stream_no_info(proto::EVENTS_STREAM)
+            .await
+            .map_err(|e| AgentError::Consumer { host: host.clone(), source: Box::new(e) })?;
+        match events.delete_consumer(&proto::agent_consumer_name(host)).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
+                {}
+            Err(e) => return Err(AgentError::Consumer { host: host.clone(), source: Box::new(e) }),
+        }
+        self.journal.forget_events_cursor().map_err(|source| AgentError::Journal { host: host.clone(), source })?;
+        tracing::info!(%host, "commands now come from COMMANDS; the consumer on EVENTS of an earlier version is removed");
+        Ok(())
     }
 
     async fn command_loop(&self, mut consumer: PullConsumer, cancel: CancellationToken) {
@@ -443,7 +466,15 @@ impl<D: Driver> Agent<D> {
     /// Dead-letters a message that is not a valid command for this host and never redelivers it.
     async fn reject(&self, msg: &Message, reason: &str) {
         let ct = msg.headers.as_ref().and_then(|h| h.get(proto::HEADER_CONTENT_TYPE)).map(|v| v.as_str().to_owned());
-        self.dead_letters.send("commands", msg.subject.as_str(), ct.as_deref(), reason, msg.payload.clone()).await;
+        // The subject it was logged under in EVENTS (the server notes it on the copy), else the
+        // copy's own.
+        let logged = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Stream-Source"))
+            .and_then(|v| v.as_str().split_whitespace().nth(4).map(str::to_owned));
+        let subject = logged.as_deref().unwrap_or(msg.subject.as_str());
+        self.dead_letters.send("commands", subject, ct.as_deref(), reason, msg.payload.clone()).await;
         let _ = msg.ack_with(AckKind::Term).await;
         self.handled(msg.info().map(|i| i.stream_sequence).unwrap_or(0));
     }

@@ -114,7 +114,7 @@ impl Harness {
 
     /// How many commands the agent's consumer has finished with (acked or terminated).
     async fn commands_done(&self) -> u64 {
-        let stream = self.bus.js.get_stream("EVENTS").await.unwrap();
+        let stream = self.bus.js.get_stream("COMMANDS").await.unwrap();
         match stream.consumer_info("agent-h1").await {
             Ok(info) => info.ack_floor.stream_sequence,
             Err(_) => 0,
@@ -212,7 +212,7 @@ async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
     }
     // Lose the consumer's ack state, so the restarted agent is handed the command again — the
     // worst case of a crash between applying and acknowledging.
-    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let stream = h.bus.js.get_stream("COMMANDS").await.unwrap();
     stream.delete_consumer("agent-h1").await.unwrap();
 
     let db = sled::open(dir.path()).unwrap();
@@ -273,6 +273,7 @@ async fn a_malformed_command_is_dead_lettered_and_the_agent_keeps_working() {
     let msg = dead.get_raw_message(1).await.unwrap();
     assert_eq!(msg.subject.as_str(), "nc.deadletter.commands");
     assert!(msg.headers.get("Nc-Deadletter-Reason").unwrap().as_str().contains("MessagePack"));
+    assert_eq!(msg.headers.get("Nc-Deadletter-Subject").unwrap().as_str(), "nc.cmd.h1.garbage", "as logged");
     cancel.cancel();
     handle.await.unwrap();
 }
@@ -288,9 +289,10 @@ async fn after_a_server_restart_commands_resume_from_the_journals_cursor() {
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
     h.log.append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)]).await.unwrap();
     wait_for("the commands applied", || async { h.commands_done().await >= 2 }).await;
-    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let stream = h.bus.js.get_stream("COMMANDS").await.unwrap();
     let info = stream.consumer_info("agent-h1").await.unwrap();
     assert!(info.config.memory_storage, "the consumer's state is not rewritten to a file per flush");
+    assert_eq!(info.config.filter_subject, "nc.hostcmd.h1", "one literal subject per host");
 
     // The server restarts on its store: the stream survives, the in-memory consumer does not.
     h.server.restart().unwrap();
@@ -312,7 +314,7 @@ async fn after_a_server_restart_commands_resume_from_the_journals_cursor() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The agent made its consumer again from where its journal says it was, not from the start.
-    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let stream = h.bus.js.get_stream("COMMANDS").await.unwrap();
     let info = stream.consumer_info("agent-h1").await.unwrap();
     assert_eq!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { start_sequence: 3 });
     assert_eq!(driver.start_count(inc), 1, "nothing before the cursor ran again");
@@ -322,13 +324,14 @@ async fn after_a_server_restart_commands_resume_from_the_journals_cursor() {
 }
 
 #[tokio::test]
-async fn a_file_stored_consumer_of_an_earlier_version_is_replaced_from_its_ack_floor() {
+async fn an_agent_of_an_earlier_version_moves_from_events_to_commands_without_running_anything_twice() {
     use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
     use futures::StreamExt;
     let mut h = Harness::new().await;
-    // What an earlier agent left: a file-stored consumer that has seen two commands through.
-    let stream = h.bus.js.get_stream("EVENTS").await.unwrap();
-    let old = stream
+    // What an earlier agent left: a file-stored consumer on EVENTS that has seen a start and a
+    // stop through, and a journal that applied both and kept its cursor in EVENTS.
+    let events = h.bus.js.get_stream("EVENTS").await.unwrap();
+    let old = events
         .create_consumer(pull::Config {
             durable_name: Some("agent-h1".into()),
             filter_subject: "nc.cmd.h1.>".into(),
@@ -339,23 +342,37 @@ async fn a_file_stored_consumer_of_an_earlier_version_is_replaced_from_its_ack_f
         .await
         .unwrap();
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
-    h.log.append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)]).await.unwrap();
+    let (start, stop) = (h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1));
+    let seqs = h.log.append(&[start.clone(), stop.clone()]).await.unwrap();
     let mut msgs = old.fetch().max_messages(2).messages().await.unwrap();
     for _ in 0..2 {
         msgs.next().await.unwrap().unwrap().double_ack().await.unwrap();
     }
-
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path()).unwrap();
+    {
+        let journal = novacron_agent::journal::Journal::open(&db, &h.host).unwrap();
+        let rec = novacron_agent::journal::JournalVm { incarnation: inc, generation: Generation(1), running: false };
+        journal.record(start.id, seqs[0], vm, Some(&rec)).unwrap();
+        journal.record(stop.id, seqs[1], vm, Some(&rec)).unwrap();
+        let applied = db.open_tree(novacron_agent::journal::APPLIED_TREE).unwrap();
+        applied.insert(b"h1/done", &seqs[1].to_be_bytes()).unwrap();
+        assert!(journal.read_commands_from_events().unwrap());
+    }
+
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
     let (vm2, inc2) = (VmId::new_v7(), IncarnationId::new_v7());
     h.log.append(&[h.start_cmd(vm2, inc2, 1)]).await.unwrap();
     wait_for("the new command applied", || async { driver.start_count(inc2) == 1 }).await;
-    let info = stream.consumer_info("agent-h1").await.unwrap();
+    wait_for("all three handled", || async { h.commands_done().await >= 3 }).await;
+    assert_eq!(driver.start_count(inc), 0, "the journal recognised what the old consumer had handed");
+    assert!(events.consumer_info("agent-h1").await.is_err(), "the consumer on EVENTS is removed");
+    let journal = novacron_agent::journal::Journal::open(&db, &h.host).unwrap();
+    assert!(!journal.read_commands_from_events().unwrap(), "the cursor in EVENTS is forgotten");
+    let info = h.bus.js.get_stream("COMMANDS").await.unwrap().consumer_info("agent-h1").await.unwrap();
     assert!(info.config.memory_storage);
-    assert_eq!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { start_sequence: 3 });
-    assert_eq!(driver.start_count(inc), 0, "what the old consumer had seen handled is not handed again");
+    assert_eq!(info.config.deliver_policy, DeliverPolicy::All, "the host's commands from the start");
     cancel.cancel();
     handle.await.unwrap();
 }

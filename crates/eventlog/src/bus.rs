@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
-    stream::{Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType},
+    stream::{Config as StreamConfig, DiscardPolicy, RetentionPolicy, Source, StorageType, SubjectTransform},
 };
 use novacron_protocol as proto;
 
@@ -143,7 +143,7 @@ impl Bus {
         Ok(Bus { client, js, connections })
     }
 
-    /// Checks the server version and JetStream, then creates or updates the four streams.
+    /// Checks the server version and JetStream, then creates or updates the five streams.
     /// Safe to call from every process at every start.
     ///
     /// # Errors
@@ -237,6 +237,7 @@ fn static_name(name: &str) -> &'static str {
         proto::EVENTS_STREAM => proto::EVENTS_STREAM,
         proto::REPORTS_STREAM => proto::REPORTS_STREAM,
         proto::TELEMETRY_STREAM => proto::TELEMETRY_STREAM,
+        proto::COMMANDS_STREAM => proto::COMMANDS_STREAM,
         _ => proto::DEADLETTER_STREAM,
     }
 }
@@ -253,13 +254,14 @@ pub fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
     }
 }
 
-/// Durable consumers the EVENTS stream allows: one per host agent, plus the replicas and tools.
+/// Durable consumers EVENTS and COMMANDS allow: one per host agent, plus the replicas and tools.
 /// nats-server 2.15 caps a stream at 1,000 consumers unless the stream sets its own limit
 /// (and a limit of zero or below means "the server's default", not "unlimited"), which would
 /// stop the 1,001st host from ever receiving a command.
 pub const MAX_EVENTS_CONSUMERS: i32 = 1_000_000;
 
-/// The four streams of the bus contract (see `novacron_protocol`).
+/// The streams of the bus contract (see `novacron_protocol`): the four of `DESIGN.md` and
+/// COMMANDS, the server's per-host copy of the log's commands.
 #[must_use]
 pub fn stream_configs(replicas: usize) -> Vec<StreamConfig> {
     const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -276,6 +278,33 @@ pub fn stream_configs(replicas: usize) -> Vec<StreamConfig> {
             duplicate_window: Duration::from_secs(120),
             max_message_size: 1024 * 1024,
             allow_direct: true,
+            deny_delete: true,
+            deny_purge: true,
+            num_replicas: replicas,
+            max_bytes: -1,
+            max_messages: -1,
+            max_consumers: MAX_EVENTS_CONSUMERS,
+            ..Default::default()
+        },
+        StreamConfig {
+            name: proto::COMMANDS_STREAM.into(),
+            description: Some("Each host's commands, copied from EVENTS under nc.hostcmd.<host>".into()),
+            // Nothing publishes here: the server copies every command from the log, in log
+            // order, under one literal subject per host.
+            subjects: Vec::new(),
+            sources: Some(vec![Source {
+                name: proto::EVENTS_STREAM.into(),
+                subject_transforms: vec![SubjectTransform {
+                    source: proto::COMMANDS_SOURCE_FILTER.into(),
+                    destination: proto::COMMANDS_SOURCE_TRANSFORM.into(),
+                }],
+                ..Default::default()
+            }]),
+            storage: StorageType::File,
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::New,
+            max_age: Duration::ZERO,
+            max_message_size: 1024 * 1024,
             deny_delete: true,
             deny_purge: true,
             num_replicas: replicas,

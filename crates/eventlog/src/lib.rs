@@ -1,7 +1,7 @@
 //! NovaCron's JetStream plumbing: the log of record and everything else on the bus.
 //!
 //! - [`bus`]: connecting with sane client settings, checking the server (≥ 2.10, JetStream on)
-//!   and provisioning the four streams idempotently.
+//!   and provisioning the streams idempotently.
 //! - [`log`]: [`EventLog`], the only way events get into the EVENTS stream: pipelined appends,
 //!   each fenced by the stream's last sequence and its predecessor's message id, so a writer
 //!   whose view is stale is refused rather than forking history.

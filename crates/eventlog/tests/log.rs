@@ -59,11 +59,11 @@ async fn all_events(log: &EventLog) -> Vec<(u64, Envelope)> {
 }
 
 #[tokio::test]
-async fn provisioning_is_idempotent_and_creates_the_four_streams() {
+async fn provisioning_is_idempotent_and_creates_the_five_streams() {
     let server = NatsServer::start().unwrap();
     let bus = bus(&server).await;
     bus.provision(1).await.expect("second provision is a no-op");
-    for name in ["EVENTS", "REPORTS", "TELEMETRY", "DEADLETTER"] {
+    for name in ["EVENTS", "COMMANDS", "REPORTS", "TELEMETRY", "DEADLETTER"] {
         let mut s = bus.js.get_stream(name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let info = s.info().await.unwrap();
         assert_eq!(info.config.storage, async_nats::jetstream::stream::StorageType::File, "{name}");
@@ -72,6 +72,55 @@ async fn provisioning_is_idempotent_and_creates_the_four_streams() {
     let cfg = &events.info().await.unwrap().config;
     assert_eq!(cfg.duplicate_window, Duration::from_secs(120));
     assert!(cfg.deny_delete && cfg.deny_purge, "the log of record refuses deletes");
+}
+
+fn stop_command(host: &str) -> Envelope {
+    Envelope::new(
+        3_000,
+        Actor::Orchestrator("test".into()),
+        EventKind::VmStopCommanded(novacron_types::StopVm {
+            vm: VmId::new_v7(),
+            host: HostId::new(host).unwrap(),
+            incarnation: novacron_types::IncarnationId::new_v7(),
+            generation: novacron_types::Generation(1),
+            reason: "test".into(),
+        }),
+    )
+}
+
+#[tokio::test]
+async fn commands_stream_holds_each_hosts_commands_in_log_order_and_nothing_else() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let mut log = EventLog::open(bus.js.clone()).await.unwrap();
+    let batch = vec![host_event(1), stop_command("h1"), vm_event("a"), stop_command("h2"), stop_command("h1")];
+    let seqs = log.append(&batch).await.unwrap();
+    let commands = bus.js.get_stream("COMMANDS").await.unwrap();
+    let wait = tokio::time::Instant::now() + Duration::from_secs(10);
+    while commands.clone().info().await.unwrap().state.messages < 3 {
+        assert!(tokio::time::Instant::now() < wait, "the commands were never copied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut copied = Vec::new();
+    for seq in 1..=3 {
+        let m = commands.get_raw_message(seq).await.unwrap();
+        let env: Envelope = novacron_types::decode(&m.payload, novacron_types::ContentType::MsgPack).unwrap();
+        let source = m.headers.get("Nats-Stream-Source").map(|v| v.as_str().to_owned()).unwrap_or_default();
+        copied.push((m.subject.to_string(), env.id, source));
+    }
+    let want = [
+        ("nc.hostcmd.h1", &batch[1], seqs[1]),
+        ("nc.hostcmd.h2", &batch[3], seqs[3]),
+        ("nc.hostcmd.h1", &batch[4], seqs[4]),
+    ];
+    for ((subject, id, source), (want_subject, env, seq)) in copied.iter().zip(want) {
+        assert_eq!((subject.as_str(), *id), (want_subject, env.id));
+        assert!(source.starts_with(&format!("EVENTS {seq} ")), "where it came from: {source:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(commands.clone().info().await.unwrap().state.messages, 3, "events are not copied");
+    // Nothing publishes into it directly.
+    assert!(bus.js.publish("nc.hostcmd.h1", "forged".into()).await.unwrap().await.is_err());
 }
 
 #[tokio::test]

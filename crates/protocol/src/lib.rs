@@ -72,6 +72,15 @@ pub const REPORTS_STREAM: &str = "REPORTS";
 pub const TELEMETRY_STREAM: &str = "TELEMETRY";
 /// Rejected messages, with the reason.
 pub const DEADLETTER_STREAM: &str = "DEADLETTER";
+/// Each host's commands, copied by the server from EVENTS (a view for delivery, not a log:
+/// nothing publishes to it). Stored under [`host_delivery_subject`], one literal subject per
+/// host, so a host's consumer finds its next command by lookup instead of reading past every
+/// other host's events.
+pub const COMMANDS_STREAM: &str = "COMMANDS";
+/// The EVENTS subjects COMMANDS copies (every command: `nc.cmd.<host>.<vm>`)…
+pub const COMMANDS_SOURCE_FILTER: &str = "nc.cmd.*.*";
+/// …and what it stores each one under (`nc.hostcmd.<host>`; host ids have no dots).
+pub const COMMANDS_SOURCE_TRANSFORM: &str = "nc.hostcmd.{{wildcard(1)}}";
 
 /// Subjects of the EVENTS stream.
 pub const EVENTS_SUBJECTS: [&str; 2] = ["nc.events.>", "nc.cmd.>"];
@@ -164,13 +173,20 @@ pub fn command_subject(host: &HostId, vm: VmId) -> String {
     format!("nc.cmd.{host}.{vm}")
 }
 
-/// `nc.cmd.<host>.>`: the filter of a host's command consumer.
+/// `nc.cmd.<host>.>`: a host's commands in EVENTS.
 #[must_use]
 pub fn host_commands_filter(host: &HostId) -> String {
     format!("nc.cmd.{host}.>")
 }
 
-/// The durable consumer name of a host's agent.
+/// `nc.hostcmd.<host>`: a host's commands in [`COMMANDS_STREAM`], the filter of its agent's
+/// consumer.
+#[must_use]
+pub fn host_delivery_subject(host: &HostId) -> String {
+    format!("nc.hostcmd.{host}")
+}
+
+/// The durable consumer name of a host's agent (on [`COMMANDS_STREAM`]; on EVENTS before).
 #[must_use]
 pub fn agent_consumer_name(host: &HostId) -> String {
     format!("agent-{host}")
