@@ -355,6 +355,24 @@ fn ratio(labels: &Labels, key: &str, default: f64) -> f64 {
     labels.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|r| r.is_finite() && *r >= 1.0).unwrap_or(default)
 }
 
+/// The value for `id` in a walk over a map ordered by host id, skipping keys before it (hosts
+/// the state no longer has); `id`s must come in ascending order.
+fn next_for<'m>(
+    entries: &mut std::iter::Peekable<std::collections::btree_map::Iter<'m, HostId, f64>>,
+    id: &HostId,
+) -> Option<f64> {
+    while let Some((k, v)) = entries.peek() {
+        match (*k).cmp(id) {
+            std::cmp::Ordering::Less => {
+                entries.next();
+            }
+            std::cmp::Ordering::Equal => return Some(**v),
+            std::cmp::Ordering::Greater => return None,
+        }
+    }
+    None
+}
+
 /// A failure domain: the value of a topology label, or a host lacking it (or no topology).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Domain<'a> {
@@ -398,18 +416,18 @@ impl<'a> Planner<'a> {
     pub fn new(state: &'a ClusterState, cfg: &'a PlannerConfig, load: &'a LoadView) -> Planner<'a> {
         let mut domain_index: BTreeMap<&str, usize> = BTreeMap::new();
         let mut hosts = Vec::with_capacity(state.hosts.len());
+        // The hosts and both load maps are ordered by host id: walk them side by side rather
+        // than look each host up (10,000 hosts: ~28,000 string comparisons a pass, not ~280,000).
+        let mut utils = load.cpu_util.iter().peekable();
+        let mut risks = load.failure_risk.iter().peekable();
         for h in state.hosts.values() {
             let capacity = effective_capacity(h, cfg);
             let domain = cfg.failure_domain_label.as_ref().and_then(|l| h.labels.get(l)).map(|d| {
                 let next = domain_index.len();
                 *domain_index.entry(d.as_str()).or_insert(next)
             });
-            let facts = HostFacts {
-                capacity,
-                domain,
-                load: load.cpu_util.get(&h.id).copied(),
-                risk: load.failure_risk.get(&h.id).copied(),
-            };
+            let facts =
+                HostFacts { capacity, domain, load: next_for(&mut utils, &h.id), risk: next_for(&mut risks, &h.id) };
             hosts.push((h, facts));
         }
         let mut planner = Planner {
@@ -426,7 +444,7 @@ impl<'a> Planner<'a> {
             reserved: BTreeMap::new(),
             cursor: 0,
         };
-        for vm in state.vms.values() {
+        for vm in state.hard_anti_affinity.iter().filter_map(|id| state.vms.get(id)) {
             if vm.status == VmStatus::Deleted || !vm.spec.placement.vm_affinity.iter().any(is_hard_anti) {
                 continue;
             }
@@ -797,7 +815,7 @@ impl<'a> Planner<'a> {
 }
 
 fn is_hard_anti(rule: &VmAffinity) -> bool {
-    rule.strength == Strength::Hard && rule.relation == Relation::AntiAffinity
+    rule.is_hard_anti()
 }
 
 /// One placement with the default settings and no load view (tests, simple callers).

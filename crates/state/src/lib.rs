@@ -73,6 +73,12 @@ pub struct ClusterState {
     /// Retraining requests raised per model (its id, or the built-in smoothing's name).
     #[serde(default)]
     pub retraining_requests: BTreeMap<String, u64>,
+    /// Derived, not encoded (so not in the hash): the VMs not deleted whose spec has a hard
+    /// anti-affinity rule. A planner must see every one of them (their rules keep other VMs
+    /// out of their domain), and finding them by walking all VMs cost the engine 2 ms per
+    /// planning pass with 100,000 VMs. Kept by the fold, rebuilt when a state is decoded.
+    #[serde(skip)]
+    pub hard_anti_affinity: BTreeSet<VmId>,
 }
 
 /// A trained model.
@@ -410,6 +416,11 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
     }
 }
 
+/// Whether a VM spec has a hard anti-affinity rule ([`ClusterState::hard_anti_affinity`]).
+fn has_hard_anti(spec: &novacron_types::VmSpec) -> bool {
+    spec.placement.vm_affinity.iter().any(novacron_types::VmAffinity::is_hard_anti)
+}
+
 /// Why a snapshot could not be read back.
 #[derive(Debug, thiserror::Error)]
 #[error("snapshot does not decode as a ClusterState")]
@@ -428,7 +439,7 @@ impl ClusterState {
     /// # Errors
     /// When the bytes are not such an encoding.
     pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
-        rmp_serde::from_slice(bytes).map_err(SnapshotDecodeError)
+        rmp_serde::from_slice(bytes).map(Self::with_derived).map_err(SnapshotDecodeError)
     }
 
     /// Reads a state back from a canonical encoding streamed from `r` (a snapshot's chunks).
@@ -436,7 +447,18 @@ impl ClusterState {
     /// # Errors
     /// When the bytes are not such an encoding, or `r` fails.
     pub fn from_canonical_reader<R: std::io::Read>(r: R) -> Result<Self, SnapshotDecodeError> {
-        rmp_serde::from_read(r).map_err(SnapshotDecodeError)
+        rmp_serde::from_read(r).map(Self::with_derived).map_err(SnapshotDecodeError)
+    }
+
+    /// A decoded state with its derived fields (not encoded) rebuilt.
+    fn with_derived(mut self) -> Self {
+        self.hard_anti_affinity = self
+            .vms
+            .values()
+            .filter(|v| v.status != VmStatus::Deleted && has_hard_anti(&v.spec))
+            .map(|v| v.id)
+            .collect();
+        self
     }
 
     /// Streams the canonical encoding into `w` and returns the state hash of what it wrote,
@@ -859,6 +881,9 @@ impl ClusterState {
             return Applied::Ignored(format!("VmRequested with a name already in use: {}", e.spec.name));
         }
         self.names.insert(e.spec.name.clone(), e.vm);
+        if has_hard_anti(&e.spec) {
+            self.hard_anti_affinity.insert(e.vm);
+        }
         self.vms.insert(
             e.vm,
             VmRecord {
@@ -947,6 +972,10 @@ impl ClusterState {
             if vm.incarnation != Some(c.incarnation) {
                 return Err("VmStopCommanded for an incarnation that is not current".into());
             }
+            // A deleted VM keeps its last incarnation for the record; nothing brings it back.
+            if vm.status == VmStatus::Deleted {
+                return Err("VmStopCommanded for a deleted VM".into());
+            }
             vm.status = VmStatus::Stopping;
             Ok(())
         })
@@ -969,6 +998,9 @@ impl ClusterState {
         self.with_vm(f.vm, seq, env.id, |vm| {
             if vm.incarnation != Some(f.incarnation) {
                 return Err("VmFailed for an incarnation that is not current".into());
+            }
+            if vm.status == VmStatus::Deleted {
+                return Err("VmFailed for a deleted VM".into());
             }
             vm.status = VmStatus::Failed;
             vm.failures.push(FailureRecord { at_ms: env.at_ms, host: f.host.clone() });
@@ -998,6 +1030,7 @@ impl ClusterState {
         vm.status = VmStatus::Deleted;
         vm.last_event = id;
         vm.last_seq = seq;
+        self.hard_anti_affinity.remove(&vm_id);
         if self.names.get(&vm.spec.name) == Some(&vm_id) {
             self.names.remove(&vm.spec.name);
         }

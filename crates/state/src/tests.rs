@@ -28,7 +28,20 @@ fn spec(i: u8) -> VmSpec {
         group: None,
         labels: Default::default(),
         restart: Default::default(),
-        placement: Default::default(),
+        // Every third VM keeps others away ([`ClusterState::hard_anti_affinity`]).
+        placement: if i.is_multiple_of(3) {
+            novacron_types::PlacementRules {
+                vm_affinity: vec![novacron_types::VmAffinity {
+                    selector: [("app".to_owned(), "db".to_owned())].into(),
+                    relation: novacron_types::Relation::AntiAffinity,
+                    strength: novacron_types::Strength::Hard,
+                    topology: None,
+                }],
+                ..Default::default()
+            }
+        } else {
+            Default::default()
+        },
     }
 }
 
@@ -191,6 +204,34 @@ proptest! {
         prop_assert_eq!(&hash.0, &digest);
         prop_assert_eq!(&hash, &s.hash());
         prop_assert_eq!(ClusterState::from_canonical_reader(streamed.as_slice()).unwrap(), s);
+    }
+
+    #[test]
+    fn the_hard_anti_affinity_index_is_every_live_vm_with_such_a_rule(ops in prop::collection::vec(op(), 0..200)) {
+        let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
+        let s = fold(&events);
+        let scanned: std::collections::BTreeSet<VmId> = s
+            .vms
+            .values()
+            .filter(|v| v.status != VmStatus::Deleted && v.spec.placement.vm_affinity.iter().any(|r| r.is_hard_anti()))
+            .map(|v| v.id)
+            .collect();
+        prop_assert_eq!(&s.hard_anti_affinity, &scanned);
+        let decoded = ClusterState::from_canonical_bytes(&s.to_canonical_bytes()).unwrap();
+        prop_assert_eq!(&decoded.hard_anti_affinity, &scanned, "rebuilt when decoded");
+    }
+
+    #[test]
+    fn a_deleted_vm_stays_deleted_whatever_follows(ops in prop::collection::vec(op(), 0..200)) {
+        let mut s = ClusterState::default();
+        let mut deleted = std::collections::BTreeSet::new();
+        for (i, o) in ops.iter().enumerate() {
+            s.apply(i as u64 + 1, &envelope(i, o));
+            deleted.extend(s.vms.values().filter(|v| v.status == VmStatus::Deleted).map(|v| v.id));
+            for id in &deleted {
+                prop_assert_eq!(s.vms[id].status, VmStatus::Deleted, "after {:?}", o);
+            }
+        }
     }
 
     #[test]

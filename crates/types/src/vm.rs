@@ -125,6 +125,12 @@ pub struct VmAffinity {
 }
 
 impl VmAffinity {
+    /// A hard anti-affinity rule: it keeps other VMs out of its VM's domain too.
+    #[must_use]
+    pub fn is_hard_anti(&self) -> bool {
+        self.strength == Strength::Hard && self.relation == Relation::AntiAffinity
+    }
+
     /// Whether a VM with these labels is one of the rule's VMs.
     #[must_use]
     pub fn selects(&self, labels: &Labels) -> bool {
