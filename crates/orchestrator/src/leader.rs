@@ -36,6 +36,10 @@ pub struct LeaderInfo {
     pub replica: String,
     /// Where its HTTP API listens.
     pub http: String,
+    /// Unique to this process: the lease's value is then this process's alone, even if two
+    /// replicas were given the same id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process: String,
 }
 
 /// What this replica is now.
@@ -166,9 +170,21 @@ pub async fn run(
                 Some((rev, last)) => match renew(&store, &value, rev, period).await {
                     Ok(Ok((next, sent))) => held = Some((next, sent)),
                     Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        tracing::warn!(replica = %me.replica, "the lease moved to another replica; stepping down");
-                        held = None;
-                        role.send_replace(Role::Follower { leader: None });
+                        // A renewal that timed out may still have landed (a busy server): then
+                        // the key holds this process's value at a newer revision, no one else
+                        // can have taken it since, and the lease is still ours. Its deadline
+                        // still counts from the last renewal seen acknowledged.
+                        match store.entry(KEY).await {
+                            Ok(Some(entry)) if entry.operation == kv::Operation::Put && entry.value == value => {
+                                tracing::info!(replica = %me.replica, revision = entry.revision, "a renewal that timed out had landed; still leading");
+                                held = Some((entry.revision, last));
+                            }
+                            _ => {
+                                tracing::warn!(replica = %me.replica, "the lease moved to another replica; stepping down");
+                                held = None;
+                                role.send_replace(Role::Follower { leader: None });
+                            }
+                        }
                     }
                     other => {
                         if last.elapsed() > give_up_after {
@@ -198,4 +214,71 @@ pub async fn run(
         tracing::info!(replica = %me.replica, "resigned the leader lease");
     }
     role.send_replace(Role::Follower { leader: None });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(process: &str) -> LeaderInfo {
+        LeaderInfo { replica: "orchestrator-1".into(), http: "http://127.0.0.1:1".into(), process: process.into() }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_landed_after_its_timeout_does_not_depose_the_leader() {
+        let server = novacron_testkit::NatsServer::start().unwrap();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let cfg = LeaseConfig { ttl: Duration::from_secs(3) };
+        let store = bucket(&js, cfg, 1).await.unwrap();
+        let (role, mut watch) = watch::channel(Role::Starting);
+        let cancel = CancellationToken::new();
+        let me = info("p1");
+        let task = tokio::spawn(run(store.clone(), me.clone(), cfg, role, cancel.clone()));
+        let term = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Role::Leader { term } = *watch.borrow_and_update() {
+                    return term;
+                }
+                watch.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the lease is taken");
+        // What a renewal whose answer came too late leaves: our own value, one revision on.
+        let ours = Bytes::from(serde_json::to_vec(&me).unwrap());
+        let current = store.entry(KEY).await.unwrap().unwrap().revision;
+        store.update(KEY, ours, current).await.unwrap();
+        // The leader's next renewals meet a revision they did not expect; it must keep leading
+        // and keep renewing on from the newer revision.
+        let seen = store.entry(KEY).await.unwrap().unwrap().revision;
+        let renewed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let rev = store.entry(KEY).await.unwrap().unwrap().revision;
+                if rev > seen + 1 {
+                    return rev;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the leader renews past the landed renewal");
+        assert!(renewed > seen);
+        assert_eq!(*watch.borrow(), Role::Leader { term }, "never stepped down");
+        assert!(!watch.has_changed().unwrap(), "no step down and back");
+
+        // Another process's value at a newer revision is another leader: step down.
+        let other = Bytes::from(serde_json::to_vec(&info("p2")).unwrap());
+        let current = store.entry(KEY).await.unwrap().unwrap().revision;
+        store.update(KEY, other, current).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while watch.borrow_and_update().is_leader() {
+                watch.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("a lease taken by another process deposes this one");
+        cancel.cancel();
+        task.await.unwrap();
+    }
 }

@@ -226,7 +226,11 @@ impl Orchestrator {
 
         let tracker = TaskTracker::new();
         let lease = leader::bucket(&bus.js, cfg.lease, cfg.replicas).await.map_err(OrchestratorError::Loop)?;
-        let me = leader::LeaderInfo { replica: cfg.replica_id.clone(), http: format!("http://{http_addr}") };
+        let me = leader::LeaderInfo {
+            replica: cfg.replica_id.clone(),
+            http: format!("http://{http_addr}"),
+            process: uuid::Uuid::now_v7().to_string(),
+        };
         tracker.spawn(leader::run(lease, me, cfg.lease, role_tx, cancel.clone()));
         tracker.spawn(engine.run(rx, handle.ready.clone(), cancel.clone()));
         spawn_loop(
