@@ -858,7 +858,7 @@ fn host_views(api: &Api) -> Vec<HostWithObservation> {
         .into_iter()
         .map(|host| {
             let id = novacron_types::HostId::new(host.id.clone()).ok();
-            let failure_risk = id.as_ref().and_then(|id| obs.failure_risk.get(id).copied());
+            let failure_risk = id.as_ref().and_then(|id| obs.load.failure_risk.get(id).copied());
             let o = id.and_then(|id| obs.hosts.get(&id).cloned()).unwrap_or_default();
             HostWithObservation {
                 failure_risk,

@@ -688,7 +688,7 @@ impl Engine {
         }
         if let Some(model) = &self.cfg.risk_model {
             let risk = decide::failure_risk(&read(&self.state), model, novacron_eventlog::now_ms());
-            crate::ingest::lock(&self.cfg.observations).failure_risk = risk;
+            std::sync::Arc::make_mut(&mut crate::ingest::lock(&self.cfg.observations).load).failure_risk = risk;
         }
         let mut settings = self.cfg.reconcile.clone();
         settings.planning.load = self.load_view();
@@ -740,7 +740,7 @@ impl Engine {
             for (vm, t) in &obs.vms {
                 snapshot.vm_util.insert(*vm, t.cpu_util);
             }
-            snapshot.failure_risk.clone_from(&obs.failure_risk);
+            snapshot.failure_risk.clone_from(&obs.load.failure_risk);
         }
         self.hot_since.retain(|h, _| snapshot.host_util.get(h).is_some_and(|u| *u >= cfg.hot_util));
         for (h, u) in &snapshot.host_util {
@@ -940,7 +940,7 @@ impl Engine {
         decide::Planning { config: self.cfg.reconcile.planning.config.clone(), load: self.load_view() }
     }
 
-    fn load_view(&self) -> novacron_scheduler::LoadView {
+    fn load_view(&self) -> std::sync::Arc<novacron_scheduler::LoadView> {
         crate::ingest::load_view(&self.cfg.observations)
     }
 

@@ -54,7 +54,7 @@ pub struct Planning {
     /// Strategy, overcommit, limits, weights.
     pub config: novacron_scheduler::PlannerConfig,
     /// Observed CPU load per host and the telemetry watermark.
-    pub load: novacron_scheduler::LoadView,
+    pub load: std::sync::Arc<novacron_scheduler::LoadView>,
 }
 
 /// The wall clock and UUID v7.

@@ -284,7 +284,7 @@ fn healing_and_placement_avoid_a_host_that_keeps_failing() {
     let p = |h: &str| risk[&HostId::new(h).unwrap()];
     assert!(p("h2") > 2.0 * p("h1") && p("h1") == p("h3"), "{risk:?}");
     let planning = Planning {
-        load: novacron_scheduler::LoadView { failure_risk: risk, ..Default::default() },
+        load: std::sync::Arc::new(novacron_scheduler::LoadView { failure_risk: risk, ..Default::default() }),
         ..Default::default()
     };
 
