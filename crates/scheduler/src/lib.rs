@@ -71,10 +71,7 @@ pub mod filters {
     pub const CAPACITY: &str = "capacity";
 }
 
-/// Host label overriding the cluster's CPU overcommit ratio for one host.
-pub const LABEL_CPU_OVERCOMMIT: &str = "overcommit.cpu";
-/// Host label overriding the cluster's memory overcommit ratio for one host.
-pub const LABEL_MEMORY_OVERCOMMIT: &str = "overcommit.memory";
+pub use novacron_state::{LABEL_CPU_OVERCOMMIT, LABEL_MEMORY_OVERCOMMIT};
 
 /// Weights of the score components.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -351,10 +348,6 @@ pub struct Planner<'a> {
     cursor: usize,
 }
 
-fn ratio(labels: &Labels, key: &str, default: f64) -> f64 {
-    labels.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|r| r.is_finite() && *r >= 1.0).unwrap_or(default)
-}
-
 /// The value for `id` in a walk over a map ordered by host id, skipping keys before it (hosts
 /// the state no longer has); `id`s must come in ascending order.
 fn next_for<'m>(
@@ -395,8 +388,9 @@ struct Rule<'a> {
 /// the host's `overcommit.*` labels).
 #[must_use]
 pub fn effective_capacity(h: &HostRecord, cfg: &PlannerConfig) -> Resources {
-    let cpu_r = ratio(&h.labels, LABEL_CPU_OVERCOMMIT, cfg.cpu_overcommit);
-    let mem_r = ratio(&h.labels, LABEL_MEMORY_OVERCOMMIT, cfg.memory_overcommit);
+    // The host's own ratios were read from its labels when the state folded them in.
+    let cpu_r = h.overcommit.cpu.unwrap_or(cfg.cpu_overcommit);
+    let mem_r = h.overcommit.memory.unwrap_or(cfg.memory_overcommit);
     Resources {
         vcpus: u32::try_from(scaled(u64::from(h.capacity.vcpus), cpu_r)).unwrap_or(u32::MAX),
         memory_mib: scaled(h.capacity.memory_mib, mem_r),

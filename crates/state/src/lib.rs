@@ -144,8 +144,33 @@ pub struct PolicyRecord {
     pub at_ms: u64,
 }
 
+/// Host label overriding the cluster's CPU overcommit ratio for one host.
+pub const LABEL_CPU_OVERCOMMIT: &str = "overcommit.cpu";
+/// Host label overriding the cluster's memory overcommit ratio for one host.
+pub const LABEL_MEMORY_OVERCOMMIT: &str = "overcommit.memory";
+
+/// A host's own overcommit ratios, read from its labels (a number ≥ 1; anything else is no
+/// override).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Overcommit {
+    /// `overcommit.cpu`.
+    pub cpu: Option<f64>,
+    /// `overcommit.memory`.
+    pub memory: Option<f64>,
+}
+
+impl Overcommit {
+    /// The ratios `labels` set.
+    #[must_use]
+    pub fn of(labels: &Labels) -> Overcommit {
+        let ratio =
+            |key: &str| labels.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|r| r.is_finite() && *r >= 1.0);
+        Overcommit { cpu: ratio(LABEL_CPU_OVERCOMMIT), memory: ratio(LABEL_MEMORY_OVERCOMMIT) }
+    }
+}
+
 /// What the log knows of one host.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostRecord {
     /// The host.
     pub id: HostId,
@@ -153,6 +178,12 @@ pub struct HostRecord {
     pub capacity: Resources,
     /// Its labels.
     pub labels: Labels,
+    /// Derived, not encoded: the overcommit ratios its labels set ([`Overcommit::of`]). A
+    /// planner reads them for every host before every pass; looking the labels up each time
+    /// was a fifth of the orchestrator's time with 10,000 hosts. Kept with the labels, rebuilt
+    /// when a state is decoded.
+    #[serde(skip)]
+    pub overcommit: Overcommit,
     /// Its agent's driver.
     pub driver: String,
     /// Its health.
@@ -452,6 +483,9 @@ impl ClusterState {
 
     /// A decoded state with its derived fields (not encoded) rebuilt.
     fn with_derived(mut self) -> Self {
+        for h in self.hosts.values_mut() {
+            h.overcommit = Overcommit::of(&h.labels);
+        }
         self.hard_anti_affinity = self
             .vms
             .values()
@@ -849,6 +883,7 @@ impl ClusterState {
             Some(h) => {
                 h.capacity = e.capacity;
                 h.labels = e.labels.clone();
+                h.overcommit = Overcommit::of(&h.labels);
                 h.driver = e.driver.clone();
             }
             None => {
@@ -858,6 +893,7 @@ impl ClusterState {
                         id: e.host.clone(),
                         capacity: e.capacity,
                         labels: e.labels.clone(),
+                        overcommit: Overcommit::of(&e.labels),
                         driver: e.driver.clone(),
                         state: HostState::Ready,
                         admin: HostAdmin::InService,

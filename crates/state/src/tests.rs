@@ -96,7 +96,12 @@ fn envelope(n: usize, op: &Op) -> Envelope {
         Op::Register(h, c) => EventKind::HostRegistered(HostRegistered {
             host: host(h),
             capacity: Resources { vcpus: c, memory_mib: u64::from(c) * 1024, disk_gib: 0 },
-            labels: Default::default(),
+            // Some hosts set their own overcommit ratios, one of them invalid.
+            labels: match c % 5 {
+                0 => [("overcommit.cpu".to_owned(), "2".to_owned())].into(),
+                1 => [("overcommit.memory".to_owned(), "0.5".to_owned())].into(),
+                _ => Default::default(),
+            },
             driver: "sim".into(),
         }),
         Op::Request(v) => EventKind::VmRequested(VmRequested { vm: vm(v), spec: spec(v) }),
@@ -207,7 +212,7 @@ proptest! {
     }
 
     #[test]
-    fn the_hard_anti_affinity_index_is_every_live_vm_with_such_a_rule(ops in prop::collection::vec(op(), 0..200)) {
+    fn derived_fields_equal_what_they_are_derived_from_folded_and_decoded(ops in prop::collection::vec(op(), 0..200)) {
         let events: Vec<_> = ops.iter().enumerate().map(|(i, o)| envelope(i, o)).collect();
         let s = fold(&events);
         let scanned: std::collections::BTreeSet<VmId> = s
@@ -219,6 +224,17 @@ proptest! {
         prop_assert_eq!(&s.hard_anti_affinity, &scanned);
         let decoded = ClusterState::from_canonical_bytes(&s.to_canonical_bytes()).unwrap();
         prop_assert_eq!(&decoded.hard_anti_affinity, &scanned, "rebuilt when decoded");
+        for h in s.hosts.values().chain(decoded.hosts.values()) {
+            prop_assert_eq!(h.overcommit, Overcommit::of(&h.labels));
+        }
+    }
+
+    #[test]
+    fn overcommit_labels_are_read_once_and_strictly(c in 0u32..10) {
+        let labels: Labels = [("overcommit.cpu".to_owned(), format!("{c}")), ("overcommit.memory".to_owned(), "x".to_owned())].into();
+        let o = Overcommit::of(&labels);
+        prop_assert_eq!(o.cpu, (c >= 1).then_some(f64::from(c)), "a ratio is a number of at least 1");
+        prop_assert_eq!(o.memory, None);
     }
 
     #[test]
