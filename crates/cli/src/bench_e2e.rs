@@ -41,6 +41,10 @@ pub struct E2eArgs {
     /// HTTP connections (one thread each) carrying the load.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// VMs per request (the API's `count`: one request, one planning pass, N placements). The
+    /// offered rate still counts VMs; latency is each VM's, from when its request was due.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    batch: u32,
     /// nats-server binary (default: $NOVACRON_NATS_SERVER, .tools/nats/bin/nats-server, PATH).
     #[arg(long)]
     nats_server: Option<PathBuf>,
@@ -126,10 +130,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Offers `total` creations at `rate`/s over `connections` threads; returns per-request
-/// latency (ms, from when due) of the placements, how many were accepted but left pending (no
-/// room), the failures, and when the last one finished.
-fn offer_load(api: &str, rate: u32, total: usize, connections: usize) -> (Vec<f64>, usize, Vec<String>, Duration) {
+/// Offers `total` creations at `rate`/s over `connections` threads, `batch` per request;
+/// returns the latency of each placement (ms, from when its request was due), how many were
+/// accepted but left pending (no room), the failures, and when the last one finished.
+fn offer_load(
+    api: &str,
+    rate: u32,
+    total: usize,
+    batch: usize,
+    connections: usize,
+) -> (Vec<f64>, usize, Vec<String>, Duration) {
     let next = AtomicUsize::new(0);
     let pending = AtomicUsize::new(0);
     let latencies = Mutex::new(Vec::with_capacity(total));
@@ -146,27 +156,37 @@ fn offer_load(api: &str, rate: u32, total: usize, connections: usize) -> (Vec<f6
                     .into();
                 let url = format!("{api}/api/v1/vms");
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
+                    let first = next.fetch_add(batch, Ordering::Relaxed);
+                    if first >= total {
                         break;
                     }
-                    let due = start + Duration::from_secs_f64(i as f64 / f64::from(rate));
+                    let n = batch.min(total - first);
+                    let due = start + Duration::from_secs_f64(first as f64 / f64::from(rate));
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
-                    let body = json!({ "name": format!("e2e-{i}"), "vcpus": 1, "memory_mib": 512 });
+                    let body = if batch == 1 {
+                        json!({ "name": format!("e2e-{first}"), "vcpus": 1, "memory_mib": 512 })
+                    } else {
+                        json!({ "name": format!("e2e-{first}"), "vcpus": 1, "memory_mib": 512, "count": n })
+                    };
                     let r = agent.post(&url).send_json(&body);
                     let done = Instant::now();
                     match r {
                         Ok(mut resp) if resp.status() == 201 => {
                             // Accepted; placed only if it got a host (a full cluster leaves it pending).
-                            let placed = resp.body_mut().read_json::<Value>().is_ok_and(|v| v["host"].is_string());
-                            if placed {
-                                let ms = done.duration_since(due).as_secs_f64() * 1e3;
-                                latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ms);
-                            } else {
-                                pending.fetch_add(1, Ordering::Relaxed);
-                            }
+                            let views = match resp.body_mut().read_json::<Value>() {
+                                Ok(Value::Array(views)) => views,
+                                Ok(view) => vec![view],
+                                Err(_) => Vec::new(),
+                            };
+                            let placed = views.iter().filter(|v| v["host"].is_string()).count();
+                            pending.fetch_add(n.saturating_sub(placed), Ordering::Relaxed);
+                            let ms = done.duration_since(due).as_secs_f64() * 1e3;
+                            latencies
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .extend(std::iter::repeat_n(ms, placed));
                         }
                         Ok(mut resp) => {
                             let text = resp.body_mut().read_to_string().unwrap_or_default();
@@ -262,9 +282,9 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
         let registration_s = registered.elapsed().as_secs_f64();
 
         let total = usize::try_from((f64::from(a.rate) * a.duration.as_secs_f64()).round() as u64)?.max(1);
-        let (rate, connections, api2) = (a.rate, a.connections, api.clone());
+        let (rate, connections, api2, batch) = (a.rate, a.connections, api.clone(), a.batch as usize);
         let (mut lat, pending, failures, elapsed) =
-            tokio::task::spawn_blocking(move || offer_load(&api2, rate, total, connections)).await?;
+            tokio::task::spawn_blocking(move || offer_load(&api2, rate, total, batch, connections)).await?;
         let ok = lat.len();
         // Every acknowledged create must have its start command in the log, on a host subject.
         let commands = commands_in_log(&bus).await?;
@@ -277,7 +297,8 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
             "offered_rate": a.rate,
             "duration_s": a.duration.as_secs_f64(),
             "connections": a.connections,
-            "requests": total,
+            "batch": a.batch,
+            "requests": total.div_ceil(a.batch as usize),
             "placed": ok,
             "pending_no_room": pending,
             "failed": failures.len(),
