@@ -266,53 +266,45 @@ pub const MAX_EVENTS_CONSUMERS: i32 = 1_000_000;
 pub fn stream_configs(replicas: usize) -> Vec<StreamConfig> {
     const DAY: Duration = Duration::from_secs(24 * 3600);
     let subjects = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    vec![
-        StreamConfig {
+    let events = StreamConfig {
+        name: proto::EVENTS_STREAM.into(),
+        description: Some("NovaCron's log of record: events and commands".into()),
+        subjects: subjects(&proto::EVENTS_SUBJECTS),
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::New,
+        max_age: Duration::ZERO,
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: 1024 * 1024,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        num_replicas: replicas,
+        max_bytes: -1,
+        max_messages: -1,
+        max_consumers: MAX_EVENTS_CONSUMERS,
+        ..Default::default()
+    };
+    // A copy of the log's commands, kept and protected as the log itself.
+    let commands = StreamConfig {
+        name: proto::COMMANDS_STREAM.into(),
+        description: Some("Each host's commands, copied from EVENTS under nc.hostcmd.<host>".into()),
+        // Nothing publishes here: the server copies every command from the log, in log order,
+        // under one literal subject per host.
+        subjects: Vec::new(),
+        sources: Some(vec![Source {
             name: proto::EVENTS_STREAM.into(),
-            description: Some("NovaCron's log of record: events and commands".into()),
-            subjects: subjects(&proto::EVENTS_SUBJECTS),
-            storage: StorageType::File,
-            retention: RetentionPolicy::Limits,
-            discard: DiscardPolicy::New,
-            max_age: Duration::ZERO,
-            duplicate_window: Duration::from_secs(120),
-            max_message_size: 1024 * 1024,
-            allow_direct: true,
-            deny_delete: true,
-            deny_purge: true,
-            num_replicas: replicas,
-            max_bytes: -1,
-            max_messages: -1,
-            max_consumers: MAX_EVENTS_CONSUMERS,
+            subject_transforms: vec![SubjectTransform {
+                source: proto::COMMANDS_SOURCE_FILTER.into(),
+                destination: proto::COMMANDS_SOURCE_TRANSFORM.into(),
+            }],
             ..Default::default()
-        },
-        StreamConfig {
-            name: proto::COMMANDS_STREAM.into(),
-            description: Some("Each host's commands, copied from EVENTS under nc.hostcmd.<host>".into()),
-            // Nothing publishes here: the server copies every command from the log, in log
-            // order, under one literal subject per host.
-            subjects: Vec::new(),
-            sources: Some(vec![Source {
-                name: proto::EVENTS_STREAM.into(),
-                subject_transforms: vec![SubjectTransform {
-                    source: proto::COMMANDS_SOURCE_FILTER.into(),
-                    destination: proto::COMMANDS_SOURCE_TRANSFORM.into(),
-                }],
-                ..Default::default()
-            }]),
-            storage: StorageType::File,
-            retention: RetentionPolicy::Limits,
-            discard: DiscardPolicy::New,
-            max_age: Duration::ZERO,
-            max_message_size: 1024 * 1024,
-            deny_delete: true,
-            deny_purge: true,
-            num_replicas: replicas,
-            max_bytes: -1,
-            max_messages: -1,
-            max_consumers: MAX_EVENTS_CONSUMERS,
-            ..Default::default()
-        },
+        }]),
+        ..events.clone()
+    };
+    vec![
+        events,
+        commands,
         StreamConfig {
             name: proto::REPORTS_STREAM.into(),
             description: Some("Agents' reports; consumed once each by the orchestrator".into()),

@@ -439,11 +439,11 @@ impl<'a> Planner<'a> {
             cursor: 0,
         };
         for vm in state.hard_anti_affinity.iter().filter_map(|id| state.vms.get(id)) {
-            if vm.status == VmStatus::Deleted || !vm.spec.placement.vm_affinity.iter().any(is_hard_anti) {
+            if vm.status == VmStatus::Deleted || !vm.spec.placement.vm_affinity.iter().any(VmAffinity::is_hard_anti) {
                 continue;
             }
             let Some(i) = vm.host.as_ref().and_then(|h| planner.position(h)) else { continue };
-            for rule in vm.spec.placement.vm_affinity.iter().filter(|r| is_hard_anti(r)) {
+            for rule in vm.spec.placement.vm_affinity.iter().filter(|r| r.is_hard_anti()) {
                 planner.repellers.push((Some(vm.id), i, rule.clone()));
             }
         }
@@ -592,7 +592,7 @@ impl<'a> Planner<'a> {
         if !req.labels.is_empty() {
             self.placed_labels.push((i, req.labels.clone()));
         }
-        for rule in req.vm_affinity.iter().filter(|r| is_hard_anti(r)) {
+        for rule in req.vm_affinity.iter().filter(|r| r.is_hard_anti()) {
             self.repellers.push((req.vm, i, rule.clone()));
         }
     }
@@ -806,10 +806,6 @@ impl<'a> Planner<'a> {
             }
         }
     }
-}
-
-fn is_hard_anti(rule: &VmAffinity) -> bool {
-    rule.is_hard_anti()
 }
 
 /// One placement with the default settings and no load view (tests, simple callers).
