@@ -258,12 +258,13 @@ pub enum Placement {
     },
 }
 
-/// Facts about one host, computed once per planner.
+/// Facts about one host beyond its record, worked out for each host a decision examines (with
+/// `max_candidates`, a few dozen) rather than for every host when the planner is built: at
+/// 10,000 hosts that walk was most of what a single create cost.
+#[derive(Clone, Copy)]
 struct HostFacts {
     /// Capacity × overcommit.
     capacity: Resources,
-    /// Index of its failure domain in `Planner::domain_names`, if it has one.
-    domain: Option<usize>,
     /// Observed CPU load, if known.
     load: Option<f64>,
     /// Probability of failing soon, if scored.
@@ -325,15 +326,15 @@ pub struct Planner<'a> {
     cfg: &'a PlannerConfig,
     load: &'a LoadView,
     /// The hosts in id order (the state's order: [`Planner::position`] finds one by binary
-    /// search), with their facts.
-    hosts: Vec<(&'a HostRecord, HostFacts)>,
+    /// search).
+    hosts: Vec<&'a HostRecord>,
     /// Whether `groups` and `domains` hold the state's VMs yet: counted on the first request
     /// that needs them, so that passes without groups never walk every VM.
     groups_counted: bool,
     /// Per group: VMs of the group per host position (the state's, plus this planner's own).
     groups: BTreeMap<String, BTreeMap<usize, u32>>,
-    /// Per group: VMs of the group per failure domain (index).
-    domains: BTreeMap<String, BTreeMap<usize, u32>>,
+    /// Per group: VMs of the group per failure domain.
+    domains: BTreeMap<String, BTreeMap<&'a str, u32>>,
     /// Per label selector asked about: how many selected VMs run on each host (by position),
     /// the state's plus this planner's own. Filled on first use.
     selected: BTreeMap<Labels, BTreeMap<usize, u32>>,
@@ -346,24 +347,6 @@ pub struct Planner<'a> {
     reserved: BTreeMap<usize, (Resources, u32)>,
     /// Where the next limited scan starts: the previous winner's position.
     cursor: usize,
-}
-
-/// The value for `id` in a walk over a map ordered by host id, skipping keys before it (hosts
-/// the state no longer has); `id`s must come in ascending order.
-fn next_for<'m>(
-    entries: &mut std::iter::Peekable<std::collections::btree_map::Iter<'m, HostId, f64>>,
-    id: &HostId,
-) -> Option<f64> {
-    while let Some((k, v)) = entries.peek() {
-        match (*k).cmp(id) {
-            std::cmp::Ordering::Less => {
-                entries.next();
-            }
-            std::cmp::Ordering::Equal => return Some(**v),
-            std::cmp::Ordering::Greater => return None,
-        }
-    }
-    None
 }
 
 /// A failure domain: the value of a topology label, or a host lacking it (or no topology).
@@ -408,22 +391,7 @@ impl<'a> Planner<'a> {
     /// A planner over `state`.
     #[must_use]
     pub fn new(state: &'a ClusterState, cfg: &'a PlannerConfig, load: &'a LoadView) -> Planner<'a> {
-        let mut domain_index: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut hosts = Vec::with_capacity(state.hosts.len());
-        // The hosts and both load maps are ordered by host id: walk them side by side rather
-        // than look each host up (10,000 hosts: ~28,000 string comparisons a pass, not ~280,000).
-        let mut utils = load.cpu_util.iter().peekable();
-        let mut risks = load.failure_risk.iter().peekable();
-        for h in state.hosts.values() {
-            let capacity = effective_capacity(h, cfg);
-            let domain = cfg.failure_domain_label.as_ref().and_then(|l| h.labels.get(l)).map(|d| {
-                let next = domain_index.len();
-                *domain_index.entry(d.as_str()).or_insert(next)
-            });
-            let facts =
-                HostFacts { capacity, domain, load: next_for(&mut utils, &h.id), risk: next_for(&mut risks, &h.id) };
-            hosts.push((h, facts));
-        }
+        let hosts = state.hosts.values().collect();
         let mut planner = Planner {
             state,
             cfg,
@@ -452,7 +420,23 @@ impl<'a> Planner<'a> {
 
     /// A host's position in `hosts`.
     fn position(&self, id: &HostId) -> Option<usize> {
-        self.hosts.binary_search_by(|(h, _)| h.id.cmp(id)).ok()
+        self.hosts.binary_search_by(|h| h.id.cmp(id)).ok()
+    }
+
+    /// Host `i`'s failure domain: the value of the cluster's topology label, if it has one.
+    fn failure_domain(&self, i: usize) -> Option<&'a str> {
+        let cfg: &'a PlannerConfig = self.cfg;
+        cfg.failure_domain_label.as_ref().and_then(|l| self.hosts[i].labels.get(l)).map(String::as_str)
+    }
+
+    /// Host `i`'s facts (see [`HostFacts`]).
+    fn facts(&self, i: usize) -> HostFacts {
+        let h = self.hosts[i];
+        HostFacts {
+            capacity: effective_capacity(h, self.cfg),
+            load: self.load.cpu_util.get(&h.id).copied(),
+            risk: self.load.failure_risk.get(&h.id).copied(),
+        }
     }
 
     /// Counts the state's VMs per group (once per planner, when first needed).
@@ -474,7 +458,7 @@ impl<'a> Planner<'a> {
 
     /// The domain of host `i` under a topology label.
     fn domain(&self, i: usize, topology: Option<&str>) -> Domain<'a> {
-        let host = self.hosts[i].0;
+        let host = self.hosts[i];
         match topology.and_then(|t| host.labels.get(t)) {
             Some(v) => Domain::Label(v.as_str()),
             None => Domain::Host(i),
@@ -564,7 +548,7 @@ impl<'a> Planner<'a> {
 
     fn count_group(&mut self, group: &str, i: usize) {
         *self.groups.entry(group.to_owned()).or_default().entry(i).or_default() += 1;
-        if let Some(d) = self.hosts[i].1.domain {
+        if let Some(d) = self.failure_domain(i) {
             *self.domains.entry(group.to_owned()).or_default().entry(d).or_default() += 1;
         }
     }
@@ -599,8 +583,8 @@ impl<'a> Planner<'a> {
 
     /// Free resources on host `i` as the planner sees them: capacity × overcommit, less what
     /// is allocated and what this planner reserved, plus the request's credit.
-    fn free(&self, i: usize, req: &PlacementRequest, credit_here: bool) -> Resources {
-        let (host, facts) = &self.hosts[i];
+    fn free(&self, i: usize, facts: &HostFacts, req: &PlacementRequest, credit_here: bool) -> Resources {
+        let host = self.hosts[i];
         let mut free = facts.capacity.saturating_sub(host.allocated);
         if credit_here && let Some((_, own)) = &req.credit {
             free = free.checked_add(*own).unwrap_or(free).min_with(facts.capacity);
@@ -658,7 +642,7 @@ impl<'a> Planner<'a> {
                 break;
             }
             let i = (start + k) % n;
-            let (host, facts) = &self.hosts[i];
+            let host = self.hosts[i];
             examined += 1;
             let credit_here = credit_at == Some(i);
             if !host.schedulable() {
@@ -703,7 +687,8 @@ impl<'a> Planner<'a> {
                 counts[5] += 1;
                 continue;
             }
-            let free = self.free(i, req, credit_here);
+            let facts = self.facts(i);
+            let free = self.free(i, &facts, req, credit_here);
             if !req.need.fits_within(free) {
                 counts[6] += 1;
                 continue;
@@ -731,13 +716,10 @@ impl<'a> Planner<'a> {
                     Strategy::BinPack => fullness,
                     Strategy::Spread => 1.0 - fullness,
                 },
-                domain_spread: match (grouped, facts.domain) {
-                    (true, Some(d)) => {
-                        let in_domain = f64::from(group_domains.and_then(|m| m.get(&d)).copied().unwrap_or(0));
-                        Some(-in_domain / (group_total + 1.0))
-                    }
-                    _ => None,
-                },
+                domain_spread: grouped.then(|| self.failure_domain(i)).flatten().map(|d| {
+                    let in_domain = f64::from(group_domains.and_then(|m| m.get(d)).copied().unwrap_or(0));
+                    -in_domain / (group_total + 1.0)
+                }),
                 anti_affinity: anti,
                 affinity: attract,
                 preferred_labels: (!req.prefer_labels.is_empty()).then(|| {
@@ -775,12 +757,12 @@ impl<'a> Planner<'a> {
                 explanation.candidates = best
                     .iter()
                     .map(|(score, j, parts)| Candidate {
-                        host: self.hosts[*j].0.id.clone(),
+                        host: self.hosts[*j].id.clone(),
                         score: *score,
                         components: parts.map(),
                     })
                     .collect();
-                let host = self.hosts[i].0.id.clone();
+                let host = self.hosts[i].id.clone();
                 self.cursor = i;
                 self.reserve_at(i, req);
                 Placement::Host { host, explanation }
