@@ -247,8 +247,6 @@ pub struct EngineConfig {
     pub replica: String,
     /// How often the reconcilers run.
     pub reconcile_interval: Duration,
-    /// Save a snapshot after this many new events.
-    pub snapshot_every: u64,
     /// The failure detector's timeouts.
     pub failure: decide::FailureTimeouts,
     /// Restart timings and migration limits of the reconcilers.
@@ -282,9 +280,6 @@ pub(crate) struct Engine {
     cfg: EngineConfig,
     state: SharedState,
     log: EventLog,
-    snapshots: SnapshotStore,
-    stream_created_ns: i128,
-    since_snapshot: u64,
     /// When this engine started: hosts not heard from since count their silence from here.
     started: std::time::Instant,
     /// When this engine first saw each host in the state (a host that registers late gets
@@ -338,6 +333,17 @@ const MAX_CREATE_GROUP: usize = 256;
 /// The least time between two reconcile passes triggered by requests (ticks always run one).
 const RECONCILE_MIN_GAP: Duration = Duration::from_millis(100);
 
+/// An engine ready to run, as [`Engine::recover`] left it.
+pub(crate) struct Recovered {
+    pub(crate) engine: Engine,
+    pub(crate) handle: EngineHandle,
+    pub(crate) rx: mpsc::Receiver<Request>,
+    /// Creation time of the EVENTS stream (what snapshots are tied to), ns since the epoch.
+    pub(crate) stream_created_ns: i128,
+    /// The sequence of the snapshot it started from (0: none).
+    pub(crate) snapshot_seq: u64,
+}
+
 /// What the engine's loop carries from one step to the next.
 struct Follow {
     rx: mpsc::Receiver<Request>,
@@ -368,8 +374,8 @@ impl Engine {
     pub(crate) async fn recover(
         cfg: EngineConfig,
         log: EventLog,
-        snapshots: SnapshotStore,
-    ) -> Result<(Engine, EngineHandle, mpsc::Receiver<Request>), crate::OrchestratorError> {
+        snapshots: &SnapshotStore,
+    ) -> Result<Recovered, crate::OrchestratorError> {
         let mut stream = log.stream().clone();
         let info = stream.info().await.map_err(|e| crate::OrchestratorError::Log(e.to_string()))?;
         let stream_created_ns = info.created.unix_timestamp_nanos();
@@ -385,6 +391,7 @@ impl Engine {
                 ClusterState::default()
             }
         };
+        let snapshot_seq = state.seq;
         let started = std::time::Instant::now();
         let stats = fold_range(log.stream(), &mut state, tail)
             .await
@@ -401,9 +408,6 @@ impl Engine {
             cfg,
             state: shared,
             log,
-            snapshots,
-            stream_created_ns,
-            since_snapshot: stats.applied,
             started: std::time::Instant::now(),
             known_since: std::collections::BTreeMap::new(),
             last_reconcile: std::time::Instant::now(),
@@ -412,7 +416,7 @@ impl Engine {
             group_load: BTreeMap::new(),
             promoted_model: None,
         };
-        Ok((engine, handle, rx))
+        Ok(Recovered { engine, handle, rx, stream_created_ns, snapshot_seq })
     }
 
     pub(crate) async fn run(mut self, rx: mpsc::Receiver<Request>, ready: Arc<AtomicBool>, cancel: CancellationToken) {
@@ -430,7 +434,6 @@ impl Engine {
         let mut follow = Follow { rx, role: self.cfg.role.clone(), leading: None, tick, min_gap };
         while let Some(true) = cancel.run_until_cancelled(self.step(&mut follow)).await {}
         ready.store(false, Ordering::SeqCst);
-        self.snapshot();
         tracing::info!(seq = read(&self.state).seq, "engine stopped");
     }
 
@@ -731,7 +734,22 @@ impl Engine {
         let now = std::time::Instant::now();
         let mut snapshot = decide::LoadSnapshot { now_ms: novacron_eventlog::now_ms(), ..Default::default() };
         {
+            // Which hosts are hot, and since when. Copying the load for the planner waits
+            // until some host has been hot for the hold time: most passes stop here.
             let obs = crate::ingest::lock(&self.cfg.observations);
+            let util =
+                |h: &novacron_types::HostId| obs.hosts.get(h).and_then(|o| o.telemetry.as_ref()).map(|t| t.cpu_util);
+            self.hot_since.retain(|h, _| util(h).is_some_and(|u| u >= cfg.hot_util));
+            for (host, o) in &obs.hosts {
+                if o.telemetry.as_ref().is_some_and(|t| t.cpu_util >= cfg.hot_util)
+                    && !self.hot_since.contains_key(host)
+                {
+                    self.hot_since.insert(host.clone(), now);
+                }
+            }
+            if self.hot_since.values().all(|t| now - *t < cfg.hold) {
+                return Vec::new();
+            }
             for (host, o) in &obs.hosts {
                 if let Some(t) = &o.telemetry {
                     snapshot.host_util.insert(host.clone(), t.cpu_util);
@@ -741,12 +759,6 @@ impl Engine {
                 snapshot.vm_util.insert(*vm, t.cpu_util);
             }
             snapshot.failure_risk.clone_from(&obs.load.failure_risk);
-        }
-        self.hot_since.retain(|h, _| snapshot.host_util.get(h).is_some_and(|u| *u >= cfg.hot_util));
-        for (h, u) in &snapshot.host_util {
-            if *u >= cfg.hot_util {
-                self.hot_since.entry(h.clone()).or_insert(now);
-            }
         }
         snapshot.hot_for = self.hot_since.iter().map(|(h, t)| (h.clone(), now - *t)).collect();
         let events = {
@@ -1004,26 +1016,34 @@ impl Engine {
         kept
     }
 
-    /// How long each known host has been silent, on this process's monotonic clock.
+    /// The hosts silent for at least the shorter failure timeout, and for how long, on this
+    /// process's monotonic clock (what `decide::detect` needs; the others count as heard from).
+    /// One walk of the hosts alongside their observations, both in id order, allocating only
+    /// for the quiet ones and for hosts seen for the first time.
     fn silences(&mut self) -> std::collections::BTreeMap<novacron_types::HostId, Duration> {
         let now = std::time::Instant::now();
+        let threshold = self.cfg.failure.suspect_after.min(self.cfg.failure.host_failure_timeout);
         let obs = crate::ingest::lock(&self.cfg.observations);
         let state = read(&self.state);
-        state
-            .hosts
-            .keys()
-            .map(|h| {
-                let known = match self.known_since.get(h) {
-                    Some(&t) => t,
-                    None => {
-                        self.known_since.insert(h.clone(), now);
-                        now
-                    }
-                };
-                let last_seen = obs.hosts.get(h).and_then(|o| o.last_seen);
-                (h.clone(), now.saturating_duration_since(silent_since(last_seen, known, self.started)))
-            })
-            .collect()
+        let mut seen = obs.hosts.iter().peekable();
+        let mut quiet = std::collections::BTreeMap::new();
+        for h in state.hosts.keys() {
+            while seen.next_if(|(id, _)| *id < h).is_some() {}
+            let last_seen = seen.next_if(|(id, _)| *id == h).and_then(|(_, o)| o.last_seen);
+            let known = match (last_seen, self.known_since.get(h)) {
+                (Some(_), _) => now,
+                (None, Some(&t)) => t,
+                (None, None) => {
+                    self.known_since.insert(h.clone(), now);
+                    now
+                }
+            };
+            let silence = now.saturating_duration_since(silent_since(last_seen, known, self.started));
+            if silence >= threshold {
+                quiet.insert(h.clone(), silence);
+            }
+        }
+        quiet
     }
 
     /// Appends and folds in. On any failure, re-reads the log so that the state is the log's.
@@ -1036,11 +1056,6 @@ impl Engine {
                 let mut state = write(&self.state);
                 for (seq, e) in seqs.iter().zip(events) {
                     state.apply(*seq, e);
-                }
-                drop(state);
-                self.since_snapshot += seqs.len() as u64;
-                if self.since_snapshot >= self.cfg.snapshot_every {
-                    self.snapshot();
                 }
                 Ok(())
             }
@@ -1081,22 +1096,6 @@ impl Engine {
         }
         if stats.applied + stats.undecodable > 0 {
             tracing::info!(seq = read(&self.state).seq, applied = stats.applied, "caught up with the log");
-        }
-    }
-
-    fn snapshot(&mut self) {
-        // Encoded under the read lock, not from a clone: only this task writes the state, and a
-        // copy of a large state would double the process's high-water memory for nothing.
-        let saved = {
-            let state = read(&self.state);
-            self.snapshots.save(self.stream_created_ns, &state).map(|()| state.seq)
-        };
-        match saved {
-            Ok(seq) => {
-                tracing::debug!(seq, "snapshot saved");
-                self.since_snapshot = 0;
-            }
-            Err(e) => tracing::warn!(error = %e, "snapshot not saved"),
         }
     }
 }

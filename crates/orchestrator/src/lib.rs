@@ -22,6 +22,7 @@ pub mod ingest;
 pub mod leader;
 pub mod metrics;
 pub mod openapi;
+mod snapshotter;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -199,7 +200,6 @@ impl Orchestrator {
         let engine_cfg = engine::EngineConfig {
             replica: cfg.replica_id.clone(),
             reconcile_interval: cfg.reconcile_interval,
-            snapshot_every: cfg.snapshot_every,
             failure: decide::FailureTimeouts {
                 suspect_after: cfg.suspect_after,
                 host_failure_timeout: cfg.host_failure_timeout,
@@ -222,7 +222,22 @@ impl Orchestrator {
             rebalance: cfg.rebalance,
             risk_model: cfg.risk_model.clone(),
         };
-        let (engine, handle, rx) = engine::Engine::recover(engine_cfg, log, snapshots).await?;
+        let engine::Recovered { engine, handle, rx, stream_created_ns, snapshot_seq } =
+            engine::Engine::recover(engine_cfg, log, &snapshots).await?;
+        let stream = bus
+            .js
+            .get_stream(novacron_protocol::EVENTS_STREAM)
+            .await
+            .map_err(|e| OrchestratorError::Log(e.to_string()))?;
+        // The snapshot task's own copy starts as the recovered state (see `snapshotter`).
+        let snapshots = snapshotter::Snapshotter {
+            state: engine::read(&handle.state).clone(),
+            stream,
+            store: Arc::new(snapshots),
+            stream_created_ns,
+            every: cfg.snapshot_every.max(1),
+            saved_at: snapshot_seq,
+        };
 
         let tracker = TaskTracker::new();
         let lease = leader::bucket(&bus.js, cfg.lease, cfg.replicas).await.map_err(OrchestratorError::Loop)?;
@@ -233,6 +248,7 @@ impl Orchestrator {
         };
         tracker.spawn(leader::run(lease, me, cfg.lease, role_tx, cancel.clone()));
         tracker.spawn(engine.run(rx, handle.ready.clone(), cancel.clone()));
+        tracker.spawn(snapshots.run(cancel.clone()));
         spawn_loop(
             &tracker,
             &cancel,

@@ -22,6 +22,10 @@ pub const STATE_SEQ: &str = "novacron_state_seq";
 pub const HOSTS: &str = "novacron_hosts";
 /// VMs not deleted.
 pub const VMS: &str = "novacron_vms";
+/// Log sequence of the last snapshot saved.
+pub const SNAPSHOT_SEQ: &str = "novacron_snapshot_seq";
+/// Time to save a snapshot (encode, write, sync), seconds; off the engine's path.
+pub const SNAPSHOT_SECONDS: &str = "novacron_snapshot_seconds";
 
 /// The process-wide Prometheus handle; installs the recorder on first use. If another recorder
 /// is already installed (several orchestrators in one test process), the handle still renders
@@ -49,4 +53,6 @@ fn describe() {
     metrics::describe_gauge!(STATE_SEQ, "Last log sequence folded into the orchestrator's state");
     metrics::describe_gauge!(HOSTS, "Hosts known to the orchestrator");
     metrics::describe_gauge!(VMS, "VMs not deleted");
+    metrics::describe_gauge!(SNAPSHOT_SEQ, "Log sequence of the last snapshot saved");
+    metrics::describe_histogram!(SNAPSHOT_SECONDS, "Time to save a snapshot (encode, write, sync), seconds");
 }

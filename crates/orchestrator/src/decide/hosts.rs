@@ -74,6 +74,10 @@ pub struct FailureTimeouts {
 /// already failed — and at least two — are silent at once, nobody is suspected or failed: the
 /// orchestrator itself is probably cut off, and evacuating everything would be the worst
 /// response. Healing is paused, and said so with `HealingPaused`, until that clears.
+///
+/// `silences` needs to list only the hosts silent for at least the shorter of the two
+/// timeouts: a host it does not list counts as heard from just now (with 10,000 hosts the
+/// engine passes only the quiet ones, not a map of every host per pass).
 pub fn detect(
     state: &ClusterState,
     silences: &BTreeMap<HostId, std::time::Duration>,
@@ -86,21 +90,22 @@ pub fn detect(
     let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let silence = |h: &HostId| silences.get(h).copied().unwrap_or_default();
     let mut events = Vec::new();
-    let live: Vec<&novacron_state::HostRecord> =
-        state.hosts.values().filter(|h| h.state != HostState::Failed).collect();
-    let silent = live.iter().filter(|h| silence(&h.id) >= t.suspect_after).count();
-    let mass = silent >= 2 && silent * 2 > live.len();
+    let live = state.hosts.values().filter(|h| h.state != HostState::Failed).count();
+    let silent = silences
+        .iter()
+        .filter(|(h, d)| **d >= t.suspect_after && state.hosts.get(*h).is_some_and(|h| h.state != HostState::Failed))
+        .count();
+    let mass = silent >= 2 && silent * 2 > live;
     if mass && !state.healing_paused {
         events.push(envelope(
             stamp,
             origin,
             EventKind::HealingPaused(HealingPaused {
                 silent_hosts: u32::try_from(silent).unwrap_or(u32::MAX),
-                hosts: u32::try_from(live.len()).unwrap_or(u32::MAX),
+                hosts: u32::try_from(live).unwrap_or(u32::MAX),
                 reason: format!(
-                    "{silent} of {} hosts went silent at once: the orchestrator may be the one cut off, so no host is \
-                     declared failed until this clears",
-                    live.len()
+                    "{silent} of {live} hosts went silent at once: the orchestrator may be the one cut off, so no host \
+                     is declared failed until this clears"
                 ),
             }),
         ));
@@ -112,18 +117,21 @@ pub fn detect(
         ));
     }
     for h in state.hosts.values() {
+        // Ready hosts that no silence lists are the common case: nothing to look up.
+        if h.state == HostState::Ready && (mass || silences.is_empty()) {
+            continue;
+        }
         let quiet = silence(&h.id);
-        let host = h.id.clone();
         match h.state {
             HostState::Suspect | HostState::Failed if quiet < t.suspect_after => {
-                events.push(envelope(stamp, origin, EventKind::HostRecovered(HostRecovered { host })));
+                events.push(envelope(stamp, origin, EventKind::HostRecovered(HostRecovered { host: h.id.clone() })));
             }
             _ if mass => {}
             HostState::Ready if quiet >= t.suspect_after => {
                 events.push(envelope(
                     stamp,
                     origin,
-                    EventKind::HostSuspected(HostSuspected { host, silent_ms: ms(quiet) }),
+                    EventKind::HostSuspected(HostSuspected { host: h.id.clone(), silent_ms: ms(quiet) }),
                 ));
             }
             HostState::Suspect if quiet >= t.host_failure_timeout => {
@@ -131,7 +139,7 @@ pub fn detect(
                     stamp,
                     origin,
                     EventKind::HostFailed(HostFailed {
-                        host,
+                        host: h.id.clone(),
                         silent_ms: ms(quiet),
                         agent_lease_ms: ms(t.agent_lease),
                         host_failure_timeout_ms: ms(t.host_failure_timeout),

@@ -77,7 +77,7 @@ pub(crate) fn restart_step(
     vm: &VmRecord,
     now: u64,
     t: RestartTimings,
-    planner: &mut Planner<'_>,
+    planner: &mut LazyPlanner<'_>,
 ) -> Option<Result<Placement, (u32, String)>> {
     let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let recent: Vec<&novacron_state::FailureRecord> =
@@ -108,16 +108,31 @@ pub(crate) fn restart_step(
         req.credit = Some((current.clone(), vm.spec.resources()));
         let mut here = req.clone();
         here.avoid = state.hosts.keys().filter(|h| *h != current).cloned().collect();
-        decision = Some(planner.place(&here)).filter(|d| matches!(d, Placement::Host { .. }));
+        decision = Some(planner.get().place(&here)).filter(|d| matches!(d, Placement::Host { .. }));
     } else {
         req.avoid.extend(vm.host.iter().cloned());
     }
-    let mut decision = decision.unwrap_or_else(|| planner.place(&req));
+    let mut decision = decision.unwrap_or_else(|| planner.get().place(&req));
     if let Placement::Host { explanation, host } = &mut decision {
         let moved = if Some(&*host) == vm.host.as_ref() { String::new() } else { " on another host".to_owned() };
         explanation.trigger = Some(format!("restart{moved} after failure {n} (backoff {backoff} ms)"));
     }
     Some(Ok(decision))
+}
+
+/// A planner built on first use.
+pub(crate) struct LazyPlanner<'a> {
+    state: &'a ClusterState,
+    config: &'a novacron_scheduler::PlannerConfig,
+    load: &'a novacron_scheduler::LoadView,
+    planner: Option<Planner<'a>>,
+}
+
+impl<'a> LazyPlanner<'a> {
+    fn get(&mut self) -> &mut Planner<'a> {
+        let (state, config, load) = (self.state, self.config, self.load);
+        self.planner.get_or_insert_with(|| Planner::new(state, config, load))
+    }
 }
 
 /// One reconcile pass over the whole state: place pending VMs (one planning pass, so a batch
@@ -133,9 +148,13 @@ pub fn reconcile_with(
     let settings = settings.into();
     let restart = settings.restart;
     let limits = migration_limits(state, settings.migrations);
-    // One planner for the whole pass: every decision sees what earlier ones took.
+    // One planner for the whole pass: every decision sees what earlier ones took. Built only
+    // if the pass places something: most passes do not, and building one walks every host.
     let config = planner_config(state, &settings.planning.config);
-    let mut planner = Planner::new(state, &config, &settings.planning.load);
+    let mut planner = LazyPlanner { state, config: &config, load: &settings.planning.load, planner: None };
+    // Most passes find no failed and no draining host: then no VM needs its host looked up.
+    let any_failed = state.hosts.values().any(|h| h.state == novacron_state::HostState::Failed);
+    let any_draining = state.hosts.values().any(|h| h.admin == novacron_state::HostAdmin::Draining);
     // Migrations in flight, per source host and in all, for the drain's concurrency limits.
     let mut migrating_from: BTreeMap<HostId, usize> = BTreeMap::new();
     for vm in state.vms.values().filter(|v| v.migration.is_some()) {
@@ -161,11 +180,12 @@ pub fn reconcile_with(
     }
     for vm in order {
         let policy = healing.get(&vm.id).copied().unwrap_or_default();
-        let on_failed_host = vm
-            .host
-            .as_ref()
-            .and_then(|h| state.hosts.get(h))
-            .is_some_and(|h| h.state == novacron_state::HostState::Failed);
+        let on_failed_host = any_failed
+            && vm
+                .host
+                .as_ref()
+                .and_then(|h| state.hosts.get(h))
+                .is_some_and(|h| h.state == novacron_state::HostState::Failed);
         if let Some(m) = &vm.migration {
             // A migration cannot finish if either end died: give it up; healing takes over.
             let target_failed = state.hosts.get(&m.to).is_some_and(|h| h.state == novacron_state::HostState::Failed);
@@ -191,7 +211,7 @@ pub fn reconcile_with(
                 events.push(envelope(stamp, origin, EventKind::VmDeleted(VmDeleted { vm: vm.id })));
                 continue;
             }
-            let mut decision = planner.place(&request_for_vm(state, vm));
+            let mut decision = planner.get().place(&request_for_vm(state, vm));
             if let Placement::Host { explanation, .. } = &mut decision {
                 explanation.trigger = vm.host.as_ref().map(|h| format!("host {h} failed"));
             }
@@ -231,6 +251,7 @@ pub fn reconcile_with(
         let draining = vm
             .host
             .as_ref()
+            .filter(|_| any_draining)
             .filter(|h| state.hosts.get(*h).is_some_and(|r| r.admin == novacron_state::HostAdmin::Draining));
         if let Some(source) = draining
             && !vm.delete_requested
@@ -243,7 +264,7 @@ pub fn reconcile_with(
                 {
                     let here = migrating_from.get(source).copied().unwrap_or(0);
                     if here < limits.per_host && migrating_total < limits.cluster {
-                        match plan_migration(state, vm, None, &reason, &mut planner, stamp, origin) {
+                        match plan_migration(state, vm, None, &reason, planner.get(), stamp, origin) {
                             Ok((_, planned)) => {
                                 *migrating_from.entry(source.clone()).or_default() += 1;
                                 migrating_total += 1;
@@ -273,7 +294,7 @@ pub fn reconcile_with(
                 VmStatus::Stopped | VmStatus::Failed | VmStatus::Placed | VmStatus::Pending => {
                     let mut req = request_for_vm(state, vm);
                     req.avoid.push(source.clone());
-                    let mut decision = planner.place(&req);
+                    let mut decision = planner.get().place(&req);
                     if let Placement::Host { explanation, .. } = &mut decision {
                         explanation.trigger = Some(reason.clone());
                     }
@@ -291,7 +312,7 @@ pub fn reconcile_with(
         }
         match vm.status {
             VmStatus::Pending => {
-                let decision = planner.place(&request_for_vm(state, vm));
+                let decision = planner.get().place(&request_for_vm(state, vm));
                 events.extend(replacement_events(state, vm, decision, stamp, origin));
             }
             VmStatus::Placed => {

@@ -215,6 +215,41 @@ fn a_silent_host_is_suspected_then_failed_and_recovers_when_it_speaks() {
     assert_eq!(names(&e), ["HostRecovered"]);
 }
 
+/// The engine passes only the hosts silent for at least the shorter timeout; the detector must
+/// decide exactly as if it had every host's silence. Random walks over hosts going quiet,
+/// suspected, failed, paused and back, comparing both at every step.
+#[test]
+fn listing_only_the_quiet_hosts_decides_as_listing_every_host() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    };
+    let threshold = T.suspect_after.min(T.host_failure_timeout);
+    let mut compared = 0;
+    for _ in 0..200 {
+        let n = 1 + next(8) as u32;
+        let mut s = hosts(n);
+        for _ in 0..6 {
+            // Mostly heard from, some around the two timeouts.
+            let full: BTreeMap<HostId, std::time::Duration> = s
+                .hosts
+                .keys()
+                .map(|h| (h.clone(), std::time::Duration::from_secs([0, 1, 4, 5, 6, 29, 30, 31, 90][next(9) as usize])))
+                .collect();
+            let sparse: BTreeMap<HostId, std::time::Duration> =
+                full.iter().filter(|(_, d)| **d >= threshold).map(|(h, d)| (h.clone(), *d)).collect();
+            let with_all = detect(&s, &full, T, &mut Fixed(0), &origin());
+            let with_quiet = detect(&s, &sparse, T, &mut Fixed(0), &origin());
+            let kinds = |e: &[Envelope]| e.iter().map(|e| e.event.clone()).collect::<Vec<_>>();
+            assert_eq!(kinds(&with_all), kinds(&with_quiet), "silences {full:?}");
+            compared += usize::from(!with_all.is_empty());
+            apply_all(&mut s, &with_all);
+        }
+    }
+    assert!(compared > 100, "the walks reached decisions ({compared})");
+}
+
 #[test]
 fn when_most_hosts_go_silent_at_once_healing_pauses_instead_of_evacuating() {
     let mut s = hosts(3);
