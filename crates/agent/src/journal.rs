@@ -212,8 +212,8 @@ impl Journal {
             }
             Err(sled::transaction::TransactionError::Abort(())) => {} // never aborted above
         }
+        // One flush makes both trees durable: they share the database's log.
         self.applied.flush()?;
-        self.vms.flush()?;
         Ok(())
     }
 
