@@ -472,7 +472,7 @@ impl Engine {
         }
         if f.leading.is_some() {
             if ticked || self.last_reconcile.elapsed() >= f.min_gap {
-                self.reconcile().await;
+                self.reconcile(ticked).await;
             }
         } else {
             // A standby keeps its state warm by folding what the leader appends.
@@ -674,31 +674,23 @@ impl Engine {
         Err(EngineError::LogUnavailable("the log kept moving".into()))
     }
 
-    async fn reconcile(&mut self) {
+    /// A reconcile pass. `periodic` (a tick, or a new term): every reconciler, including those
+    /// only time moves along — failure detection and risk, scaling, rebalancing, policies.
+    /// After a request: only `reconcile_with` (pending placements, restarts, deletions, drains),
+    /// what a request can unblock. Under a stream of requests such passes come ten times a
+    /// second, and at 10,000 hosts the time-driven reconcilers were most of their cost.
+    async fn reconcile(&mut self, periodic: bool) {
         self.last_reconcile = std::time::Instant::now();
         let origin = Origin { actor: Actor::Orchestrator(self.cfg.replica.clone()), correlation: None };
-        let silences = self.silences();
-        let detected = decide::detect(&read(&self.state), &silences, self.cfg.failure, &mut WallClock, &origin);
-        let detected = self.confirm_failures(detected).await;
-        if !detected.is_empty() {
-            for e in &detected {
-                tracing::warn!(event = e.event.name(), payload = ?e.event, "failure detector");
-            }
-            if let Err(e) = self.commit(&detected).await {
-                tracing::warn!(error = %e, "failure detector's events not committed; the next pass retries");
-                return;
-            }
-        }
-        if let Some(model) = &self.cfg.risk_model {
-            let risk = decide::failure_risk(&read(&self.state), model, novacron_eventlog::now_ms());
-            std::sync::Arc::make_mut(&mut crate::ingest::lock(&self.cfg.observations).load).failure_risk = risk;
+        if periodic && !self.detect_failures(&origin).await {
+            return;
         }
         let mut settings = self.cfg.reconcile.clone();
         settings.planning.load = self.load_view();
         let migrations = settings.migrations;
         let settings_config = settings.planning.config.clone();
         let events = decide::reconcile_with(&read(&self.state), &mut WallClock, &origin, settings);
-        let events = if events.is_empty() {
+        let events = if events.is_empty() && periodic {
             self.refresh_promoted_model().await;
             let (inputs, mut requested) = self.scaling_inputs();
             let planning = decide::Planning { config: settings_config.clone(), load: self.load_view() };
@@ -707,8 +699,8 @@ impl Engine {
         } else {
             events
         };
-        let events = if events.is_empty() { self.rebalance_events(&origin, migrations) } else { events };
-        let events = if events.is_empty() {
+        let events = if events.is_empty() && periodic { self.rebalance_events(&origin, migrations) } else { events };
+        let events = if events.is_empty() && periodic {
             let planning = decide::Planning { config: settings_config, load: self.load_view() };
             let state = read(&self.state);
             decide::policy_pass(&state, &planning, migrations, self.cfg.rebalance.vm_cooldown, &mut WallClock, &origin)
@@ -722,6 +714,28 @@ impl Engine {
         if let Err(e) = self.commit(&events).await {
             tracing::warn!(error = %e, "reconcile pass not committed; the next pass retries");
         }
+    }
+
+    /// Failure detection and the hosts' failure risk. False when the detector's events could
+    /// not be committed (the pass stops there; the next one retries).
+    async fn detect_failures(&mut self, origin: &Origin) -> bool {
+        let silences = self.silences();
+        let detected = decide::detect(&read(&self.state), &silences, self.cfg.failure, &mut WallClock, origin);
+        let detected = self.confirm_failures(detected).await;
+        if !detected.is_empty() {
+            for e in &detected {
+                tracing::warn!(event = e.event.name(), payload = ?e.event, "failure detector");
+            }
+            if let Err(e) = self.commit(&detected).await {
+                tracing::warn!(error = %e, "failure detector's events not committed; the next pass retries");
+                return false;
+            }
+        }
+        if let Some(model) = &self.cfg.risk_model {
+            let risk = decide::failure_risk(&read(&self.state), model, novacron_eventlog::now_ms());
+            std::sync::Arc::make_mut(&mut crate::ingest::lock(&self.cfg.observations).load).failure_risk = risk;
+        }
+        true
     }
 
     /// The rebalancer's proposals, from how long hosts have been hot (this engine's clock) and
