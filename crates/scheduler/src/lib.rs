@@ -45,7 +45,8 @@
 pub mod consolidation;
 pub mod packing;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 
 use novacron_state::{ClusterState, HostRecord, VmRecord, VmStatus};
 pub use novacron_types::Strategy;
@@ -325,35 +326,73 @@ pub struct Planner<'a> {
     state: &'a ClusterState,
     cfg: &'a PlannerConfig,
     load: &'a LoadView,
-    /// The hosts in id order (the state's order: [`Planner::position`] finds one by binary
-    /// search).
-    hosts: Vec<&'a HostRecord>,
     /// Whether `groups` and `domains` hold the state's VMs yet: counted on the first request
     /// that needs them, so that passes without groups never walk every VM.
     groups_counted: bool,
-    /// Per group: VMs of the group per host position (the state's, plus this planner's own).
-    groups: BTreeMap<String, BTreeMap<usize, u32>>,
+    /// Per group: VMs of the group per host (the state's, plus this planner's own).
+    groups: BTreeMap<String, HashMap<At<'a>, u32>>,
     /// Per group: VMs of the group per failure domain.
     domains: BTreeMap<String, BTreeMap<&'a str, u32>>,
-    /// Per label selector asked about: how many selected VMs run on each host (by position),
+    /// Per label selector asked about: how many selected VMs run on each host,
     /// the state's plus this planner's own. Filled on first use.
-    selected: BTreeMap<Labels, BTreeMap<usize, u32>>,
+    selected: BTreeMap<Labels, HashMap<At<'a>, u32>>,
     /// The VMs (the state's and this planner's) with hard anti-affinity rules, which keep the
-    /// VMs they select out of their domain: (VM, host position, rule).
-    repellers: Vec<(Option<VmId>, usize, VmAffinity)>,
-    /// The labels of the VMs this planner placed, by host position (to update `selected`).
-    placed_labels: Vec<(usize, Labels)>,
-    /// What this planner's decisions took on each host (by position): resources, VM count.
-    reserved: BTreeMap<usize, (Resources, u32)>,
-    /// Where the next limited scan starts: the previous winner's position.
-    cursor: usize,
+    /// VMs they select out of their domain: (VM, host, rule).
+    repellers: Vec<(Option<VmId>, At<'a>, VmAffinity)>,
+    /// The labels of the VMs this planner placed, by host (to update `selected`).
+    placed_labels: Vec<(At<'a>, Labels)>,
+    /// What this planner's decisions took on each host: resources, VM count.
+    reserved: HashMap<At<'a>, (Resources, u32)>,
+    /// Where the next limited scan starts: the previous winner.
+    cursor: Option<At<'a>>,
+}
+
+/// A host of the planner's state: what the planner's own counts and reservations are keyed
+/// by. Compared, ordered and hashed by the record's address (a planner borrows the state, so
+/// records stay put): an integer where the host id would cost string comparisons at every
+/// lookup. That order differs from run to run: maps keyed by `At` serve lookups and integer
+/// sums only, and must never be iterated into a decision or its explanation (which follow
+/// host ids, as the scan does).
+#[derive(Clone, Copy, Debug)]
+struct At<'a>(&'a HostRecord);
+
+impl At<'_> {
+    fn addr(self) -> usize {
+        std::ptr::from_ref(self.0) as usize
+    }
+}
+
+impl PartialEq for At<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for At<'_> {}
+
+impl std::hash::Hash for At<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.addr().hash(state);
+    }
+}
+
+impl PartialOrd for At<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for At<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.addr().cmp(&other.addr())
+    }
 }
 
 /// A failure domain: the value of a topology label, or a host lacking it (or no topology).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Domain<'a> {
     Label(&'a str),
-    Host(usize),
+    Host(At<'a>),
 }
 
 /// One of a request's affinity rules, resolved against the current placements.
@@ -391,26 +430,24 @@ impl<'a> Planner<'a> {
     /// A planner over `state`.
     #[must_use]
     pub fn new(state: &'a ClusterState, cfg: &'a PlannerConfig, load: &'a LoadView) -> Planner<'a> {
-        let hosts = state.hosts.values().collect();
         let mut planner = Planner {
             state,
             cfg,
             load,
-            hosts,
             groups_counted: false,
             groups: BTreeMap::new(),
             domains: BTreeMap::new(),
             selected: BTreeMap::new(),
             repellers: Vec::new(),
             placed_labels: Vec::new(),
-            reserved: BTreeMap::new(),
-            cursor: 0,
+            reserved: HashMap::new(),
+            cursor: None,
         };
         for vm in state.hard_anti_affinity.iter().filter_map(|id| state.vms.get(id)) {
             if vm.status == VmStatus::Deleted || !vm.spec.placement.vm_affinity.iter().any(VmAffinity::is_hard_anti) {
                 continue;
             }
-            let Some(i) = vm.host.as_ref().and_then(|h| planner.position(h)) else { continue };
+            let Some(i) = vm.host.as_ref().and_then(|h| planner.at(h)) else { continue };
             for rule in vm.spec.placement.vm_affinity.iter().filter(|r| r.is_hard_anti()) {
                 planner.repellers.push((Some(vm.id), i, rule.clone()));
             }
@@ -418,20 +455,20 @@ impl<'a> Planner<'a> {
         planner
     }
 
-    /// A host's position in `hosts`.
-    fn position(&self, id: &HostId) -> Option<usize> {
-        self.hosts.binary_search_by(|h| h.id.cmp(id)).ok()
+    /// A host of the state.
+    fn at(&self, id: &HostId) -> Option<At<'a>> {
+        self.state.hosts.get(id).map(At)
     }
 
     /// Host `i`'s failure domain: the value of the cluster's topology label, if it has one.
-    fn failure_domain(&self, i: usize) -> Option<&'a str> {
+    fn failure_domain(&self, i: At<'a>) -> Option<&'a str> {
         let cfg: &'a PlannerConfig = self.cfg;
-        cfg.failure_domain_label.as_ref().and_then(|l| self.hosts[i].labels.get(l)).map(String::as_str)
+        cfg.failure_domain_label.as_ref().and_then(|l| i.0.labels.get(l)).map(String::as_str)
     }
 
     /// Host `i`'s facts (see [`HostFacts`]).
-    fn facts(&self, i: usize) -> HostFacts {
-        let h = self.hosts[i];
+    fn facts(&self, i: At<'a>) -> HostFacts {
+        let h = i.0;
         HostFacts {
             capacity: effective_capacity(h, self.cfg),
             load: self.load.cpu_util.get(&h.id).copied(),
@@ -450,23 +487,23 @@ impl<'a> Planner<'a> {
             if vm.status == VmStatus::Deleted {
                 continue;
             }
-            if let Some(i) = vm.host.as_ref().and_then(|h| self.position(h)) {
+            if let Some(i) = vm.host.as_ref().and_then(|h| self.at(h)) {
                 self.count_group(group, i);
             }
         }
     }
 
     /// The domain of host `i` under a topology label.
-    fn domain(&self, i: usize, topology: Option<&str>) -> Domain<'a> {
-        let host = self.hosts[i];
+    fn domain(&self, i: At<'a>, topology: Option<&str>) -> Domain<'a> {
+        let host = i.0;
         match topology.and_then(|t| host.labels.get(t)) {
             Some(v) => Domain::Label(v.as_str()),
             None => Domain::Host(i),
         }
     }
 
-    /// How many VMs carrying `selector` run on each host (by position).
-    fn selected_counts(&mut self, selector: &Labels) -> &BTreeMap<usize, u32> {
+    /// How many VMs carrying `selector` run on each host.
+    fn selected_counts(&mut self, selector: &Labels) -> &HashMap<At<'a>, u32> {
         if !self.selected.contains_key(selector) {
             let rule = VmAffinity {
                 selector: selector.clone(),
@@ -474,12 +511,12 @@ impl<'a> Planner<'a> {
                 strength: Strength::Soft,
                 topology: None,
             };
-            let mut counts: BTreeMap<usize, u32> = BTreeMap::new();
+            let mut counts: HashMap<At<'a>, u32> = HashMap::new();
             for vm in self.state.vms.values() {
                 if vm.status == VmStatus::Deleted || !rule.selects(&vm.spec.labels) {
                     continue;
                 }
-                if let Some(i) = vm.host.as_ref().and_then(|h| self.position(h)) {
+                if let Some(i) = vm.host.as_ref().and_then(|h| self.at(h)) {
                     *counts.entry(i).or_default() += 1;
                 }
             }
@@ -494,7 +531,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The request's label rules with the selected VMs counted per domain.
-    fn resolve_rules<'r>(&mut self, req: &'r PlacementRequest, self_idx: Option<usize>) -> Vec<Rule<'r>>
+    fn resolve_rules<'r>(&mut self, req: &'r PlacementRequest, self_idx: Option<At<'a>>) -> Vec<Rule<'r>>
     where
         'a: 'r,
     {
@@ -504,7 +541,7 @@ impl<'a> Planner<'a> {
                 continue;
             }
             let topology = r.topology.as_deref();
-            let counts: Vec<(usize, u32)> = self.selected_counts(&r.selector).iter().map(|(i, n)| (*i, *n)).collect();
+            let counts: Vec<(At<'a>, u32)> = self.selected_counts(&r.selector).iter().map(|(i, n)| (*i, *n)).collect();
             let mut per_domain: BTreeMap<Domain<'r>, u32> = BTreeMap::new();
             let mut total = 0u32;
             for (i, n) in counts {
@@ -546,7 +583,7 @@ impl<'a> Planner<'a> {
         rules
     }
 
-    fn count_group(&mut self, group: &str, i: usize) {
+    fn count_group(&mut self, group: &str, i: At<'a>) {
         *self.groups.entry(group.to_owned()).or_default().entry(i).or_default() += 1;
         if let Some(d) = self.failure_domain(i) {
             *self.domains.entry(group.to_owned()).or_default().entry(d).or_default() += 1;
@@ -556,11 +593,11 @@ impl<'a> Planner<'a> {
     /// Counts a VM placed elsewhere in this pass (e.g. a migration's target) as if the planner
     /// had placed it.
     pub fn reserve(&mut self, host: &HostId, req: &PlacementRequest) {
-        let Some(i) = self.position(host) else { return };
+        let Some(i) = self.at(host) else { return };
         self.reserve_at(i, req);
     }
 
-    fn reserve_at(&mut self, i: usize, req: &PlacementRequest) {
+    fn reserve_at(&mut self, i: At<'a>, req: &PlacementRequest) {
         let r = self.reserved.entry(i).or_default();
         r.0 = r.0.checked_add(req.need).unwrap_or(r.0);
         r.1 += 1;
@@ -583,8 +620,8 @@ impl<'a> Planner<'a> {
 
     /// Free resources on host `i` as the planner sees them: capacity × overcommit, less what
     /// is allocated and what this planner reserved, plus the request's credit.
-    fn free(&self, i: usize, facts: &HostFacts, req: &PlacementRequest, credit_here: bool) -> Resources {
-        let host = self.hosts[i];
+    fn free(&self, i: At<'a>, facts: &HostFacts, req: &PlacementRequest, credit_here: bool) -> Resources {
+        let host = i.0;
         let mut free = facts.capacity.saturating_sub(host.allocated);
         if credit_here && let Some((_, own)) = &req.credit {
             free = free.checked_add(*own).unwrap_or(free).min_with(facts.capacity);
@@ -601,10 +638,11 @@ impl<'a> Planner<'a> {
             .strategy
             .or_else(|| req.group.as_ref().and_then(|g| self.cfg.group_strategy.get(g)).copied())
             .unwrap_or(self.cfg.strategy);
-        let credit_at = req.credit.as_ref().and_then(|(h, _)| self.position(h));
+        let credit_at = req.credit.as_ref().and_then(|(h, _)| self.at(h));
         // Where the VM already counts (moved, restarted): not against itself.
-        let self_idx = req.self_at.as_ref().and_then(|h| self.position(h)).or(credit_at);
-        let avoid: Vec<usize> = req.avoid.iter().filter_map(|h| self.position(h)).collect();
+        let self_idx = req.self_at.as_ref().and_then(|h| self.at(h)).or(credit_at);
+        // A set: a restart in place avoids every other host.
+        let avoid: std::collections::BTreeSet<&HostId> = req.avoid.iter().collect();
         let rules = self.resolve_rules(req, self_idx);
         // Domains other VMs' hard anti-affinity keeps this one out of.
         let repelled: Vec<(Option<&str>, Domain<'_>)> = self
@@ -629,27 +667,29 @@ impl<'a> Planner<'a> {
             filters::AFFINITY,
             filters::CAPACITY,
         ];
-        let mut best: Vec<(f64, usize, Parts)> = Vec::with_capacity(top + 1);
-        let n = self.hosts.len();
+        let mut best: Vec<(f64, At<'a>, Parts)> = Vec::with_capacity(top + 1);
+        let state = self.state;
+        let n = state.hosts.len();
         // Small clusters: every host, in id order (ties go to the lowest id). Large ones: from the
-        // cursor, until enough feasible hosts have been scored.
+        // cursor (then round to the hosts before it), until enough feasible hosts were scored.
         let limit = self.cfg.max_candidates.filter(|m| n > *m);
-        let start = if limit.is_some() { self.cursor % n.max(1) } else { 0 };
+        let from = limit.and(self.cursor).map(|c| &c.0.id);
+        let head = state.hosts.range::<HostId, _>((from.map_or(Bound::Unbounded, Bound::Included), Bound::Unbounded));
+        let wrap = from.map(|c| state.hosts.range::<HostId, _>((Bound::Unbounded, Bound::Excluded(c))));
         let mut feasible = 0usize;
         let mut examined = 0usize;
-        for k in 0..n {
+        for (_, host) in head.chain(wrap.into_iter().flatten()) {
             if limit.is_some_and(|m| feasible >= m) {
                 break;
             }
-            let i = (start + k) % n;
-            let host = self.hosts[i];
+            let i = At(host);
             examined += 1;
             let credit_here = credit_at == Some(i);
             if !host.schedulable() {
                 counts[0] += 1;
                 continue;
             }
-            if avoid.contains(&i) {
+            if avoid.contains(&host.id) {
                 counts[1] += 1;
                 continue;
             }
@@ -756,14 +796,10 @@ impl<'a> Planner<'a> {
             Some(i) => {
                 explanation.candidates = best
                     .iter()
-                    .map(|(score, j, parts)| Candidate {
-                        host: self.hosts[*j].id.clone(),
-                        score: *score,
-                        components: parts.map(),
-                    })
+                    .map(|(score, j, parts)| Candidate { host: j.0.id.clone(), score: *score, components: parts.map() })
                     .collect();
-                let host = self.hosts[i].id.clone();
-                self.cursor = i;
+                let host = i.0.id.clone();
+                self.cursor = Some(i);
                 self.reserve_at(i, req);
                 Placement::Host { host, explanation }
             }
