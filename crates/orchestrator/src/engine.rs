@@ -344,6 +344,22 @@ pub(crate) struct Recovered {
     pub(crate) snapshot_seq: u64,
 }
 
+impl Request {
+    /// Whether the reconcilers may find new work once this request is handled. A create
+    /// appends its own placement and start command (or stays pending, which only new capacity
+    /// changes), and a VM reported running asks nothing of them: under a stream of creates
+    /// these two are nearly every request, and a pass after each walked every VM for nothing.
+    /// Everything else may: deletions, host actions, registrations, VMs stopped or failed,
+    /// migrations, policies, groups.
+    fn may_unblock(&self) -> bool {
+        match self {
+            Request::CreateVms { .. } => false,
+            Request::Report { report, .. } => !matches!(report.report, novacron_types::ReportKind::VmRunning(_)),
+            _ => true,
+        }
+    }
+}
+
 /// What the engine's loop carries from one step to the next.
 struct Follow {
     rx: mpsc::Receiver<Request>,
@@ -352,6 +368,8 @@ struct Follow {
     leading: Option<u64>,
     tick: tokio::time::Interval,
     min_gap: Duration,
+    /// A request handled since the last pass may have left the reconcilers work.
+    pass_wanted: bool,
 }
 
 /// Events fetched per step of a catch-up.
@@ -431,7 +449,7 @@ impl Engine {
         // or a catch-up waits out request timeouts, several in a row in one reconcile pass, and
         // a shutdown must not wait for them. What a dropped step had not appended is as after a
         // crash: not acknowledged, and the log remains the record.
-        let mut follow = Follow { rx, role: self.cfg.role.clone(), leading: None, tick, min_gap };
+        let mut follow = Follow { rx, role: self.cfg.role.clone(), leading: None, tick, min_gap, pass_wanted: false };
         while let Some(true) = cancel.run_until_cancelled(self.step(&mut follow)).await {}
         ready.store(false, Ordering::SeqCst);
         tracing::info!(seq = read(&self.state).seq, "engine stopped");
@@ -447,6 +465,7 @@ impl Engine {
                 Some(req) if f.leading.is_some() => {
                     let mut next = Some(req);
                     while let Some(req) = next.take() {
+                        f.pass_wanted |= req.may_unblock();
                         next = self.handle_or_group(req, &mut f.rx).await;
                     }
                     false
@@ -471,7 +490,8 @@ impl Engine {
             (_, None) => {}
         }
         if f.leading.is_some() {
-            if ticked || self.last_reconcile.elapsed() >= f.min_gap {
+            if ticked || (f.pass_wanted && self.last_reconcile.elapsed() >= f.min_gap) {
+                f.pass_wanted = false;
                 self.reconcile(ticked).await;
             }
         } else {
