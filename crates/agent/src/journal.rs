@@ -110,6 +110,25 @@ pub fn migrate_per_host_trees(db: &sled::Db) -> Result<usize, JournalError> {
     Ok(moved)
 }
 
+/// Opens the journal database at `path`, waiting up to `patience` while its file lock is
+/// held. An agent restarted inside one process (the tests do it) needs this: sled's background
+/// threads let go of the lock a moment after the last handle is dropped. Another process
+/// holding the lock is waited for just as long, so keep `patience` short outside tests.
+///
+/// # Errors
+/// sled's error, once `patience` has run out or for anything but the lock.
+pub fn open_when_released(path: &std::path::Path, patience: std::time::Duration) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match sled::open(path) {
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 impl Journal {
     /// Opens the host's trees in `db`.
     ///
@@ -253,7 +272,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let host = HostId::new("h1").unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_when_released(dir.path(), std::time::Duration::from_secs(10)).unwrap();
             let j = Journal::open(&db, &host).unwrap();
             assert_eq!(j.cursor().unwrap(), 0, "a new journal has handled nothing");
             j.advance_cursor(7).unwrap();
@@ -263,14 +282,14 @@ mod tests {
             assert_eq!(Journal::open(&db, &HostId::new("h2").unwrap()).unwrap().cursor().unwrap(), 0);
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_when_released(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         assert_eq!(Journal::open(&db, &host).unwrap().cursor().unwrap(), 7);
     }
 
     #[test]
     fn per_host_trees_of_an_earlier_version_are_moved_into_the_shared_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_when_released(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let (id, vm) = (EventId::new_v7(), VmId::new_v7());
         let rec = JournalVm { incarnation: IncarnationId::new_v7(), generation: Generation(3), running: true };
         // The layout before: a tree pair per host (and the simulated hypervisor's tree).
