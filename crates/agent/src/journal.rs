@@ -272,7 +272,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let host = HostId::new("h1").unwrap();
         {
-            let db = open_when_released(dir.path(), std::time::Duration::from_secs(10)).unwrap();
+            let db = sled::open(dir.path()).unwrap();
             let j = Journal::open(&db, &host).unwrap();
             assert_eq!(j.cursor().unwrap(), 0, "a new journal has handled nothing");
             j.advance_cursor(7).unwrap();
@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn per_host_trees_of_an_earlier_version_are_moved_into_the_shared_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let db = open_when_released(dir.path(), std::time::Duration::from_secs(10)).unwrap();
+        let db = sled::open(dir.path()).unwrap();
         let (id, vm) = (EventId::new_v7(), VmId::new_v7());
         let rec = JournalVm { incarnation: IncarnationId::new_v7(), generation: Generation(3), running: true };
         // The layout before: a tree pair per host (and the simulated hypervisor's tree).

@@ -2,8 +2,9 @@
 //!
 //! An agent registers its host, sends heartbeats and host telemetry, and consumes the commands
 //! addressed to its host (logged as `nc.cmd.<host>.<vm>` in EVENTS, read from the server's copy
-//! in COMMANDS under `nc.hostcmd.<host>`, through a durable pull consumer named `agent-<host>`). Each command is applied **once**: its event id is recorded
-//! in the local [`journal`] in the same transaction as the VM's new record, and the journal is
+//! in COMMANDS under `nc.hostcmd.<host>`, through a durable pull consumer named
+//! `agent-<host>`). Each command is applied **once**: its event id is recorded in the local
+//! [`journal`] in the same transaction as the VM's new record, and the journal is
 //! flushed before the command is acknowledged. A redelivered command is recognised and only
 //! re-reported; a command whose generation is older than the newest the journal has seen for
 //! that VM is refused (fencing off decisions made before a re-placement).
@@ -471,7 +472,7 @@ impl<D: Driver> Agent<D> {
         let logged = msg
             .headers
             .as_ref()
-            .and_then(|h| h.get("Nats-Stream-Source"))
+            .and_then(|h| h.get(proto::HEADER_STREAM_SOURCE))
             .and_then(|v| v.as_str().split_whitespace().nth(4).map(str::to_owned));
         let subject = logged.as_deref().unwrap_or(msg.subject.as_str());
         self.dead_letters.send("commands", subject, ct.as_deref(), reason, msg.payload.clone()).await;

@@ -14,8 +14,9 @@ use novacron_types::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// The journal database at `path`, once an earlier agent of this test has let go of it.
-fn reopen(path: &std::path::Path) -> sled::Db {
+/// The journal database at `path` (if an earlier agent of this test had it open, once it has
+/// let go of it).
+fn journal_db(path: &std::path::Path) -> sled::Db {
     novacron_agent::journal::open_when_released(path, Duration::from_secs(10)).unwrap()
 }
 
@@ -147,7 +148,7 @@ fn running_reports(reports: &[Report]) -> usize {
 async fn a_command_delivered_twice_is_applied_once() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
 
@@ -182,7 +183,7 @@ async fn a_command_delivered_twice_is_applied_once() {
 async fn a_command_with_a_stale_generation_is_ignored() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
 
@@ -208,7 +209,7 @@ async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
     let driver = SimDriver::default();
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
     {
-        let db = reopen(dir.path());
+        let db = journal_db(dir.path());
         let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
         h.log.append(&[h.start_cmd(vm, inc, 1), h.stop_cmd(vm, inc, 1)]).await.unwrap();
         wait_for("the commands applied", || async { h.commands_done().await >= 2 }).await;
@@ -220,7 +221,7 @@ async fn an_agent_restarted_on_the_same_journal_does_not_start_a_vm_twice() {
     let stream = h.bus.js.get_stream("COMMANDS").await.unwrap();
     stream.delete_consumer("agent-h1").await.unwrap();
 
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
     wait_for("the redelivered commands handled", || async { h.commands_done().await >= 2 }).await;
     assert_eq!(driver.start_count(inc), 1, "the journal recognised the start");
@@ -241,7 +242,7 @@ async fn an_agent_that_cannot_make_its_consumer_yet_keeps_trying_instead_of_goin
     let mut cfg = AgentConfig::new(host.clone(), Resources { vcpus: 4, memory_mib: 4096, disk_gib: 0 });
     cfg.provision = false;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let agent = Agent::new(cfg, bus.clone(), driver.clone(), &db).unwrap();
     let cancel = CancellationToken::new();
@@ -263,7 +264,7 @@ async fn an_agent_that_cannot_make_its_consumer_yet_keeps_trying_instead_of_goin
 async fn a_malformed_command_is_dead_lettered_and_the_agent_keeps_working() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
 
@@ -288,7 +289,7 @@ async fn after_a_server_restart_commands_resume_from_the_journals_cursor() {
     use async_nats::jetstream::consumer::DeliverPolicy;
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
     let (vm, inc) = (VmId::new_v7(), IncarnationId::new_v7());
@@ -354,7 +355,7 @@ async fn an_agent_of_an_earlier_version_moves_from_events_to_commands_without_ru
         msgs.next().await.unwrap().unwrap().double_ack().await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     {
         let journal = novacron_agent::journal::Journal::open(&db, &h.host).unwrap();
         let rec = novacron_agent::journal::JournalVm { incarnation: inc, generation: Generation(1), running: false };
@@ -396,7 +397,7 @@ fn failures(reports: &[Report]) -> Vec<String> {
 async fn simulated_crashes_and_failed_starts_are_reported_as_failures() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
 
@@ -426,7 +427,7 @@ async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile(
     let (alive, alive_inc) = (VmId::new_v7(), IncarnationId::new_v7());
     let (dead, dead_inc) = (VmId::new_v7(), IncarnationId::new_v7());
     {
-        let db = reopen(dir.path());
+        let db = journal_db(dir.path());
         let driver = SimDriver::persistent(db.open_tree("sim-vms").unwrap(), b"h1/".to_vec());
         let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
         h.log.append(&[h.start_cmd(alive, alive_inc, 1), h.start_cmd(dead, dead_inc, 1)]).await.unwrap();
@@ -437,7 +438,7 @@ async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile(
         assert!(driver.crash(dead));
     }
     let reports_before = h.reports().await.len();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::persistent(db.open_tree("sim-vms").unwrap(), b"h1/".to_vec());
     let (cancel, handle) = h.spawn_agent(driver.clone(), &db);
     wait_for("the restart's reports", || async { h.reports().await.len() >= reports_before + 3 }).await;
@@ -463,7 +464,7 @@ async fn a_restarted_agent_adopts_survivors_and_reports_vms_that_died_meanwhile(
 async fn an_agent_declared_failed_fences_at_once_and_takes_a_fresh_lease() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let mut heartbeats = h.bus.client.subscribe("nc.hb.h1").await.unwrap();
     let (cancel, handle) = h.spawn_with(driver.clone(), &db, |c| c.heartbeat_interval = Duration::from_millis(100));
@@ -558,7 +559,7 @@ mod qemu {
         let dir = tempfile::Builder::new().prefix("nca").tempdir_in("/tmp").unwrap();
         // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
         let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
-        let db = reopen(&dir.path().join("journal"));
+        let db = journal_db(&dir.path().join("journal"));
         let driver = qemu_driver(dir.path());
         let (cancel, handle) = h.spawn_with(driver.clone(), &db, |c| c.telemetry_interval = Duration::from_millis(200));
         h.record_registration().await;
@@ -612,7 +613,7 @@ mod qemu {
         let dir = tempfile::Builder::new().prefix("ncf").tempdir_in("/tmp").unwrap();
         // QEMU runs daemonized: whatever this test leaves running is killed when it ends.
         let _reaper = novacron_testkit::ProcessReaper::new(dir.path());
-        let db = reopen(&dir.path().join("journal"));
+        let db = journal_db(&dir.path().join("journal"));
         let driver = qemu_driver(dir.path());
         let lease = Duration::from_millis(1500);
         let host_failure_timeout = Duration::from_secs(10);
@@ -663,7 +664,7 @@ async fn telemetry_waits_until_the_log_records_the_host() {
     };
     let mut beats = h.bus.client.subscribe("nc.hb.h1").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = reopen(dir.path());
+    let db = journal_db(dir.path());
     let (cancel, _run) = h.spawn_with(SimDriver::default(), &db, |c| {
         c.telemetry_interval = Duration::from_millis(50);
         c.heartbeat_interval = Duration::from_millis(100);

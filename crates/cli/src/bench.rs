@@ -236,16 +236,7 @@ pub(crate) async fn raw_publish(
                 1
             };
             let reply = format!("{inbox}.{eff}.fail.{seq}.{op}.$FI");
-            let mut h = async_nats::HeaderMap::new();
-            if mode.contains('c') {
-                h.insert("Content-Type", "application/msgpack");
-            }
-            if mode.contains('k') {
-                h.insert("Nc-Event-Kind", "VmPlaced");
-            }
-            if mode.contains('i') {
-                h.insert("Nats-Msg-Id", ids[i].as_str());
-            }
+            let mut h = batch_headers(mode, &ids[i]);
             if mode.contains('s') {
                 h.insert("Nats-Expected-Last-Sequence", (i as u64).to_string().as_str());
             }
@@ -283,18 +274,9 @@ pub(crate) async fn raw_publish(
             }
             let id = uuid::Uuid::now_v7().to_string();
             for (k, p) in chunk.iter().enumerate() {
-                let mut h = async_nats::HeaderMap::new();
+                let mut h = batch_headers(mode, &ids[b * bsize + k]);
                 h.insert("Nats-Batch-Id", id.as_str());
                 h.insert("Nats-Batch-Sequence", (k + 1).to_string().as_str());
-                if mode.contains('c') {
-                    h.insert("Content-Type", "application/msgpack");
-                }
-                if mode.contains('k') {
-                    h.insert("Nc-Event-Kind", "VmPlaced");
-                }
-                if mode.contains('i') {
-                    h.insert("Nats-Msg-Id", ids[b * bsize + k].as_str());
-                }
                 if k == 0 && mode.contains('s') {
                     h.insert("Nats-Expected-Last-Sequence", (b * bsize).to_string().as_str());
                 }
@@ -348,6 +330,22 @@ pub(crate) async fn raw_publish(
         f.await?;
     }
     Ok(payloads.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The headers a batch mode (`b`, `F`) puts on every message, as `mode` asks: `c`
+/// Content-Type, `k` the event kind, `i` the message id `id`.
+fn batch_headers(mode: &str, id: &str) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    if mode.contains('c') {
+        h.insert(novacron_protocol::HEADER_CONTENT_TYPE, "application/msgpack");
+    }
+    if mode.contains('k') {
+        h.insert(novacron_protocol::HEADER_EVENT_KIND, "VmPlaced");
+    }
+    if mode.contains('i') {
+        h.insert("Nats-Msg-Id", id);
+    }
+    h
 }
 
 async fn append_and_replay(a: &AppendArgs) -> anyhow::Result<(Value, Value)> {

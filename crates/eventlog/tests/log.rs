@@ -105,7 +105,8 @@ async fn commands_stream_holds_each_hosts_commands_in_log_order_and_nothing_else
     for seq in 1..=3 {
         let m = commands.get_raw_message(seq).await.unwrap();
         let env: Envelope = novacron_types::decode(&m.payload, novacron_types::ContentType::MsgPack).unwrap();
-        let source = m.headers.get("Nats-Stream-Source").map(|v| v.as_str().to_owned()).unwrap_or_default();
+        let source =
+            m.headers.get(novacron_protocol::HEADER_STREAM_SOURCE).map(|v| v.as_str().to_owned()).unwrap_or_default();
         copied.push((m.subject.to_string(), env.id, source));
     }
     let want = [

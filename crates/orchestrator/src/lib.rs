@@ -232,7 +232,7 @@ impl Orchestrator {
         // The snapshot task's own copy starts as the recovered state (see `snapshotter`).
         let snapshots = snapshotter::Snapshotter {
             state: engine::read(&handle.state).clone(),
-            stream,
+            stream: stream.clone(),
             store: Arc::new(snapshots),
             stream_created_ns,
             every: cfg.snapshot_every.max(1),
@@ -275,17 +275,12 @@ impl Orchestrator {
         );
 
         std::fs::write(cfg.data_dir.join("orchestrator.addr"), http_addr.to_string()).map_err(dir_err)?;
-        let events = bus
-            .js
-            .get_stream(novacron_protocol::EVENTS_STREAM)
-            .await
-            .map_err(|e| OrchestratorError::Log(e.to_string()))?;
         let passes = Arc::new((cfg.planner.clone(), cfg.migration_limits, cfg.rebalance.vm_cooldown));
         let app = api::router(api::Api {
             engine: handle.clone(),
             observations,
             client: bus.client.clone(),
-            events,
+            events: stream,
             role,
             passes,
             model_artifacts,

@@ -106,6 +106,9 @@ pub const HEADER_DEADLETTER_REASON: &str = "Nc-Deadletter-Reason";
 pub const HEADER_DEADLETTER_SUBJECT: &str = "Nc-Deadletter-Subject";
 /// Dead letters: the original `Content-Type`, if any.
 pub const HEADER_DEADLETTER_CONTENT_TYPE: &str = "Nc-Deadletter-Content-Type";
+/// Set by nats-server on a message a stream copied from another (COMMANDS from EVENTS):
+/// `<stream> <sequence> <filter> <transform> <original subject>`.
+pub const HEADER_STREAM_SOURCE: &str = "Nats-Stream-Source";
 
 /// The subject an event is appended on.
 ///
