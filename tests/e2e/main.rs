@@ -1065,6 +1065,10 @@ fn bench_e2e_places_every_offered_vm_and_sees_each_start_command() {
     assert_eq!(e["pending_no_room"], 0, "three 64-vCPU hosts hold 100 one-vCPU VMs: {e}");
     let (p50, p99) = (e["p50_ms"].as_f64().unwrap(), e["p99_ms"].as_f64().unwrap());
     assert!(p50 > 0.0 && p50 <= p99, "{e}");
+    // The worst placement of each second: one second of requests, its worst the run's worst.
+    let worst: Vec<f64> = e["worst_ms_by_second"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(worst.len(), 1, "{e}");
+    assert!((worst[0] - e["max_ms"].as_f64().unwrap()).abs() <= 0.05, "{e}");
     assert!(e["raw_jetstream_publish_per_sec"].as_f64().unwrap() > 0.0, "{e}");
     assert!(e["rss_mib"].as_f64().unwrap() > 0.0 && e["agents_rss_mib"].as_f64().unwrap() > 0.0, "{e}");
 

@@ -131,15 +131,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Offers `total` creations at `rate`/s over `connections` threads, `batch` per request;
-/// returns the latency of each placement (ms, from when its request was due), how many were
-/// accepted but left pending (no room), the failures, and when the last one finished.
+/// returns each placement as (when its request was due, s from the start; its latency, ms
+/// from then), how many were accepted but left pending (no room), the failures, and when
+/// the last one finished.
 fn offer_load(
     api: &str,
     rate: u32,
     total: usize,
     batch: usize,
     connections: usize,
-) -> (Vec<f64>, usize, Vec<String>, Duration) {
+) -> (Vec<(f64, f64)>, usize, Vec<String>, Duration) {
     let next = AtomicUsize::new(0);
     let pending = AtomicUsize::new(0);
     let latencies = Mutex::new(Vec::with_capacity(total));
@@ -183,10 +184,11 @@ fn offer_load(
                             let placed = views.iter().filter(|v| v["host"].is_string()).count();
                             pending.fetch_add(n.saturating_sub(placed), Ordering::Relaxed);
                             let ms = done.duration_since(due).as_secs_f64() * 1e3;
+                            let at = due.duration_since(start).as_secs_f64();
                             latencies
                                 .lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .extend(std::iter::repeat_n(ms, placed));
+                                .extend(std::iter::repeat_n((at, ms), placed));
                         }
                         Ok(mut resp) => {
                             let text = resp.body_mut().read_to_string().unwrap_or_default();
@@ -208,6 +210,20 @@ fn offer_load(
     let lat = latencies.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     let fail = failures.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     (lat, pending.into_inner(), fail, Duration::from_micros(last_done.load(Ordering::Relaxed)))
+}
+
+/// The slowest placement of each second of the run (by when requests were due, ms, rounded to
+/// 0.1): where the tail comes from — a few stalls, or a steady drift.
+fn worst_by_second(placed: &[(f64, f64)]) -> Vec<f64> {
+    let mut worst: Vec<f64> = Vec::new();
+    for &(at, ms) in placed {
+        let second = at.max(0.0) as usize;
+        if worst.len() <= second {
+            worst.resize(second + 1, 0.0);
+        }
+        worst[second] = worst[second].max(ms);
+    }
+    worst.iter().map(|ms| (ms * 10.0).round() / 10.0).collect()
 }
 
 /// Messages on `nc.cmd.>` in the EVENTS stream (a fresh stream: only this run's commands).
@@ -283,9 +299,11 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
 
         let total = usize::try_from((f64::from(a.rate) * a.duration.as_secs_f64()).round() as u64)?.max(1);
         let (rate, connections, api2, batch) = (a.rate, a.connections, api.clone(), a.batch as usize);
-        let (mut lat, pending, failures, elapsed) =
+        let (placed, pending, failures, elapsed) =
             tokio::task::spawn_blocking(move || offer_load(&api2, rate, total, batch, connections)).await?;
-        let ok = lat.len();
+        let ok = placed.len();
+        let worst_by_second = worst_by_second(&placed);
+        let mut lat: Vec<f64> = placed.iter().map(|&(_, ms)| ms).collect();
         // Every acknowledged create must have its start command in the log, on a host subject.
         let commands = commands_in_log(&bus).await?;
         lat.sort_by(f64::total_cmp);
@@ -308,6 +326,7 @@ async fn measure(a: &E2eArgs, url: &str, dir: &std::path::Path) -> anyhow::Resul
             "p95_ms": percentile(&lat, 0.95),
             "p99_ms": percentile(&lat, 0.99),
             "max_ms": lat.last().copied().unwrap_or(0.0),
+            "worst_ms_by_second": worst_by_second,
             "start_commands_in_log": commands,
             "start_commands_complete": commands >= ok,
             "rss_mib": orchestrator_rss,
