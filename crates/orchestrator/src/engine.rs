@@ -237,7 +237,25 @@ impl EngineHandle {
     /// # Errors
     /// The log being unavailable.
     pub async fn report(&self, report: Report) -> Result<ReportVerdict, EngineError> {
-        self.ask(|reply| Request::Report { report: Box::new(report), reply }).await
+        self.submit_report(report).await?.await
+    }
+
+    /// Queues an agent's report behind those handed over before it, and returns the verdict
+    /// to come (once its events are in the log). Reports queued back to back are decided and
+    /// appended together.
+    ///
+    /// # Errors
+    /// The engine has stopped.
+    pub(crate) async fn submit_report(
+        &self,
+        report: Report,
+    ) -> Result<impl Future<Output = Result<ReportVerdict, EngineError>> + use<>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Report { report: Box::new(report), reply: tx })
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        Ok(async move { rx.await.map_err(|_| EngineError::ShuttingDown)? })
     }
 }
 
@@ -327,8 +345,8 @@ impl GroupLoad {
 
 const MAX_ATTEMPTS: usize = 3;
 
-/// The most create requests decided and appended together.
-const MAX_CREATE_GROUP: usize = 256;
+/// The most requests (creates and VM reports) decided and appended together.
+const MAX_GROUP: usize = 256;
 
 /// The least time between two reconcile passes triggered by requests (ticks always run one).
 const RECONCILE_MIN_GAP: Duration = Duration::from_millis(100);
@@ -466,7 +484,7 @@ impl Engine {
                     let mut next = Some(req);
                     while let Some(req) = next.take() {
                         f.pass_wanted |= req.may_unblock();
-                        next = self.handle_or_group(req, &mut f.rx).await;
+                        next = self.handle_or_group(req, &mut f.rx, &mut f.pass_wanted).await;
                     }
                     false
                 }
@@ -542,34 +560,63 @@ impl Engine {
         }
     }
 
-    /// Handles a request; a create is grouped with the creates queued behind it (group commit: one
-    /// planning pass, one pipelined append, one reply each). Returns a request it drained but
-    /// did not handle (the first non-create behind the group), to be handled next, in order.
-    async fn handle_or_group(&mut self, req: Request, rx: &mut mpsc::Receiver<Request>) -> Option<Request> {
-        let Request::CreateVms { specs, origin, reply } = req else {
+    /// Handles a request. A create, or a report about a VM, is grouped with the creates and VM
+    /// reports queued behind it (group commit: one planning pass, one pipelined append, one
+    /// reply each; see [`decide::decide_batch`]). Without that, each report was an append of
+    /// its own that every create queued behind waited for, and a stall on the bus left the
+    /// queue to be worked off one round trip at a time. Returns a request it drained but did
+    /// not group (the first behind the group that cannot join it), to be handled next, in
+    /// order; `unblock` is raised if a grouped request may leave the reconcilers work.
+    async fn handle_or_group(
+        &mut self,
+        req: Request,
+        rx: &mut mpsc::Receiver<Request>,
+        unblock: &mut bool,
+    ) -> Option<Request> {
+        let mut group = Group::default();
+        if let Err(req) = group.admit(req) {
             self.handle(req).await;
             return None;
-        };
-        let mut group = vec![(specs, origin, reply)];
+        }
         let mut leftover = None;
-        while group.len() < MAX_CREATE_GROUP {
+        while group.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(Request::CreateVms { specs, origin, reply }) => group.push((specs, origin, reply)),
-                Ok(other) => {
-                    leftover = Some(other);
-                    break;
+                Ok(req) => {
+                    let may_unblock = req.may_unblock();
+                    match group.admit(req) {
+                        Ok(()) => *unblock |= may_unblock,
+                        Err(other) => {
+                            leftover = Some(other);
+                            break;
+                        }
+                    }
                 }
                 Err(_) => break,
             }
         }
+        self.commit_group(group).await;
+        leftover
+    }
+
+    /// Decides a group against the current state, appends its events, and answers each request.
+    async fn commit_group(&mut self, group: Group) {
         let planning = self.planning();
-        let requests: Vec<(Vec<VmSpec>, Origin)> = group.iter().map(|(s, o, _)| (s.clone(), o.clone())).collect();
-        let decided =
-            self.decide_and_commit(|s| Ok(decide::create_vm_groups(s, &requests, &planning, &mut WallClock))).await;
+        let creates: Vec<(Vec<VmSpec>, Origin)> =
+            group.creates.iter().map(|(s, o, _)| (s.clone(), o.clone())).collect();
+        let reports: Vec<&Report> = group.reports.iter().map(|(r, _)| &**r).collect();
+        let decided = self
+            .decide_and_commit(|s| {
+                let d = decide::decide_batch(s, &reports, &creates, &planning.get(), &mut WallClock);
+                Ok(((d.reports, d.creates), d.events))
+            })
+            .await;
         match decided {
-            Ok(results) => {
+            Ok((verdicts, results)) => {
+                for ((_, reply), v) in group.reports.into_iter().zip(verdicts) {
+                    let _ = reply.send(Ok(v.map_or_else(ReportVerdict::Rejected, |()| ReportVerdict::Accepted)));
+                }
                 let state = read(&self.state);
-                for ((specs, _, reply), r) in group.into_iter().zip(results) {
+                for ((specs, _, reply), r) in group.creates.into_iter().zip(results) {
                     let r = r.map_err(EngineError::from).map(|ids| {
                         ::metrics::counter!(m::VMS_CREATED).increment(specs.len() as u64);
                         ids.iter().map(|vm| VmView::from(&state.vms[vm])).collect()
@@ -578,32 +625,22 @@ impl Engine {
                 }
             }
             Err(e) => {
-                for (_, _, reply) in group {
+                for (_, reply) in group.reports {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                for (_, _, reply) in group.creates {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
         }
-        leftover
     }
 
     async fn handle(&mut self, req: Request) {
         match req {
             Request::CreateVms { specs, origin, reply } => {
-                let planning = self.planning();
-                let n = specs.len() as u64;
-                let r = self
-                    .decide_and_commit(|s| {
-                        decide::create_vms_with(s, specs.clone(), &planning, &mut WallClock, &origin)
-                    })
-                    .await
-                    .map(|ids| {
-                        let state = read(&self.state);
-                        ids.iter().map(|vm| VmView::from(&state.vms[vm])).collect()
-                    });
-                if r.is_ok() {
-                    ::metrics::counter!(m::VMS_CREATED).increment(n);
-                }
-                let _ = reply.send(r);
+                let mut group = Group::default();
+                group.creates.push((specs, origin, reply));
+                self.commit_group(group).await;
             }
             Request::DeleteVm { key, origin, reply } => {
                 let r = self
@@ -617,7 +654,15 @@ impl Engine {
                 let r = self
                     .decide_and_commit(|s| {
                         let reason = "requested by an operator";
-                        decide::migrate_vm_with(s, &key, to.as_deref(), reason, &planning, &mut WallClock, &origin)
+                        decide::migrate_vm_with(
+                            s,
+                            &key,
+                            to.as_deref(),
+                            reason,
+                            &planning.get(),
+                            &mut WallClock,
+                            &origin,
+                        )
                     })
                     .await
                     .map(|vm| VmView::from(&read(&self.state).vms[&vm]));
@@ -981,9 +1026,12 @@ impl Engine {
         (inputs, events)
     }
 
-    /// The planner's inputs: its settings and the latest CPU load per host from telemetry.
-    fn planning(&self) -> decide::Planning {
-        decide::Planning { config: self.cfg.reconcile.planning.config.clone(), load: self.load_view() }
+    /// Where a request's planner gets its inputs, once per attempt to decide.
+    fn planning(&self) -> PlanningSource {
+        PlanningSource {
+            config: self.cfg.reconcile.planning.config.clone(),
+            observations: self.cfg.observations.clone(),
+        }
     }
 
     fn load_view(&self) -> std::sync::Arc<novacron_scheduler::LoadView> {
@@ -1131,6 +1179,58 @@ impl Engine {
         if stats.applied + stats.undecodable > 0 {
             tracing::info!(seq = read(&self.state).seq, applied = stats.applied, "caught up with the log");
         }
+    }
+}
+
+/// Where a request's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// Requests decided and appended together: creates, and reports about distinct VMs.
+#[derive(Default)]
+struct Group {
+    creates: Vec<(Vec<VmSpec>, Origin, Reply<Vec<VmView>>)>,
+    reports: Vec<(Box<Report>, Reply<ReportVerdict>)>,
+    /// The VMs the reports concern.
+    vms: std::collections::HashSet<novacron_types::VmId>,
+}
+
+impl Group {
+    fn len(&self) -> usize {
+        self.creates.len() + self.reports.len()
+    }
+
+    /// Takes the request into the group, or hands it back: not a create or a VM report, or a
+    /// second report about a VM (decided after the first is in the log).
+    fn admit(&mut self, req: Request) -> Result<(), Request> {
+        match req {
+            Request::CreateVms { specs, origin, reply } => {
+                self.creates.push((specs, origin, reply));
+                Ok(())
+            }
+            Request::Report { report, reply } => match decide::batch_key(&report) {
+                Some(vm) if self.vms.insert(vm) => {
+                    self.reports.push((report, reply));
+                    Ok(())
+                }
+                _ => Err(Request::Report { report, reply }),
+            },
+            other => Err(other),
+        }
+    }
+}
+
+/// A request's planner inputs: its settings, and the load view read afresh for each decision.
+/// The view is let go of before the append: telemetry that arrives while a planner holds it
+/// waits to be written in (see `Observations::record_host_load`), and an append is most of a
+/// request's time.
+struct PlanningSource {
+    config: novacron_scheduler::PlannerConfig,
+    observations: crate::ingest::SharedObservations,
+}
+
+impl PlanningSource {
+    fn get(&self) -> decide::Planning {
+        decide::Planning { config: self.config.clone(), load: crate::ingest::load_view(&self.observations) }
     }
 }
 

@@ -37,7 +37,37 @@ pub struct Observations {
     /// a reference, not a copy: with 10,000 hosts, building it afresh per pass was a sixth of
     /// the orchestrator's time). Its `failure_risk` is what the leader scored in its last
     /// reconcile pass (`decide::failure_risk`); empty without a risk model or any failure.
+    /// Read it through [`load_view`], which first folds in `pending_load`.
     pub load: std::sync::Arc<novacron_scheduler::LoadView>,
+    /// Host samples that arrived while a planner held `load`, oldest first. Written into
+    /// `load` in place then would copy it — at 10,000 hosts a copy per sample was a large
+    /// share of the orchestrator's CPU under a stream of creates; they wait here instead
+    /// until the next reader or the next sample that finds `load` free.
+    pending_load: Vec<(HostId, f64, u64)>,
+}
+
+impl Observations {
+    /// Records a host's CPU utilisation sample (taken at `at_ms`) in the planners' view:
+    /// in place when no planner holds the view, else queued for [`load_view`].
+    pub(crate) fn record_host_load(&mut self, host: HostId, cpu_util: f64, at_ms: u64) {
+        self.pending_load.push((host, cpu_util, at_ms));
+        if std::sync::Arc::get_mut(&mut self.load).is_some() {
+            self.fold_pending_load();
+        }
+    }
+
+    /// Writes the queued samples into `load`, in arrival order (a copy only if a reader still
+    /// holds the view).
+    fn fold_pending_load(&mut self) {
+        if self.pending_load.is_empty() {
+            return;
+        }
+        let load = std::sync::Arc::make_mut(&mut self.load);
+        for (host, util, at_ms) in self.pending_load.drain(..) {
+            load.cpu_util.insert(host, util);
+            load.watermark_ms = Some(load.watermark_ms.map_or(at_ms, |w| w.max(at_ms)));
+        }
+    }
 }
 
 /// What we last saw of one host.
@@ -58,7 +88,9 @@ pub struct HostObservation {
 /// The planner's load view: the latest CPU utilisation per host from telemetry, and the
 /// hosts' failure risk (shared, not copied).
 pub(crate) fn load_view(obs: &SharedObservations) -> std::sync::Arc<novacron_scheduler::LoadView> {
-    std::sync::Arc::clone(&lock(obs).load)
+    let mut obs = lock(obs);
+    obs.fold_pending_load();
+    std::sync::Arc::clone(&obs.load)
 }
 
 /// Live accuracy of one model's forecasts, scored as actuals arrive.
@@ -239,14 +271,60 @@ pub(crate) async fn reports(
             let _ = watch_role.wait_for(|r| !r.is_leader()).await;
             lost.cancel();
         });
-        consume(consumer.clone(), "reports", term.clone(), |msg| handle_report(engine.clone(), dead.clone(), msg))
-            .await;
+        consume_reports(consumer.clone(), &engine, &dead, term.clone()).await;
         term.cancel();
         watcher.abort();
     }
 }
 
-async fn handle_report(engine: EngineHandle, dead: DeadLetters, msg: async_nats::jetstream::Message) {
+/// Reports handed to the engine and not yet answered, at most. The engine decides and appends
+/// those queued together as one batch; waiting for each verdict before taking the next report
+/// made every report an append of its own.
+const REPORTS_IN_FLIGHT: usize = 256;
+
+/// Hands each report to the engine in the order JetStream delivers them (so two reports
+/// about one VM are decided in the order sent), and acknowledges each once its verdict is in,
+/// with up to [`REPORTS_IN_FLIGHT`] waiting at once. Until cancelled; the message stream is
+/// made again after errors, with backoff.
+async fn consume_reports(consumer: PullConsumer, engine: &EngineHandle, dead: &DeadLetters, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    while !cancel.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = "reports", error = %e, "consumer unavailable; retrying");
+                tokio::select! { () = cancel.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                next = messages.next(), if in_flight.len() < REPORTS_IN_FLIGHT => match next {
+                    Some(Ok(msg)) => {
+                        if let Some(verdict) = submit_report(engine, dead, msg).await {
+                            in_flight.push(verdict);
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!(consumer = "reports", error = %e, "consumer hiccup"),
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+/// Checks a report at the edge and queues it in the engine; returns what acknowledges it once
+/// the engine has answered. A malformed report is dead-lettered here (`None`).
+async fn submit_report(
+    engine: &EngineHandle,
+    dead: &DeadLetters,
+    msg: async_nats::jetstream::Message,
+) -> Option<impl Future<Output = ()> + use<>> {
     let subject = msg.subject.to_string();
     let parsed = match Subject::parse(&subject) {
         Ok(Subject::Report(host)) => decode::<Report>(msg.headers.as_ref(), &msg.payload).and_then(|r| {
@@ -266,26 +344,34 @@ async fn handle_report(engine: EngineHandle, dead: DeadLetters, msg: async_nats:
             dead.send("reports", &subject, content_type(msg.headers.as_ref()).as_deref(), &reason, msg.payload.clone())
                 .await;
             let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            return None;
         }
     };
-    match engine.report(report).await {
-        Ok(ReportVerdict::Accepted) => {
-            ::metrics::counter!(m::REPORTS, "outcome" => "accepted").increment(1);
-            let _ = msg.ack().await;
+    let verdict = engine.submit_report(report).await;
+    let dead = dead.clone();
+    Some(async move {
+        let verdict = match verdict {
+            Ok(pending) => pending.await,
+            Err(e) => Err(e),
+        };
+        match verdict {
+            Ok(ReportVerdict::Accepted) => {
+                ::metrics::counter!(m::REPORTS, "outcome" => "accepted").increment(1);
+                let _ = msg.ack().await;
+            }
+            Ok(ReportVerdict::Rejected(reason)) => {
+                ::metrics::counter!(m::REPORTS, "outcome" => "rejected").increment(1);
+                let ct = content_type(msg.headers.as_ref());
+                dead.send("reports", &subject, ct.as_deref(), &reason, msg.payload.clone()).await;
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+            Err(EngineError::ShuttingDown) => {} // not acked: redelivered to the next run
+            Err(e) => {
+                tracing::warn!(error = %e, "report not processed; it will be redelivered");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
         }
-        Ok(ReportVerdict::Rejected(reason)) => {
-            ::metrics::counter!(m::REPORTS, "outcome" => "rejected").increment(1);
-            dead.send("reports", &subject, content_type(msg.headers.as_ref()).as_deref(), &reason, msg.payload.clone())
-                .await;
-            let _ = msg.ack_with(AckKind::Term).await;
-        }
-        Err(EngineError::ShuttingDown) => {} // not acked: redelivered to the next run
-        Err(e) => {
-            tracing::warn!(error = %e, "report not processed; it will be redelivered");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-        }
-    }
+    })
 }
 
 /// Consumes TELEMETRY into the observations.
@@ -347,10 +433,7 @@ fn accept_telemetry(
                 return Err(Rejection(format!("unknown host {host}")));
             }
             let mut obs = lock(obs);
-            // Copied only if a planning pass holds the view right now.
-            let load = std::sync::Arc::make_mut(&mut obs.load);
-            load.cpu_util.insert(host.clone(), t.cpu_util);
-            load.watermark_ms = Some(load.watermark_ms.map_or(t.at_ms, |w| w.max(t.at_ms)));
+            obs.record_host_load(host.clone(), t.cpu_util, t.at_ms);
             obs.hosts.entry(host).or_default().telemetry = Some(t);
             Ok(())
         }

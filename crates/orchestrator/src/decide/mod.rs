@@ -9,7 +9,7 @@
 //! |---|---|
 //! | [`vms`] | create, delete, migrate one VM; the placement events they share |
 //! | [`hosts`] | cordon, drain, uncordon; failure detection from heartbeat silences |
-//! | [`reports`] | what an agent's report means for the log |
+//! | [`reports`] | what an agent's report means for the log; reports and creates decided as one batch |
 //! | [`rebalance`](mod@rebalance) | relieving hosts that stay hot, without ping-pong |
 //! | [`reconcile`](mod@reconcile) | the periodic pass: place, heal, restart, drain, delete |
 //! | [`risk`] | which hosts are likely to fail soon (scores the planner weighs) |

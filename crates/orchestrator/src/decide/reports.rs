@@ -4,7 +4,7 @@ use novacron_state::{ClusterState, VmRecord, VmStatus};
 use novacron_types::event::HostRegistered;
 use novacron_types::report::HostRegistration;
 use novacron_types::{
-    Actor, Envelope, EventKind, IncarnationId, MigrateOut, Report, ReportKind, StartVm, StopVm, VmId,
+    Actor, Envelope, EventKind, IncarnationId, MigrateOut, Report, ReportKind, StartVm, StopVm, VmId, VmSpec,
 };
 
 use super::*;
@@ -148,6 +148,70 @@ pub fn report(state: &ClusterState, report: &Report, stamp: &mut impl Stamp) -> 
             ReportOutcome::Events(vec![ev(&mut now, EventKind::VmFailed(f.clone()))])
         }
     }
+}
+
+/// The VM a report concerns, if it may be decided in one batch with creates and other
+/// reports against the same state (see [`decide_batch`]). A VM report reads only its host's
+/// registration and its own VM record, and changes only that record; it never gives a create
+/// resources that the state before it lacks (a VM reported stopped or failed frees them, a
+/// finished migration frees its source) — so against the state before the batch, creates are
+/// placed as they would be without it, or more cautiously. A registration (new capacity,
+/// new labels) is decided alone: a create must see it.
+#[must_use]
+pub fn batch_key(report: &Report) -> Option<VmId> {
+    match &report.report {
+        ReportKind::HostRegistration(_) => None,
+        ReportKind::VmRunning(r) | ReportKind::VmStopped(r) => Some(r.vm),
+        ReportKind::VmFailed(f) => Some(f.vm),
+        ReportKind::IncomingReady(r) => Some(r.vm),
+        ReportKind::MigrationCompleted(r) => Some(r.vm),
+        ReportKind::MigrationFailed(r) => Some(r.vm),
+    }
+}
+
+/// What one batch decided: a verdict per report (its events, or why it is refused), a result
+/// per create request, and every event to append, reports' first.
+#[derive(Debug)]
+pub struct BatchDecision {
+    /// Per report, in order: `Ok(())` accepted (its events, if any, are in `events`), or the
+    /// reason to dead-letter it.
+    pub reports: Vec<Result<(), String>>,
+    /// Per create request, in order: its VMs, or why none was created.
+    pub creates: Vec<Result<Vec<VmId>, Refusal>>,
+    /// What to append, as one pipelined batch.
+    pub events: Vec<Envelope>,
+}
+
+/// Decides agents' reports and create requests together, all against `state` — one planning
+/// pass and one append for the lot. The reports must concern distinct VMs and none may be a
+/// registration ([`batch_key`]); then each is decided exactly as alone, and the creates as
+/// alone or more cautiously.
+pub fn decide_batch(
+    state: &ClusterState,
+    reports: &[&Report],
+    creates: &[(Vec<VmSpec>, Origin)],
+    planning: &Planning,
+    stamp: &mut impl Stamp,
+) -> BatchDecision {
+    let mut events = Vec::new();
+    let reports = reports
+        .iter()
+        .map(|r| match report(state, r, stamp) {
+            ReportOutcome::Events(e) => {
+                events.extend(e);
+                Ok(())
+            }
+            ReportOutcome::Reject(reason) => Err(reason),
+        })
+        .collect();
+    let creates = if creates.is_empty() {
+        Vec::new()
+    } else {
+        let (results, e) = create_vm_groups(state, creates, planning, stamp);
+        events.extend(e);
+        results
+    };
+    BatchDecision { reports, creates, events }
 }
 
 /// The VM and its migration, if `target` is the incarnation it is migrating to.

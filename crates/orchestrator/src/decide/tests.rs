@@ -1256,3 +1256,94 @@ fn violations_name_the_vm_in_the_way_and_count_per_domain() {
         "h1 is over by one: the last VM there in id order"
     );
 }
+
+/// Reports about distinct VMs and creates decided as one batch: each report gets the verdict
+/// and events it gets alone, the creates the placements they get alone, and a registration or
+/// a second report about a VM is kept out of the batch.
+#[test]
+fn a_batch_decides_each_report_and_create_as_alone() {
+    let mut s = with_host(8);
+    let h1 = HostId::new("h1").unwrap();
+    let mut running = Vec::new();
+    for (i, name) in ["a", "b"].into_iter().enumerate() {
+        let (vm, ev) = create_vm(&s, spec(name, 2), &mut Fixed(100 * (i as u128 + 1)), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        running.push(vm);
+    }
+    let at = |vm: VmId| novacron_types::event::VmIncarnationReport {
+        vm,
+        host: h1.clone(),
+        incarnation: s.vms[&vm].incarnation.unwrap(),
+        generation: s.vms[&vm].generation,
+    };
+    let report_of = |n: u128, kind: ReportKind| Report {
+        schema: SCHEMA_VERSION,
+        id: ReportId(Uuid::from_u128(n)),
+        host: h1.clone(),
+        at_ms: 1,
+        report: kind,
+    };
+    let up = report_of(1, ReportKind::VmRunning(at(running[0])));
+    let failed = report_of(
+        2,
+        ReportKind::VmFailed(novacron_types::event::VmFailed {
+            vm: running[1],
+            host: h1.clone(),
+            incarnation: s.vms[&running[1]].incarnation.unwrap(),
+            generation: s.vms[&running[1]].generation,
+            reason: "exit 1".into(),
+        }),
+    );
+    let stranger = VmId(Uuid::from_u128(9_999));
+    let unknown = report_of(
+        3,
+        ReportKind::VmRunning(novacron_types::event::VmIncarnationReport {
+            vm: stranger,
+            host: h1.clone(),
+            incarnation: IncarnationId(Uuid::from_u128(9_998)),
+            generation: Generation(1),
+        }),
+    );
+    assert_eq!(batch_key(&up), Some(running[0]));
+    assert_eq!(batch_key(&unknown), Some(stranger));
+    let registration = report_of(
+        4,
+        ReportKind::HostRegistration(HostRegistration {
+            capacity: Resources { vcpus: 64, memory_mib: 65536, disk_gib: 0 },
+            labels: Default::default(),
+            driver: "sim".into(),
+        }),
+    );
+    assert_eq!(batch_key(&registration), None, "a registration is decided alone");
+
+    let creates = vec![(vec![spec("c", 2)], origin()), (vec![spec("d", 4)], origin())];
+    let planning = Planning { config: Default::default(), load: Default::default() };
+    let batch = decide_batch(&s, &[&up, &failed, &unknown], &creates, &planning, &mut Fixed(1_000));
+
+    // Reports: as alone, in order, their events first.
+    assert_eq!(batch.reports.len(), 3);
+    assert_eq!(batch.reports[..2], [Ok(()), Ok(())]);
+    assert!(batch.reports[2].as_ref().unwrap_err().contains("unknown VM"), "{:?}", batch.reports[2]);
+    let mut alone = Vec::new();
+    for r in [&up, &failed] {
+        let ReportOutcome::Events(ev) = report(&s, r, &mut Fixed(0)) else { panic!("accepted alone") };
+        alone.extend(ev.into_iter().map(|e| e.event));
+    }
+    let batched: Vec<&EventKind> = batch.events.iter().map(|e| &e.event).collect();
+    assert_eq!(batched[..2], alone.iter().collect::<Vec<_>>()[..]);
+
+    // Creates: what they get alone on the same state (the failed VM's vCPUs are not reused
+    // in the same batch: 4 of 8 are free, so c fits and d waits).
+    let (results, alone) = create_vm_groups(&s, &creates, &planning, &mut Fixed(1_000));
+    assert_eq!(batch.creates, results);
+    let kinds = |ev: &[Envelope]| ev.iter().map(|e| e.event.name()).collect::<Vec<_>>();
+    assert_eq!(kinds(&batch.events[2..]), kinds(&alone));
+
+    apply_all(&mut s, &batch.events);
+    assert_eq!(s.vms[&running[0]].status, VmStatus::Running);
+    assert_eq!(s.vms[&running[1]].status, VmStatus::Failed);
+    let host = &s.hosts[&h1];
+    assert!(host.allocated.fits_within(host.capacity), "{:?} within {:?}", host.allocated, host.capacity);
+    let c = batch.creates[0].as_ref().unwrap()[0];
+    assert_eq!(s.vms[&c].host.as_ref(), Some(&h1));
+}
