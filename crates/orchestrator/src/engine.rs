@@ -303,6 +303,9 @@ pub(crate) struct Engine {
     /// When this engine first saw each host in the state (a host that registers late gets
     /// its grace period from then, not from the engine's start).
     known_since: std::collections::BTreeMap<novacron_types::HostId, std::time::Instant>,
+    /// Hosts in the state never heard from, as of the last pass, and how many hosts the state
+    /// had when they were listed (hosts are never removed: the same count, the same hosts).
+    unheard: (std::collections::BTreeSet<novacron_types::HostId>, usize),
     /// When the last reconcile pass began.
     last_reconcile: std::time::Instant,
     /// Since when each host has been at or above the rebalancer's hot threshold.
@@ -446,6 +449,7 @@ impl Engine {
             log,
             started: std::time::Instant::now(),
             known_since: std::collections::BTreeMap::new(),
+            unheard: (std::collections::BTreeSet::new(), 0),
             last_reconcile: std::time::Instant::now(),
             hot_since: std::collections::BTreeMap::new(),
             recommendations: BTreeMap::new(),
@@ -1095,8 +1099,7 @@ impl Engine {
                             "host renewed its lease although its heartbeats did not arrive; not failing it"
                         );
                         let mut obs = crate::ingest::lock(&self.cfg.observations);
-                        let o = obs.hosts.entry(f.host.clone()).or_default();
-                        o.last_seen = Some(std::time::Instant::now());
+                        let o = obs.heard_from(f.host.clone(), std::time::Instant::now());
                         o.lease_revision = Some(entry.revision);
                     }
                     Ok(None) => tracing::warn!(host = %f.host, "lease vanished while failing the host; retrying"),
@@ -1112,27 +1115,37 @@ impl Engine {
 
     /// The hosts silent for at least the shorter failure timeout, and for how long, on this
     /// process's monotonic clock (what `decide::detect` needs; the others count as heard from).
-    /// One walk of the hosts alongside their observations, both in id order, allocating only
-    /// for the quiet ones and for hosts seen for the first time.
+    /// Reads the quiet end of the observations' time index and the hosts never heard from; it
+    /// walks every host only when hosts have registered since the last pass.
     fn silences(&mut self) -> std::collections::BTreeMap<novacron_types::HostId, Duration> {
         let now = std::time::Instant::now();
         let threshold = self.cfg.failure.suspect_after.min(self.cfg.failure.host_failure_timeout);
         let obs = crate::ingest::lock(&self.cfg.observations);
         let state = read(&self.state);
-        let mut seen = obs.hosts.iter().peekable();
         let mut quiet = std::collections::BTreeMap::new();
-        for h in state.hosts.keys() {
-            while seen.next_if(|(id, _)| *id < h).is_some() {}
-            let last_seen = seen.next_if(|(id, _)| *id == h).and_then(|(_, o)| o.last_seen);
-            let known = match (last_seen, self.known_since.get(h)) {
-                (Some(_), _) => now,
-                (None, Some(&t)) => t,
-                (None, None) => {
-                    self.known_since.insert(h.clone(), now);
-                    now
+        // Heard from: quiet if the last heartbeat and this engine's start are both at least
+        // `threshold` ago — the front of the time index, not every host.
+        if let Some(cutoff) = now.checked_sub(threshold)
+            && self.started <= cutoff
+        {
+            for (h, seen) in obs.heard_last_by(cutoff) {
+                if state.hosts.contains_key(h) {
+                    quiet.insert(h.clone(), now.saturating_duration_since(silent_since(Some(seen), now, self.started)));
                 }
-            };
-            let silence = now.saturating_duration_since(silent_since(last_seen, known, self.started));
+            }
+        }
+        // Never heard from: silent since this engine first saw them. The list changes only
+        // when hosts register (looked for then) or are first heard from (dropped here).
+        let never_heard = |h: &novacron_types::HostId| obs.hosts.get(h).is_none_or(|o| o.last_seen.is_none());
+        let (unheard, listed_at) = &mut self.unheard;
+        if *listed_at != state.hosts.len() {
+            *unheard = state.hosts.keys().filter(|h| never_heard(h)).cloned().collect();
+            *listed_at = state.hosts.len();
+        }
+        unheard.retain(|h| never_heard(h));
+        for h in unheard.iter() {
+            let known = *self.known_since.entry(h.clone()).or_insert(now);
+            let silence = now.saturating_duration_since(silent_since(None, known, self.started));
             if silence >= threshold {
                 quiet.insert(h.clone(), silence);
             }

@@ -31,6 +31,10 @@ use crate::metrics as m;
 pub struct Observations {
     /// Per host: last heartbeat and last telemetry sample.
     pub hosts: BTreeMap<HostId, HostObservation>,
+    /// The hosts heard from, by when (each host's `last_seen`), oldest first: the failure
+    /// detector takes the quiet ones from the front instead of walking every host (at 10,000
+    /// hosts that walk, under this lock, was 3-9 ms of every tick). Kept by [`Self::heard_from`].
+    by_last_seen: std::collections::BTreeSet<(std::time::Instant, HostId)>,
     /// Per VM: last telemetry sample.
     pub vms: BTreeMap<VmId, VmTelemetry>,
     /// What the planners read, kept up to date as samples arrive (every planning pass takes
@@ -47,6 +51,25 @@ pub struct Observations {
 }
 
 impl Observations {
+    /// Records that `host` was heard from at `now` (a heartbeat, or a lease renewal seen in
+    /// its place); the only writer of `last_seen`, which it keeps in step with the time index.
+    pub(crate) fn heard_from(&mut self, host: HostId, now: std::time::Instant) -> &mut HostObservation {
+        let entry = self.hosts.entry(host.clone()).or_default();
+        if let Some(before) = entry.last_seen.replace(now) {
+            self.by_last_seen.remove(&(before, host.clone()));
+        }
+        self.by_last_seen.insert((now, host));
+        entry
+    }
+
+    /// The hosts last heard from at or before `cutoff`, oldest first, with when.
+    pub(crate) fn heard_last_by(
+        &self,
+        cutoff: std::time::Instant,
+    ) -> impl Iterator<Item = (&HostId, std::time::Instant)> {
+        self.by_last_seen.iter().take_while(move |(at, _)| *at <= cutoff).map(|(at, h)| (h, *at))
+    }
+
     /// Records a host's CPU utilisation sample (taken at `at_ms`) in the planners' view:
     /// in place when no planner holds the view, else queued for [`load_view`].
     pub(crate) fn record_host_load(&mut self, host: HostId, cpu_util: f64, at_ms: u64) {
@@ -76,7 +99,8 @@ pub struct HostObservation {
     /// When its last heartbeat was sent (agent clock, ms).
     pub last_heartbeat_ms: Option<u64>,
     /// When its last heartbeat arrived, on this process's monotonic clock: what failure
-    /// detection measures (never the agent's clock).
+    /// detection measures (never the agent's clock). Written through
+    /// [`Observations::heard_from`] only.
     pub last_seen: Option<std::time::Instant>,
     /// The lease revision its last heartbeat carried: the failure detector declares the host
     /// failed only by overwriting that revision in KV `nc-host-leases`.
@@ -481,9 +505,8 @@ pub(crate) async fn heartbeats(
                 if read(&engine.state).hosts.contains_key(&hb.host) {
                     ::metrics::counter!(m::HEARTBEATS, "outcome" => "accepted").increment(1);
                     let mut o = lock(&obs);
-                    let entry = o.hosts.entry(hb.host).or_default();
+                    let entry = o.heard_from(hb.host, std::time::Instant::now());
                     entry.last_heartbeat_ms = Some(hb.at_ms);
-                    entry.last_seen = Some(std::time::Instant::now());
                     entry.lease_revision = hb.lease_revision;
                 } else {
                     // An agent heartbeats before its registration is folded in; not an error.
@@ -496,6 +519,45 @@ pub(crate) async fn heartbeats(
                 dead.send("heartbeats", &subject, content_type(msg.headers.as_ref()).as_deref(), &reason, payload)
                     .await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// However hosts are heard from, the time index lists each host once, at its `last_seen`,
+    /// and the quiet end of it is exactly the hosts last heard from by the cutoff.
+    #[test]
+    fn the_time_index_follows_every_hosts_last_heartbeat() {
+        let start = Instant::now();
+        let mut obs = Observations::default();
+        let hosts: Vec<HostId> = (0..7).map(|i| HostId::new(format!("h{i}")).unwrap()).collect();
+        // A fixed pseudo-random order of heartbeats, some hosts often, one never.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..500u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let h = &hosts[(x % 6) as usize];
+            obs.heard_from(h.clone(), start + Duration::from_millis(step));
+        }
+        assert_eq!(obs.by_last_seen.len(), obs.hosts.len(), "one entry per host heard from");
+        for (h, o) in &obs.hosts {
+            assert!(obs.by_last_seen.contains(&(o.last_seen.unwrap(), h.clone())), "{h}");
+        }
+        assert!(!obs.hosts.contains_key(&hosts[6]), "h6 was never heard from");
+        for cut in [0u64, 100, 480, 495, 499] {
+            let cutoff = start + Duration::from_millis(cut);
+            let mut expected: Vec<&HostId> =
+                obs.hosts.iter().filter(|(_, o)| o.last_seen.unwrap() <= cutoff).map(|(h, _)| h).collect();
+            let mut got: Vec<&HostId> = obs.heard_last_by(cutoff).map(|(h, _)| h).collect();
+            expected.sort();
+            got.sort();
+            assert_eq!(got, expected, "cutoff {cut} ms");
         }
     }
 }
