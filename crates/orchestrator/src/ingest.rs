@@ -242,17 +242,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let mut backoff = Duration::from_millis(100);
-    while !cancel.is_cancelled() {
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(consumer = what, error = %e, "consumer unavailable; retrying");
-                tokio::select! { () = cancel.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
+    while let Some(mut messages) = messages_of(&consumer, what, &mut backoff, &cancel).await {
         loop {
             let next = tokio::select! { () = cancel.cancelled() => return, n = messages.next() => n };
             match next {
@@ -262,6 +252,30 @@ where
             }
         }
     }
+}
+
+/// A consumer's message stream, asked for again with backoff (100 ms doubling to 5 s, reset
+/// once one is given) while the server does not give one. `None` once cancelled.
+async fn messages_of(
+    consumer: &PullConsumer,
+    what: &'static str,
+    backoff: &mut Duration,
+    cancel: &CancellationToken,
+) -> Option<async_nats::jetstream::consumer::pull::Stream> {
+    while !cancel.is_cancelled() {
+        match consumer.messages().await {
+            Ok(m) => {
+                *backoff = Duration::from_millis(100);
+                return Some(m);
+            }
+            Err(e) => {
+                tracing::warn!(consumer = what, error = %e, "consumer unavailable; retrying");
+                tokio::select! { () = cancel.cancelled() => return None, () = tokio::time::sleep(*backoff) => {} }
+                *backoff = (*backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    None
 }
 
 /// Consumes REPORTS while this replica leads: validate, hand to the engine, ack after the
@@ -313,17 +327,7 @@ const REPORTS_IN_FLIGHT: usize = 256;
 async fn consume_reports(consumer: PullConsumer, engine: &EngineHandle, dead: &DeadLetters, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    while !cancel.is_cancelled() {
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(consumer = "reports", error = %e, "consumer unavailable; retrying");
-                tokio::select! { () = cancel.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
+    while let Some(mut messages) = messages_of(&consumer, "reports", &mut backoff, &cancel).await {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
