@@ -232,14 +232,6 @@ impl EngineHandle {
         self.ask(|reply| Request::Model { action, origin, reply }).await
     }
 
-    /// Hands over an agent's report; returns once its events are in the log.
-    ///
-    /// # Errors
-    /// The log being unavailable.
-    pub async fn report(&self, report: Report) -> Result<ReportVerdict, EngineError> {
-        self.submit_report(report).await?.await
-    }
-
     /// Queues an agent's report behind those handed over before it, and returns the verdict
     /// to come (once its events are in the log). Reports queued back to back are decided and
     /// appended together.
