@@ -20,7 +20,7 @@ use novacron_types::{Actor, Envelope, Report, VmSpec};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::decide::{self, Origin, Refusal, ReportOutcome, WallClock};
+use crate::decide::{self, Origin, Refusal, WallClock};
 use crate::metrics as m;
 
 /// Shared, read-mostly view of the folded state.
@@ -479,7 +479,6 @@ impl Engine {
                 Some(req) if f.leading.is_some() => {
                     let mut next = Some(req);
                     while let Some(req) = next.take() {
-                        f.pass_wanted |= req.may_unblock();
                         next = self.handle_or_group(req, &mut f.rx, &mut f.pass_wanted).await;
                     }
                     false
@@ -562,13 +561,14 @@ impl Engine {
     /// its own that every create queued behind waited for, and a stall on the bus left the
     /// queue to be worked off one round trip at a time. Returns a request it drained but did
     /// not group (the first behind the group that cannot join it), to be handled next, in
-    /// order; `unblock` is raised if a grouped request may leave the reconcilers work.
+    /// order; `unblock` is raised if a request handled here may leave the reconcilers work.
     async fn handle_or_group(
         &mut self,
         req: Request,
         rx: &mut mpsc::Receiver<Request>,
         unblock: &mut bool,
     ) -> Option<Request> {
+        *unblock |= req.may_unblock();
         let mut group = Group::default();
         if let Err(req) = group.admit(req) {
             self.handle(req).await;
@@ -633,10 +633,13 @@ impl Engine {
 
     async fn handle(&mut self, req: Request) {
         match req {
+            // A registration (decided alone: a create must see it), or a create or VM report
+            // that came first in a step of its own.
             Request::CreateVms { specs, origin, reply } => {
-                let mut group = Group::default();
-                group.creates.push((specs, origin, reply));
-                self.commit_group(group).await;
+                self.commit_group(Group { creates: vec![(specs, origin, reply)], ..Group::default() }).await;
+            }
+            Request::Report { report, reply } => {
+                self.commit_group(Group { reports: vec![(report, reply)], ..Group::default() }).await;
             }
             Request::DeleteVm { key, origin, reply } => {
                 let r = self
@@ -671,10 +674,6 @@ impl Engine {
                     .map(|id| novacron_state::HostView::from(&read(&self.state).hosts[&id]));
                 let _ = reply.send(r);
             }
-            Request::Report { report, reply } => {
-                let r = self.handle_report(&report).await;
-                let _ = reply.send(r);
-            }
             Request::ApplyPolicies { docs, origin, reply } => {
                 let r = self.decide_and_commit(|s| decide::apply_policies(s, &docs, &mut WallClock, &origin)).await;
                 let _ = reply.send(r);
@@ -697,26 +696,6 @@ impl Engine {
                 let _ = reply.send(r);
             }
         }
-    }
-
-    async fn handle_report(&mut self, report: &Report) -> Result<ReportVerdict, EngineError> {
-        for attempt in 1..=MAX_ATTEMPTS {
-            let outcome = decide::report(&read(&self.state), report, &mut WallClock);
-            match outcome {
-                ReportOutcome::Reject(reason) => return Ok(ReportVerdict::Rejected(reason)),
-                ReportOutcome::Events(events) => match self.commit(&events).await {
-                    Ok(()) => {
-                        // New capacity is used by the pass that follows the request (see `run`).
-                        return Ok(ReportVerdict::Accepted);
-                    }
-                    Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS && self.cfg.role.borrow().is_leader() => {
-                        continue;
-                    }
-                    Err(e) => return Err(EngineError::LogUnavailable(e.to_string())),
-                },
-            }
-        }
-        Err(EngineError::LogUnavailable("the log kept moving".into()))
     }
 
     /// Decides from the current state and commits; on a conflict, catches up and decides again.

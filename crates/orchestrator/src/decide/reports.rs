@@ -183,8 +183,8 @@ pub struct BatchDecision {
 }
 
 /// Decides agents' reports and create requests together, all against `state` — one planning
-/// pass and one append for the lot. The reports must concern distinct VMs and none may be a
-/// registration ([`batch_key`]); then each is decided exactly as alone, and the creates as
+/// pass and one append for the lot. The reports must concern distinct VMs, and a registration
+/// must come alone ([`batch_key`]); then each is decided exactly as alone, and the creates as
 /// alone or more cautiously.
 pub fn decide_batch(
     state: &ClusterState,
