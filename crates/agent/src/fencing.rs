@@ -2,9 +2,10 @@
 //! elsewhere.
 //!
 //! The agent holds a **lease**: its key in the KV bucket [`proto::HOST_LEASE_BUCKET`], renewed
-//! every heartbeat period (at most a third of the lease) by a compare-and-set on the revision it
-//! last wrote, and each renewal is followed by a heartbeat carrying the revision. Each renewal
-//! that the server acknowledges extends the lease to *its send time* + `lease`. When the lease runs out
+//! about every third of the lease (and on every heartbeat after a failed attempt) by a
+//! compare-and-set on the revision it last wrote. Every heartbeat carries the revision of the
+//! last acknowledged renewal. Each renewal that the server acknowledges extends the lease to
+//! *its send time* + `lease`. When the lease runs out
 //! the agent fences at once (a timer wakes it at the deadline): every VM it runs is killed (or
 //! paused, by configuration) and recorded as not running. When the bus comes back it reports
 //! each fenced VM as `VmFailed` with the reason.
@@ -73,6 +74,10 @@ impl<D: Driver> Agent<D> {
     pub(crate) async fn fence_loop(self: std::sync::Arc<Self>, cancel: CancellationToken) {
         let lease = self.cfg.lease;
         let period = self.cfg.heartbeat_interval.min(lease / 3).max(Duration::from_millis(20));
+        // A renewal is a write to a replicated stream, a heartbeat a core message: renew about
+        // every third of the lease (the last tick before that much time has passed), which
+        // leaves two more tries before the lease runs out, and on every tick after a miss.
+        let renew_period = (lease / 3).max(period);
         let mut seq = 0u64;
         // Registering proved contact with the bus: the lease counts from the loop's start
         // until the first renewal.
@@ -84,68 +89,72 @@ impl<D: Driver> Agent<D> {
         let mut fenced_why = String::new();
         loop {
             let now = Instant::now();
-            let remaining = (lease_from + lease).saturating_duration_since(now);
-            // An attempt never runs past the lease's end: fencing must not wait for it.
-            let within = if remaining.is_zero() { period } else { period.min(remaining) };
-            let attempt = async {
-                if store.is_none() {
-                    store = self.bus.host_leases(self.cfg.replicas).await.ok();
-                }
-                match &store {
-                    Some(s) => self.renew(s, held).await,
-                    None => {
-                        Renewal::Unreachable(format!("the lease bucket {} is unavailable", proto::HOST_LEASE_BUCKET))
+            let due = held.is_none() || store.is_none() || now + period > lease_from + renew_period;
+            if due {
+                let remaining = (lease_from + lease).saturating_duration_since(now);
+                // An attempt never runs past the lease's end: fencing must not wait for it.
+                let within = if remaining.is_zero() { period } else { period.min(remaining) };
+                let attempt = async {
+                    if store.is_none() {
+                        store = self.bus.host_leases(self.cfg.replicas).await.ok();
                     }
-                }
-            };
-            let outcome = tokio::select! {
-                () = cancel.cancelled() => return,
-                r = tokio::time::timeout(within, attempt) => r.unwrap_or_else(|_| Renewal::Unreachable("timed out".into())),
-            };
-            match outcome {
-                Renewal::Renewed(rev) => {
-                    held = Some(rev);
-                    lease_from = now;
-                    self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
-                    if !fenced.is_empty() && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await {
-                        return;
+                    match &store {
+                        Some(s) => self.renew(s, held).await,
+                        None => Renewal::Unreachable(format!(
+                            "the lease bucket {} is unavailable",
+                            proto::HOST_LEASE_BUCKET
+                        )),
                     }
-                }
-                Renewal::DeclaredFailed(rev) => {
-                    held = None;
-                    tracing::error!(host = %self.cfg.host, "the orchestrator declared this host failed; fencing now");
-                    let newly = self.fence("the orchestrator declared this host failed").await;
-                    if !newly.is_empty() {
-                        fenced_why = "the orchestrator declared this host failed".into();
-                        fenced.extend(newly);
+                };
+                let outcome = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = tokio::time::timeout(within, attempt) => r.unwrap_or_else(|_| Renewal::Unreachable("timed out".into())),
+                };
+                match outcome {
+                    Renewal::Renewed(rev) => {
+                        held = Some(rev);
+                        lease_from = now;
+                        self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
+                        if !fenced.is_empty() && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await {
+                            return;
+                        }
                     }
-                    // Nothing runs here any more: take a fresh lease over the marker.
-                    if let Some(s) = &store
-                        && let Ok(next) =
-                            s.update(self.cfg.host.as_str(), Bytes::from_static(proto::LEASE_HELD), rev).await
-                    {
-                        held = Some(next);
-                        lease_from = Instant::now();
-                        self.driver.lease_valid_for(lease);
+                    Renewal::DeclaredFailed(rev) => {
+                        held = None;
+                        tracing::error!(host = %self.cfg.host, "the orchestrator declared this host failed; fencing now");
+                        let newly = self.fence("the orchestrator declared this host failed").await;
+                        if !newly.is_empty() {
+                            fenced_why = "the orchestrator declared this host failed".into();
+                            fenced.extend(newly);
+                        }
+                        // Nothing runs here any more: take a fresh lease over the marker.
+                        if let Some(s) = &store
+                            && let Ok(next) =
+                                s.update(self.cfg.host.as_str(), Bytes::from_static(proto::LEASE_HELD), rev).await
+                        {
+                            held = Some(next);
+                            lease_from = Instant::now();
+                            self.driver.lease_valid_for(lease);
+                        }
+                        if !fenced.is_empty()
+                            && held.is_some()
+                            && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await
+                        {
+                            return;
+                        }
                     }
-                    if !fenced.is_empty()
-                        && held.is_some()
-                        && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await
-                    {
-                        return;
+                    // A write whose answer was lost moved the revision: the next compare-and-set
+                    // fails and `renew` reads it back. The bucket is opened afresh (and re-created
+                    // if the server lost it).
+                    Renewal::Unreachable(why) => {
+                        tracing::debug!(host = %self.cfg.host, %why, "lease not renewed");
+                        store = None;
                     }
-                }
-                // A write whose answer was lost moved the revision: the next compare-and-set
-                // fails and `renew` reads it back. The bucket is opened afresh (and re-created
-                // if the server lost it).
-                Renewal::Unreachable(why) => {
-                    tracing::debug!(host = %self.cfg.host, %why, "lease not renewed");
-                    store = None;
                 }
             }
             if self.cfg.heartbeats {
-                // After the renewal, so the revision it carries is the newest: the orchestrator
-                // can fail the host only by overwriting that very revision.
+                // After any renewal, so the revision it carries is the newest acknowledged: the
+                // orchestrator can fail the host only by overwriting that very revision.
                 let beat = Heartbeat {
                     schema: SCHEMA_VERSION,
                     host: self.cfg.host.clone(),

@@ -62,8 +62,10 @@ pub struct AgentConfig {
     pub capacity: Resources,
     /// The host's labels.
     pub labels: Labels,
-    /// Lease renewal and heartbeat period (default 1 s; at most a third of the lease is used).
-    /// Each heartbeat follows a renewal and carries its revision.
+    /// Heartbeat period (default 1 s; at most a third of the lease is used). Each heartbeat
+    /// carries the revision of the last lease renewal; the lease is renewed on the last tick
+    /// before a third of it has passed (every 3 s with the defaults), and on every tick after
+    /// a renewal that failed.
     pub heartbeat_interval: Duration,
     /// Publish heartbeats (default). Off only to simulate heartbeats lost on the way (tests):
     /// the lease is still renewed.
