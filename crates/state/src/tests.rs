@@ -224,6 +224,10 @@ proptest! {
         prop_assert_eq!(&s.hard_anti_affinity, &scanned);
         let decoded = ClusterState::from_canonical_bytes(&s.to_canonical_bytes()).unwrap();
         prop_assert_eq!(&decoded.hard_anti_affinity, &scanned, "rebuilt when decoded");
+        let attention: std::collections::BTreeSet<VmId> =
+            s.vms.values().filter(|v| v.may_need_attention()).map(|v| v.id).collect();
+        prop_assert_eq!(&s.needs_attention, &attention);
+        prop_assert_eq!(&decoded.needs_attention, &attention, "rebuilt when decoded");
         for h in s.hosts.values().chain(decoded.hosts.values()) {
             prop_assert_eq!(h.overcommit, Overcommit::of(&h.labels));
         }

@@ -190,6 +190,52 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The VM whose record the event changes, for the events that change one.
+    #[must_use]
+    pub fn vm(&self) -> Option<VmId> {
+        match self {
+            EventKind::VmRequested(e) => Some(e.vm),
+            EventKind::VmPlaced(e) => Some(e.vm),
+            EventKind::VmPlacementFailed(e) => Some(e.vm),
+            EventKind::VmStartCommanded(c) => Some(c.vm),
+            EventKind::VmRunning(r) | EventKind::VmStopped(r) => Some(r.vm),
+            EventKind::VmStopCommanded(c) => Some(c.vm),
+            EventKind::VmFailed(e) => Some(e.vm),
+            EventKind::VmDeleteRequested(e) => Some(e.vm),
+            EventKind::VmDeleted(e) => Some(e.vm),
+            EventKind::VmGaveUp(e) => Some(e.vm),
+            EventKind::VmMigrationPlanned(e) => Some(e.vm),
+            EventKind::VmIncomingCommanded(c) => Some(c.vm),
+            EventKind::VmMigrationIncomingReady(e) => Some(e.vm),
+            EventKind::VmMigrationStarted(c) => Some(c.vm),
+            EventKind::VmMigrationCompleted(e) => Some(e.vm),
+            EventKind::VmMigrationFailed(e) => Some(e.vm),
+            EventKind::HostRegistered(_)
+            | EventKind::HostSuspected(_)
+            | EventKind::HostFailed(_)
+            | EventKind::HostRecovered(_)
+            | EventKind::HostCordoned(_)
+            | EventKind::HostDrainRequested(_)
+            | EventKind::HostDrained(_)
+            | EventKind::HostUncordoned(_)
+            | EventKind::LeaderElected(_)
+            | EventKind::HealingPaused(_)
+            | EventKind::HealingResumed(_)
+            | EventKind::PolicyApplied(_)
+            | EventKind::PolicyRemoved(_)
+            | EventKind::PolicyConflictResolved(_)
+            | EventKind::PolicyViolationObserved(_)
+            | EventKind::GroupCreated(_)
+            | EventKind::GroupDeleted(_)
+            | EventKind::GroupScaled(_)
+            | EventKind::GroupScaleRefused(_)
+            | EventKind::ModelTrained(_)
+            | EventKind::ModelPromoted(_)
+            | EventKind::ModelRolledBack(_)
+            | EventKind::ModelRetrainingRequested(_) => None,
+        }
+    }
+
     /// The variant's name, as it appears in `kind`.
     #[must_use]
     pub fn name(&self) -> &'static str {

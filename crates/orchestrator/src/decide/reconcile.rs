@@ -157,7 +157,8 @@ pub fn reconcile_with(
     let any_draining = state.hosts.values().any(|h| h.admin == novacron_state::HostAdmin::Draining);
     // Migrations in flight, per source host and in all, for the drain's concurrency limits.
     let mut migrating_from: BTreeMap<HostId, usize> = BTreeMap::new();
-    for vm in state.vms.values().filter(|v| v.migration.is_some()) {
+    // (Every VM with a migration under way is in `needs_attention`.)
+    for vm in state.needs_attention.iter().filter_map(|id| state.vms.get(id)).filter(|v| v.migration.is_some()) {
         if let Some(h) = &vm.host {
             *migrating_from.entry(h.clone()).or_default() += 1;
         }
@@ -167,13 +168,19 @@ pub fn reconcile_with(
     // Healing policies: restart priority orders the pass (high first, so that they get the
     // capacity when it is short; id order within a priority), and may override a VM's restart
     // policy and limits.
+    // Which VMs to look at: on healthy, undrained hosts only those the fold marks as possibly
+    // needing attention (the same id order as a walk of all of them).
+    let mut order: Vec<&VmRecord> = if any_failed || any_draining {
+        state.vms.values().collect()
+    } else {
+        state.needs_attention.iter().filter_map(|id| state.vms.get(id)).collect()
+    };
     let healing: BTreeMap<novacron_types::VmId, novacron_policy::observe::HealingView> = if state.policies.is_empty() {
         BTreeMap::new()
     } else {
         let in_force = novacron_policy::enforce::in_force(state);
-        state.vms.values().map(|v| (v.id, novacron_policy::observe::healing_in(&in_force, &v.spec))).collect()
+        order.iter().map(|v| (v.id, novacron_policy::observe::healing_in(&in_force, &v.spec))).collect()
     };
-    let mut order: Vec<&VmRecord> = state.vms.values().collect();
     if !healing.is_empty() {
         use novacron_types::policy::RestartPriority;
         order.sort_by_key(|v| std::cmp::Reverse(healing[&v.id].priority.unwrap_or(RestartPriority::Medium)));

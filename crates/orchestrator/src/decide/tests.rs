@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use novacron_state::{ClusterState, VmStatus};
 use novacron_types::{
@@ -476,6 +476,44 @@ fn a_vm_with_restart_never_stays_failed() {
     fail_now(&mut s, vm, 1_000);
     clock.now = 1_000_000;
     assert!(reconcile_with(&s, &mut clock, &origin(), RestartTimings::default()).is_empty());
+}
+
+#[test]
+fn the_attention_index_leaves_out_only_vms_the_reconciler_has_nothing_for() {
+    let mut s = hosts(2);
+    let mut clock = Clock { ids: 0, now: 0 };
+    let mut made = BTreeMap::new();
+    for name in ["running", "crashed", "never", "deleting", "starting", "too-big"] {
+        let mut sp = spec(name, if name == "too-big" { 64 } else { 1 });
+        if name == "never" {
+            sp.restart = novacron_types::RestartPolicy::Never;
+        }
+        let (vm, ev) = create_vm(&s, sp, &mut clock, &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        made.insert(name, vm);
+    }
+    for name in ["running", "crashed", "never", "deleting"] {
+        let host = s.vms[&made[name]].host.clone().unwrap();
+        run_vm_on(&mut s, made[name], host.as_str());
+    }
+    fail_now(&mut s, made["crashed"], 1_000);
+    fail_now(&mut s, made["never"], 1_000);
+    let (_, del) = delete_vm(&s, "deleting", &mut clock, &origin()).unwrap();
+    apply_all(&mut s, &del);
+    let expected: BTreeSet<VmId> = ["crashed", "never", "deleting", "too-big"].iter().map(|n| made[n]).collect();
+    assert_eq!(s.needs_attention, expected, "running and starting VMs wait for a report");
+
+    // The same pass over every VM decides exactly the same.
+    let mut everyone = s.clone();
+    everyone.needs_attention = everyone.vms.keys().copied().collect();
+    let pass = |state: &ClusterState| {
+        let events =
+            reconcile_with(state, &mut Clock { ids: 100, now: 1_000_000 }, &origin(), RestartTimings::default());
+        events.into_iter().map(|e| e.event).collect::<Vec<_>>()
+    };
+    let indexed = pass(&s);
+    assert!(indexed.iter().any(|e| matches!(e, EventKind::VmPlaced(p) if p.vm == made["crashed"])), "{indexed:?}");
+    assert_eq!(indexed, pass(&everyone));
 }
 
 #[test]
