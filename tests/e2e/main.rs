@@ -201,6 +201,11 @@ fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
                 br#"{"schema":1,"host":"host","at_ms":1,"cpu_util":-3.0,"memory_used_mib":1}"#,
             ),
             (
+                "nc.telemetry.host.host",
+                Some(json_headers()),
+                br#"{"schema":1,"host":"host","at_ms":1,"cpu_util":0.5,"memory_used_mib":1,"vms":[{"vm":"0190f3c4-0000-7000-8000-000000000001","cpu_util":7.0,"memory_used_mib":1}]}"#,
+            ),
+            (
                 "nc.telemetry.host.nobody",
                 Some(json_headers()),
                 br#"{"schema":1,"host":"nobody","at_ms":1,"cpu_util":0.5,"memory_used_mib":1}"#,
@@ -220,7 +225,7 @@ fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let n = stream.clone().info().await.unwrap().state.messages;
-            if n >= 6 || tokio::time::Instant::now() > deadline {
+            if n >= 7 || tokio::time::Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -234,20 +239,39 @@ fn malformed_messages_are_dead_lettered_and_the_system_keeps_working() {
         }
         out
     });
-    assert_eq!(dead_letters.len(), 6, "{dead_letters:#?}");
+    assert_eq!(dead_letters.len(), 7, "{dead_letters:#?}");
     let reasons = |subject: &str| -> Vec<String> {
         dead_letters.iter().filter(|(s, _)| s == subject).map(|(_, r)| r.clone()).collect()
     };
     let reports = reasons("nc.deadletter.reports").join(" | ");
     assert!(reports.contains("MessagePack") && reports.contains("JSON"), "{reports}");
     let telemetry = reasons("nc.deadletter.telemetry").join(" | ");
-    for needle in ["schema version 2", "cpu_util", "unknown host nobody"] {
+    for needle in ["schema version 2", "cpu_util", "vms[0].cpu_util", "unknown host nobody"] {
         assert!(telemetry.contains(needle), "telemetry dead letters lack {needle:?}: {telemetry}");
     }
     assert_eq!(reasons("nc.deadletter.heartbeats").len(), 1);
 
     let metrics = harness_metrics(&o.api);
     assert!(metrics.contains("novacron_deadletters_total"), "the counter is exported");
+
+    // A sample of a VM the log does not know (deleted a moment ago, say) is not malformed:
+    // it is counted and left out, and the rest of the message is taken.
+    let url = nats.url();
+    rt.block_on(async move {
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Content-Type", "application/json");
+        let body = br#"{"schema":1,"host":"host","at_ms":1,"cpu_util":0.5,"memory_used_mib":1,"vms":[{"vm":"0190f3c4-0000-7000-8000-000000000002","cpu_util":0.5,"memory_used_mib":1}]}"#;
+        js.publish_with_headers("nc.telemetry.host.host", h, body.to_vec().into()).await.unwrap().await.unwrap();
+    });
+    wait_for("the unknown VM's sample counted", || {
+        harness_metrics(&o.api).contains(r#"novacron_telemetry_samples_total{outcome="unknown_vm"} 1"#)
+    });
+    let dead = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(&nats.url()).await.unwrap());
+        js.get_stream("DEADLETTER").await.unwrap().info().await.unwrap().state.messages
+    });
+    assert_eq!(dead, 7, "nothing more dead-lettered");
 
     let (status, vm) = post(&o.api, "/api/v1/vms", &json!({"name": "after", "vcpus": 1, "memory_mib": 256}));
     assert_eq!(status, 201);

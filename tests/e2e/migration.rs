@@ -270,6 +270,7 @@ async fn a_host_reported_hot_long_enough_is_relieved_by_a_live_migration() {
             cpu_util: util,
             memory_used_mib: 1024,
             load1: None,
+            vms: Vec::new(),
         };
         bytes::Bytes::from(novacron_types::encode(&t))
     };

@@ -42,7 +42,7 @@ use novacron_types::event::{
     VmFailed, VmIncarnationReport, VmMigrationCompleted, VmMigrationFailed, VmMigrationIncomingReady,
 };
 use novacron_types::report::HostRegistration;
-use novacron_types::telemetry::{HostTelemetry, VmTelemetry};
+use novacron_types::telemetry::{HostTelemetry, VmSample};
 use novacron_types::{
     AgentCommand, ContentType, EventId, HostId, Labels, Report, ReportId, ReportKind, Resources, SCHEMA_VERSION, VmId,
 };
@@ -708,17 +708,19 @@ impl<D: Driver> Agent<D> {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = tele.tick() => {
-                    for u in self.driver.vm_usage() {
-                        let sample = VmTelemetry {
-                            schema: SCHEMA_VERSION,
+                    // One message for the host and its VMs: at 10,000 hosts with three VMs
+                    // each, a message per VM was three quarters of all telemetry traffic.
+                    let vms = self
+                        .driver
+                        .vm_usage()
+                        .into_iter()
+                        .map(|u| VmSample {
                             vm: u.vm,
-                            at_ms: now_ms(),
                             cpu_util: u.cpu_util,
                             memory_used_mib: u.memory_used_mib,
                             status: Some(u.status.to_owned()),
-                        };
-                        let _ = self.bus.js.publish(proto::vm_telemetry_subject(u.vm), novacron_types::encode(&sample).into()).await;
-                    }
+                        })
+                        .collect();
                     let usage = self.driver.host_usage(self.cfg.capacity);
                     let sample = HostTelemetry {
                         schema: SCHEMA_VERSION,
@@ -727,6 +729,7 @@ impl<D: Driver> Agent<D> {
                         cpu_util: usage.cpu_util,
                         memory_used_mib: usage.memory_used_mib,
                         load1: usage.load1,
+                        vms,
                     };
                     let _ = self.bus.js.publish(proto::host_telemetry_subject(&self.cfg.host), novacron_types::encode(&sample).into()).await;
                 }

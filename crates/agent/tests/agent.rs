@@ -578,23 +578,22 @@ mod qemu {
         let accel = registration.unwrap().labels.get("accel").cloned().unwrap_or_default();
         assert!(accel == "kvm" || accel == "tcg", "acceleration reported at registration: {accel:?}");
 
-        // Telemetry from the host side: the QEMU process's RSS and QMP status, and the host's load.
+        // Telemetry from the host side, in one message: the host's load, and the QEMU process's
+        // RSS and QMP status.
         let telemetry = h.bus.js.get_stream("TELEMETRY").await.unwrap();
-        let vm_subject = format!("nc.telemetry.vm.{vm}");
-        let mut vm_sample: Option<novacron_types::VmTelemetry> = None;
+        let mut sample: Option<(novacron_types::HostTelemetry, novacron_types::telemetry::VmSample)> = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while vm_sample.is_none() {
-            assert!(tokio::time::Instant::now() < deadline, "no VM telemetry");
-            if let Ok(m) = telemetry.get_last_raw_message_by_subject(&vm_subject).await {
-                vm_sample = Some(rmp_serde::from_slice(&m.payload).unwrap());
+        while sample.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "no telemetry of the VM");
+            if let Ok(m) = telemetry.get_last_raw_message_by_subject("nc.telemetry.host.h1").await {
+                let host: novacron_types::HostTelemetry = rmp_serde::from_slice(&m.payload).unwrap();
+                sample = host.vms.iter().find(|v| v.vm == vm).cloned().map(|v| (host, v));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let vm_sample = vm_sample.unwrap();
+        let (host_sample, vm_sample) = sample.unwrap();
         assert_eq!(vm_sample.status.as_deref(), Some("running"));
         assert!(vm_sample.memory_used_mib > 0, "{vm_sample:?}");
-        let host_msg = telemetry.get_last_raw_message_by_subject("nc.telemetry.host.h1").await.unwrap();
-        let host_sample: novacron_types::HostTelemetry = rmp_serde::from_slice(&host_msg.payload).unwrap();
         assert!(host_sample.load1.is_some() && host_sample.memory_used_mib > 0, "{host_sample:?}");
 
         h.log.append(&[h.stop_cmd(vm, inc, 1)]).await.unwrap();

@@ -424,24 +424,36 @@ pub(crate) async fn telemetry(
         let obs = obs.clone();
         async move {
             let subject = msg.subject.to_string();
-            let outcome = accept_telemetry(&subject, msg.headers.as_ref(), &msg.payload, &engine, &obs);
-            if let Err(Rejection(reason)) = outcome {
-                ::metrics::counter!(m::TELEMETRY, "outcome" => "rejected").increment(1);
-                dead.send(
-                    "telemetry",
-                    &subject,
-                    content_type(msg.headers.as_ref()).as_deref(),
-                    &reason,
-                    msg.payload.clone(),
-                )
-                .await;
-            } else {
-                ::metrics::counter!(m::TELEMETRY, "outcome" => "accepted").increment(1);
+            match accept_telemetry(&subject, msg.headers.as_ref(), &msg.payload, &engine, &obs) {
+                Ok(Accepted { samples, unknown_vms }) => {
+                    ::metrics::counter!(m::TELEMETRY, "outcome" => "accepted").increment(samples);
+                    if unknown_vms > 0 {
+                        ::metrics::counter!(m::TELEMETRY, "outcome" => "unknown_vm").increment(unknown_vms);
+                    }
+                }
+                Err(Rejection(reason)) => {
+                    ::metrics::counter!(m::TELEMETRY, "outcome" => "rejected").increment(1);
+                    dead.send(
+                        "telemetry",
+                        &subject,
+                        content_type(msg.headers.as_ref()).as_deref(),
+                        &reason,
+                        msg.payload.clone(),
+                    )
+                    .await;
+                }
             }
         }
     })
     .await;
     Ok(())
+}
+
+/// What one telemetry message brought: samples taken in, and VM samples left out because the
+/// log does not know the VM (deleted meanwhile, say: not malformed, so not dead-lettered).
+struct Accepted {
+    samples: u64,
+    unknown_vms: u64,
 }
 
 fn accept_telemetry(
@@ -450,20 +462,30 @@ fn accept_telemetry(
     payload: &[u8],
     engine: &EngineHandle,
     obs: &SharedObservations,
-) -> Result<(), Rejection> {
+) -> Result<Accepted, Rejection> {
     match Subject::parse(subject).map_err(|e| Rejection(e.to_string()))? {
         Subject::HostTelemetry(host) => {
-            let t: HostTelemetry = decode(headers, payload)?;
+            let mut t: HostTelemetry = decode(headers, payload)?;
             if t.host != host {
                 return Err(Rejection(format!("sample for host {} on the subject of host {host}", t.host)));
             }
-            if !read(&engine.state).hosts.contains_key(&host) {
-                return Err(Rejection(format!("unknown host {host}")));
-            }
+            let vms = std::mem::take(&mut t.vms);
+            let known: Vec<bool> = {
+                let state = read(&engine.state);
+                if !state.hosts.contains_key(&host) {
+                    return Err(Rejection(format!("unknown host {host}")));
+                }
+                vms.iter().map(|v| state.vms.contains_key(&v.vm)).collect()
+            };
+            let unknown_vms = known.iter().filter(|k| !**k).count() as u64;
+            let samples = 1 + vms.len() as u64 - unknown_vms;
             let mut obs = lock(obs);
+            for (v, _) in vms.iter().zip(&known).filter(|(_, k)| **k) {
+                obs.vms.insert(v.vm, v.at(t.at_ms));
+            }
             obs.record_host_load(host.clone(), t.cpu_util, t.at_ms);
             obs.hosts.entry(host).or_default().telemetry = Some(t);
-            Ok(())
+            Ok(Accepted { samples, unknown_vms })
         }
         Subject::VmTelemetry(vm) => {
             let t: VmTelemetry = decode(headers, payload)?;
@@ -474,7 +496,7 @@ fn accept_telemetry(
                 return Err(Rejection(format!("unknown VM {vm}")));
             }
             lock(obs).vms.insert(vm, t);
-            Ok(())
+            Ok(Accepted { samples: 1, unknown_vms: 0 })
         }
         _ => Err(Rejection("not a telemetry subject".into())),
     }

@@ -198,6 +198,14 @@ impl Validate for HostTelemetry {
         {
             return Err(ValidationError::new("load1", format!("must be a non-negative number, got {l}")));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, v) in self.vms.iter().enumerate() {
+            unit_interval("cpu_util", v.cpu_util)
+                .map_err(|e| ValidationError { field: format!("vms[{i}].cpu_util"), ..e })?;
+            if !seen.insert(v.vm) {
+                return Err(ValidationError::new(&format!("vms[{i}].vm"), format!("VM {} is sampled twice", v.vm)));
+            }
+        }
         Ok(())
     }
 }
@@ -229,6 +237,7 @@ mod tests {
             cpu_util: f64::NAN,
             memory_used_mib: 1,
             load1: None,
+            vms: Vec::new(),
         };
         assert_eq!(t.validate().unwrap_err().field, "cpu_util");
         t.cpu_util = 1.5;
@@ -237,6 +246,15 @@ mod tests {
         t.load1 = Some(-1.0);
         assert_eq!(t.validate().unwrap_err().field, "load1");
         t.load1 = Some(0.3);
+        assert!(t.validate().is_ok());
+        let vm = crate::VmId::new_v7();
+        let sample = |cpu_util| crate::telemetry::VmSample { vm, cpu_util, memory_used_mib: 1, status: None };
+        t.vms = vec![sample(0.2), sample(f64::INFINITY)];
+        assert_eq!(t.validate().unwrap_err().field, "vms[1].cpu_util");
+        t.vms = vec![sample(0.2), sample(0.3)];
+        let twice = t.validate().unwrap_err();
+        assert_eq!((twice.field.as_str(), twice.reason.contains("twice")), ("vms[1].vm", true), "{twice}");
+        t.vms.pop();
         assert!(t.validate().is_ok());
         t.schema = 2;
         assert_eq!(t.validate().unwrap_err().field, "schema");

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use novacron_types::event::*;
 use novacron_types::report::HostRegistration;
-use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
+use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmSample, VmTelemetry};
 use novacron_types::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -474,6 +474,19 @@ fn golden_fixtures_decode_and_match_the_encoding() {
             cpu_util: 0.42,
             memory_used_mib: 12288,
             load1: Some(1.5),
+            vms: Vec::new(),
+        },
+    );
+    f.check(
+        "host-telemetry-with-vms",
+        &HostTelemetry {
+            schema: SCHEMA_VERSION,
+            host: host(),
+            at_ms: 1_780_000_000_000,
+            cpu_util: 0.42,
+            memory_used_mib: 12288,
+            load1: None,
+            vms: vec![VmSample { vm, cpu_util: 0.8, memory_used_mib: 1536, status: Some("running".into()) }],
         },
     );
     f.check(
