@@ -50,7 +50,8 @@ pub struct OrchestratorConfig {
     pub replicas: usize,
     /// How often reconcilers run.
     pub reconcile_interval: Duration,
-    /// Snapshot after this many events.
+    /// Snapshot after this many events, or after as many as the state has hosts and VMs if
+    /// that is more (a save costs in proportion to the state).
     pub snapshot_every: u64,
     /// Heartbeat silence after which a host is suspected.
     pub suspect_after: Duration,
