@@ -31,6 +31,19 @@ use crate::driver::Driver;
 use crate::journal::JournalVm;
 use crate::{Agent, FenceAction, metrics as m};
 
+/// What the fence loop knows of its lease from one tick to the next.
+struct LeaseState {
+    /// The lease bucket, while it answers.
+    store: Option<kv::Store>,
+    /// The revision of the last acknowledged renewal.
+    held: Option<u64>,
+    /// When the renewal that holds the lease was sent: the lease ends `lease` later.
+    from: Instant,
+    /// VMs fenced and not yet reported as failed, and why they were fenced.
+    fenced: Vec<(VmId, IncarnationId, Generation)>,
+    fenced_why: String,
+}
+
 /// What one attempt to renew the lease found.
 enum Renewal {
     /// The server stored the renewal at this revision.
@@ -81,76 +94,15 @@ impl<D: Driver> Agent<D> {
         let mut seq = 0u64;
         // Registering proved contact with the bus: the lease counts from the loop's start
         // until the first renewal.
-        let mut lease_from = Instant::now();
+        let mut l =
+            LeaseState { store: None, held: None, from: Instant::now(), fenced: Vec::new(), fenced_why: String::new() };
         self.driver.lease_valid_for(lease);
-        let mut store = None;
-        let mut held: Option<u64> = None;
-        let mut fenced: Vec<(VmId, IncarnationId, Generation)> = Vec::new();
-        let mut fenced_why = String::new();
         loop {
             let now = Instant::now();
-            let due = held.is_none() || store.is_none() || now + period > lease_from + renew_period;
-            if due {
-                let remaining = (lease_from + lease).saturating_duration_since(now);
-                // An attempt never runs past the lease's end: fencing must not wait for it.
-                let within = if remaining.is_zero() { period } else { period.min(remaining) };
-                let attempt = async {
-                    if store.is_none() {
-                        store = self.bus.host_leases(self.cfg.replicas).await.ok();
-                    }
-                    match &store {
-                        Some(s) => self.renew(s, held).await,
-                        None => Renewal::Unreachable(format!(
-                            "the lease bucket {} is unavailable",
-                            proto::HOST_LEASE_BUCKET
-                        )),
-                    }
-                };
-                let outcome = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    r = tokio::time::timeout(within, attempt) => r.unwrap_or_else(|_| Renewal::Unreachable("timed out".into())),
-                };
-                match outcome {
-                    Renewal::Renewed(rev) => {
-                        held = Some(rev);
-                        lease_from = now;
-                        self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
-                        if !fenced.is_empty() && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await {
-                            return;
-                        }
-                    }
-                    Renewal::DeclaredFailed(rev) => {
-                        held = None;
-                        tracing::error!(host = %self.cfg.host, "the orchestrator declared this host failed; fencing now");
-                        let newly = self.fence("the orchestrator declared this host failed").await;
-                        if !newly.is_empty() {
-                            fenced_why = "the orchestrator declared this host failed".into();
-                            fenced.extend(newly);
-                        }
-                        // Nothing runs here any more: take a fresh lease over the marker.
-                        if let Some(s) = &store
-                            && let Ok(next) =
-                                s.update(self.cfg.host.as_str(), Bytes::from_static(proto::LEASE_HELD), rev).await
-                        {
-                            held = Some(next);
-                            lease_from = Instant::now();
-                            self.driver.lease_valid_for(lease);
-                        }
-                        if !fenced.is_empty()
-                            && held.is_some()
-                            && !self.report_fenced(&mut fenced, &fenced_why, &cancel).await
-                        {
-                            return;
-                        }
-                    }
-                    // A write whose answer was lost moved the revision: the next compare-and-set
-                    // fails and `renew` reads it back. The bucket is opened afresh (and re-created
-                    // if the server lost it).
-                    Renewal::Unreachable(why) => {
-                        tracing::debug!(host = %self.cfg.host, %why, "lease not renewed");
-                        store = None;
-                    }
-                }
+            if (l.held.is_none() || l.store.is_none() || now + period > l.from + renew_period)
+                && !self.renew_lease(&mut l, now, period, &cancel).await
+            {
+                return;
             }
             if self.cfg.heartbeats {
                 // After any renewal, so the revision it carries is the newest acknowledged: the
@@ -160,31 +112,101 @@ impl<D: Driver> Agent<D> {
                     host: self.cfg.host.clone(),
                     at_ms: crate::now_ms(),
                     seq,
-                    lease_revision: held,
+                    lease_revision: l.held,
                 };
                 seq += 1;
                 // Losing a heartbeat is harmless; the next one follows.
                 let subject = proto::heartbeat_subject(&self.cfg.host);
                 let _ = self.bus.client.publish(subject, novacron_types::encode(&beat).into()).await;
             }
-            let silent = lease_from.elapsed();
+            let silent = l.from.elapsed();
             if silent > lease {
                 let why =
                     format!("no lease renewal for {:.1} s (lease {:.1} s)", silent.as_secs_f64(), lease.as_secs_f64());
                 let newly = self.fence(&why).await;
                 if !newly.is_empty() {
-                    fenced_why = why;
-                    fenced.extend(newly);
+                    l.fenced_why = why;
+                    l.fenced.extend(newly);
                 }
             }
-            // Sleep until the next renewal, but wake at the lease's end to fence on time.
-            let until_end = (lease_from + lease).saturating_duration_since(Instant::now());
+            // Sleep until the next tick, but wake at the lease's end to fence on time.
+            let until_end = (l.from + lease).saturating_duration_since(Instant::now());
             let nap = if until_end.is_zero() { period } else { period.min(until_end + Duration::from_millis(1)) };
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(nap) => {}
             }
         }
+    }
+
+    /// One attempt to renew the lease, begun at `now`, and what follows from its outcome: the
+    /// new revision, a fence when the orchestrator declared this host failed, the report of
+    /// fenced VMs once the bus is back. False when cancelled.
+    async fn renew_lease(
+        &self,
+        l: &mut LeaseState,
+        now: Instant,
+        period: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let lease = self.cfg.lease;
+        let remaining = (l.from + lease).saturating_duration_since(now);
+        // An attempt never runs past the lease's end: fencing must not wait for it.
+        let within = if remaining.is_zero() { period } else { period.min(remaining) };
+        let attempt = async {
+            if l.store.is_none() {
+                l.store = self.bus.host_leases(self.cfg.replicas).await.ok();
+            }
+            match &l.store {
+                Some(s) => self.renew(s, l.held).await,
+                None => Renewal::Unreachable(format!("the lease bucket {} is unavailable", proto::HOST_LEASE_BUCKET)),
+            }
+        };
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => return false,
+            r = tokio::time::timeout(within, attempt) => r.unwrap_or_else(|_| Renewal::Unreachable("timed out".into())),
+        };
+        match outcome {
+            Renewal::Renewed(rev) => {
+                l.held = Some(rev);
+                l.from = now;
+                self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
+                if !l.fenced.is_empty() && !self.report_fenced(&mut l.fenced, &l.fenced_why, cancel).await {
+                    return false;
+                }
+            }
+            Renewal::DeclaredFailed(rev) => {
+                l.held = None;
+                tracing::error!(host = %self.cfg.host, "the orchestrator declared this host failed; fencing now");
+                let newly = self.fence("the orchestrator declared this host failed").await;
+                if !newly.is_empty() {
+                    l.fenced_why = "the orchestrator declared this host failed".into();
+                    l.fenced.extend(newly);
+                }
+                // Nothing runs here any more: take a fresh lease over the marker.
+                if let Some(s) = &l.store
+                    && let Ok(next) = s.update(self.cfg.host.as_str(), Bytes::from_static(proto::LEASE_HELD), rev).await
+                {
+                    l.held = Some(next);
+                    l.from = Instant::now();
+                    self.driver.lease_valid_for(lease);
+                }
+                if !l.fenced.is_empty()
+                    && l.held.is_some()
+                    && !self.report_fenced(&mut l.fenced, &l.fenced_why, cancel).await
+                {
+                    return false;
+                }
+            }
+            // A write whose answer was lost moved the revision: the next compare-and-set fails
+            // and `renew` reads it back. The bucket is opened afresh (and re-created if the
+            // server lost it).
+            Renewal::Unreachable(why) => {
+                tracing::debug!(host = %self.cfg.host, %why, "lease not renewed");
+                l.store = None;
+            }
+        }
+        true
     }
 
     /// Reports the fenced VMs as failed, once the bus is back. False when cancelled.
