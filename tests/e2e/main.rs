@@ -1061,6 +1061,50 @@ fn plan_consolidate_replays_the_log_and_plans_without_executing() {
     assert!(!ok && err.contains("at least 1.0"), "{err}");
 }
 
+/// An interrupted benchmark leaves nothing behind: its temporary directory (the nats-server
+/// store) is removed and the processes it started are stopped.
+#[test]
+fn an_interrupted_benchmark_removes_its_temporary_files() {
+    let nats = novacron_testkit::find_nats_server().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bench = std::process::Command::new(BIN)
+        .args(["bench", "e2e", "--hosts", "2", "--rate", "5", "--duration", "60s", "--nats-server"])
+        .arg(&nats)
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let entries = || std::fs::read_dir(tmp.path()).unwrap().count();
+    // Interrupted once the simulated hosts run (their journal is in the directory).
+    wait_for("the benchmark's directory with the hosts' journal", || {
+        std::fs::read_dir(tmp.path()).unwrap().filter_map(Result::ok).any(|d| d.path().join("agents").exists())
+    });
+    let status = std::process::Command::new("kill").args(["-TERM", &bench.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = bench.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "the benchmark did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(bench.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!exit.success() && err.contains("interrupted"), "{exit:?}: {err}");
+    assert_eq!(entries(), 0, "the temporary directory is gone");
+    // Its nats-server and simulated hosts ran with paths under it: none of them is left.
+    let under_tmp = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter_map(|d| std::fs::read(d.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains(tmp.path().to_str().unwrap()))
+    };
+    wait_for("the benchmark's processes to stop", || !under_tmp());
+}
+
 #[test]
 fn bench_e2e_places_every_offered_vm_and_sees_each_start_command() {
     let nats = novacron_testkit::find_nats_server().unwrap();

@@ -696,7 +696,13 @@ fn main() -> std::process::ExitCode {
     let service = matches!(cli.command, Command::Up(_) | Command::Orchestrator(_) | Command::Agent(_));
     init_logging(if service { "info,async_nats=warn" } else { "warn" });
     let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt.block_on(run(cli)),
+        Ok(rt) => {
+            let result = rt.block_on(run(cli));
+            // A blocking task still running (an interrupted benchmark's load generator) does
+            // not hold the exit up for long.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            result
+        }
         Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
     };
     match result {
@@ -724,7 +730,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::State(a) => audit::state(&cli.nats, a, fmt).await,
         Command::Plan(PlanCommand::Consolidate(a)) => audit::plan_consolidate(&cli.nats, a, fmt).await,
         Command::Explain { event_id } => client::explain(&cli.server, &event_id, fmt).await,
-        Command::Bench(a) => bench::run(a, fmt).await,
+        // Interrupted, a benchmark still removes its temporary directory (a nats-server store
+        // of up to gigabytes) and stops the processes it started: both go when its future is
+        // dropped, which the signal does here.
+        Command::Bench(a) => tokio::select! {
+            r = bench::run(a, fmt) => r,
+            () = services::shutdown_signal() => Err(anyhow::anyhow!("interrupted; its temporary files are removed")),
+        },
         Command::QemuFenceKeeper(_) => unreachable!("handled before the runtime starts"),
         Command::Models(ModelsCommand::Evaluate(a)) => {
             tokio::task::spawn_blocking(move || models::evaluate_cmd(&a, fmt)).await?

@@ -14,7 +14,7 @@ use crate::nats_server::{self, LocalNats};
 use crate::{AgentArgs, DriverKind, FenceArg, Format, OrchestratorArgs, UpArgs, output};
 
 /// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
