@@ -1082,14 +1082,8 @@ fn an_interrupted_benchmark_removes_its_temporary_files() {
     });
     let status = std::process::Command::new("kill").args(["-TERM", &bench.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = bench.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(std::time::Instant::now() < deadline, "the benchmark did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_for("the benchmark to stop", || bench.try_wait().unwrap().is_some());
+    let exit = bench.wait().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(bench.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(!exit.success() && err.contains("interrupted"), "{exit:?}: {err}");
