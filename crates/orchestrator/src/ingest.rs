@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use novacron_eventlog::{Bus, DeadLetters};
 use novacron_protocol::{self as proto, Subject};
-use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmTelemetry};
+use novacron_types::telemetry::{Heartbeat, HostTelemetry, VmSample, VmTelemetry};
 use novacron_types::{ContentType, HostId, Report, Validate, VmId};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -469,23 +469,21 @@ fn accept_telemetry(
             if t.host != host {
                 return Err(Rejection(format!("sample for host {} on the subject of host {host}", t.host)));
             }
-            let vms = std::mem::take(&mut t.vms);
-            let known: Vec<bool> = {
+            let (known, unknown): (Vec<VmSample>, Vec<VmSample>) = {
                 let state = read(&engine.state);
                 if !state.hosts.contains_key(&host) {
                     return Err(Rejection(format!("unknown host {host}")));
                 }
-                vms.iter().map(|v| state.vms.contains_key(&v.vm)).collect()
+                std::mem::take(&mut t.vms).into_iter().partition(|v| state.vms.contains_key(&v.vm))
             };
-            let unknown_vms = known.iter().filter(|k| !**k).count() as u64;
-            let samples = 1 + vms.len() as u64 - unknown_vms;
+            let accepted = Accepted { samples: 1 + known.len() as u64, unknown_vms: unknown.len() as u64 };
             let mut obs = lock(obs);
-            for (v, _) in vms.iter().zip(&known).filter(|(_, k)| **k) {
+            for v in &known {
                 obs.vms.insert(v.vm, v.at(t.at_ms));
             }
             obs.record_host_load(host.clone(), t.cpu_util, t.at_ms);
             obs.hosts.entry(host).or_default().telemetry = Some(t);
-            Ok(Accepted { samples, unknown_vms })
+            Ok(accepted)
         }
         Subject::VmTelemetry(vm) => {
             let t: VmTelemetry = decode(headers, payload)?;
