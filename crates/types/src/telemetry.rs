@@ -1,9 +1,9 @@
 //! Telemetry and heartbeats: the samples agents and other systems publish.
 //!
 //! `nc.telemetry.host.<host>` carries [`HostTelemetry`] (with the samples of its VMs, from
-//! agents), `nc.telemetry.vm.<vm>` carries [`VmTelemetry`] (stream TELEMETRY, kept ~24 h). `nc.hb.<host>` carries [`Heartbeat`] on core
-//! NATS: losing one is harmless, the next one follows. `schemas/README.md` shows how another
-//! system publishes these.
+//! agents), `nc.telemetry.vm.<vm>` carries [`VmTelemetry`] (stream TELEMETRY, kept ~24 h).
+//! `nc.hb.<host>` carries [`Heartbeat`] on core NATS: losing one is harmless, the next one
+//! follows. `schemas/README.md` shows how another system publishes these.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

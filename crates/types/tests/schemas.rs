@@ -465,28 +465,22 @@ fn golden_fixtures_decode_and_match_the_encoding() {
     f.check("report-incoming-ready", &report(34, ReportKind::IncomingReady(ready)));
     f.check("report-migration-completed", &report(35, ReportKind::MigrationCompleted(completed)));
     f.check("report-migration-failed", &report(36, ReportKind::MigrationFailed(failed)));
-    f.check(
-        "host-telemetry",
-        &HostTelemetry {
-            schema: SCHEMA_VERSION,
-            host: host(),
-            at_ms: 1_780_000_000_000,
-            cpu_util: 0.42,
-            memory_used_mib: 12288,
-            load1: Some(1.5),
-            vms: Vec::new(),
-        },
-    );
+    let host_sample = HostTelemetry {
+        schema: SCHEMA_VERSION,
+        host: host(),
+        at_ms: 1_780_000_000_000,
+        cpu_util: 0.42,
+        memory_used_mib: 12288,
+        load1: Some(1.5),
+        vms: Vec::new(),
+    };
+    f.check("host-telemetry", &host_sample);
     f.check(
         "host-telemetry-with-vms",
         &HostTelemetry {
-            schema: SCHEMA_VERSION,
-            host: host(),
-            at_ms: 1_780_000_000_000,
-            cpu_util: 0.42,
-            memory_used_mib: 12288,
             load1: None,
             vms: vec![VmSample { vm, cpu_util: 0.8, memory_used_mib: 1536, status: Some("running".into()) }],
+            ..host_sample
         },
     );
     f.check(

@@ -165,9 +165,6 @@ pub fn reconcile_with(
     }
     let mut migrating_total: usize = migrating_from.values().sum();
     let mut events = Vec::new();
-    // Healing policies: restart priority orders the pass (high first, so that they get the
-    // capacity when it is short; id order within a priority), and may override a VM's restart
-    // policy and limits.
     // Which VMs to look at: on healthy, undrained hosts only those the fold marks as possibly
     // needing attention (the same id order as a walk of all of them).
     let mut order: Vec<&VmRecord> = if any_failed || any_draining {
@@ -175,6 +172,9 @@ pub fn reconcile_with(
     } else {
         state.needs_attention.iter().filter_map(|id| state.vms.get(id)).collect()
     };
+    // Healing policies: restart priority orders the pass (high first, so that they get the
+    // capacity when it is short; id order within a priority), and may override a VM's restart
+    // policy and limits.
     let healing: BTreeMap<novacron_types::VmId, novacron_policy::observe::HealingView> = if state.policies.is_empty() {
         BTreeMap::new()
     } else {
