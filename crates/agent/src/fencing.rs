@@ -14,8 +14,15 @@
 //! the revision the host's last heartbeat carried, after `host_failure_timeout` of silence. That
 //! write succeeds only if the agent has not renewed since — so the agent's lease ended by then,
 //! [`crate::FENCE_MARGIN`] earlier. A renewal that finds the marker tells a connected agent it
-//! was declared failed: it fences at once and takes a fresh lease. `docs/fencing.md` has the
-//! argument.
+//! was declared failed: it fences at once, notes where EVENTS ends (in the journal, flushed),
+//! and only then takes a fresh lease. `docs/fencing.md` has the argument.
+//!
+//! Commands keep arriving while renewals fail (an overloaded server answers the consumer but
+//! not the lease write in time), so the lease also gates the commands that start a VM
+//! ([`LeaseView`]): a start waits while the lease does not hold for a third of its length
+//! more; a start logged at or below the noted end of EVENTS was issued before the host was
+//! declared failed — its VM has been placed elsewhere since — and is refused; a VM whose lease
+//! ran out while it started is fenced at once.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +38,25 @@ use crate::driver::Driver;
 use crate::journal::JournalVm;
 use crate::{Agent, FenceAction, metrics as m};
 
+/// The lease as the command loop sees it (the fence loop writes it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LeaseView {
+    /// The lease holds until then; `None` before the first renewal and after a declared
+    /// failure until the fresh lease.
+    pub(crate) until: Option<Instant>,
+    /// The last EVENTS sequence written before the orchestrator last declared this host
+    /// failed (0: never): no VM starts for a command logged at or below it.
+    pub(crate) fenced_through: u64,
+}
+
+/// Whether a command may start a VM.
+pub(crate) enum StartGate {
+    Open,
+    /// Never: it was issued before this host was declared failed.
+    Refused(String),
+    Cancelled,
+}
+
 /// What the fence loop knows of its lease from one tick to the next.
 struct LeaseState {
     /// The lease bucket, while it answers.
@@ -42,6 +68,9 @@ struct LeaseState {
     /// VMs fenced and not yet reported as failed, and why they were fenced.
     fenced: Vec<(VmId, IncarnationId, Generation)>,
     fenced_why: String,
+    /// The failure marker's revision whose end of EVENTS is noted (a retry of the fresh lease
+    /// does not note a later end, which could refuse commands issued after the declaration).
+    noted: Option<u64>,
 }
 
 /// What one attempt to renew the lease found.
@@ -55,6 +84,52 @@ enum Renewal {
 }
 
 impl<D: Driver> Agent<D> {
+    /// Waits until the lease holds for a third of its length more, so that a VM started now
+    /// does not outlive it unnoticed; refuses at once a command logged (at EVENTS sequence
+    /// `logged_at`) before this host was last declared failed.
+    pub(crate) async fn start_gate(&self, logged_at: Option<u64>, cancel: &CancellationToken) -> StartGate {
+        let margin = self.cfg.lease / 3;
+        let mut view = self.lease_view.subscribe();
+        let mut waited = false;
+        loop {
+            let now = *view.borrow_and_update();
+            match logged_at {
+                Some(seq) if seq > now.fenced_through => {}
+                _ if now.fenced_through == 0 => {}
+                Some(seq) => {
+                    return StartGate::Refused(format!(
+                        "issued before the orchestrator declared this host failed (logged at EVENTS sequence {seq}, \
+                         the log ended at {} then): its VM has been placed elsewhere",
+                        now.fenced_through
+                    ));
+                }
+                None => {
+                    return StartGate::Refused(
+                        "its place in EVENTS is unknown, and this host was declared failed before".into(),
+                    );
+                }
+            }
+            if now.until.is_some_and(|until| until > Instant::now() + margin) {
+                return StartGate::Open;
+            }
+            if !waited {
+                waited = true;
+                ::metrics::counter!(m::STARTS_WAITED_FOR_LEASE).increment(1);
+                tracing::warn!(host = %self.cfg.host, "the lease is not renewed; VM starts wait for it");
+            }
+            // The fence loop writes the view on every renewal and fence.
+            tokio::select! {
+                () = cancel.cancelled() => return StartGate::Cancelled,
+                changed = view.changed() => if changed.is_err() { return StartGate::Cancelled },
+            }
+        }
+    }
+
+    /// Whether the lease holds right now.
+    pub(crate) fn lease_holds(&self) -> bool {
+        self.lease_view.borrow().until.is_some_and(|until| until > Instant::now())
+    }
+
     /// One renewal: a compare-and-set on the revision held; without one (start, or the key
     /// moved under us), whatever is there decides.
     async fn renew(&self, store: &kv::Store, held: Option<u64>) -> Renewal {
@@ -94,8 +169,14 @@ impl<D: Driver> Agent<D> {
         let mut seq = 0u64;
         // Registering proved contact with the bus: the lease counts from the loop's start
         // until the first renewal.
-        let mut l =
-            LeaseState { store: None, held: None, from: Instant::now(), fenced: Vec::new(), fenced_why: String::new() };
+        let mut l = LeaseState {
+            store: None,
+            held: None,
+            from: Instant::now(),
+            fenced: Vec::new(),
+            fenced_why: String::new(),
+            noted: None,
+        };
         self.driver.lease_valid_for(lease);
         loop {
             let now = Instant::now();
@@ -118,6 +199,14 @@ impl<D: Driver> Agent<D> {
                 // Losing a heartbeat is harmless; the next one follows.
                 let subject = proto::heartbeat_subject(&self.cfg.host);
                 let _ = self.bus.client.publish(subject, novacron_types::encode(&beat).into()).await;
+            }
+            // Fenced VMs are reported once the lease holds again, from a task of their own:
+            // reports can wait long on an overloaded server, and heartbeats, renewals and the
+            // next fence must not wait with them.
+            if !l.fenced.is_empty() && self.lease_holds() {
+                let (agent, cancel) = (self.clone(), cancel.clone());
+                let (fenced, why) = (std::mem::take(&mut l.fenced), l.fenced_why.clone());
+                tokio::spawn(async move { agent.report_fenced(fenced, &why, &cancel).await });
             }
             let silent = l.from.elapsed();
             if silent > lease {
@@ -170,32 +259,38 @@ impl<D: Driver> Agent<D> {
             Renewal::Renewed(rev) => {
                 l.held = Some(rev);
                 l.from = now;
+                self.lease_view.send_modify(|v| v.until = Some(now + lease));
                 self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
-                if !l.fenced.is_empty() && !self.report_fenced(&mut l.fenced, &l.fenced_why, cancel).await {
-                    return false;
-                }
             }
             Renewal::DeclaredFailed(rev) => {
                 l.held = None;
+                self.lease_view.send_modify(|v| v.until = None);
                 tracing::error!(host = %self.cfg.host, "the orchestrator declared this host failed; fencing now");
                 let newly = self.fence("the orchestrator declared this host failed").await;
                 if !newly.is_empty() {
                     l.fenced_why = "the orchestrator declared this host failed".into();
                     l.fenced.extend(newly);
                 }
-                // Nothing runs here any more: take a fresh lease over the marker.
+                // Every command issued before the declaration is in EVENTS by now: note where
+                // the log ends, so that none of them starts a VM here, then take a fresh lease.
+                if l.noted != Some(rev) {
+                    if self.note_fenced_through(period).await.is_none() {
+                        return true;
+                    }
+                    l.noted = Some(rev);
+                }
+                let fresh = Instant::now();
                 if let Some(s) = &l.store
                     && let Ok(next) = s.update(self.cfg.host.as_str(), Bytes::from_static(proto::LEASE_HELD), rev).await
                 {
                     l.held = Some(next);
-                    l.from = Instant::now();
+                    l.from = fresh;
+                    self.lease_view.send_modify(|v| v.until = Some(fresh + lease));
                     self.driver.lease_valid_for(lease);
-                }
-                if !l.fenced.is_empty()
-                    && l.held.is_some()
-                    && !self.report_fenced(&mut l.fenced, &l.fenced_why, cancel).await
-                {
-                    return false;
+                    tracing::warn!(
+                        host = %self.cfg.host, fenced_through = self.lease_view.borrow().fenced_through,
+                        "fresh lease taken after the declared failure"
+                    );
                 }
             }
             // A write whose answer was lost moved the revision: the next compare-and-set fails
@@ -209,10 +304,38 @@ impl<D: Driver> Agent<D> {
         true
     }
 
-    /// Reports the fenced VMs as failed, once the bus is back. False when cancelled.
+    /// Where EVENTS ends now, raised into the journal (flushed) and the lease view; `None`
+    /// (and a warning) when the server does not say within `patience` or the journal fails:
+    /// the fresh lease waits for the next try.
+    async fn note_fenced_through(&self, patience: Duration) -> Option<u64> {
+        let end = async {
+            let events = self.bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| e.to_string())?;
+            Ok::<u64, String>(events.cached_info().state.last_sequence)
+        };
+        let end = match tokio::time::timeout(patience, end).await {
+            Ok(Ok(end)) => end,
+            Ok(Err(why)) => {
+                tracing::warn!(host = %self.cfg.host, %why, "cannot read where EVENTS ends; the fresh lease waits");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(host = %self.cfg.host, "no answer on where EVENTS ends; the fresh lease waits");
+                return None;
+            }
+        };
+        if let Err(e) = self.journal.raise_fenced_through(end) {
+            tracing::error!(host = %self.cfg.host, error = %e, "cannot journal where EVENTS ended; the fresh lease waits");
+            return None;
+        }
+        self.lease_view.send_modify(|v| v.fenced_through = v.fenced_through.max(end));
+        Some(end)
+    }
+
+    /// Reports the fenced VMs as failed (the lease holds again, so the bus is back). False
+    /// when cancelled.
     async fn report_fenced(
         &self,
-        fenced: &mut Vec<(VmId, IncarnationId, Generation)>,
+        fenced: Vec<(VmId, IncarnationId, Generation)>,
         why: &str,
         cancel: &CancellationToken,
     ) -> bool {
@@ -221,7 +344,7 @@ impl<D: Driver> Agent<D> {
             FenceAction::Stop => "killed",
             FenceAction::Pause => "paused",
         };
-        for (vm, incarnation, generation) in std::mem::take(fenced) {
+        for (vm, incarnation, generation) in fenced {
             let reason = format!("self-fenced ({action}): {why}");
             let report =
                 ReportKind::VmFailed(VmFailed { vm, host: self.cfg.host.clone(), incarnation, generation, reason });
@@ -237,26 +360,55 @@ impl<D: Driver> Agent<D> {
         let Ok(vms) = self.journal.vms() else { return Vec::new() };
         let mut done = Vec::new();
         for (vm, j) in vms.into_iter().filter(|(_, j)| j.running) {
-            let result = match self.cfg.fence_action {
-                FenceAction::Stop => self.driver.kill(vm, j.incarnation).await,
-                FenceAction::Pause => self.driver.pause(vm, j.incarnation).await,
-            };
-            match result {
-                Ok(()) => {
-                    let rec = JournalVm { running: false, ..j.clone() };
-                    if let Err(e) = self.journal.set_vm(vm, &rec) {
-                        tracing::error!(host = %self.cfg.host, %vm, error = %e, "journal write failed while fencing");
-                    }
-                    ::metrics::counter!(m::FENCED_VMS).increment(1);
-                    tracing::error!(
-                        host = %self.cfg.host, %vm, lease_ms = self.cfg.lease.as_millis() as u64,
-                        action = ?self.cfg.fence_action, why, "self-fenced"
-                    );
-                    done.push((vm, j.incarnation, j.generation));
-                }
-                Err(e) => tracing::error!(host = %self.cfg.host, %vm, error = %e, "could not fence a VM"),
+            if self.fence_vm(vm, &j, why).await {
+                done.push((vm, j.incarnation, j.generation));
             }
         }
         done
+    }
+
+    /// Fences one VM that just started, as its report: `VmFailed` with the reason, or the
+    /// `VmRunning` it had (`running`) when it could not be fenced (the fence loop tries again).
+    pub(crate) async fn fence_one(&self, running: ReportKind, why: &str) -> ReportKind {
+        let ReportKind::VmRunning(r) = &running else { return running };
+        if !self
+            .fence_vm(r.vm, &JournalVm { incarnation: r.incarnation, generation: r.generation, running: true }, why)
+            .await
+        {
+            return running;
+        }
+        let action = match self.cfg.fence_action {
+            FenceAction::Stop => "killed",
+            FenceAction::Pause => "paused",
+        };
+        ReportKind::VmFailed(VmFailed {
+            vm: r.vm,
+            host: r.host.clone(),
+            incarnation: r.incarnation,
+            generation: r.generation,
+            reason: format!("self-fenced ({action}): {why}"),
+        })
+    }
+
+    /// Kills (or pauses) one VM and journals it as not running. False when the driver failed.
+    async fn fence_vm(&self, vm: VmId, j: &JournalVm, why: &str) -> bool {
+        let result = match self.cfg.fence_action {
+            FenceAction::Stop => self.driver.kill(vm, j.incarnation).await,
+            FenceAction::Pause => self.driver.pause(vm, j.incarnation).await,
+        };
+        if let Err(e) = result {
+            tracing::error!(host = %self.cfg.host, %vm, error = %e, "could not fence a VM");
+            return false;
+        }
+        let rec = JournalVm { running: false, ..j.clone() };
+        if let Err(e) = self.journal.set_vm(vm, &rec) {
+            tracing::error!(host = %self.cfg.host, %vm, error = %e, "journal write failed while fencing");
+        }
+        ::metrics::counter!(m::FENCED_VMS).increment(1);
+        tracing::error!(
+            host = %self.cfg.host, %vm, lease_ms = self.cfg.lease.as_millis() as u64,
+            action = ?self.cfg.fence_action, why, "self-fenced"
+        );
+        true
     }
 }

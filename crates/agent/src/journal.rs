@@ -5,6 +5,7 @@
 //!   tree "journal-applied":  "<host>/" + event id (16 bytes)  →  stream seq (u64 BE)
 //!                            "<host>/commands-done"            →  the cursor: COMMANDS seq (u64 BE)
 //!                            "<host>/done"                     →  (earlier versions) the cursor in EVENTS
+//!                            "<host>/fenced-through"           →  EVENTS seq: no VM starts for commands up to it
 //!   tree "journal-vms":      "<host>/" + VM id (16 bytes)     →  MessagePack JournalVm
 //! ```
 //! (Host ids have no `/`, so one host's keys never run into another's.) Earlier versions kept
@@ -71,6 +72,8 @@ pub const SIM_TREE: &str = "sim-vms";
 const CURSOR_KEY: &[u8] = b"commands-done";
 /// Where earlier versions kept their cursor, a sequence of EVENTS.
 const EVENTS_CURSOR_KEY: &[u8] = b"done";
+/// The last EVENTS sequence before this host was last declared failed.
+const FENCED_THROUGH_KEY: &[u8] = b"fenced-through";
 
 /// `"<host>/"`: the prefix of a host's keys in the shared trees.
 #[must_use]
@@ -187,6 +190,34 @@ impl Journal {
         Ok(())
     }
 
+    /// The last EVENTS sequence written before the orchestrator last declared this host failed
+    /// (0: never). A command logged at or below it was issued before that: the orchestrator
+    /// has placed its VM elsewhere since, so it must not start here.
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn fenced_through(&self) -> Result<u64, JournalError> {
+        Ok(self
+            .applied
+            .get(self.key(FENCED_THROUGH_KEY))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Raises [`Journal::fenced_through`] to `seq` (never lowers it). Flushed before returning:
+    /// the agent takes a fresh lease only after this, and a restart must still know it.
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub fn raise_fenced_through(&self, seq: u64) -> Result<(), JournalError> {
+        self.applied.fetch_and_update(self.key(FENCED_THROUGH_KEY), |old| {
+            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+            Some(old.max(seq).to_be_bytes().to_vec())
+        })?;
+        self.applied.flush()?;
+        Ok(())
+    }
+
     /// Whether the command with this event id was already applied.
     ///
     /// # Errors
@@ -268,7 +299,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cursor_only_moves_forward_and_survives_a_reopen() {
+    fn the_cursor_and_the_fence_sequence_only_move_forward_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let host = HostId::new("h1").unwrap();
         {
@@ -278,12 +309,17 @@ mod tests {
             j.advance_cursor(7).unwrap();
             j.advance_cursor(5).unwrap();
             assert_eq!(j.cursor().unwrap(), 7, "never back");
+            assert_eq!(j.fenced_through().unwrap(), 0, "never declared failed");
+            j.raise_fenced_through(40).unwrap();
+            j.raise_fenced_through(30).unwrap();
+            assert_eq!(j.fenced_through().unwrap(), 40, "never lowered");
             // Another host's journal in the same database has its own cursor.
             assert_eq!(Journal::open(&db, &HostId::new("h2").unwrap()).unwrap().cursor().unwrap(), 0);
             db.flush().unwrap();
         }
         let db = open_when_released(dir.path(), std::time::Duration::from_secs(10)).unwrap();
-        assert_eq!(Journal::open(&db, &host).unwrap().cursor().unwrap(), 7);
+        let j = Journal::open(&db, &host).unwrap();
+        assert_eq!((j.cursor().unwrap(), j.fenced_through().unwrap()), (7, 40));
     }
 
     #[test]

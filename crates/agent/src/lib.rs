@@ -7,7 +7,9 @@
 //! [`journal`] in the same transaction as the VM's new record, and the journal is
 //! flushed before the command is acknowledged. A redelivered command is recognised and only
 //! re-reported; a command whose generation is older than the newest the journal has seen for
-//! that VM is refused (fencing off decisions made before a re-placement).
+//! that VM is refused (fencing off decisions made before a re-placement). A command that
+//! starts a VM waits until the agent's fencing lease holds, and is refused if it was issued
+//! before the orchestrator last declared the host failed (see the `fencing` module).
 //!
 //! The agent drives VMs through a [`driver::Driver`]: [`sim::SimDriver`] here (many hosts per
 //! process), a QEMU driver in the agent issue. The code around the driver is the same for both.
@@ -180,6 +182,8 @@ pub struct Agent<D: Driver> {
     /// Commands handed over but not yet handled (negatively acknowledged, to be retried): the
     /// journal's cursor stays below the lowest.
     unfinished: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// The lease as the fence loop last saw it, for the commands that start VMs.
+    lease_view: tokio::sync::watch::Sender<fencing::LeaseView>,
 }
 
 impl<D: Driver> Agent<D> {
@@ -192,7 +196,12 @@ impl<D: Driver> Agent<D> {
         let journal =
             Journal::open(db, &cfg.host).map_err(|source| AgentError::Journal { host: cfg.host.clone(), source })?;
         let dead_letters = DeadLetters::new(bus.js.clone());
-        Ok(Agent { cfg, bus, driver, journal, dead_letters, unfinished: Default::default() })
+        let fenced_through =
+            journal.fenced_through().map_err(|source| AgentError::Journal { host: cfg.host.clone(), source })?;
+        // Not held until the fence loop's first renewal: a restarted agent learns that way
+        // whether it was declared failed meanwhile, before any queued start runs.
+        let lease_view = tokio::sync::watch::Sender::new(fencing::LeaseView { until: None, fenced_through });
+        Ok(Agent { cfg, bus, driver, journal, dead_letters, unfinished: Default::default(), lease_view })
     }
 
     /// Runs until `cancel` fires: registers, then heartbeats, telemetry and commands.
@@ -434,9 +443,9 @@ impl<D: Driver> Agent<D> {
         }
         match self.apply(envelope.id, seq, &command) {
             Ok(plan) => {
-                // Long operations (a migration, a slow start) keep the command from being
-                // redelivered by telling JetStream we are still working on it.
-                let exec = self.execute(plan, &command);
+                // Long operations (a migration, a slow start, a wait for the lease) keep the
+                // command from being redelivered by telling JetStream we are still working on it.
+                let exec = self.execute_under_lease(plan, &command, logged_at(&msg), cancel);
                 tokio::pin!(exec);
                 let mut progress = tokio::time::interval_at(
                     tokio::time::Instant::now() + COMMAND_PROGRESS_EVERY,
@@ -447,6 +456,9 @@ impl<D: Driver> Agent<D> {
                         r = &mut exec => break r,
                         _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
                     }
+                };
+                let Some(report) = report else {
+                    return; // shutting down while waiting for the lease: redelivered to the next run
                 };
                 if let Some(report) = report
                     && !self.report(report, cancel).await
@@ -502,6 +514,44 @@ impl<D: Driver> Agent<D> {
             return Ok(Plan::Ignore);
         }
         Ok(Plan::Execute { id, seq })
+    }
+
+    /// [`Agent::execute`], for a command that starts a VM once the lease allows it: it waits
+    /// while the lease does not hold, is refused if it was issued before this host was last
+    /// declared failed, and the VM is fenced at once if the lease ran out while it started.
+    /// `None` when cancelled while waiting.
+    async fn execute_under_lease(
+        &self,
+        plan: Plan,
+        command: &AgentCommand,
+        logged_at: Option<u64>,
+        cancel: &CancellationToken,
+    ) -> Option<Option<ReportKind>> {
+        let Plan::Execute { id, seq } = plan else { return Some(self.execute(plan, command).await) };
+        if !matches!(command, AgentCommand::Start(_) | AgentCommand::PrepareIncoming(_)) {
+            return Some(self.execute(plan, command).await);
+        }
+        match self.start_gate(logged_at, cancel).await {
+            fencing::StartGate::Open => {}
+            fencing::StartGate::Cancelled => return None,
+            fencing::StartGate::Refused(why) => {
+                ::metrics::counter!(m::STARTS_REFUSED_FENCED).increment(1);
+                tracing::warn!(host = %self.cfg.host, vm = %command.vm(), seq, why, "VM start refused");
+                // Recorded as applied, so a redelivery is recognised; the VM's record is untouched.
+                if let Err(e) = self.journal.record(id, seq, command.vm(), None) {
+                    tracing::error!(host = %self.cfg.host, seq, error = %e, "journal write failed for a refused start");
+                }
+                return Some(None);
+            }
+        }
+        match self.execute(plan, command).await {
+            // The lease ran out while the VM started: the fence may have come before the
+            // journal said the VM runs, and missed it.
+            Some(running @ ReportKind::VmRunning(_)) if !self.lease_holds() => {
+                Some(Some(self.fence_one(running, "the lease ran out while the VM started").await))
+            }
+            report => Some(report),
+        }
     }
 
     async fn execute(&self, plan: Plan, command: &AgentCommand) -> Option<ReportKind> {
@@ -738,6 +788,7 @@ impl<D: Driver> Agent<D> {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Plan {
     Execute { id: EventId, seq: u64 },
     Rereport,
@@ -754,6 +805,19 @@ fn report_name(r: &ReportKind) -> &'static str {
         ReportKind::MigrationCompleted(_) => "MigrationCompleted",
         ReportKind::MigrationFailed(_) => "MigrationFailed",
     }
+}
+
+/// The EVENTS sequence a command was logged at: from its copy's source header (COMMANDS), or
+/// the message's own when it was read from EVENTS (an earlier version's consumer).
+fn logged_at(msg: &Message) -> Option<u64> {
+    if let Some(source) = msg.headers.as_ref().and_then(|h| h.get(proto::HEADER_STREAM_SOURCE)) {
+        let mut fields = source.as_str().split_whitespace();
+        return match (fields.next(), fields.next()) {
+            (Some(proto::EVENTS_STREAM), Some(seq)) => seq.parse().ok(),
+            _ => None,
+        };
+    }
+    msg.info().ok().filter(|i| i.stream == proto::EVENTS_STREAM).map(|i| i.stream_sequence)
 }
 
 /// Runs many simulated hosts in this process, sharing one bus connection and one sled db.

@@ -127,6 +127,36 @@ impl Harness {
         }
     }
 
+    /// Makes every write to `stream` fail, or work again: what an overloaded server does to
+    /// one stream while others still answer. Its largest message is set to one byte.
+    async fn refuse_writes(&self, stream: &str, refuse: bool) {
+        let mut config = self.bus.js.get_stream(stream).await.unwrap().info().await.unwrap().config.clone();
+        config.max_message_size = if refuse { 1 } else { -1 };
+        self.bus.js.update_stream(config).await.unwrap();
+    }
+
+    /// Waits until the agent holds a lease, and returns its revision.
+    async fn lease_held(&self, newer_than: u64) -> u64 {
+        let leases = self.bus.js.get_key_value(novacron_protocol::HOST_LEASE_BUCKET).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(e)) = leases.entry(self.host.as_str()).await
+                && e.revision > newer_than
+                && e.value.as_ref() == novacron_protocol::LEASE_HELD
+            {
+                return e.revision;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the agent never held a lease newer than {newer_than}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many commands the agent has been handed and not finished with.
+    async fn commands_in_hand(&self) -> usize {
+        let stream = self.bus.js.get_stream("COMMANDS").await.unwrap();
+        stream.consumer_info("agent-h1").await.map_or(0, |i| i.num_ack_pending)
+    }
+
     async fn reports(&self) -> Vec<Report> {
         let stream = self.bus.js.get_stream("REPORTS").await.unwrap();
         let mut out = Vec::new();
@@ -507,6 +537,164 @@ async fn an_agent_declared_failed_fences_at_once_and_takes_a_fresh_lease() {
             .ok()
             .flatten()
             .is_some_and(|e| e.revision > marked && e.value.as_ref() == novacron_protocol::LEASE_HELD)
+    })
+    .await;
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+/// The lease's stream (writes to it are lease renewals and failure markers).
+fn lease_stream() -> String {
+    format!("KV_{}", novacron_protocol::HOST_LEASE_BUCKET)
+}
+
+/// Heartbeats with a 1-s lease.
+fn short_lease(c: &mut AgentConfig) {
+    c.heartbeat_interval = Duration::from_millis(100);
+    c.lease = Duration::from_secs(1);
+}
+
+fn ran(reports: &[Report], vm: VmId) -> bool {
+    reports.iter().any(|r| matches!(&r.report, ReportKind::VmRunning(v) if v.vm == vm))
+}
+
+#[tokio::test]
+async fn a_vm_start_waits_while_the_lease_is_not_renewed() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, short_lease);
+    let (vm1, vm2) = (VmId::new_v7(), VmId::new_v7());
+    h.log.append(&[h.start_cmd(vm1, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("VM 1 running", || async { driver.running().iter().any(|r| r.vm == vm1) }).await;
+
+    // Renewals fail while commands still arrive; the lease runs out and VM 1 is fenced.
+    h.refuse_writes(&lease_stream(), true).await;
+    wait_for("VM 1 fenced", || async { driver.running().is_empty() }).await;
+    h.log.append(&[h.start_cmd(vm2, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the start in the agent's hands", || async {
+        h.commands_in_hand().await == 1 || !driver.running().is_empty()
+    })
+    .await;
+    // A second's worth of heartbeats (the whole lease) later, VM 2 has not started.
+    let mut heartbeats = h.bus.client.subscribe("nc.hb.h1").await.unwrap();
+    for _ in 0..10 {
+        tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut heartbeats)).await.unwrap();
+    }
+    assert!(driver.running().is_empty(), "a VM started without a lease");
+
+    // Renewed: VM 2 starts, and VM 1 is reported as fenced.
+    h.refuse_writes(&lease_stream(), false).await;
+    wait_for("VM 2 running", || async { driver.running().iter().any(|r| r.vm == vm2) }).await;
+    wait_for("VM 1 reported fenced", || async {
+        failures(&h.reports().await).iter().any(|r| r.starts_with("self-fenced (killed): no lease renewal"))
+    })
+    .await;
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_start_issued_before_the_host_was_declared_failed_never_runs() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, short_lease);
+    let held = h.lease_held(0).await;
+    cancel.cancel();
+    handle.await.unwrap();
+
+    // While the agent is away, the orchestrator starts a VM here, then declares the host
+    // failed: it overwrites the lease revision the agent last held, and places the VM elsewhere.
+    let stale = VmId::new_v7();
+    let stale_incarnation = IncarnationId::new_v7();
+    let stale_seq = h.log.append(&[h.start_cmd(stale, stale_incarnation, 1)]).await.unwrap()[0];
+    let leases = h.bus.js.get_key_value(novacron_protocol::HOST_LEASE_BUCKET).await.unwrap();
+    let current = leases.entry("h1").await.unwrap().unwrap().revision;
+    assert!(current >= held);
+    let marked = leases.update("h1", novacron_protocol::LEASE_FAILED.into(), current).await.unwrap();
+
+    // The agent comes back, finds the marker, and takes a fresh lease; a VM started after
+    // that runs, the stale one (handed over first) never did.
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, short_lease);
+    h.lease_held(marked).await;
+    let fresh = VmId::new_v7();
+    h.log.append(&[h.start_cmd(fresh, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the VM started after the fresh lease running", || async {
+        driver.running().iter().any(|r| r.vm == fresh)
+    })
+    .await;
+    let reports = h.reports().await;
+    assert!(ran(&reports, fresh));
+    assert!(!ran(&reports, stale), "a start issued before the host was declared failed ran");
+    assert_eq!(driver.start_count(stale_incarnation), 0, "started and fenced is still twice");
+    cancel.cancel();
+    handle.await.unwrap();
+
+    // The journal keeps where the log ended when the host was declared failed, for a restart.
+    let journal = novacron_agent::journal::Journal::open(&db, &h.host).unwrap();
+    assert!(journal.fenced_through().unwrap() >= stale_seq);
+}
+
+#[tokio::test]
+async fn a_vm_whose_lease_runs_out_while_it_starts_is_fenced_at_once() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::with_start_delay(Duration::from_secs(2));
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, short_lease);
+    h.lease_held(0).await;
+    let vm = VmId::new_v7();
+    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the start under way", || async { h.commands_in_hand().await == 1 }).await;
+    // The lease runs out during the two-second start.
+    h.refuse_writes(&lease_stream(), true).await;
+    wait_for("the start answered", || async { h.commands_in_hand().await == 0 }).await;
+    assert!(driver.running().is_empty());
+    let reports = h.reports().await;
+    assert!(!ran(&reports, vm), "reported running without a lease");
+    assert!(
+        failures(&reports).iter().any(|r| r == "self-fenced (killed): the lease ran out while the VM started"),
+        "{:?}",
+        failures(&reports)
+    );
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn fenced_vms_are_reported_without_holding_up_the_lease() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, short_lease);
+    let vm = VmId::new_v7();
+    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    h.refuse_writes(&lease_stream(), true).await;
+    wait_for("the VM fenced", || async { driver.running().is_empty() }).await;
+
+    // The lease bucket answers again, the reports stream does not: the fence's report waits,
+    // and the lease goes on being renewed meanwhile (heartbeats carry each new revision).
+    h.refuse_writes("REPORTS", true).await;
+    let mut heartbeats = h.bus.client.subscribe("nc.hb.h1").await.unwrap();
+    h.refuse_writes(&lease_stream(), false).await;
+    let mut revisions = std::collections::BTreeSet::new();
+    while revisions.len() < 4 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut heartbeats))
+            .await
+            .expect("heartbeats stopped while a report waited")
+            .unwrap();
+        let hb: novacron_types::Heartbeat = rmp_serde::from_slice(&msg.payload).unwrap();
+        revisions.extend(hb.lease_revision);
+    }
+    assert!(failures(&h.reports().await).is_empty(), "the reports stream took a report while refusing writes");
+    h.refuse_writes("REPORTS", false).await;
+    wait_for("the fenced VM reported", || async {
+        failures(&h.reports().await).iter().any(|r| r.starts_with("self-fenced (killed): no lease renewal"))
     })
     .await;
     cancel.cancel();
