@@ -2,9 +2,10 @@
 //! elsewhere.
 //!
 //! The agent holds a **lease**: its key in the KV bucket [`proto::HOST_LEASE_BUCKET`], renewed
-//! about every third of the lease (and on every heartbeat after a failed attempt) by a
-//! compare-and-set on the revision it last wrote. Every heartbeat carries the revision of the
-//! last acknowledged renewal. Each renewal that the server acknowledges extends the lease to
+//! about every third of the lease (and a heartbeat period after a failed attempt) by a
+//! compare-and-set on the revision it last wrote. An attempt runs beside the heartbeats and may
+//! take up to a lease: an overloaded server answers late, not never. Every heartbeat carries
+//! the revision of the last acknowledged renewal. Each renewal that the server acknowledges extends the lease to
 //! *its send time* + `lease`. When the lease runs out
 //! the agent fences at once (a timer wakes it at the deadline): every VM it runs is killed (or
 //! paused, by configuration) and recorded as not running. When the bus comes back it reports
@@ -79,8 +80,26 @@ enum Renewal {
     Renewed(u64),
     /// The orchestrator declared the host failed (the marker is at this revision).
     DeclaredFailed(u64),
-    /// No answer, or an error: the lease is not extended.
-    Unreachable(String),
+    /// No answer, or an error: the lease is not extended. `reopen`: the bucket may be gone.
+    Unreachable { why: String, reopen: bool },
+}
+
+impl Renewal {
+    fn unanswered() -> Renewal {
+        Renewal::Unreachable { why: "no answer within the lease".into(), reopen: false }
+    }
+
+    /// An error of the server or the client: a timeout means a slow server, anything else
+    /// that the bucket may need opening again.
+    fn failed(e: &impl std::fmt::Display, timed_out: bool) -> Renewal {
+        Renewal::Unreachable { why: e.to_string(), reopen: !timed_out }
+    }
+}
+
+/// A renewal attempt's outcome, with the bucket it used (`None`: keep the one known).
+struct Attempt {
+    renewal: Renewal,
+    store: Option<kv::Store>,
 }
 
 impl<D: Driver> Agent<D> {
@@ -135,11 +154,12 @@ impl<D: Driver> Agent<D> {
     async fn renew(&self, store: &kv::Store, held: Option<u64>) -> Renewal {
         let key = self.cfg.host.as_str();
         let value = Bytes::from_static(proto::LEASE_HELD);
+        let update_failed = |e: &kv::UpdateError| Renewal::failed(e, e.kind() == kv::UpdateErrorKind::TimedOut);
         if let Some(rev) = held {
             match store.update(key, value.clone(), rev).await {
                 Ok(next) => return Renewal::Renewed(next),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-                Err(e) => return Renewal::Unreachable(e.to_string()),
+                Err(e) => return update_failed(&e),
             }
         }
         match store.entry(key).await {
@@ -149,13 +169,13 @@ impl<D: Driver> Agent<D> {
             // Our own lease from before (a restart, or a server that lost a write): take it over.
             Ok(Some(e)) if e.operation == kv::Operation::Put => match store.update(key, value, e.revision).await {
                 Ok(next) => Renewal::Renewed(next),
-                Err(e) => Renewal::Unreachable(e.to_string()),
+                Err(e) => update_failed(&e),
             },
             Ok(_) => match store.create(key, value).await {
                 Ok(next) => Renewal::Renewed(next),
-                Err(e) => Renewal::Unreachable(e.to_string()),
+                Err(e) => Renewal::failed(&e, e.kind() == kv::CreateErrorKind::Ack),
             },
-            Err(e) => Renewal::Unreachable(e.to_string()),
+            Err(e) => Renewal::failed(&e, e.kind() == kv::EntryErrorKind::TimedOut),
         }
     }
 
@@ -164,7 +184,7 @@ impl<D: Driver> Agent<D> {
         let period = self.cfg.heartbeat_interval.min(lease / 3).max(Duration::from_millis(20));
         // A renewal is a write to a replicated stream, a heartbeat a core message: renew about
         // every third of the lease (the last tick before that much time has passed), which
-        // leaves two more tries before the lease runs out, and on every tick after a miss.
+        // leaves two more tries before the lease runs out, and a tick after a miss.
         let renew_period = (lease / 3).max(period);
         let mut seq = 0u64;
         // Registering proved contact with the bus: the lease counts from the loop's start
@@ -178,15 +198,30 @@ impl<D: Driver> Agent<D> {
             noted: None,
         };
         self.driver.lease_valid_for(lease);
+        // The renewal under way (sent at), in a task of its own: on an overloaded server a
+        // write can take seconds, and heartbeats must go on meanwhile. An attempt may take up
+        // to a lease; cutting it short after one period and starting over, as the first
+        // version did, renewed nothing at all once writes took longer than that.
+        let mut renewal: Option<(Instant, tokio::task::JoinHandle<Attempt>)> = None;
+        let mut next_try = Instant::now();
+        let mut next_beat = Instant::now();
         loop {
             let now = Instant::now();
-            if (l.held.is_none() || l.store.is_none() || now + period > l.from + renew_period)
-                && !self.renew_lease(&mut l, now, period, &cancel).await
+            if renewal.is_none()
+                && now >= next_try
+                && (l.held.is_none() || l.store.is_none() || now + period > l.from + renew_period)
             {
-                return;
+                let (agent, store, held) = (self.clone(), l.store.clone(), l.held);
+                let attempt = async move {
+                    match tokio::time::timeout(lease, agent.attempt(store, held)).await {
+                        Ok(done) => done,
+                        Err(_) => Attempt { renewal: Renewal::unanswered(), store: None },
+                    }
+                };
+                renewal = Some((now, tokio::spawn(attempt)));
             }
-            if self.cfg.heartbeats {
-                // After any renewal, so the revision it carries is the newest acknowledged: the
+            if self.cfg.heartbeats && now >= next_beat {
+                // A heartbeat names the last acknowledged renewal, never one under way: the
                 // orchestrator can fail the host only by overwriting that very revision.
                 let beat = Heartbeat {
                     schema: SCHEMA_VERSION,
@@ -199,6 +234,7 @@ impl<D: Driver> Agent<D> {
                 // Losing a heartbeat is harmless; the next one follows.
                 let subject = proto::heartbeat_subject(&self.cfg.host);
                 let _ = self.bus.client.publish(subject, novacron_types::encode(&beat).into()).await;
+                next_beat = now + period;
             }
             // Fenced VMs are reported once the lease holds again, from a task of their own:
             // reports can wait long on an overloaded server, and heartbeats, renewals and the
@@ -218,49 +254,65 @@ impl<D: Driver> Agent<D> {
                     l.fenced.extend(newly);
                 }
             }
-            // Sleep until the next tick, but wake at the lease's end to fence on time.
-            let until_end = (l.from + lease).saturating_duration_since(Instant::now());
-            let nap = if until_end.is_zero() { period } else { period.min(until_end + Duration::from_millis(1)) };
+            // Sleep until the next heartbeat or the renewal's answer, but wake at the lease's
+            // end to fence on time.
+            let now = Instant::now();
+            let until_end = (l.from + lease).saturating_duration_since(now);
+            let until_beat = next_beat.saturating_duration_since(now).max(Duration::from_millis(1));
+            let nap =
+                if until_end.is_zero() { until_beat } else { until_beat.min(until_end + Duration::from_millis(1)) };
             tokio::select! {
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => {
+                    if let Some((_, task)) = renewal {
+                        task.abort();
+                    }
+                    return;
+                }
                 () = tokio::time::sleep(nap) => {}
+                done = async { (&mut renewal.as_mut().expect("guarded").1).await }, if renewal.is_some() => {
+                    let sent = renewal.take().map_or(now, |(sent, _)| sent);
+                    let done = done.unwrap_or_else(|e| Attempt {
+                        renewal: Renewal::Unreachable { why: format!("renewal task: {e}"), reopen: false },
+                        store: None,
+                    });
+                    if let Some(store) = done.store {
+                        l.store = Some(store);
+                    }
+                    if !matches!(done.renewal, Renewal::Renewed(_)) {
+                        next_try = Instant::now() + period;
+                    }
+                    self.settle(&mut l, sent, done.renewal, period).await;
+                }
             }
         }
     }
 
-    /// One attempt to renew the lease, begun at `now`, and what follows from its outcome: the
-    /// new revision, a fence when the orchestrator declared this host failed, the report of
-    /// fenced VMs once the bus is back. False when cancelled.
-    async fn renew_lease(
-        &self,
-        l: &mut LeaseState,
-        now: Instant,
-        period: Duration,
-        cancel: &CancellationToken,
-    ) -> bool {
+    /// One attempt to renew the lease, opening the bucket first if need be.
+    async fn attempt(&self, store: Option<kv::Store>, held: Option<u64>) -> Attempt {
+        let store = match store {
+            Some(s) => s,
+            None => match self.bus.host_leases(self.cfg.replicas).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let why = format!("the lease bucket {} is unavailable: {e}", proto::HOST_LEASE_BUCKET);
+                    return Attempt { renewal: Renewal::Unreachable { why, reopen: true }, store: None };
+                }
+            },
+        };
+        Attempt { renewal: self.renew(&store, held).await, store: Some(store) }
+    }
+
+    /// What follows from a renewal sent at `sent`: the new revision, or a fence when the
+    /// orchestrator declared this host failed (then, once where EVENTS ends is noted, a fresh
+    /// lease over the marker).
+    async fn settle(&self, l: &mut LeaseState, sent: Instant, outcome: Renewal, period: Duration) {
         let lease = self.cfg.lease;
-        let remaining = (l.from + lease).saturating_duration_since(now);
-        // An attempt never runs past the lease's end: fencing must not wait for it.
-        let within = if remaining.is_zero() { period } else { period.min(remaining) };
-        let attempt = async {
-            if l.store.is_none() {
-                l.store = self.bus.host_leases(self.cfg.replicas).await.ok();
-            }
-            match &l.store {
-                Some(s) => self.renew(s, l.held).await,
-                None => Renewal::Unreachable(format!("the lease bucket {} is unavailable", proto::HOST_LEASE_BUCKET)),
-            }
-        };
-        let outcome = tokio::select! {
-            () = cancel.cancelled() => return false,
-            r = tokio::time::timeout(within, attempt) => r.unwrap_or_else(|_| Renewal::Unreachable("timed out".into())),
-        };
         match outcome {
             Renewal::Renewed(rev) => {
                 l.held = Some(rev);
-                l.from = now;
-                self.lease_view.send_modify(|v| v.until = Some(now + lease));
-                self.driver.lease_valid_for(lease.saturating_sub(now.elapsed()));
+                l.from = sent;
+                self.lease_view.send_modify(|v| v.until = Some(sent + lease));
+                self.driver.lease_valid_for(lease.saturating_sub(sent.elapsed()));
             }
             Renewal::DeclaredFailed(rev) => {
                 l.held = None;
@@ -275,7 +327,7 @@ impl<D: Driver> Agent<D> {
                 // the log ends, so that none of them starts a VM here, then take a fresh lease.
                 if l.noted != Some(rev) {
                     if self.note_fenced_through(period).await.is_none() {
-                        return true;
+                        return;
                     }
                     l.noted = Some(rev);
                 }
@@ -294,14 +346,16 @@ impl<D: Driver> Agent<D> {
                 }
             }
             // A write whose answer was lost moved the revision: the next compare-and-set fails
-            // and `renew` reads it back. The bucket is opened afresh (and re-created if the
-            // server lost it).
-            Renewal::Unreachable(why) => {
+            // and `renew` reads it back. A bucket that is gone is opened afresh (and
+            // re-created); a slow one is kept — reopening asks the server's API, which is what
+            // is slow under load.
+            Renewal::Unreachable { why, reopen } => {
                 tracing::debug!(host = %self.cfg.host, %why, "lease not renewed");
-                l.store = None;
+                if reopen {
+                    l.store = None;
+                }
             }
         }
-        true
     }
 
     /// Where EVENTS ends now, raised into the journal (flushed) and the lease view; `None`

@@ -66,8 +66,8 @@ pub struct AgentConfig {
     pub labels: Labels,
     /// Heartbeat period (default 1 s; at most a third of the lease is used). Each heartbeat
     /// carries the revision of the last lease renewal; the lease is renewed on the last tick
-    /// before a third of it has passed (every 3 s with the defaults), and on every tick after
-    /// a renewal that failed.
+    /// before a third of it has passed (every 3 s with the defaults), and a period after a
+    /// renewal that failed. Heartbeats do not wait for a renewal under way.
     pub heartbeat_interval: Duration,
     /// Publish heartbeats (default). Off only to simulate heartbeats lost on the way (tests):
     /// the lease is still renewed.

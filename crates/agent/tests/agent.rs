@@ -56,9 +56,20 @@ impl Harness {
         db: &sled::Db,
         tune: impl FnOnce(&mut AgentConfig),
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        self.spawn_on(self.bus.clone(), driver, db, tune)
+    }
+
+    /// An agent on its own connection.
+    fn spawn_on<D: Driver>(
+        &self,
+        bus: Bus,
+        driver: D,
+        db: &sled::Db,
+        tune: impl FnOnce(&mut AgentConfig),
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let mut cfg = AgentConfig::new(self.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
         tune(&mut cfg);
-        let agent = Agent::new(cfg, self.bus.clone(), driver, db).unwrap();
+        let agent = Agent::new(cfg, bus, driver, db).unwrap();
         let cancel = CancellationToken::new();
         let c = cancel.clone();
         let handle = tokio::spawn(async move { agent.run(c).await.unwrap() });
@@ -660,6 +671,35 @@ async fn a_vm_whose_lease_runs_out_while_it_starts_is_fenced_at_once() {
         "{:?}",
         failures(&reports)
     );
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_lease_is_renewed_when_every_answer_takes_longer_than_a_heartbeat_period() {
+    let mut h = Harness::new().await;
+    // 150 ms each way: every request of the agent's waits 300 ms for its answer, three
+    // heartbeat periods, and well inside the 3-s lease.
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], h.server.port()));
+    let proxy = novacron_testkit::DelayProxy::start(upstream, Duration::from_millis(150)).unwrap();
+    let slow = Bus::connect(&BusConfig::new(proxy.url(), "slow-agent")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::default();
+    let (cancel, handle) = h.spawn_on(slow, driver.clone(), &db, |c| {
+        c.heartbeat_interval = Duration::from_millis(100);
+        c.lease = Duration::from_secs(3);
+    });
+    let vm = VmId::new_v7();
+    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    // Renewed about every second, four times over: more than a lease, and the VM runs on.
+    let mut revision = h.lease_held(0).await;
+    for _ in 0..4 {
+        revision = h.lease_held(revision).await;
+    }
+    assert!(driver.running().iter().any(|r| r.vm == vm), "fenced although the lease was renewed");
+    assert!(failures(&h.reports().await).is_empty());
     cancel.cancel();
     handle.await.unwrap();
 }

@@ -4,9 +4,14 @@
 //! it: `-p -1`; we read it back from `--ports_file_dir`) and a store in a temporary directory.
 //! Dropping the handle kills the process. [`NatsServer::restart`] brings it back on the same
 //! port and store, for crash tests. [`NatsCluster::start`] runs three routed servers.
+//! [`DelayProxy`] puts a slow link in front of one.
 //!
 //! The binary is found by [`find_nats_server`]: `$NOVACRON_NATS_SERVER`, then the project's
 //! tools folder (`.tools/nats/bin/nats-server`, installed by `make tools`), then `PATH`.
+
+mod proxy;
+
+pub use proxy::DelayProxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
