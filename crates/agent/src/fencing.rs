@@ -233,7 +233,7 @@ impl<D: Driver> Agent<D> {
                 seq += 1;
                 // Losing a heartbeat is harmless; the next one follows.
                 let subject = proto::heartbeat_subject(&self.cfg.host);
-                let _ = self.bus.client.publish(subject, novacron_types::encode(&beat).into()).await;
+                let _ = self.lease_bus.client.publish(subject, novacron_types::encode(&beat).into()).await;
                 next_beat = now + period;
             }
             // Fenced VMs are reported once the lease holds again, from a task of their own:
@@ -291,7 +291,7 @@ impl<D: Driver> Agent<D> {
     async fn attempt(&self, store: Option<kv::Store>, held: Option<u64>) -> Attempt {
         let store = match store {
             Some(s) => s,
-            None => match self.bus.host_leases(self.cfg.replicas).await {
+            None => match self.lease_bus.host_leases(self.cfg.replicas).await {
                 Ok(s) => s,
                 Err(e) => {
                     let why = format!("the lease bucket {} is unavailable: {e}", proto::HOST_LEASE_BUCKET);
@@ -363,7 +363,7 @@ impl<D: Driver> Agent<D> {
     /// the fresh lease waits for the next try.
     async fn note_fenced_through(&self, patience: Duration) -> Option<u64> {
         let end = async {
-            let events = self.bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| e.to_string())?;
+            let events = self.lease_bus.js.get_stream(proto::EVENTS_STREAM).await.map_err(|e| e.to_string())?;
             Ok::<u64, String>(events.cached_info().state.last_sequence)
         };
         let end = match tokio::time::timeout(patience, end).await {

@@ -102,6 +102,12 @@ pub enum FenceAction {
 /// the consumer's 10 s ack wait).
 const COMMAND_PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
+/// Commands a host's consumer asks for at a time (the client's default is 200). A host
+/// applies them one by one, so a few are enough; a backlog waits in the server's stream, not
+/// in this process: with 200 each, a 10,000-host fleet behind on its commands held up to
+/// two million of them in memory (14 GiB in one overloaded run).
+const COMMAND_BATCH: usize = 8;
+
 pub use novacron_protocol::FENCE_MARGIN;
 
 impl AgentConfig {
@@ -184,6 +190,8 @@ pub struct Agent<D: Driver> {
     unfinished: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// The lease as the fence loop last saw it, for the commands that start VMs.
     lease_view: tokio::sync::watch::Sender<fencing::LeaseView>,
+    /// The connection for heartbeats and the lease ([`Agent::with_lease_bus`]).
+    lease_bus: Bus,
 }
 
 impl<D: Driver> Agent<D> {
@@ -201,7 +209,18 @@ impl<D: Driver> Agent<D> {
         // Not held until the fence loop's first renewal: a restarted agent learns that way
         // whether it was declared failed meanwhile, before any queued start runs.
         let lease_view = tokio::sync::watch::Sender::new(fencing::LeaseView { until: None, fenced_through });
-        Ok(Agent { cfg, bus, driver, journal, dead_letters, unfinished: Default::default(), lease_view })
+        let lease_bus = bus.clone();
+        Ok(Agent { cfg, bus, driver, journal, dead_letters, unfinished: Default::default(), lease_view, lease_bus })
+    }
+
+    /// Sends heartbeats and renews the lease on `bus` (by default the agent's one connection).
+    /// A connection of their own keeps them from queueing behind the commands, acks and
+    /// reports of a busy host — or of thousands of simulated ones — in the client's and the
+    /// server's buffers.
+    #[must_use]
+    pub fn with_lease_bus(mut self, bus: Bus) -> Self {
+        self.lease_bus = bus;
+        self
     }
 
     /// Runs until `cancel` fires: registers, then heartbeats, telemetry and commands.
@@ -352,7 +371,8 @@ impl<D: Driver> Agent<D> {
         let host = &self.cfg.host;
         let mut backoff = Duration::from_millis(100);
         while !cancel.is_cancelled() {
-            let mut messages = match consumer.messages().await {
+            let pull = consumer.stream().max_messages_per_batch(COMMAND_BATCH).heartbeat(Duration::from_secs(15));
+            let mut messages = match pull.messages().await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(%host, error = %e, "command consumer unavailable; retrying");
@@ -820,9 +840,10 @@ fn logged_at(msg: &Message) -> Option<u64> {
     msg.info().ok().filter(|i| i.stream == proto::EVENTS_STREAM).map(|i| i.stream_sequence)
 }
 
-/// Runs many simulated hosts in this process, sharing one bus connection and one sled db.
-/// Returns when `cancel` fires and every agent has stopped.
-pub async fn run_sim_fleet(bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, cancel: CancellationToken) {
+/// Runs many simulated hosts in this process, sharing one bus connection, one for heartbeats
+/// and leases ([`Agent::with_lease_bus`]), and one sled db. Returns when `cancel` fires and
+/// every agent has stopped.
+pub async fn run_sim_fleet(bus: Bus, lease_bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, cancel: CancellationToken) {
     let tracker = TaskTracker::new();
     match journal::migrate_per_host_trees(&db) {
         Ok(0) => {}
@@ -858,7 +879,7 @@ pub async fn run_sim_fleet(bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, canc
             Some(tree) => sim::SimDriver::persistent(tree.clone(), journal::host_prefix(&host)),
             None => sim::SimDriver::default(),
         };
-        match Agent::new(cfg, bus.clone(), driver, &db) {
+        match Agent::new(cfg, bus.clone(), driver, &db).map(|a| a.with_lease_bus(lease_bus.clone())) {
             Ok(agent) => {
                 let cancel = cancel.clone();
                 tracker.spawn(async move {

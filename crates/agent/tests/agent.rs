@@ -705,6 +705,61 @@ async fn the_lease_is_renewed_when_every_answer_takes_longer_than_a_heartbeat_pe
 }
 
 #[tokio::test]
+async fn on_a_connection_of_its_own_the_lease_does_not_wait_for_a_slow_command_connection() {
+    let mut h = Harness::new().await;
+    // Commands and reports take 1.2 s a round trip, longer than the 1-s lease: a lease renewed
+    // on that connection would never hold.
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], h.server.port()));
+    let proxy = novacron_testkit::DelayProxy::start(upstream, Duration::from_millis(600)).unwrap();
+    let mut slow = BusConfig::new(proxy.url(), "slow-commands");
+    slow.request_timeout = Duration::from_secs(10);
+    let slow = Bus::connect(&slow).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::default();
+    let mut cfg = AgentConfig::new(h.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
+    short_lease(&mut cfg);
+    cfg.provision = false; // the harness did; a dozen requests at 1.2 s each would only slow the start
+    let agent = Agent::new(cfg, slow, driver.clone(), &db).unwrap().with_lease_bus(h.bus.clone());
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { agent.run(cancel).await.unwrap() }
+    });
+    let vm = VmId::new_v7();
+    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    // Renewed three times more (a lease's worth), and the VM runs on.
+    let mut revision = h.lease_held(0).await;
+    for _ in 0..3 {
+        revision = h.lease_held(revision).await;
+    }
+    assert!(driver.running().iter().any(|r| r.vm == vm), "fenced although the lease was renewed");
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hosts_backlog_of_commands_waits_in_the_server_not_in_the_agent() {
+    let mut h = Harness::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::with_start_delay(Duration::from_millis(100));
+    let (cancel, handle) = h.spawn_with(driver.clone(), &db, |_| {});
+    let starts: Vec<Envelope> = (0..40).map(|_| h.start_cmd(VmId::new_v7(), IncarnationId::new_v7(), 1)).collect();
+    h.log.append(&starts).await.unwrap();
+    let stream = h.bus.js.get_stream("COMMANDS").await.unwrap();
+    let info = || async { stream.consumer_info("agent-h1").await.unwrap() };
+    wait_for("the agent at work", || async { driver.running().len() >= 2 }).await;
+    let now = info().await;
+    assert!(now.num_ack_pending <= 8, "{} commands handed over at once", now.num_ack_pending);
+    assert!(now.num_pending >= 20, "only {} left in the server", now.num_pending);
+    wait_for("every VM running", || async { driver.running().len() == 40 }).await;
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
 async fn fenced_vms_are_reported_without_holding_up_the_lease() {
     let mut h = Harness::new().await;
     let dir = tempfile::tempdir().unwrap();

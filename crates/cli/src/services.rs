@@ -72,9 +72,10 @@ pub async fn up(a: UpArgs, token: Option<String>, fmt: Format) -> anyhow::Result
     let mut bus_cfg = BusConfig::new(nats.url.clone(), "novacron-agents");
     bus_cfg.retry_initial_connect = true;
     let bus = Bus::connect(&bus_cfg).await?;
+    let lease_bus = Bus::connect(&BusConfig { name: "novacron-agents-leases".into(), ..bus_cfg }).await?;
     let db = sled::open(data.join("agents")).context("opening the agents' journal")?;
     let fleet = match a.driver {
-        DriverKind::Sim => tokio::spawn(run_sim_fleet(bus, db, sim_hosts(a.hosts)?, cancel.clone())),
+        DriverKind::Sim => tokio::spawn(run_sim_fleet(bus, lease_bus, db, sim_hosts(a.hosts)?, cancel.clone())),
         DriverKind::Qemu => {
             // Small "hosts" on this one machine, each with its own QEMU directory.
             novacron_agent::journal::migrate_per_host_trees(&db)
@@ -209,13 +210,18 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
     let db = sled::open(&a.data_dir).with_context(|| format!("opening the journal in {}", a.data_dir.display()))?;
     let mut bus_cfg = BusConfig::new(nats, format!("novacron-agent-{}", a.host));
     bus_cfg.retry_initial_connect = true;
-    let bus = tokio::time::timeout(Duration::from_secs(60), Bus::connect(&bus_cfg))
-        .await
-        .context("connecting to NATS timed out")??;
+    let connect = |cfg: BusConfig| async move {
+        let bus = tokio::time::timeout(Duration::from_secs(60), Bus::connect(&cfg))
+            .await
+            .context("connecting to NATS timed out")??;
+        Ok::<Bus, anyhow::Error>(bus)
+    };
+    let lease_bus = connect(BusConfig { name: format!("novacron-agent-{}-leases", a.host), ..bus_cfg.clone() }).await?;
+    let bus = connect(bus_cfg).await?;
     let cancel = CancellationToken::new();
     match a.driver {
         DriverKind::Sim => {
-            let fleet = tokio::spawn(run_sim_fleet(bus, db, hosts, cancel.clone()));
+            let fleet = tokio::spawn(run_sim_fleet(bus, lease_bus, db, hosts, cancel.clone()));
             shutdown_signal().await;
             cancel.cancel();
             let _ = fleet.await;
@@ -228,7 +234,7 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
             tracing::info!(accel = qemu.accel.as_str(), dir = %qemu.data_dir.display(), "QEMU driver");
             novacron_agent::journal::migrate_per_host_trees(&db)
                 .context("moving the agent journal of an earlier version into its current layout")?;
-            let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?;
+            let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?.with_lease_bus(lease_bus);
             let run = tokio::spawn(agent.run(cancel.clone()));
             tokio::select! {
                 () = shutdown_signal() => {}
