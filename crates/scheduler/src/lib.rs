@@ -226,6 +226,24 @@ impl PlacementRequest {
             ..PlacementRequest::for_spec(&vm.spec)
         }
     }
+
+    /// Whether this request can only fail where `other` failed: the same rules, no less of
+    /// any resource, and neither counts on a host already. A planner only takes capacity as
+    /// it places, so within one pass a request no easier than one that found no host finds
+    /// none either — with the cluster full, a reconcile pass need not plan each of thousands
+    /// of pending VMs over every host to learn that.
+    #[must_use]
+    pub fn no_easier_than(&self, other: &PlacementRequest) -> bool {
+        let (a, b) = (self.need, other.need);
+        let unplaced = |r: &PlacementRequest| r.credit.is_none() && r.self_at.is_none();
+        let rules = |r: &PlacementRequest| PlacementRequest { need: Resources::default(), vm: None, ..r.clone() };
+        a.vcpus >= b.vcpus
+            && a.memory_mib >= b.memory_mib
+            && a.disk_gib >= b.disk_gib
+            && unplaced(self)
+            && unplaced(other)
+            && rules(self) == rules(other)
+    }
 }
 
 /// An affinity or anti-affinity rule between a VM and the rest of its group, per host or per

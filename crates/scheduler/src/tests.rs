@@ -372,6 +372,8 @@ proptest! {
         let mut p = Planner::new(&s, &cfg, &load);
         let mut used: BTreeMap<HostId, (Resources, u32)> = BTreeMap::new();
         let mut groups_on: BTreeMap<(HostId, u8), u32> = BTreeMap::new();
+        // Requests that found no host: a later one no easier than one of them finds none.
+        let mut failed: Vec<PlacementRequest> = Vec::new();
         for (vcpus, mem, group, hard, gpu) in vms {
             let mut r = req(vcpus, mem);
             r.group = Some(format!("g{group}"));
@@ -379,6 +381,7 @@ proptest! {
             if gpu { r.require_labels = Labels::from([("gpu".to_owned(), "yes".to_owned())]); }
             match p.place(&r) {
                 Placement::Host { host, explanation } => {
+                    prop_assert!(!failed.iter().any(|f| r.no_easier_than(f)), "placed after an easier request failed");
                     let h = &s.hosts[&host];
                     prop_assert!(!gpu || h.labels.get("gpu").map(String::as_str) == Some("yes"));
                     if hard { prop_assert_eq!(groups_on.get(&(host.clone(), group)).copied().unwrap_or(0), 0); }
@@ -393,6 +396,7 @@ proptest! {
                 Placement::Unplaceable { explanation, .. } => {
                     let eliminated: u32 = explanation.rejections.values().sum();
                     prop_assert_eq!(eliminated as usize, s.hosts.len(), "every host is accounted for");
+                    failed.push(r);
                 }
             }
         }

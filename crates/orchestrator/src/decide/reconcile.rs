@@ -6,9 +6,12 @@ use novacron_state::{ClusterState, VmRecord, VmStatus};
 use novacron_types::event::VmDeleted;
 use novacron_types::{Envelope, EventKind, HostId, StartVm, StopVm};
 
-use novacron_scheduler::{Placement, Planner};
+use novacron_scheduler::{Placement, PlacementRequest, Planner};
 
 use super::*;
+
+/// How many distinct failed requests a pass remembers (each pending VM is compared with them).
+const MAX_UNPLACEABLE_SHAPES: usize = 32;
 
 /// How many live migrations may run at once.
 #[derive(Clone, Copy, Debug)]
@@ -165,6 +168,8 @@ pub fn reconcile_with(
     }
     let mut migrating_total: usize = migrating_from.values().sum();
     let mut events = Vec::new();
+    // Requests of pending VMs that found no host in this pass.
+    let mut unplaceable: Vec<PlacementRequest> = Vec::new();
     // Which VMs to look at: on healthy, undrained hosts only those the fold marks as possibly
     // needing attention (the same id order as a walk of all of them).
     let mut order: Vec<&VmRecord> = if any_failed || any_draining {
@@ -319,7 +324,18 @@ pub fn reconcile_with(
         }
         match vm.status {
             VmStatus::Pending => {
-                let decision = planner.get().place(&request_for_vm(state, vm));
+                let req = request_for_vm(state, vm);
+                // Already told why it waits, and no easier to place than a VM that found no
+                // host earlier in this pass: it finds none either (nothing new to say). With
+                // the cluster full, planning each of 20,000 pending VMs over 10,000 hosts took
+                // a pass a minute, and the engine answered nothing else meanwhile.
+                if vm.pending_reason.is_some() && unplaceable.iter().any(|failed| req.no_easier_than(failed)) {
+                    continue;
+                }
+                let decision = planner.get().place(&req);
+                if matches!(decision, Placement::Unplaceable { .. }) && unplaceable.len() < MAX_UNPLACEABLE_SHAPES {
+                    unplaceable.push(req);
+                }
                 events.extend(replacement_events(state, vm, decision, stamp, origin));
             }
             VmStatus::Placed => {

@@ -128,6 +128,42 @@ fn reconcile_never_double_books_a_host_in_one_pass() {
 }
 
 #[test]
+fn a_pass_skips_pending_vms_no_easier_than_one_that_found_no_host_and_places_smaller_ones() {
+    let mut s = ClusterState::default();
+    let mut vms = Vec::new();
+    for (i, vcpus) in [2, 2, 2, 3, 1].into_iter().enumerate() {
+        let (vm, ev) = create_vm(&s, spec(&format!("v{i}"), vcpus), &mut Fixed(i as u128 * 100), &origin()).unwrap();
+        apply_all(&mut s, &ev);
+        vms.push(vm);
+    }
+    assert!(vms.windows(2).all(|w| w[0] < w[1]), "the pass goes in id order");
+    apply_all(
+        &mut s,
+        &[Envelope::new(
+            0,
+            Actor::Agent(HostId::new("h1").unwrap()),
+            EventKind::HostRegistered(HostRegistered {
+                host: HostId::new("h1").unwrap(),
+                capacity: Resources { vcpus: 5, memory_mib: 65536, disk_gib: 0 },
+                labels: Default::default(),
+                driver: "sim".into(),
+            }),
+        )],
+    );
+    let events = reconcile(&s, &mut Fixed(1000), &origin());
+    let about = |name: &str| -> Vec<VmId> {
+        events.iter().filter(|e| e.event.name() == name).filter_map(|e| e.event.vm()).collect()
+    };
+    // Two 2-vCPU VMs fill 4 of the 5 vCPUs; the third finds no host, and says so (its reason
+    // changed); the 3-vCPU VM is no easier, so it is not planned at all; the 1-vCPU VM fits.
+    assert_eq!(about("VmPlaced"), [vms[0], vms[1], vms[4]]);
+    assert_eq!(about("VmPlacementFailed"), [vms[2]]);
+    apply_all(&mut s, &events);
+    assert_eq!(s.vms[&vms[3]].status, VmStatus::Pending);
+    assert_eq!(s.vms[&vms[3]].pending_reason.as_deref(), Some("no hosts are registered"), "what it was last told");
+}
+
+#[test]
 fn reports_from_unknown_hosts_or_about_unknown_vms_are_rejected() {
     let s = with_host(8);
     let r = |host: &str| Report {
