@@ -69,6 +69,8 @@ struct LeaseState {
     /// VMs fenced and not yet reported as failed, and why they were fenced.
     fenced: Vec<(VmId, IncarnationId, Generation)>,
     fenced_why: String,
+    /// Whether the VMs were fenced since the lease last lapsed.
+    lapse_fenced: bool,
     /// The failure marker's revision whose end of EVENTS is noted (a retry of the fresh lease
     /// does not note a later end, which could refuse commands issued after the declaration).
     noted: Option<u64>,
@@ -195,6 +197,7 @@ impl<D: Driver> Agent<D> {
             from: Instant::now(),
             fenced: Vec::new(),
             fenced_why: String::new(),
+            lapse_fenced: false,
             noted: None,
         };
         self.driver.lease_valid_for(lease);
@@ -244,8 +247,13 @@ impl<D: Driver> Agent<D> {
                 let (fenced, why) = (std::mem::take(&mut l.fenced), l.fenced_why.clone());
                 tokio::spawn(async move { agent.report_fenced(fenced, &why, &cancel).await });
             }
+            // Once per lapse: nothing starts while the lease does not hold (`start_gate`, and a
+            // start that outlived it is fenced when it returns), so there is nothing new to fence
+            // until the next renewal. Every tick, a fenced fleet of thousands spent its runtime
+            // reading its journals again.
             let silent = l.from.elapsed();
-            if silent > lease {
+            if silent > lease && !l.lapse_fenced {
+                l.lapse_fenced = true;
                 let why =
                     format!("no lease renewal for {:.1} s (lease {:.1} s)", silent.as_secs_f64(), lease.as_secs_f64());
                 let newly = self.fence(&why).await;
@@ -311,6 +319,7 @@ impl<D: Driver> Agent<D> {
             Renewal::Renewed(rev) => {
                 l.held = Some(rev);
                 l.from = sent;
+                l.lapse_fenced = false;
                 self.lease_view.send_modify(|v| v.until = Some(sent + lease));
                 self.driver.lease_valid_for(lease.saturating_sub(sent.elapsed()));
             }
@@ -337,6 +346,7 @@ impl<D: Driver> Agent<D> {
                 {
                     l.held = Some(next);
                     l.from = fresh;
+                    l.lapse_fenced = false;
                     self.lease_view.send_modify(|v| v.until = Some(fresh + lease));
                     self.driver.lease_valid_for(lease);
                     tracing::warn!(
@@ -455,7 +465,7 @@ impl<D: Driver> Agent<D> {
             return false;
         }
         let rec = JournalVm { running: false, ..j.clone() };
-        if let Err(e) = self.journal.set_vm(vm, &rec) {
+        if let Err(e) = self.journaled(move |j| j.set_vm(vm, &rec)).await {
             tracing::error!(host = %self.cfg.host, %vm, error = %e, "journal write failed while fencing");
         }
         ::metrics::counter!(m::FENCED_VMS).increment(1);

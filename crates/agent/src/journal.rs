@@ -41,6 +41,9 @@ pub enum JournalError {
     /// sled failed.
     #[error("agent journal")]
     Sled(#[from] sled::Error),
+    /// The write was cut short by a shutdown (it ran on the blocking pool).
+    #[error("agent journal write interrupted by shutdown")]
+    Interrupted,
     /// A stored record does not decode.
     #[error("agent journal record for VM {vm} is corrupt")]
     Corrupt {

@@ -514,6 +514,23 @@ impl<D: Driver> Agent<D> {
         self.handled(msg.info().map(|i| i.stream_sequence).unwrap_or(0));
     }
 
+    /// Runs a journal write that flushes on the blocking pool: a flush waits for the disk, and
+    /// on one of the runtime's workers it held up every other host of the process meanwhile —
+    /// their heartbeats and lease renewals too.
+    pub(crate) async fn journaled<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Journal) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        let journal = self.journal.clone();
+        match tokio::task::spawn_blocking(move || write(&journal)).await {
+            Ok(done) => done,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(JournalError::Interrupted),
+            },
+        }
+    }
+
     /// Decides what to do with a command, from the journal alone.
     fn apply(&self, id: EventId, seq: u64, command: &AgentCommand) -> Result<Plan, JournalError> {
         let vm = command.vm();
@@ -558,7 +575,8 @@ impl<D: Driver> Agent<D> {
                 ::metrics::counter!(m::STARTS_REFUSED_FENCED).increment(1);
                 tracing::warn!(host = %self.cfg.host, vm = %command.vm(), seq, why, "VM start refused");
                 // Recorded as applied, so a redelivery is recognised; the VM's record is untouched.
-                if let Err(e) = self.journal.record(id, seq, command.vm(), None) {
+                let vm = command.vm();
+                if let Err(e) = self.journaled(move |j| j.record(id, seq, vm, None)).await {
                     tracing::error!(host = %self.cfg.host, seq, error = %e, "journal write failed for a refused start");
                 }
                 return Some(None);
@@ -684,7 +702,7 @@ impl<D: Driver> Agent<D> {
                 ),
             },
         };
-        if let Err(e) = self.journal.record(id, seq, vm, Some(&record)) {
+        if let Err(e) = self.journaled(move |j| j.record(id, seq, vm, Some(&record))).await {
             // The driver acted but the journal did not record it. The command is not acked, so
             // it comes back; the driver's idempotence makes the second attempt harmless.
             tracing::error!(host = %self.cfg.host, %vm, error = %e, "journal write failed after driving the VM");
