@@ -192,6 +192,8 @@ pub struct Agent<D: Driver> {
     lease_view: tokio::sync::watch::Sender<fencing::LeaseView>,
     /// The connection for heartbeats and the lease ([`Agent::with_lease_bus`]).
     lease_bus: Bus,
+    /// The runtime the fence loop runs on ([`Agent::with_lease_lane`]); `None`: the caller's.
+    lease_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl<D: Driver> Agent<D> {
@@ -210,7 +212,17 @@ impl<D: Driver> Agent<D> {
         // whether it was declared failed meanwhile, before any queued start runs.
         let lease_view = tokio::sync::watch::Sender::new(fencing::LeaseView { until: None, fenced_through });
         let lease_bus = bus.clone();
-        Ok(Agent { cfg, bus, driver, journal, dead_letters, unfinished: Default::default(), lease_view, lease_bus })
+        Ok(Agent {
+            cfg,
+            bus,
+            driver,
+            journal,
+            dead_letters,
+            unfinished: Default::default(),
+            lease_view,
+            lease_bus,
+            lease_runtime: None,
+        })
     }
 
     /// Sends heartbeats and renews the lease on `bus` (by default the agent's one connection).
@@ -220,6 +232,14 @@ impl<D: Driver> Agent<D> {
     #[must_use]
     pub fn with_lease_bus(mut self, bus: Bus) -> Self {
         self.lease_bus = bus;
+        self
+    }
+
+    /// Heartbeats and the lease on a [`LeaseLane`]: its connection, and its thread.
+    #[must_use]
+    pub fn with_lease_lane(mut self, lane: &LeaseLane) -> Self {
+        self.lease_bus = lane.bus.clone();
+        self.lease_runtime = Some(lane.runtime.clone());
         self
     }
 
@@ -265,7 +285,10 @@ impl<D: Driver> Agent<D> {
         let agent = std::sync::Arc::new(self);
         tracker.spawn(agent.clone().telemetry_loop(cancel.clone()));
         tracker.spawn(agent.clone().exit_watcher(cancel.clone()));
-        tracker.spawn(agent.clone().fence_loop(cancel.clone()));
+        match &agent.lease_runtime {
+            Some(lane) => tracker.spawn_on(agent.clone().fence_loop(cancel.clone()), lane),
+            None => tracker.spawn(agent.clone().fence_loop(cancel.clone())),
+        };
         agent.command_loop(consumer, cancel.clone()).await;
         cancel.cancel();
         tracker.close();
@@ -858,10 +881,52 @@ fn logged_at(msg: &Message) -> Option<u64> {
     msg.info().ok().filter(|i| i.stream == proto::EVENTS_STREAM).map(|i| i.stream_sequence)
 }
 
-/// Runs many simulated hosts in this process, sharing one bus connection, one for heartbeats
-/// and leases ([`Agent::with_lease_bus`]), and one sled db. Returns when `cancel` fires and
-/// every agent has stopped.
-pub async fn run_sim_fleet(bus: Bus, lease_bus: Bus, db: sled::Db, hosts: Vec<AgentConfig>, cancel: CancellationToken) {
+/// Heartbeats and lease renewals apart from everything else an agent does: a connection of
+/// their own, on a runtime of their own (one thread). A busy connection queued them behind a
+/// fleet's commands, acks and reports; and when the journal's disk is slow, the main
+/// runtime's workers wait in `sled` — the fence loops with them, until leases lapsed and a
+/// simulated fleet under overload fenced its VMs over and over.
+#[derive(Clone)]
+pub struct LeaseLane {
+    bus: Bus,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LeaseLane {
+    /// Starts the lane's thread (it lives as long as the process) and connects on it.
+    ///
+    /// # Errors
+    /// When the thread cannot start or the connection fails.
+    pub async fn start(
+        cfg: &novacron_eventlog::BusConfig,
+    ) -> Result<LeaseLane, Box<dyn std::error::Error + Send + Sync>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("lease-lane".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => {
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => drop(tx.send(Err(e))),
+            }
+        })?;
+        let runtime = rx.await??;
+        let cfg = cfg.clone();
+        let bus = runtime.spawn(async move { Bus::connect(&cfg).await }).await??;
+        Ok(LeaseLane { bus, runtime })
+    }
+}
+
+/// Runs many simulated hosts in this process, sharing one bus connection, one [`LeaseLane`]
+/// for heartbeats and leases, and one sled db. Returns when `cancel` fires and every agent has
+/// stopped.
+pub async fn run_sim_fleet(
+    bus: Bus,
+    lane: LeaseLane,
+    db: sled::Db,
+    hosts: Vec<AgentConfig>,
+    cancel: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     match journal::migrate_per_host_trees(&db) {
         Ok(0) => {}
@@ -897,7 +962,7 @@ pub async fn run_sim_fleet(bus: Bus, lease_bus: Bus, db: sled::Db, hosts: Vec<Ag
             Some(tree) => sim::SimDriver::persistent(tree.clone(), journal::host_prefix(&host)),
             None => sim::SimDriver::default(),
         };
-        match Agent::new(cfg, bus.clone(), driver, &db).map(|a| a.with_lease_bus(lease_bus.clone())) {
+        match Agent::new(cfg, bus.clone(), driver, &db).map(|a| a.with_lease_lane(&lane)) {
             Ok(agent) => {
                 let cancel = cancel.clone();
                 tracker.spawn(async move {

@@ -759,6 +759,52 @@ async fn a_hosts_backlog_of_commands_waits_in_the_server_not_in_the_agent() {
     handle.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_lease_lane_the_lease_is_renewed_while_the_agents_runtime_is_blocked() {
+    let mut h = Harness::new().await;
+    let lane = novacron_agent::LeaseLane::start(&BusConfig::new(h.server.url(), "lane")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = journal_db(dir.path());
+    let driver = SimDriver::default();
+    let mut cfg = AgentConfig::new(h.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
+    short_lease(&mut cfg);
+    let agent = Agent::new(cfg, h.bus.clone(), driver.clone(), &db).unwrap().with_lease_lane(&lane);
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { agent.run(cancel).await.unwrap() }
+    });
+    let vm = VmId::new_v7();
+    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
+    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    let before = h.lease_held(0).await;
+
+    // Both of the runtime's workers stuck for three leases, as in a journal flush on a slow disk.
+    let both = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let stuck: Vec<_> = (0..2)
+        .map(|_| {
+            let both = both.clone();
+            tokio::spawn(async move {
+                both.wait();
+                std::thread::sleep(Duration::from_secs(3));
+            })
+        })
+        .collect();
+    for s in stuck {
+        s.await.unwrap();
+    }
+    let during = h.lease_held(0).await;
+    assert!(during >= before + 4, "renewed {} times in three seconds", during - before);
+    // And the VM was never fenced: the next renewals find it running.
+    let mut revision = during;
+    for _ in 0..2 {
+        revision = h.lease_held(revision).await;
+    }
+    assert!(driver.running().iter().any(|r| r.vm == vm), "fenced although the lease was renewed");
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
 #[tokio::test]
 async fn fenced_vms_are_reported_without_holding_up_the_lease() {
     let mut h = Harness::new().await;

@@ -72,10 +72,12 @@ pub async fn up(a: UpArgs, token: Option<String>, fmt: Format) -> anyhow::Result
     let mut bus_cfg = BusConfig::new(nats.url.clone(), "novacron-agents");
     bus_cfg.retry_initial_connect = true;
     let bus = Bus::connect(&bus_cfg).await?;
-    let lease_bus = Bus::connect(&BusConfig { name: "novacron-agents-leases".into(), ..bus_cfg }).await?;
+    let lane = novacron_agent::LeaseLane::start(&BusConfig { name: "novacron-agents-leases".into(), ..bus_cfg })
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the agents' lease lane: {e}"))?;
     let db = sled::open(data.join("agents")).context("opening the agents' journal")?;
     let fleet = match a.driver {
-        DriverKind::Sim => tokio::spawn(run_sim_fleet(bus, lease_bus, db, sim_hosts(a.hosts)?, cancel.clone())),
+        DriverKind::Sim => tokio::spawn(run_sim_fleet(bus, lane, db, sim_hosts(a.hosts)?, cancel.clone())),
         DriverKind::Qemu => {
             // Small "hosts" on this one machine, each with its own QEMU directory.
             novacron_agent::journal::migrate_per_host_trees(&db)
@@ -216,12 +218,16 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
             .context("connecting to NATS timed out")??;
         Ok::<Bus, anyhow::Error>(bus)
     };
-    let lease_bus = connect(BusConfig { name: format!("novacron-agent-{}-leases", a.host), ..bus_cfg.clone() }).await?;
+    let lease_cfg = BusConfig { name: format!("novacron-agent-{}-leases", a.host), ..bus_cfg.clone() };
+    let lane = tokio::time::timeout(Duration::from_secs(60), novacron_agent::LeaseLane::start(&lease_cfg))
+        .await
+        .context("connecting to NATS timed out")?
+        .map_err(|e| anyhow::anyhow!("starting the agent's lease lane: {e}"))?;
     let bus = connect(bus_cfg).await?;
     let cancel = CancellationToken::new();
     match a.driver {
         DriverKind::Sim => {
-            let fleet = tokio::spawn(run_sim_fleet(bus, lease_bus, db, hosts, cancel.clone()));
+            let fleet = tokio::spawn(run_sim_fleet(bus, lane, db, hosts, cancel.clone()));
             shutdown_signal().await;
             cancel.cancel();
             let _ = fleet.await;
@@ -234,7 +240,7 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
             tracing::info!(accel = qemu.accel.as_str(), dir = %qemu.data_dir.display(), "QEMU driver");
             novacron_agent::journal::migrate_per_host_trees(&db)
                 .context("moving the agent journal of an earlier version into its current layout")?;
-            let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?.with_lease_bus(lease_bus);
+            let agent = Agent::new(cfg, bus, QemuDriver::new(qemu), &db)?.with_lease_lane(&lane);
             let run = tokio::spawn(agent.run(cancel.clone()));
             tokio::select! {
                 () = shutdown_signal() => {}
