@@ -98,6 +98,16 @@ impl Renewal {
     }
 }
 
+/// The answer of the renewal under way; never, without one.
+async fn answered(
+    renewal: &mut Option<(Instant, tokio::task::JoinHandle<Attempt>)>,
+) -> Result<Attempt, tokio::task::JoinError> {
+    match renewal {
+        Some((_, task)) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A renewal attempt's outcome, with the bucket it used (`None`: keep the one known).
 struct Attempt {
     renewal: Renewal,
@@ -277,7 +287,7 @@ impl<D: Driver> Agent<D> {
                     return;
                 }
                 () = tokio::time::sleep(nap) => {}
-                done = async { (&mut renewal.as_mut().expect("guarded").1).await }, if renewal.is_some() => {
+                done = answered(&mut renewal) => {
                     let sent = renewal.take().map_or(now, |(sent, _)| sent);
                     let done = done.unwrap_or_else(|e| Attempt {
                         renewal: Renewal::Unreachable { why: format!("renewal task: {e}"), reopen: false },

@@ -602,7 +602,26 @@ impl<D: Driver> Agent<D> {
                 if let Err(e) = self.journaled(move |j| j.record(id, seq, vm, None)).await {
                     tracing::error!(host = %self.cfg.host, seq, error = %e, "journal write failed for a refused start");
                 }
-                return Some(None);
+                // Reported: the orchestrator ignores it for an incarnation it has superseded, and
+                // places the VM again if it is still the current one (a start issued in the
+                // moment between the host's recovery and the agent noticing the declaration).
+                let host = self.cfg.host.clone();
+                return Some(match command {
+                    AgentCommand::Start(c) => Some(ReportKind::VmFailed(VmFailed {
+                        vm,
+                        host,
+                        incarnation: c.incarnation,
+                        generation: c.generation,
+                        reason: format!("start refused: {why}"),
+                    })),
+                    AgentCommand::PrepareIncoming(c) => Some(ReportKind::MigrationFailed(VmMigrationFailed {
+                        vm,
+                        reported_by: host,
+                        target_incarnation: c.incarnation,
+                        reason: format!("destination refused: {why}"),
+                    })),
+                    _ => None,
+                });
             }
         }
         match self.execute(plan, command).await {

@@ -641,6 +641,13 @@ async fn a_start_issued_before_the_host_was_declared_failed_never_runs() {
     assert!(ran(&reports, fresh));
     assert!(!ran(&reports, stale), "a start issued before the host was declared failed ran");
     assert_eq!(driver.start_count(stale_incarnation), 0, "started and fenced is still twice");
+    // The refusal is reported (the orchestrator ignores it for a superseded incarnation).
+    assert!(
+        reports.iter().any(|r| matches!(&r.report, ReportKind::VmFailed(f)
+            if f.vm == stale && f.reason.starts_with("start refused: issued before the orchestrator declared"))),
+        "{:?}",
+        failures(&reports)
+    );
     cancel.cancel();
     handle.await.unwrap();
 
