@@ -414,12 +414,8 @@ impl<D: Driver> Agent<D> {
         cancel: &CancellationToken,
     ) -> bool {
         tracing::warn!(host = %self.cfg.host, vms = fenced.len(), "bus reachable again; reporting fenced VMs");
-        let action = match self.cfg.fence_action {
-            FenceAction::Stop => "killed",
-            FenceAction::Pause => "paused",
-        };
         for (vm, incarnation, generation) in fenced {
-            let reason = format!("self-fenced ({action}): {why}");
+            let reason = format!("self-fenced ({}): {why}", self.cfg.fence_action.done());
             let report =
                 ReportKind::VmFailed(VmFailed { vm, host: self.cfg.host.clone(), incarnation, generation, reason });
             if !self.report(report, cancel).await {
@@ -451,16 +447,12 @@ impl<D: Driver> Agent<D> {
         {
             return running;
         }
-        let action = match self.cfg.fence_action {
-            FenceAction::Stop => "killed",
-            FenceAction::Pause => "paused",
-        };
         ReportKind::VmFailed(VmFailed {
             vm: r.vm,
             host: r.host.clone(),
             incarnation: r.incarnation,
             generation: r.generation,
-            reason: format!("self-fenced ({action}): {why}"),
+            reason: format!("self-fenced ({}): {why}", self.cfg.fence_action.done()),
         })
     }
 

@@ -154,11 +154,25 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn cursor(&self) -> Result<u64, JournalError> {
+        self.sequence(CURSOR_KEY)
+    }
+
+    /// A sequence kept under `key` (0 when absent).
+    fn sequence(&self, key: &[u8]) -> Result<u64, JournalError> {
         Ok(self
             .applied
-            .get(self.key(CURSOR_KEY))?
+            .get(self.key(key))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Raises the sequence under `key` to `seq`, never lowering it (not flushed).
+    fn raise(&self, key: &[u8], seq: u64) -> Result<(), JournalError> {
+        self.applied.fetch_and_update(self.key(key), |old| {
+            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+            Some(old.max(seq).to_be_bytes().to_vec())
+        })?;
+        Ok(())
     }
 
     /// Whether an earlier version of the agent read this host's commands from EVENTS (it left
@@ -186,11 +200,7 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn advance_cursor(&self, seq: u64) -> Result<(), JournalError> {
-        self.applied.fetch_and_update(self.key(CURSOR_KEY), |old| {
-            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
-            Some(old.max(seq).to_be_bytes().to_vec())
-        })?;
-        Ok(())
+        self.raise(CURSOR_KEY, seq)
     }
 
     /// The last EVENTS sequence written before the orchestrator last declared this host failed
@@ -200,11 +210,7 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn fenced_through(&self) -> Result<u64, JournalError> {
-        Ok(self
-            .applied
-            .get(self.key(FENCED_THROUGH_KEY))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes))
+        self.sequence(FENCED_THROUGH_KEY)
     }
 
     /// Raises [`Journal::fenced_through`] to `seq` (never lowers it). Flushed before returning:
@@ -213,10 +219,7 @@ impl Journal {
     /// # Errors
     /// When sled fails.
     pub fn raise_fenced_through(&self, seq: u64) -> Result<(), JournalError> {
-        self.applied.fetch_and_update(self.key(FENCED_THROUGH_KEY), |old| {
-            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
-            Some(old.max(seq).to_be_bytes().to_vec())
-        })?;
+        self.raise(FENCED_THROUGH_KEY, seq)?;
         self.applied.flush()?;
         Ok(())
     }

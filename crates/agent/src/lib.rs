@@ -98,6 +98,16 @@ pub enum FenceAction {
     Pause,
 }
 
+impl FenceAction {
+    /// What happened to a fenced VM, for its `VmFailed` reason.
+    fn done(self) -> &'static str {
+        match self {
+            FenceAction::Stop => "killed",
+            FenceAction::Pause => "paused",
+        }
+    }
+}
+
 /// How often a long-running command tells JetStream it is still being worked on (well inside
 /// the consumer's 10 s ack wait).
 const COMMAND_PROGRESS_EVERY: Duration = Duration::from_secs(3);

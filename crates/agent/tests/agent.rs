@@ -28,6 +28,13 @@ async fn wait_for<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -
     }
 }
 
+/// Runs an agent until the returned token is cancelled.
+fn run<D: Driver>(agent: Agent<D>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    (cancel, tokio::spawn(async move { agent.run(c).await.unwrap() }))
+}
+
 struct Harness {
     server: NatsServer,
     bus: Bus,
@@ -67,13 +74,41 @@ impl Harness {
         db: &sled::Db,
         tune: impl FnOnce(&mut AgentConfig),
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let mut cfg = AgentConfig::new(self.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
+        let mut cfg = self.config();
         tune(&mut cfg);
-        let agent = Agent::new(cfg, bus, driver, db).unwrap();
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        let handle = tokio::spawn(async move { agent.run(c).await.unwrap() });
-        (cancel, handle)
+        run(Agent::new(cfg, bus, driver, db).unwrap())
+    }
+
+    /// The test host's configuration.
+    fn config(&self) -> AgentConfig {
+        AgentConfig::new(self.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 })
+    }
+
+    /// A connection through a proxy that delays everything by `delay` each way.
+    async fn slow_bus(&self, delay: Duration) -> (novacron_testkit::DelayProxy, Bus) {
+        let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], self.server.port()));
+        let proxy = novacron_testkit::DelayProxy::start(upstream, delay).unwrap();
+        let mut cfg = BusConfig::new(proxy.url(), "slow");
+        cfg.request_timeout = Duration::from_secs(10);
+        let bus = Bus::connect(&cfg).await.unwrap();
+        (proxy, bus)
+    }
+
+    /// Starts a new VM on the host and waits until it runs.
+    async fn start_running(&mut self, driver: &SimDriver) -> VmId {
+        let vm = VmId::new_v7();
+        self.log.append(&[self.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
+        wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+        vm
+    }
+
+    /// Waits for `n` renewals of the lease after revision `from`; returns the last revision.
+    async fn renewals(&self, from: u64, n: usize) -> u64 {
+        let mut revision = from;
+        for _ in 0..n {
+            revision = self.lease_held(revision).await;
+        }
+        revision
     }
 
     fn stop_cmd(&self, vm: VmId, incarnation: IncarnationId, generation: u64) -> Envelope {
@@ -687,9 +722,7 @@ async fn the_lease_is_renewed_when_every_answer_takes_longer_than_a_heartbeat_pe
     let mut h = Harness::new().await;
     // 150 ms each way: every request of the agent's waits 300 ms for its answer, three
     // heartbeat periods, and well inside the 3-s lease.
-    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], h.server.port()));
-    let proxy = novacron_testkit::DelayProxy::start(upstream, Duration::from_millis(150)).unwrap();
-    let slow = Bus::connect(&BusConfig::new(proxy.url(), "slow-agent")).await.unwrap();
+    let (_proxy, slow) = h.slow_bus(Duration::from_millis(150)).await;
     let dir = tempfile::tempdir().unwrap();
     let db = journal_db(dir.path());
     let driver = SimDriver::default();
@@ -697,14 +730,9 @@ async fn the_lease_is_renewed_when_every_answer_takes_longer_than_a_heartbeat_pe
         c.heartbeat_interval = Duration::from_millis(100);
         c.lease = Duration::from_secs(3);
     });
-    let vm = VmId::new_v7();
-    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
-    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    let vm = h.start_running(&driver).await;
     // Renewed about every second, four times over: more than a lease, and the VM runs on.
-    let mut revision = h.lease_held(0).await;
-    for _ in 0..4 {
-        revision = h.lease_held(revision).await;
-    }
+    h.renewals(0, 5).await;
     assert!(driver.running().iter().any(|r| r.vm == vm), "fenced although the lease was renewed");
     assert!(failures(&h.reports().await).is_empty());
     cancel.cancel();
@@ -716,31 +744,17 @@ async fn on_a_connection_of_its_own_the_lease_does_not_wait_for_a_slow_command_c
     let mut h = Harness::new().await;
     // Commands and reports take 1.2 s a round trip, longer than the 1-s lease: a lease renewed
     // on that connection would never hold.
-    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], h.server.port()));
-    let proxy = novacron_testkit::DelayProxy::start(upstream, Duration::from_millis(600)).unwrap();
-    let mut slow = BusConfig::new(proxy.url(), "slow-commands");
-    slow.request_timeout = Duration::from_secs(10);
-    let slow = Bus::connect(&slow).await.unwrap();
+    let (_proxy, slow) = h.slow_bus(Duration::from_millis(600)).await;
     let dir = tempfile::tempdir().unwrap();
     let db = journal_db(dir.path());
     let driver = SimDriver::default();
-    let mut cfg = AgentConfig::new(h.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
+    let mut cfg = h.config();
     short_lease(&mut cfg);
     cfg.provision = false; // the harness did; a dozen requests at 1.2 s each would only slow the start
-    let agent = Agent::new(cfg, slow, driver.clone(), &db).unwrap().with_lease_bus(h.bus.clone());
-    let cancel = CancellationToken::new();
-    let handle = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { agent.run(cancel).await.unwrap() }
-    });
-    let vm = VmId::new_v7();
-    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
-    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    let (cancel, handle) = run(Agent::new(cfg, slow, driver.clone(), &db).unwrap().with_lease_bus(h.bus.clone()));
+    let vm = h.start_running(&driver).await;
     // Renewed three times more (a lease's worth), and the VM runs on.
-    let mut revision = h.lease_held(0).await;
-    for _ in 0..3 {
-        revision = h.lease_held(revision).await;
-    }
+    h.renewals(0, 4).await;
     assert!(driver.running().iter().any(|r| r.vm == vm), "fenced although the lease was renewed");
     cancel.cancel();
     handle.await.unwrap();
@@ -773,17 +787,10 @@ async fn on_a_lease_lane_the_lease_is_renewed_while_the_agents_runtime_is_blocke
     let dir = tempfile::tempdir().unwrap();
     let db = journal_db(dir.path());
     let driver = SimDriver::default();
-    let mut cfg = AgentConfig::new(h.host.clone(), Resources { vcpus: 16, memory_mib: 32768, disk_gib: 0 });
+    let mut cfg = h.config();
     short_lease(&mut cfg);
-    let agent = Agent::new(cfg, h.bus.clone(), driver.clone(), &db).unwrap().with_lease_lane(&lane);
-    let cancel = CancellationToken::new();
-    let handle = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { agent.run(cancel).await.unwrap() }
-    });
-    let vm = VmId::new_v7();
-    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
-    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    let (cancel, handle) = run(Agent::new(cfg, h.bus.clone(), driver.clone(), &db).unwrap().with_lease_lane(&lane));
+    let vm = h.start_running(&driver).await;
     let before = h.lease_held(0).await;
 
     // Both of the runtime's workers stuck for three leases, as in a journal flush on a slow disk.
@@ -803,10 +810,7 @@ async fn on_a_lease_lane_the_lease_is_renewed_while_the_agents_runtime_is_blocke
     let during = h.lease_held(0).await;
     assert!(during >= before + 4, "renewed {} times in three seconds", during - before);
     // And the VM was never fenced: the next renewals find it running.
-    let mut revision = during;
-    for _ in 0..2 {
-        revision = h.lease_held(revision).await;
-    }
+    h.renewals(during, 2).await;
     assert!(driver.running().iter().any(|r| r.vm == vm), "fenced although the lease was renewed");
     cancel.cancel();
     handle.await.unwrap();
@@ -819,9 +823,7 @@ async fn fenced_vms_are_reported_without_holding_up_the_lease() {
     let db = journal_db(dir.path());
     let driver = SimDriver::default();
     let (cancel, handle) = h.spawn_with(driver.clone(), &db, short_lease);
-    let vm = VmId::new_v7();
-    h.log.append(&[h.start_cmd(vm, IncarnationId::new_v7(), 1)]).await.unwrap();
-    wait_for("the VM running", || async { driver.running().iter().any(|r| r.vm == vm) }).await;
+    h.start_running(&driver).await;
     h.refuse_writes(&lease_stream(), true).await;
     wait_for("the VM fenced", || async { driver.running().is_empty() }).await;
 

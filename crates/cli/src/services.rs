@@ -212,18 +212,14 @@ pub async fn agent(nats: &str, a: AgentArgs) -> anyhow::Result<()> {
     let db = sled::open(&a.data_dir).with_context(|| format!("opening the journal in {}", a.data_dir.display()))?;
     let mut bus_cfg = BusConfig::new(nats, format!("novacron-agent-{}", a.host));
     bus_cfg.retry_initial_connect = true;
-    let connect = |cfg: BusConfig| async move {
-        let bus = tokio::time::timeout(Duration::from_secs(60), Bus::connect(&cfg))
-            .await
-            .context("connecting to NATS timed out")??;
-        Ok::<Bus, anyhow::Error>(bus)
-    };
     let lease_cfg = BusConfig { name: format!("novacron-agent-{}-leases", a.host), ..bus_cfg.clone() };
     let lane = tokio::time::timeout(Duration::from_secs(60), novacron_agent::LeaseLane::start(&lease_cfg))
         .await
         .context("connecting to NATS timed out")?
         .map_err(|e| anyhow::anyhow!("starting the agent's lease lane: {e}"))?;
-    let bus = connect(bus_cfg).await?;
+    let bus = tokio::time::timeout(Duration::from_secs(60), Bus::connect(&bus_cfg))
+        .await
+        .context("connecting to NATS timed out")??;
     let cancel = CancellationToken::new();
     match a.driver {
         DriverKind::Sim => {

@@ -234,15 +234,38 @@ impl PlacementRequest {
     /// of pending VMs over every host to learn that.
     #[must_use]
     pub fn no_easier_than(&self, other: &PlacementRequest) -> bool {
-        let (a, b) = (self.need, other.need);
-        let unplaced = |r: &PlacementRequest| r.credit.is_none() && r.self_at.is_none();
-        let rules = |r: &PlacementRequest| PlacementRequest { need: Resources::default(), vm: None, ..r.clone() };
-        a.vcpus >= b.vcpus
-            && a.memory_mib >= b.memory_mib
-            && a.disk_gib >= b.disk_gib
-            && unplaced(self)
-            && unplaced(other)
-            && rules(self) == rules(other)
+        // Every field but `need` and `vm` is a rule: named here, so a new field must be sorted.
+        let PlacementRequest {
+            need,
+            avoid,
+            credit,
+            group,
+            labels,
+            require_labels,
+            anti_affinity,
+            group_affinity,
+            vm_affinity,
+            group_rules,
+            prefer_labels,
+            strategy,
+            vm: _,
+            self_at,
+        } = self;
+        credit.is_none()
+            && self_at.is_none()
+            && other.credit.is_none()
+            && other.self_at.is_none()
+            && other.need.fits_within(*need)
+            && *avoid == other.avoid
+            && *group == other.group
+            && *labels == other.labels
+            && *require_labels == other.require_labels
+            && *anti_affinity == other.anti_affinity
+            && *group_affinity == other.group_affinity
+            && *vm_affinity == other.vm_affinity
+            && *group_rules == other.group_rules
+            && *prefer_labels == other.prefer_labels
+            && *strategy == other.strategy
     }
 }
 

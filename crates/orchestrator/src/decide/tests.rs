@@ -42,8 +42,8 @@ fn apply_all(state: &mut ClusterState, events: &[Envelope]) {
     }
 }
 
-fn with_host(vcpus: u32) -> ClusterState {
-    let mut s = ClusterState::default();
+/// Registers host `h1` with `vcpus` and 64 GiB.
+fn register_h1(s: &mut ClusterState, vcpus: u32) {
     let e = Envelope::new(
         0,
         Actor::Agent(HostId::new("h1").unwrap()),
@@ -54,7 +54,12 @@ fn with_host(vcpus: u32) -> ClusterState {
             driver: "sim".into(),
         }),
     );
-    apply_all(&mut s, &[e]);
+    apply_all(s, &[e]);
+}
+
+fn with_host(vcpus: u32) -> ClusterState {
+    let mut s = ClusterState::default();
+    register_h1(&mut s, vcpus);
     s
 }
 
@@ -106,20 +111,7 @@ fn reconcile_never_double_books_a_host_in_one_pass() {
         let (_, ev) = create_vm(&s, spec(&format!("v{i}"), 2), &mut Fixed(i * 100), &origin()).unwrap();
         apply_all(&mut s, &ev);
     }
-    let host = with_host(4);
-    apply_all(
-        &mut s,
-        &[Envelope::new(
-            0,
-            Actor::Agent(HostId::new("h1").unwrap()),
-            EventKind::HostRegistered(HostRegistered {
-                host: HostId::new("h1").unwrap(),
-                capacity: host.hosts.values().next().unwrap().capacity,
-                labels: Default::default(),
-                driver: "sim".into(),
-            }),
-        )],
-    );
+    register_h1(&mut s, 4);
     let events = reconcile(&s, &mut Fixed(1000), &origin());
     apply_all(&mut s, &events);
     let h = s.hosts.values().next().unwrap();
@@ -137,19 +129,7 @@ fn a_pass_skips_pending_vms_no_easier_than_one_that_found_no_host_and_places_sma
         vms.push(vm);
     }
     assert!(vms.windows(2).all(|w| w[0] < w[1]), "the pass goes in id order");
-    apply_all(
-        &mut s,
-        &[Envelope::new(
-            0,
-            Actor::Agent(HostId::new("h1").unwrap()),
-            EventKind::HostRegistered(HostRegistered {
-                host: HostId::new("h1").unwrap(),
-                capacity: Resources { vcpus: 5, memory_mib: 65536, disk_gib: 0 },
-                labels: Default::default(),
-                driver: "sim".into(),
-            }),
-        )],
-    );
+    register_h1(&mut s, 5);
     let events = reconcile(&s, &mut Fixed(1000), &origin());
     let about = |name: &str| -> Vec<VmId> {
         events.iter().filter(|e| e.event.name() == name).filter_map(|e| e.event.vm()).collect()
